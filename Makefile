@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make run` (the pipeline on the embedded demo) and `make test`.
+# Both set up .venv first; setup is skipped when pyproject.toml and requirements.lock are unchanged.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pqd-installed
+export HF_HUB_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test check-params clean-data bench-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
+	@touch $(STAMP)
+
+check-params: setup
+	$(BIN)/python -m pqd.params params.yaml
+
+run: setup check-params
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	$(BIN)/python -m pqd.report
+
+test: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+clean-data:
+	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics

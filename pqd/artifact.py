@@ -1,0 +1,156 @@
+"""The export format: integer weights + scales in safetensors, qmap.json, manifest.json, and its loader.
+
+Layout of an export folder (format_version 1)::
+
+    model_index.json, scheduler/ ...   every pipeline component but the UNet's weights, copied
+    unet/config.json                   the UNet's config (rebuilds the architecture)
+    unet/quantized.safetensors         per quantized layer L: L.qweight (int8 codes, or uint8 with two
+                                       4-bit codes per byte when weight_bits <= 4), L.weight_scale
+                                       (float32 [out]), L.act_scale / L.act_zero_point (float32 [G]);
+                                       every other UNet tensor (biases, norms, ...) in float
+    qmap.json                          format_version and, per layer, bits, granularity, storage, shape
+    manifest.json                      sha256 of every other file, source model hash, params, git commit
+
+``load_quantized_unet`` rebuilds the quantized UNet from the folder alone, refusing any file whose
+hash disagrees with the manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from pqd.core import LayerQParams, QState, apply_qstate, pack_int4, unpack_int4
+from pqd.diffusion.adapter import Denoiser, unet_from_config, unet_sample_shape
+from pqd.io import hash_tree, read_json, sha256_file, write_json
+
+FORMAT_VERSION = 1
+QWEIGHTS = "unet/quantized.safetensors"
+_SKIP_FROM_MODEL = ("model.json",)
+
+
+class ArtifactError(ValueError):
+    """An export folder that cannot be trusted or read."""
+
+
+def git_commit(cwd: Path | None = None) -> dict[str, Any]:
+    """The current git commit and whether the work tree has uncommitted changes (None outside git)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return {"commit": rev, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def _storage(bits: int) -> str:
+    return "int4_packed" if bits <= 4 else "int8"
+
+
+def write_export(model_dir: Path, unet: nn.Module, state: QState, out: Path, *, float_dtype: torch.dtype,
+                 manifest_extra: dict[str, Any]) -> dict[str, Any]:
+    """Write the export folder ``out`` (already created, empty) for the float ``unet`` quantized by ``state``."""
+    for p in sorted(model_dir.rglob("*")):
+        rel = p.relative_to(model_dir)
+        if p.is_dir() or rel.parts[0] in ("unet", "fid_features") or rel.as_posix() in _SKIP_FROM_MODEL:
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, out / rel)
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(model_dir / "unet" / "config.json", out / "unet" / "config.json")
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for name, lp in state.items():
+        codes = lp.weight_int.to(torch.int8)
+        tensors[f"{name}.qweight"] = pack_int4(codes) if lp.weight_bits <= 4 else codes.contiguous()
+        tensors[f"{name}.weight_scale"] = lp.weight_scale.to(torch.float32).contiguous()
+        tensors[f"{name}.act_scale"] = lp.act_scale.to(torch.float32).contiguous()
+        tensors[f"{name}.act_zero_point"] = lp.act_zero_point.to(torch.float32).contiguous()
+        layers[name] = {"kind": lp.kind, "shape": list(codes.shape), "weight_bits": lp.weight_bits,
+                        "weight_granularity": "per_output_channel", "weight_symmetric": True,
+                        "weight_storage": _storage(lp.weight_bits), "act_bits": lp.act_bits,
+                        "act_granularity": "per_tensor", "act_symmetric": False,
+                        "act_time_groups": int(lp.act_scale.numel())}
+    quantized_weights = {f"{n}.weight" for n in state}
+    for key, value in unet.state_dict().items():
+        if key not in quantized_weights:
+            tensors[key] = value.detach().to(float_dtype if value.is_floating_point() else value.dtype).contiguous()
+    save_file(tensors, out / QWEIGHTS)
+    write_json(out / "qmap.json", {"format_version": FORMAT_VERSION, "float_dtype": str(float_dtype).replace("torch.", ""),
+                                   "layers": layers})
+    files = hash_tree(out)
+    write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "files": files, **manifest_extra})
+    return {"files": len(files) + 1, "quantized_layers": len(layers)}
+
+
+def verify_manifest(export_dir: Path) -> dict[str, Any]:
+    """Check every file listed in manifest.json against its sha256; returns the manifest."""
+    export_dir = Path(export_dir)
+    if not (export_dir / "manifest.json").is_file():
+        raise ArtifactError(f"{export_dir}: manifest.json is missing: not a PQD export folder")
+    manifest = read_json(export_dir / "manifest.json")
+    for rel, digest in manifest.get("files", {}).items():
+        p = export_dir / rel
+        if not p.is_file():
+            raise ArtifactError(f"{export_dir}: file {rel} listed in manifest.json is missing")
+        if sha256_file(p) != digest:
+            raise ArtifactError(f"{export_dir}: file {rel} was modified (sha256 differs from manifest.json)")
+    return manifest
+
+
+def read_qstate(export_dir: Path) -> tuple[QState, dict[str, torch.Tensor], dict[str, Any]]:
+    """(quantizer state, remaining float tensors, qmap) from an export folder (no hash check)."""
+    qmap = read_json(export_dir / "qmap.json")
+    if qmap.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{export_dir}/qmap.json: format_version = {qmap.get('format_version')!r} is not "
+                            f"supported: expected {FORMAT_VERSION}")
+    tensors = load_file(export_dir / QWEIGHTS)
+    state: QState = {}
+    for name, info in qmap["layers"].items():
+        try:
+            raw = tensors.pop(f"{name}.qweight")
+            shape = tuple(info["shape"])
+            numel = int(torch.Size(shape).numel())
+            codes = unpack_int4(raw, numel).reshape(shape) if info["weight_storage"] == "int4_packed" else raw.reshape(shape)
+            state[name] = LayerQParams(kind=info["kind"], weight_bits=int(info["weight_bits"]), act_bits=int(info["act_bits"]),
+                                       weight_int=codes.to(torch.int8), weight_scale=tensors.pop(f"{name}.weight_scale"),
+                                       act_scale=tensors.pop(f"{name}.act_scale"),
+                                       act_zero_point=tensors.pop(f"{name}.act_zero_point"))
+        except KeyError as e:
+            raise ArtifactError(f"{export_dir}/{QWEIGHTS}: tensor {e.args[0]} for layer {name} is missing") from None
+    return state, tensors, qmap
+
+
+def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: bool = True) -> nn.Module:
+    """Rebuild the quantized UNet from an export folder alone (float32 compute, integer weights)."""
+    export_dir = Path(export_dir)
+    if verify:
+        verify_manifest(export_dir)
+    state, floats, _ = read_qstate(export_dir)
+    unet = unet_from_config(read_json(export_dir / "unet" / "config.json"))
+    missing, unexpected = unet.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                                                for k, v in floats.items()}, strict=False)
+    expected_missing = {f"{n}.weight" for n in state}
+    if unexpected or set(missing) != expected_missing:
+        extra = sorted(set(missing) - expected_missing)[:1] or sorted(unexpected)[:1]
+        raise ArtifactError(f"{export_dir}/{QWEIGHTS}: tensors do not match the UNet config (first mismatch: {extra})")
+    apply_qstate(unet, state)
+    return unet.to(device).eval().requires_grad_(False)
+
+
+def load_denoiser_from_export(export_dir: str | Path, device: str = "cpu") -> Denoiser:
+    """A Denoiser around the quantized UNet, with the pipeline's scheduler config from the export."""
+    export_dir = Path(export_dir)
+    unet = load_quantized_unet(export_dir, device)
+    index = read_json(export_dir / "model_index.json")
+    sched_cfg = read_json(export_dir / "scheduler" / "scheduler_config.json")
+    return Denoiser(unet=unet, scheduler_config=sched_cfg, scheduler_class=index["scheduler"][1],
+                    sample_shape=unet_sample_shape(unet))

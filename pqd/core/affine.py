@@ -1,0 +1,119 @@
+"""Affine quantization math: pure functions on tensors.
+
+``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and ``x_hat = (q - zero_point) * scale``.
+Weights use a symmetric signed grid per output channel (zero_point = 0); activations an asymmetric
+unsigned grid per tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pqd.core.qtypes import QType
+
+_EPS = 1e-12
+
+
+def _bcast(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshape per-axis parameters of shape [x.shape[axis]] so they broadcast against x."""
+    if axis is None or p.ndim == 0:
+        return p
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qtype: QType,
+             axis: int | None = None) -> torch.Tensor:
+    """Float tensor -> integer codes (int32 tensor, values in [qmin, qmax])."""
+    s = _bcast(scale, x, axis)
+    z = _bcast(zero_point, x, axis)
+    q = torch.round(x / s) + z
+    return q.clamp_(qtype.qmin, qtype.qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               axis: int | None = None) -> torch.Tensor:
+    """Integer codes -> float32 values ``(q - zero_point) * scale``."""
+    s = _bcast(scale, q, axis)
+    z = _bcast(zero_point, q, axis)
+    return (q.to(torch.float32) - z) * s
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qtype: QType,
+                  axis: int | None = None) -> torch.Tensor:
+    """Quantize then dequantize, in x's dtype (simulated quantization)."""
+    s = _bcast(scale, x, axis).to(x.dtype)
+    z = _bcast(zero_point, x, axis).to(x.dtype)
+    q = (torch.round(x / s) + z).clamp(qtype.qmin, qtype.qmax)
+    return (q - z) * s
+
+
+def symmetric_scale(absmax: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """Scale that maps [-absmax, absmax] onto the signed grid (qmax steps each side)."""
+    return (absmax / qtype.qmax).clamp_min(_EPS)
+
+
+def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point mapping [lo, hi] (widened to contain 0) onto [qmin, qmax]."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / (qtype.qmax - qtype.qmin)).clamp_min(_EPS)
+    zero_point = (qtype.qmin - torch.round(lo / scale)).clamp(qtype.qmin, qtype.qmax)
+    return scale, zero_point
+
+
+def weight_scales(w: torch.Tensor, qtype: QType, method: str, grid: int = 80,
+                  min_ratio: float = 0.3) -> torch.Tensor:
+    """Per-output-channel symmetric scales for a weight of shape [out, ...] -> float32 [out].
+
+    ``minmax`` uses each channel's absolute maximum; ``mse`` searches, per channel, a clipping ratio
+    in [min_ratio, 1] of that maximum minimising the squared rounding error of the channel.
+    """
+    flat = w.detach().reshape(w.shape[0], -1).to(torch.float32)
+    absmax = flat.abs().amax(dim=1)
+    if method == "minmax":
+        return symmetric_scale(absmax, qtype)
+    if method != "mse":
+        raise ValueError(f"weight range method {method!r} is not allowed: expected 'minmax' or 'mse'")
+    best_err = torch.full_like(absmax, float("inf"))
+    best = symmetric_scale(absmax, qtype)
+    zero = torch.zeros_like(absmax)
+    for ratio in torch.linspace(min_ratio, 1.0, grid).tolist():
+        s = symmetric_scale(absmax * ratio, qtype)
+        err = (fake_quantize(flat, s, zero, qtype, axis=0) - flat).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+def act_qparams(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype: QType, method: str,
+                grid: int = 60, min_ratio: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor asymmetric (scale, zero_point), both float32 scalars.
+
+    ``lo``/``hi`` are the observed extremes; ``values`` a sample of the observed activations (any shape)
+    used by ``mse``, which shrinks the range towards zero by ratios in [min_ratio, 1] on each side and
+    keeps the pair with the smallest squared error on the sample.
+    """
+    if method == "minmax":
+        return asymmetric_qparams(lo, hi, qtype)
+    if method != "mse":
+        raise ValueError(f"activation range method {method!r} is not allowed: expected 'minmax' or 'mse'")
+    v = values.detach().reshape(-1).to(torch.float32)
+    ratios = torch.linspace(min_ratio, 1.0, grid)
+    best_err, best = float("inf"), asymmetric_qparams(lo, hi, qtype)
+    # the two sides are searched one after the other: the positive side at full negative range,
+    # then the negative side at the best positive clip (coordinate descent, 2 x grid evaluations)
+    best_hi = hi
+    for r in ratios.tolist():
+        s, z = asymmetric_qparams(lo, hi * r, qtype)
+        err = (fake_quantize(v, s, z, qtype) - v).pow(2).sum().item()
+        if err < best_err:
+            best_err, best, best_hi = err, (s, z), hi * r
+    for r in ratios.tolist():
+        s, z = asymmetric_qparams(lo * r, best_hi, qtype)
+        err = (fake_quantize(v, s, z, qtype) - v).pow(2).sum().item()
+        if err < best_err:
+            best_err, best = err, (s, z)
+    return best

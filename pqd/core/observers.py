@@ -1,0 +1,53 @@
+"""Observers: record statistics of layer inputs during calibration; compute quantizer parameters later."""
+
+from __future__ import annotations
+
+import torch
+
+from pqd.core.affine import act_qparams
+from pqd.core.qtypes import QType
+
+
+class ActObserver:
+    """Tracks the running min/max of the inputs it sees and keeps a bounded random sample of them.
+
+    ``update(x)`` records and returns nothing; ``qparams(qtype, method)`` returns per-tensor
+    (scale, zero_point) as float32 scalars. The sample (at most ``max_samples`` values, drawn with a
+    seeded generator) feeds the MSE range search.
+    """
+
+    def __init__(self, max_samples: int = 200_000, per_update: int = 4096, seed: int = 0) -> None:
+        self.lo = torch.tensor(float("inf"))
+        self.hi = torch.tensor(float("-inf"))
+        self.max_samples = max_samples
+        self.per_update = per_update
+        self._gen = torch.Generator().manual_seed(seed)
+        self._chunks: list[torch.Tensor] = []
+        self._count = 0
+
+    @property
+    def seen(self) -> bool:
+        return bool(torch.isfinite(self.lo))
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float32).reshape(-1).cpu()
+        if x.numel() == 0:
+            return
+        self.lo = torch.minimum(self.lo, x.min())
+        self.hi = torch.maximum(self.hi, x.max())
+        k = min(self.per_update, x.numel())
+        idx = torch.randint(0, x.numel(), (k,), generator=self._gen)
+        self._chunks.append(x[idx])
+        self._count += k
+        if self._count > 2 * self.max_samples:  # keep memory bounded: thin to max_samples
+            allv = torch.cat(self._chunks)
+            keep = torch.randperm(allv.numel(), generator=self._gen)[: self.max_samples]
+            self._chunks, self._count = [allv[keep]], self.max_samples
+
+    def qparams(self, qtype: QType, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.seen:
+            raise RuntimeError("ActObserver.qparams: the observer saw no data")
+        if not bool(torch.isfinite(self.hi)):
+            raise FloatingPointError(f"non-finite activation observed (min {float(self.lo)}, max {float(self.hi)})")
+        values = torch.cat(self._chunks)
+        return act_qparams(values, self.lo, self.hi, qtype, method)

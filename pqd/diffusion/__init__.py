@@ -1,0 +1,1 @@
+"""diffusers-specific code: loading pipelines, sampling, architecture knowledge."""

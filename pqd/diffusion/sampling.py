@@ -1,0 +1,72 @@
+"""The denoising loop, written out: explicit per-seed randomness, optional recording of UNet inputs."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from pqd.diffusion.adapter import Denoiser
+
+# called at every step with (step index, timestep value the UNet received, UNet input [B, C, H, W])
+Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+SCHEDULERS = ("ddim", "ddpm", "keep")
+
+
+def make_scheduler(kind: str, config: dict[str, Any], source_class: str):
+    """Inference scheduler of ``kind`` built from the pipeline's scheduler config."""
+    import diffusers
+
+    name = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "keep": source_class}.get(kind)
+    if name is None:
+        raise ValueError(f"scheduler {kind!r} is not allowed: expected one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, name).from_config(config)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Starting noise [len(seeds), *shape], float32: each sample from its own seed (batch-independent)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float = 0.0, batch_size: int = 256,
+           device: str = "cpu", record: Recorder | None = None, progress: bool = True,
+           desc: str = "sampling") -> torch.Tensor:
+    """Sample one image per seed; returns images [N, C, H, W] float32 in [0, 1] (on CPU).
+
+    Noise at every stochastic step also comes from per-seed generators, so a sample depends only on
+    its seed, never on the batch it was drawn in. ``record`` sees each batch's UNet inputs.
+    """
+    out = []
+    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+    bar = tqdm(total=len(batches) * steps, desc=desc, disable=not progress, unit="step")
+    for batch_seeds in batches:
+        scheduler.set_timesteps(steps, device=device)
+        x = initial_noise(batch_seeds, den.sample_shape).to(device) * scheduler.init_noise_sigma
+        gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch_seeds]
+        for i, t in enumerate(scheduler.timesteps):
+            x_in = scheduler.scale_model_input(x, t)
+            if record is not None:
+                record(i, t, x_in)
+            eps = den.predict(x_in, t)
+            if not torch.isfinite(eps).all():
+                raise FloatingPointError(f"non-finite UNet output at step {i} (timestep {float(t)})")
+            kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
+            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
+            bar.update(1)
+        out.append(den.to_images(x).cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+def scheduler_from_protocol(protocol: dict[str, Any]):
+    """Rebuild the exact inference scheduler recorded by the generate stage (class + config)."""
+    import diffusers
+
+    name = protocol["scheduler"]
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise ValueError(f"scheduler {name!r} recorded in the FP samples is not a diffusers scheduler")
+    return cls.from_config(protocol["scheduler_config"])

@@ -1,0 +1,33 @@
+"""QState <-> files: the calibrate stage's output format (qstate/), read back by export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from pqd.core.quantize import LayerQParams, QState
+from pqd.io import read_json, write_json
+
+TENSORS = ("weight_int", "weight_scale", "act_scale", "act_zero_point")
+
+
+def save_qstate(state: QState, folder: Path, extra: dict | None = None) -> None:
+    tensors = {f"{name}.{k}": getattr(lp, k).contiguous() for name, lp in state.items() for k in TENSORS}
+    save_file(tensors, folder / "qstate.safetensors")
+    layers = {name: {"kind": lp.kind, "weight_bits": lp.weight_bits, "act_bits": lp.act_bits} for name, lp in state.items()}
+    write_json(folder / "layers.json", {"layers": layers, **(extra or {})})
+
+
+def load_qstate(folder: Path) -> QState:
+    meta = read_json(folder / "layers.json")["layers"]
+    tensors = load_file(folder / "qstate.safetensors")
+    state: QState = {}
+    for name, info in meta.items():
+        try:
+            state[name] = LayerQParams(kind=info["kind"], weight_bits=int(info["weight_bits"]),
+                                       act_bits=int(info["act_bits"]),
+                                       **{k: tensors[f"{name}.{k}"] for k in TENSORS})
+        except KeyError as e:
+            raise ValueError(f"{folder}/qstate.safetensors: tensor {e.args[0]} for layer {name} is missing") from None
+    return state
