@@ -6,9 +6,11 @@ Layout of an export folder (format_version 1)::
     unet/config.json                   the UNet's config (rebuilds the architecture)
     unet/quantized.safetensors         per quantized layer L: L.qweight (int8 codes, or uint8 with two
                                        4-bit codes per byte when weight_bits <= 4), L.weight_scale
-                                       (float32 [out]), L.act_scale / L.act_zero_point (float32 [G]);
+                                       (float32 [out]), L.act_scale / L.act_zero_point (float32 [G, P]:
+                                       G time groups, P = 2 when the input is split in two parts);
                                        every other UNet tensor (biases, norms, ...) in float
-    qmap.json                          format_version and, per layer, bits, granularity, storage, shape
+    qmap.json                          format_version, the time-group thresholds and, per layer, bits,
+                                       granularity, storage, shape, input split
     manifest.json                      sha256 of every other file, source model hash, params, git commit
 
 ``load_quantized_unet`` rebuilds the quantized UNet from the folder alone, refusing any file whose
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pqd.core import LayerQParams, QState, apply_qstate, pack_int4, unpack_int4
+from pqd.core import LayerQParams, QState, TimeGroups, apply_qstate, pack_int4, unpack_int4
 from pqd.diffusion.adapter import Denoiser, unet_from_config, unet_sample_shape
 from pqd.io import hash_tree, read_json, sha256_file, write_json
 
@@ -54,8 +56,8 @@ def _storage(bits: int) -> str:
     return "int4_packed" if bits <= 4 else "int8"
 
 
-def write_export(model_dir: Path, unet: nn.Module, state: QState, out: Path, *, float_dtype: torch.dtype,
-                 manifest_extra: dict[str, Any]) -> dict[str, Any]:
+def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGroups, out: Path, *,
+                 float_dtype: torch.dtype, manifest_extra: dict[str, Any]) -> dict[str, Any]:
     """Write the export folder ``out`` (already created, empty) for the float ``unet`` quantized by ``state``."""
     for p in sorted(model_dir.rglob("*")):
         rel = p.relative_to(model_dir)
@@ -78,13 +80,14 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, out: Path, *, 
                         "weight_granularity": "per_output_channel", "weight_symmetric": True,
                         "weight_storage": _storage(lp.weight_bits), "act_bits": lp.act_bits,
                         "act_granularity": "per_tensor", "act_symmetric": False,
-                        "act_time_groups": int(lp.act_scale.numel())}
+                        "act_time_groups": int(lp.act_scale.shape[0]), "act_split": lp.act_split}
     quantized_weights = {f"{n}.weight" for n in state}
     for key, value in unet.state_dict().items():
         if key not in quantized_weights:
             tensors[key] = value.detach().to(float_dtype if value.is_floating_point() else value.dtype).contiguous()
     save_file(tensors, out / QWEIGHTS)
     write_json(out / "qmap.json", {"format_version": FORMAT_VERSION, "float_dtype": str(float_dtype).replace("torch.", ""),
+                                   "time_groups": {"count": groups.count, "thresholds": list(groups.thresholds)},
                                    "layers": layers})
     files = hash_tree(out)
     write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "files": files, **manifest_extra})
@@ -121,6 +124,7 @@ def read_qstate(export_dir: Path) -> tuple[QState, dict[str, torch.Tensor], dict
             numel = int(torch.Size(shape).numel())
             codes = unpack_int4(raw, numel).reshape(shape) if info["weight_storage"] == "int4_packed" else raw.reshape(shape)
             state[name] = LayerQParams(kind=info["kind"], weight_bits=int(info["weight_bits"]), act_bits=int(info["act_bits"]),
+                                       act_split=info.get("act_split"),
                                        weight_int=codes.to(torch.int8), weight_scale=tensors.pop(f"{name}.weight_scale"),
                                        act_scale=tensors.pop(f"{name}.act_scale"),
                                        act_zero_point=tensors.pop(f"{name}.act_zero_point"))
@@ -129,8 +133,15 @@ def read_qstate(export_dir: Path) -> tuple[QState, dict[str, torch.Tensor], dict
     return state, tensors, qmap
 
 
+def time_groups_of(export_dir: Path) -> TimeGroups:
+    return TimeGroups(tuple(read_json(Path(export_dir) / "qmap.json").get("time_groups", {}).get("thresholds", [])))
+
+
 def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: bool = True) -> nn.Module:
-    """Rebuild the quantized UNet from an export folder alone (float32 compute, integer weights)."""
+    """Rebuild the quantized UNet from an export folder alone (float32 compute, integer weights).
+
+    Time-aware activation parameters come with it; select the group with ``set_time_group`` or sample
+    through :func:`load_denoiser_from_export`, which does it from the timestep."""
     export_dir = Path(export_dir)
     if verify:
         verify_manifest(export_dir)
@@ -153,4 +164,4 @@ def load_denoiser_from_export(export_dir: str | Path, device: str = "cpu") -> De
     index = read_json(export_dir / "model_index.json")
     sched_cfg = read_json(export_dir / "scheduler" / "scheduler_config.json")
     return Denoiser(unet=unet, scheduler_config=sched_cfg, scheduler_class=index["scheduler"][1],
-                    sample_shape=unet_sample_shape(unet))
+                    sample_shape=unet_sample_shape(unet), time_groups=time_groups_of(export_dir))

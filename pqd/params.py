@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +58,12 @@ class GenerateParams:
 class SelectParams:
     """Which trajectory inputs become the calibration set (``select.*``)."""
 
-    timesteps: Literal["gaussian", "uniform"] = "gaussian"
-    mu: float = 0.5  # mean over the normalised step position u (0 = first, noisiest step; 1 = last)
-    sigma: float = 0.3
+    # None = from the calibrate.method preset (pqd.methods)
+    timesteps: Literal["gaussian", "uniform"] | None = None
+    mu: float | None = None  # mean over the normalised step position u (0 = first, noisiest step; 1 = last)
+    sigma: float | None = None
     num_samples: int = 512
-    rule: Literal["kcenter", "random", "first"] = "kcenter"
+    rule: Literal["kcenter", "random", "first"] | None = None
     seed: int = 0
 
 
@@ -76,12 +78,24 @@ class QuantParams:
 
 @dataclass(frozen=True)
 class CalibrateParams:
-    """How quantizer ranges are fitted (``calibrate.*``)."""
+    """How quantizers are fitted (``calibrate.*``). Keys left None come from the ``method`` preset."""
 
-    weight_range: Literal["minmax", "mse"] = "mse"
-    act_range: Literal["minmax", "mse"] = "mse"
+    method: Literal["minmax", "ptq4dm", "qdiffusion", "pqd"] = "pqd"
+    weight_range: Literal["minmax", "mse"] | None = None
+    act_range: Literal["minmax", "mse"] | None = None
+    time_groups: int | None = None  # G contiguous groups of steps with their own activation parameters
+    reconstruct: bool | None = None  # block reconstruction
+    adaround: bool | None = None  # learned weight rounding during reconstruction
+    lsq: bool | None = None  # learned activation step sizes during reconstruction
+    qdrop_p: float | None = None  # QDrop probability during reconstruction
+    split_shortcut: bool | None = None  # separate activation parameters for the two halves of skip concatenations
     batch_size: int = 128
     act_samples: int = 200_000  # values kept per layer for the activation range search
+    recon_iters: int = 300  # optimisation steps per reconstruction unit
+    recon_batch_size: int = 32
+    lr_round: float = 1e-2
+    lr_act: float = 1e-3
+    round_weight: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,13 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "quant.act_bits": (lambda v: 4 <= v <= 8, "an integer in [4, 8]"),
     "quant.edge_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
     "calibrate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "calibrate.time_groups": (lambda v: v >= 1, "an integer >= 1 (and at most generate.steps)"),
+    "calibrate.qdrop_p": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "calibrate.recon_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "calibrate.recon_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "calibrate.lr_round": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "calibrate.lr_act": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "calibrate.round_weight": (lambda v: v >= 0, "a number >= 0"),
     "calibrate.act_samples": (lambda v: v >= 1000, "an integer >= 1000"),
     "evaluate.features": (_features_ok,
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),
@@ -160,7 +181,19 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 # conversion
 
 
+def _optional_inner(tp: Any) -> Any | None:
+    """X for ``X | None``, else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return None
+
+
 def _describe(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return _describe(inner) + " (or null for the method's preset)"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -173,6 +206,9 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     def bad() -> ParamError:
         return ParamError(f"params: {key} = {value!r} is not allowed: expected {_describe(tp)}")
 
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _convert(key, value, inner)
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -223,7 +259,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             continue
         value = _convert(key, data[name], tp)
         rule = _RULES.get(key)
-        if rule is not None and not rule[0](value):
+        if rule is not None and value is not None and not rule[0](value):
             raise ParamError(f"params: {key} = {data[name]!r} is not allowed: expected {rule[1]}")
         kwargs[name] = value
     return cls(**kwargs)
@@ -231,6 +267,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _check_across(p: Params) -> None:
     """Rules that involve more than one key."""
+    if p.calibrate.time_groups > p.generate.steps:
+        raise ParamError(f"params: calibrate.time_groups = {p.calibrate.time_groups} is not allowed: expected at most "
+                         f"generate.steps = {p.generate.steps}")
     cap = p.generate.calib_seeds * p.generate.steps
     if p.select.num_samples > cap:
         raise ParamError(
@@ -238,8 +277,22 @@ def _check_across(p: Params) -> None:
             f"generate.calib_seeds x generate.steps = {cap}")
 
 
+def _apply_method(p: Params) -> Params:
+    """Fill every method-controlled key left None with the calibrate.method preset (pqd.methods)."""
+    from pqd.methods import PRESETS
+
+    preset = PRESETS[p.calibrate.method]
+    sections = {}
+    for section in ("select", "calibrate"):
+        sec = getattr(p, section)
+        fill = {k.split(".", 1)[1]: v for k, v in preset.items()
+                if k.startswith(section + ".") and getattr(sec, k.split(".", 1)[1]) is None}
+        sections[section] = dataclasses.replace(sec, **fill)
+    return dataclasses.replace(p, **sections)
+
+
 def params_from_dict(data: Any) -> Params:
-    p = _build(Params, data, "")
+    p = _apply_method(_build(Params, data, ""))
     _check_across(p)
     return p
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from pqd.core.quantize import LayerQParams, QState
+from pqd.core.timegroups import TimeGroups
 from pqd.io import read_json, write_json
 
 TENSORS = ("weight_int", "weight_scale", "act_scale", "act_zero_point")
@@ -15,19 +16,25 @@ TENSORS = ("weight_int", "weight_scale", "act_scale", "act_zero_point")
 def save_qstate(state: QState, folder: Path, extra: dict | None = None) -> None:
     tensors = {f"{name}.{k}": getattr(lp, k).contiguous() for name, lp in state.items() for k in TENSORS}
     save_file(tensors, folder / "qstate.safetensors")
-    layers = {name: {"kind": lp.kind, "weight_bits": lp.weight_bits, "act_bits": lp.act_bits} for name, lp in state.items()}
+    layers = {name: {"kind": lp.kind, "weight_bits": lp.weight_bits, "act_bits": lp.act_bits, "act_split": lp.act_split}
+              for name, lp in state.items()}
     write_json(folder / "layers.json", {"layers": layers, **(extra or {})})
 
 
 def load_qstate(folder: Path) -> QState:
+    """The QState saved by :func:`save_qstate` (see :func:`load_time_groups` for the time grouping)."""
     meta = read_json(folder / "layers.json")["layers"]
     tensors = load_file(folder / "qstate.safetensors")
     state: QState = {}
     for name, info in meta.items():
         try:
             state[name] = LayerQParams(kind=info["kind"], weight_bits=int(info["weight_bits"]),
-                                       act_bits=int(info["act_bits"]),
+                                       act_bits=int(info["act_bits"]), act_split=info.get("act_split"),
                                        **{k: tensors[f"{name}.{k}"] for k in TENSORS})
         except KeyError as e:
             raise ValueError(f"{folder}/qstate.safetensors: tensor {e.args[0]} for layer {name} is missing") from None
     return state
+
+
+def load_time_groups(folder: Path) -> TimeGroups:
+    return TimeGroups(tuple(read_json(folder / "layers.json").get("time_group_thresholds", [])))

@@ -58,7 +58,7 @@ def small_params(**sections) -> dict:
     p = {
         "generate": {"steps": 6, "calib_seeds": 6, "eval_samples": 12, "batch_size": 8, "shard_size": 4},
         "select": {"num_samples": 16, "mu": 0.5, "sigma": 0.3},
-        "calibrate": {"batch_size": 8, "act_samples": 5000},
+        "calibrate": {"batch_size": 8, "act_samples": 5000, "time_groups": 2, "recon_iters": 8, "recon_batch_size": 8},
         "evaluate": {"batch_size": 8, "grid_size": 9},
     }
     for k, v in sections.items():

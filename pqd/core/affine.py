@@ -49,6 +49,17 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (q - z) * s
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (identity backward)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """:func:`fake_quantize` (per tensor) with straight-through rounding: differentiable in x and scale (LSQ)."""
+    q = (round_ste(x / scale) + zero_point).clamp(qtype.qmin, qtype.qmax)
+    return (q - zero_point) * scale
+
+
 def symmetric_scale(absmax: torch.Tensor, qtype: QType) -> torch.Tensor:
     """Scale that maps [-absmax, absmax] onto the signed grid (qmax steps each side)."""
     return (absmax / qtype.qmax).clamp_min(_EPS)

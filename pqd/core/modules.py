@@ -2,41 +2,69 @@
 
 A quantized layer holds integer weight codes (int8 tensor; 4-bit codes are int8 values in [-8, 7]),
 a float32 scale per output channel, the bias in float, and an activation quantizer for its input
-with one (scale, zero point) pair per time group.
+with (scale, zero point) pairs per time group (and per channel part when split).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pqd.core.affine import dequantize, fake_quantize
+from pqd.core.adaround import AdaRound
+from pqd.core.affine import dequantize, fake_quantize, fake_quantize_ste
 from pqd.core.qtypes import QType, act_qtype, weight_qtype
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor asymmetric fake quantization of a layer input.
+    """Per-tensor asymmetric fake quantization of a layer input, per time group, optionally split.
 
-    Buffers ``scale`` and ``zero_point`` have shape [G] (one entry per time group); ``group`` selects
-    the entry used by forward.
+    ``scale`` and ``zero_point`` have shape [G, P]: G time groups (``group`` picks the row) and P = 1
+    part, or P = 2 when ``split`` = k splits the channels (dim 1) into [:k] and [k:] with their own
+    parameters (shortcut splitting for UNet skip concatenations).
+    ``scale`` is a parameter so reconstruction can learn it (LSQ, straight-through rounding); it has
+    no gradient otherwise. ``drop_prob`` > 0 (set only during reconstruction) keeps each element in
+    float with that probability (QDrop).
     """
 
-    def __init__(self, bits: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    def __init__(self, bits: int, scale: torch.Tensor, zero_point: torch.Tensor, split: int | None = None) -> None:
         super().__init__()
         self.qtype: QType = act_qtype(bits)
-        self.register_buffer("scale", scale.reshape(-1).to(torch.float32).clone())
-        self.register_buffer("zero_point", zero_point.reshape(-1).to(torch.float32).clone())
-        if self.scale.shape != self.zero_point.shape:
-            raise ValueError("ActQuantizer: scale and zero_point must have the same number of time groups")
+        parts = 1 if split is None else 2
+        scale = scale.to(torch.float32).reshape(-1, parts)
+        zero_point = zero_point.to(torch.float32).reshape(-1, parts)
+        if scale.shape != zero_point.shape:
+            raise ValueError("ActQuantizer: scale and zero_point must have the same shape [G, P]")
+        self.scale = nn.Parameter(scale.clone(), requires_grad=False)
+        self.register_buffer("zero_point", zero_point.clone())
+        self.split = split
         self.group = 0
+        self.drop_prob = 0.0
 
     @property
     def num_groups(self) -> int:
-        return int(self.scale.numel())
+        return int(self.scale.shape[0])
+
+    def _fq(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        s, z = self.scale[self.group, part], self.zero_point[self.group, part]
+        if self.scale.requires_grad:
+            n = max(1, x[0].numel())
+            g = 1.0 / math.sqrt(n * self.qtype.qmax)  # LSQ gradient scale
+            s = (s - s * g).detach() + s * g
+            return fake_quantize_ste(x, s, z, self.qtype)
+        return fake_quantize(x, s, z, self.qtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.scale[self.group], self.zero_point[self.group], self.qtype)
+        if self.split is None:
+            y = self._fq(x, 0)
+        else:
+            k = self.split
+            y = torch.cat([self._fq(x[:, :k], 0), self._fq(x[:, k:], 1)], dim=1)
+        if self.drop_prob > 0:
+            y = torch.where(torch.rand_like(x) < self.drop_prob, x, y)
+        return y
 
 
 class _QuantWeight:
@@ -44,6 +72,8 @@ class _QuantWeight:
 
     weight_int: torch.Tensor
     weight_scale: torch.Tensor
+
+    rounding: AdaRound | None
 
     def _init_qweight(self, weight_int: torch.Tensor, weight_scale: torch.Tensor, bits: int) -> None:
         self.wqtype = weight_qtype(bits)
@@ -53,9 +83,17 @@ class _QuantWeight:
         self.register_buffer("weight_int", codes.clone())
         self.register_buffer("weight_scale", weight_scale.reshape(-1).to(torch.float32).clone())
         self._w_cache: torch.Tensor | None = None
+        self.rounding = None
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Replace the integer weight codes (e.g. after learned rounding)."""
+        self.weight_int.copy_(codes.to(torch.int8))
+        self._w_cache = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 weight = weight_int * weight_scale (per output channel)."""
+        """float32 weight = weight_int * weight_scale (per output channel); soft weights while learning rounding."""
+        if self.rounding is not None:
+            return self.rounding.soft_weight()
         if self._w_cache is None or self._w_cache.device != self.weight_int.device:
             self._w_cache = dequantize(self.weight_int, self.weight_scale, torch.zeros_like(self.weight_scale), axis=0)
         return self._w_cache
@@ -121,6 +159,10 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
 
 
 def set_time_group(model: nn.Module, group: int) -> None:

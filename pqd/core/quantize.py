@@ -1,9 +1,10 @@
-"""The quantization lifecycle on a torch module: choose layers -> observe -> fit -> apply.
+"""The quantization lifecycle on a torch module: choose layers -> observe -> fit -> apply -> extract.
 
 ``fit_qstate`` runs the float model over calibration batches (through a caller-supplied function, so
-this module knows nothing about diffusion models), fits every quantizer and returns a
-:class:`QState`: plain tensors and a per-layer map, the data that the export stage stores. ``apply_qstate``
-swaps the float layers of a model for quantized ones built from a QState.
+this module knows nothing about diffusion models), fits every quantizer and returns a :class:`QState`:
+plain tensors and a per-layer map, the data that the export stage stores. ``apply_qstate`` swaps the
+float layers of a model for quantized ones built from a QState; ``qstate_of`` reads it back (after
+reconstruction changed codes and scales).
 """
 
 from __future__ import annotations
@@ -15,21 +16,27 @@ import torch
 import torch.nn as nn
 
 from pqd.core.affine import quantize, weight_scales
-from pqd.core.modules import ActQuantizer, QuantConv2d, QuantLinear, quantizable_layers, set_module
+from pqd.core.modules import ActQuantizer, QuantConv2d, QuantLinear, quant_layers, quantizable_layers, set_module
 from pqd.core.observers import ActObserver
 from pqd.core.qtypes import act_qtype, weight_qtype
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and how. ``layer_weight_bits`` overrides ``weight_bits`` for named layers."""
+    """What to quantize and how.
+
+    ``layer_weight_bits`` overrides ``weight_bits`` for named layers; ``splits`` maps a layer name to the
+    channel index where its input is split into two separately quantized parts; ``time_groups`` is G.
+    """
 
     weight_bits: int = 8
     act_bits: int = 8
     weight_range: str = "mse"  # minmax | mse
     act_range: str = "mse"  # minmax | mse
     act_samples: int = 200_000
+    time_groups: int = 1
     layer_weight_bits: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
@@ -40,7 +47,8 @@ class LayerQParams:
     """One layer's quantizer parameters.
 
     weight_int: int8, the weight's shape (codes in the signed ``weight_bits`` grid);
-    weight_scale: float32 [out]; act_scale / act_zero_point: float32 [G] (G time groups).
+    weight_scale: float32 [out]; act_scale / act_zero_point: float32 [G, P] (G time groups, P = 1, or 2
+    when the input is split at channel ``act_split``).
     """
 
     kind: str  # "conv2d" | "linear"
@@ -50,12 +58,13 @@ class LayerQParams:
     weight_scale: torch.Tensor
     act_scale: torch.Tensor
     act_zero_point: torch.Tensor
+    act_split: int | None = None
 
 
 QState = dict[str, LayerQParams]
 
-# Runs the (float, hooked) model over every calibration batch.
-ForwardAll = Callable[[nn.Module], None]
+# Runs the (float, hooked) model over every calibration batch, calling set_group(g) before a batch of group g.
+ForwardAll = Callable[[nn.Module, Callable[[int], None]], None]
 
 
 def quantize_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,30 +82,52 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
     layers = {n: m for n, m in quantizable_layers(model).items() if include(n)}
     if not layers:
         raise ValueError("fit_qstate: the model has no Conv2d or Linear layer to quantize")
-    observers = {n: ActObserver(config.act_samples, seed=i) for i, n in enumerate(layers)}
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: observers[n].update(args[0]))
-               for n, m in layers.items()]
+    G = config.time_groups
+    parts = {n: 2 if n in config.splits else 1 for n in layers}
+    obs = {(n, g, p): ActObserver(config.act_samples, seed=i)
+           for i, n in enumerate(layers) for g in range(G) for p in range(parts[n])}
+    current = {"group": 0}
+
+    def set_group(g: int) -> None:
+        if not 0 <= g < G:
+            raise ValueError(f"time group {g} is not allowed: expected 0..{G - 1}")
+        current["group"] = g
+
+    def hook(_m: nn.Module, args: tuple, n: str) -> None:
+        x = args[0]
+        if parts[n] == 1:
+            obs[(n, current["group"], 0)].update(x)
+        else:
+            k = config.splits[n]
+            obs[(n, current["group"], 0)].update(x[:, :k])
+            obs[(n, current["group"], 1)].update(x[:, k:])
+
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in layers.items()]
     try:
-        forward_all(model)
+        forward_all(model, set_group)
     finally:
         for h in handles:
             h.remove()
+    aq = act_qtype(config.act_bits)
     state: QState = {}
     for name, layer in layers.items():
-        obs = observers[name]
-        if not obs.seen:
-            raise RuntimeError(f"fit_qstate: layer {name} received no input during calibration")
-        try:
-            a_scale, a_zp = obs.qparams(act_qtype(config.act_bits),
-                                        config.act_range)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"layer {name}: {e}") from None
+        scales = torch.empty(G, parts[name])
+        zps = torch.empty(G, parts[name])
+        for g in range(G):
+            for p in range(parts[name]):
+                o = obs[(name, g, p)]
+                if not o.seen:
+                    raise RuntimeError(f"fit_qstate: layer {name} received no input in time group {g} during calibration")
+                try:
+                    scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"layer {name}, time group {g}: {e}") from None
         bits = config.bits_for(name)
         codes, w_scale = quantize_weight(layer.weight, bits, config.weight_range)
         state[name] = LayerQParams(
             kind="conv2d" if isinstance(layer, nn.Conv2d) else "linear",
             weight_bits=bits, act_bits=config.act_bits, weight_int=codes, weight_scale=w_scale,
-            act_scale=a_scale.reshape(1), act_zero_point=a_zp.reshape(1))
+            act_scale=scales, act_zero_point=zps, act_split=config.splits.get(name))
     return state
 
 
@@ -107,9 +138,21 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
         if name not in layers:
             raise KeyError(f"apply_qstate: the model has no Conv2d/Linear layer named {name!r}")
         float_layer = layers[name]
-        act = ActQuantizer(lp.act_bits, lp.act_scale, lp.act_zero_point)
+        act = ActQuantizer(lp.act_bits, lp.act_scale, lp.act_zero_point, split=lp.act_split)
         cls = QuantConv2d if isinstance(float_layer, nn.Conv2d) else QuantLinear
         q = cls(float_layer, lp.weight_int, lp.weight_scale, lp.weight_bits, act)
         q.to(float_layer.weight.device)
         set_module(model, name, q)
     return model
+
+
+def qstate_of(model: nn.Module) -> QState:
+    """The current quantizer parameters of every quantized layer of ``model`` (detached copies)."""
+    out: QState = {}
+    for name, q in quant_layers(model).items():
+        act = q.act
+        out[name] = LayerQParams(
+            kind="conv2d" if isinstance(q, QuantConv2d) else "linear", weight_bits=q.wqtype.bits,
+            act_bits=act.qtype.bits, weight_int=q.weight_int.detach().clone(), weight_scale=q.weight_scale.detach().clone(),
+            act_scale=act.scale.detach().clone(), act_zero_point=act.zero_point.detach().clone(), act_split=act.split)
+    return out

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pqd.core import TimeGroups, set_time_group
+
 # layers kept at a higher weight precision by default: the first and last convolutions and the
 # time-embedding MLP (small, and errors there reach every block)
 EDGE_LAYER_PREFIXES = ("conv_in", "conv_out", "time_embedding.")
@@ -23,16 +25,39 @@ class ModelFolderError(ValueError):
     """A model folder that is not a usable diffusers pipeline."""
 
 
+# the units that block reconstruction optimises one at a time; any quantized layer outside them is a unit
+# of its own. Named by class so every UNet built from diffusers' blocks is covered.
+UNIT_CLASSES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D")
+
+
 @dataclass
 class Denoiser:
     unet: nn.Module
     scheduler_config: dict[str, Any]
     scheduler_class: str
     sample_shape: tuple[int, int, int]  # (C, H, W) of the UNet's input
+    time_groups: TimeGroups | None = None  # set for a quantized UNet with time-aware activations
 
     def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """UNet output (noise prediction) for inputs x [B, C, H, W] at timesteps t (scalar or [B])."""
-        return self.unet(x, t).sample
+        """UNet output (noise prediction) for inputs x [B, C, H, W] at timesteps t (scalar or [B]).
+
+        With time groups, each sample runs with the activation parameters of its timestep's group
+        (a batch that mixes groups is split by group)."""
+        t = torch.as_tensor(t, device=x.device)
+        if self.time_groups is None or self.time_groups.count == 1:
+            return self.unet(x, t).sample
+        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
+        groups = self.time_groups.group_of(tb.cpu())
+        out = None
+        for g in groups.unique().tolist():
+            set_time_group(self.unet, g)
+            if len(groups.unique()) == 1:
+                return self.unet(x, t).sample
+            idx = (groups == g).nonzero().squeeze(1).to(x.device)
+            y = self.unet(x[idx], tb[idx]).sample
+            out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out[idx] = y
+        return out
 
     @staticmethod
     def to_images(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +66,34 @@ class Denoiser:
 
     def edge_layers(self, names: list[str]) -> list[str]:
         return [n for n in names if n == "conv_in" or n == "conv_out" or n.startswith(EDGE_LAYER_PREFIXES)]
+
+    def units(self, layer_names: list[str]) -> list[str]:
+        """Reconstruction units (module order; the reconstruction orders them by a forward pass): block
+        modules (UNIT_CLASSES) containing quantized layers, outermost first, and each remaining layer
+        (conv_in, time embedding, conv_out) alone."""
+        units: list[str] = []
+        for name, m in self.unet.named_modules():
+            if type(m).__name__ in UNIT_CLASSES and not any(name.startswith(u + ".") for u in units):
+                if any(n.startswith(name + ".") for n in layer_names):
+                    units.append(name)
+        covered = [n for n in layer_names if any(n.startswith(u + ".") for u in units)]
+        return units + [n for n in layer_names if n not in covered]
+
+    def skip_splits(self) -> dict[str, int]:
+        """Layers whose input is a skip concatenation [h, skip] in the up path, and the channel count of h
+        (for shortcut splitting): the up blocks' ResNet first convolution and 1x1 shortcut."""
+        unet = self.unet
+        prev = unet.mid_block.resnets[-1].out_channels if unet.mid_block is not None else unet.up_blocks[0].resnets[0].out_channels
+        splits: dict[str, int] = {}
+        for i, block in enumerate(unet.up_blocks):
+            for j, r in enumerate(block.resnets):
+                k = prev if j == 0 else block.resnets[j - 1].out_channels
+                if r.in_channels > k:
+                    splits[f"up_blocks.{i}.resnets.{j}.conv1"] = k
+                    if getattr(r, "conv_shortcut", None) is not None:
+                        splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = k
+            prev = block.resnets[-1].out_channels
+        return splits
 
 
 def unet_sample_shape(unet: nn.Module) -> tuple[int, int, int]:

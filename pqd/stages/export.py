@@ -12,7 +12,7 @@ from pqd.core import quant_layers
 from pqd.diffusion.adapter import load_denoiser
 from pqd.io import atomic_dir, read_json
 from pqd.params import Params, as_dict
-from pqd.qstate_io import load_qstate
+from pqd.qstate_io import load_qstate, load_time_groups
 
 
 def run(params: Params, model: Path, qstate: Path, out: Path) -> dict[str, Any]:
@@ -22,8 +22,8 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> dict[str, Any]:
     extra = {"source_model": {"source": source["source"], "model_sha256": source["model_sha256"]},
              "params": as_dict(params), "git": git_commit()}
     with atomic_dir(out) as tmp:
-        info = write_export(model, den.unet, state, tmp, float_dtype=getattr(torch, params.export.float_dtype),
-                            manifest_extra=extra)
+        info = write_export(model, den.unet, state, load_time_groups(qstate), tmp,
+                            float_dtype=getattr(torch, params.export.float_dtype), manifest_extra=extra)
         # the loader must rebuild exactly these integer weights before the export is accepted
         rebuilt = quant_layers(load_quantized_unet(tmp))
         for name, lp in state.items():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pqd.io import atomic_dir, read_json
+from pqd.io import atomic_dir, read_json, write_json
 from pqd.params import Params, SelectParams
 
 
@@ -129,6 +129,9 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
         pd.DataFrame(records).to_parquet(tmp / "index.parquet", index=False)
         pd.DataFrame({"step": np.arange(steps), "u": u, "probability": p, "count": counts}).to_csv(
             tmp / "steps.csv", index=False)
+        schedule = index.drop_duplicates("step").sort_values("step")["t"].tolist()
+        write_json(tmp / "meta.json", {"schedule_timesteps": schedule, "timesteps": sp.timesteps, "mu": sp.mu,
+                                       "sigma": sp.sigma, "rule": sp.rule, "num_samples": len(records)})
     return {"calib_samples": len(records), "distinct_steps": len(chosen_steps),
             "mean_u": round(float(np.mean([r["u"] for r in records])), 4)}
 

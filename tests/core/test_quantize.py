@@ -28,7 +28,7 @@ def data(n=4):
 
 def fit(model, bits=8, **kw):
     batches = data()
-    return fit_qstate(model, lambda m: [m(b) for b in batches], QuantConfig(weight_bits=bits, **kw))
+    return fit_qstate(model, lambda m, set_group: [m(b) for b in batches], QuantConfig(weight_bits=bits, **kw))
 
 
 def test_fit_covers_every_conv_and_linear():
@@ -37,7 +37,7 @@ def test_fit_covers_every_conv_and_linear():
     state = fit(m)
     assert set(state) == {"conv", "lin"}
     assert state["conv"].weight_int.dtype == torch.int8 and state["conv"].weight_scale.shape == (8,)
-    assert state["lin"].act_scale.shape == (1,)
+    assert state["lin"].act_scale.shape == (1, 1)
 
 
 def test_quantized_linear_matches_manual_integer_computation():
@@ -47,7 +47,7 @@ def test_quantized_linear_matches_manual_integer_computation():
     q = apply_qstate(copy.deepcopy(m), state)
     x = torch.randn(5, 8)
     lp = state["lin"]
-    xq = fake_quantize(x, lp.act_scale[0], lp.act_zero_point[0], act_qtype(8))
+    xq = fake_quantize(x, lp.act_scale[0, 0], lp.act_zero_point[0, 0], act_qtype(8))
     w = lp.weight_int.float() * lp.weight_scale[:, None]
     expected = xq @ w.T + m.lin.bias
     assert torch.allclose(q.lin(x), expected, atol=1e-6)
@@ -76,7 +76,7 @@ def test_layer_bits_override():
 def test_unused_layer_is_an_error():
     m = Tiny()
     with pytest.raises(RuntimeError, match="received no input"):
-        fit_qstate(m, lambda mod: mod.conv(data(1)[0]), QuantConfig())
+        fit_qstate(m, lambda mod, set_group: mod.conv(data(1)[0]), QuantConfig())
 
 
 def test_set_time_group_range_checked():

@@ -1,0 +1,58 @@
+"""AdaRound: learned up/down rounding of weights (Nagel et al., 2020), per-channel symmetric grid."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from pqd.core.qtypes import QType
+
+ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, so h reaches exactly 0 and 1
+
+
+class AdaRound(nn.Module):
+    """Soft weights ``s * clamp(floor(W/s) + h(V), qmin, qmax)`` with a learnable V per weight.
+
+    ``h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)``; V starts where h equals the fractional
+    part of W/s, i.e. at the float weight. ``regularizer(beta)`` pushes every h to 0 or 1; ``codes()``
+    gives the hard rounding (h >= 0.5) as int8.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, qtype: QType) -> None:
+        super().__init__()
+        self.qtype = qtype
+        s = scale.reshape(-1, *[1] * (weight.ndim - 1)).to(torch.float32)
+        x = weight.detach().to(torch.float32) / s
+        floor = torch.floor(x)
+        rest = (x - floor).clamp(1e-4, 1 - 1e-4)
+        self.register_buffer("scale", s)
+        self.register_buffer("floor", floor)
+        self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+
+    def h(self) -> torch.Tensor:
+        return (torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def soft_weight(self) -> torch.Tensor:
+        return self.scale * (self.floor + self.h()).clamp(self.qtype.qmin, self.qtype.qmax)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def codes(self) -> torch.Tensor:
+        return (self.floor + (self.V >= 0).to(self.floor.dtype)).clamp(self.qtype.qmin, self.qtype.qmax).to(torch.int8)
+
+    def hard_fraction(self) -> float:
+        """Share of weights whose h is already exactly 0 or 1."""
+        h = self.h()
+        return float(((h == 0) | (h == 1)).float().mean())
+
+
+def beta_schedule(step: int, total: int, warmup: float, start: float = 20.0, end: float = 2.0) -> float | None:
+    """Annealed exponent of the rounding regulariser; None during warm-up (regulariser off)."""
+    w = int(warmup * total)
+    if step < w:
+        return None
+    frac = (step - w) / max(1, total - w)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * frac))

@@ -1,0 +1,232 @@
+"""Block reconstruction: AdaRound weights, LSQ activation steps and QDrop, one implementation for every unit.
+
+A *unit* is any module holding quantized layers (a ResNet block, an attention block, a sampler, or a
+single layer). Given its recorded inputs and the full-precision outputs it should produce, the unit's
+learned rounding (per weight) and activation step sizes (per time group) are optimised to minimise the
+output MSE plus the AdaRound regulariser, with each activation's quantization dropped at random with
+probability ``qdrop_p`` (QDrop). Nothing here knows what a UNet is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from pqd.core.adaround import AdaRound, beta_schedule
+from pqd.core.modules import ActQuantizer, act_quantizers, quant_layers, set_time_group
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    iters: int = 300
+    batch_size: int = 32
+    lr_round: float = 1e-2  # Adam on the AdaRound variables
+    lr_act: float = 1e-3  # Adam on the activation step sizes (LSQ)
+    round_weight: float = 0.01  # weight of the rounding regulariser
+    warmup: float = 0.2  # share of iterations without the regulariser
+    qdrop_p: float = 0.5  # probability of keeping an activation element in float during reconstruction
+    adaround: bool = True
+    lsq: bool = True
+
+
+@dataclass
+class UnitBatch:
+    """One recorded call of a unit: its positional/keyword inputs, the FP target output, the time group."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    target: torch.Tensor
+    group: int = 0
+
+
+@contextlib.contextmanager
+def qdrop(module: nn.Module, p: float) -> Iterator[None]:
+    """Within the block, every activation quantizer of ``module`` keeps each element in float with prob. p."""
+    qs = act_quantizers(module)
+    old = [q.drop_prob for q in qs]
+    for q in qs:
+        q.drop_prob = p
+    try:
+        yield
+    finally:
+        for q, o in zip(qs, old):
+            q.drop_prob = o
+
+
+def _output(y: Any) -> torch.Tensor:
+    """The tensor a unit returns (diffusers blocks return a tensor, a tuple or an output object)."""
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, (tuple, list)):
+        return y[0]
+    if hasattr(y, "sample"):
+        return y.sample
+    raise TypeError(f"unit output of type {type(y).__name__} is not supported")
+
+
+def _select(v: Any, idx: torch.Tensor, n: int) -> Any:
+    """Rows ``idx`` of a batch-leading tensor of length n; other values unchanged."""
+    return v[idx] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v
+
+
+@torch.no_grad()
+def unit_mse(unit: nn.Module, batches: list[UnitBatch]) -> float:
+    """Mean squared error of the unit's output against the targets (no QDrop)."""
+    se, n = 0.0, 0
+    for b in batches:
+        set_time_group(unit, b.group)
+        y = _output(unit(*b.args, **b.kwargs))
+        se += float((y - b.target).pow(2).sum())
+        n += b.target.numel()
+    return se / max(1, n)
+
+
+def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], batches: list[UnitBatch],
+                     cfg: ReconConfig, generator: torch.Generator) -> dict[str, float]:
+    """Optimise the unit's rounding and activation steps in place; returns a log of the losses.
+
+    ``float_weights`` maps each quantized layer of the unit (name relative to the unit) to its float
+    weight. If the result were worse than nearest rounding on the recorded inputs, nearest rounding
+    and the initial steps are kept (and the log says so).
+    """
+    layers = quant_layers(unit)
+    aqs: list[ActQuantizer] = act_quantizers(unit)
+    before = unit_mse(unit, batches)
+    saved = {n: (q.weight_int.clone(), q.act.scale.detach().clone() if q.act is not None else None) for n, q in layers.items()}
+    params: list[dict[str, Any]] = []
+    if cfg.adaround:
+        for n, q in layers.items():
+            q.rounding = AdaRound(float_weights[n], q.weight_scale, q.wqtype).to(q.weight_int.device)
+        params.append({"params": [q.rounding.V for q in layers.values()], "lr": cfg.lr_round})
+    if cfg.lsq:
+        for a in aqs:
+            a.scale.requires_grad_(True)
+        params.append({"params": [a.scale for a in aqs], "lr": cfg.lr_act})
+    if not params or cfg.iters == 0:
+        return {"mse_before": before, "mse_after": before, "reverted": 0.0}
+    opt = torch.optim.Adam(params)
+    sizes = [len(b.target) for b in batches]
+    rec_loss = torch.tensor(0.0)
+    try:
+        with torch.enable_grad(), qdrop(unit, cfg.qdrop_p):
+            for it in range(cfg.iters):
+                bi = int(torch.randint(len(batches), (1,), generator=generator))
+                b, n = batches[bi], sizes[bi]
+                idx = torch.randperm(n, generator=generator)[: cfg.batch_size].to(b.target.device)
+                set_time_group(unit, b.group)
+                y = _output(unit(*[_select(a, idx, n) for a in b.args], **{k: _select(v, idx, n) for k, v in b.kwargs.items()}))
+                rec_loss = (y - b.target[idx]).pow(2).mean()
+                loss = rec_loss
+                beta = beta_schedule(it, cfg.iters, cfg.warmup)
+                if cfg.adaround and beta is not None:
+                    loss = loss + cfg.round_weight * sum(q.rounding.regularizer(beta) for q in layers.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for a in aqs:  # keep step sizes positive
+                    a.scale.data.clamp_(min=1e-8)
+        hard = min((q.rounding.hard_fraction() for q in layers.values()), default=1.0) if cfg.adaround else 1.0
+    finally:
+        for q in layers.values():
+            if q.rounding is not None:
+                q.set_codes(q.rounding.codes())
+                q.rounding = None
+        for a in aqs:
+            a.scale.requires_grad_(False)
+    after = unit_mse(unit, batches)
+    reverted = 0.0
+    if not after <= before:  # never leave a unit worse than nearest rounding
+        for n, q in layers.items():
+            codes, scale = saved[n]
+            q.set_codes(codes)
+            if scale is not None:
+                q.act.scale.data.copy_(scale)
+        after, reverted = before, 1.0
+    return {"mse_before": before, "mse_after": after, "reverted": reverted, "last_batch_loss": float(rec_loss.detach()),
+            "hard_rounding_fraction": hard}
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
+# runs calibration batch i through a model
+BatchRunner = Callable[[nn.Module, int], None]
+
+
+def forward_order(model: nn.Module, units: list[str], run: BatchRunner) -> list[str]:
+    """``units`` sorted by when a forward pass (calibration batch 0) first enters them."""
+    seen: list[str] = []
+    hooks = [model.get_submodule(u).register_forward_pre_hook(lambda *_a, u=u: seen.append(u) if u not in seen else None)
+             for u in units]
+    try:
+        with torch.no_grad():
+            run(model, 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [u for u in units if u not in seen]
+    if missing:
+        raise RuntimeError(f"reconstruction unit {missing[0]} is never called by the model's forward pass")
+    return seen
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, unit: str, run: BatchRunner, n_batches: int, groups: list[int],
+             want: str) -> list[Any]:
+    """Per calibration batch, the unit's inputs (``want='in'``: (args, kwargs)) or output (``'out'``)."""
+    got: list[Any] = []
+
+    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        got.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                    {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+        raise _Stop
+
+    def post(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
+        got.append(_output(out).detach())
+        raise _Stop
+
+    mod = model.get_submodule(unit)
+    h = mod.register_forward_pre_hook(pre, with_kwargs=True) if want == "in" else \
+        mod.register_forward_hook(post, with_kwargs=True)
+    try:
+        for i in range(n_batches):
+            set_time_group(model, groups[i])
+            try:
+                run(model, i)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(got) != n_batches:
+        raise RuntimeError(f"unit {unit} was called {len(got)} times for {n_batches} calibration batches")
+    return got
+
+
+def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchRunner, groups: list[int],
+                      cfg: ReconConfig, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Reconstruct every unit of the quantized model ``q`` in forward order against the float model ``fp``.
+
+    Each unit learns from the inputs the partly reconstructed quantized model actually feeds it and
+    the outputs the float model's unit gives on the float model's own inputs. ``groups[i]`` is the time
+    group of calibration batch i. Returns one log entry per unit.
+    """
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    n = len(groups)
+    log = []
+    for unit in tqdm(forward_order(fp, units, run), desc="block reconstruction", disable=not progress):
+        targets = _capture(fp, unit, run, n, [0] * n, "out")
+        inputs = _capture(q, unit, run, n, groups, "in")
+        q_unit, fp_unit = q.get_submodule(unit), fp.get_submodule(unit)
+        layers_rel = quant_layers(q_unit)  # {"": q_unit} when the unit is a single layer
+        weights = {nm: fp_unit.get_submodule(nm).weight.detach() for nm in layers_rel}
+        batches = [UnitBatch(a, k, t, g) for (a, k), t, g in zip(inputs, targets, groups)]
+        entry = reconstruct_unit(q_unit, weights, batches, cfg, gen)
+        log.append({"unit": unit, "layers": len(layers_rel), **entry})
+    return log

@@ -1,0 +1,121 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pqd.core import QuantConfig, apply_qstate, fit_qstate, quant_layers
+from pqd.core.adaround import AdaRound, beta_schedule
+from pqd.core.modules import ActQuantizer
+from pqd.core.qtypes import weight_qtype
+from pqd.core.reconstruct import ReconConfig, UnitBatch, qdrop, reconstruct_model, reconstruct_unit, unit_mse
+
+
+class Block(nn.Module):
+    """A tiny residual block: conv -> silu -> conv, plus the input."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * self.conv2(F.silu(self.conv1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(3, 8, 1)
+        self.block = Block()
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.out(self.block(self.inp(x), scale=0.5))
+
+
+def inputs(n=3, b=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 8, 6, 6, generator=g) for _ in range(n)]
+
+
+def quantized_block(bits=4, seed=0):
+    torch.manual_seed(seed)
+    fp = Block()
+    xs = inputs()
+    state = fit_qstate(fp, lambda m, sg: [m(x) for x in xs], QuantConfig(weight_bits=bits, act_bits=8))
+    q = apply_qstate(copy.deepcopy(fp), state)
+    with torch.no_grad():
+        batches = [UnitBatch((x,), {}, fp(x)) for x in xs]
+    return fp, q, batches
+
+
+def test_adaround_starts_at_float_weight_and_ends_hard():
+    torch.manual_seed(0)
+    w = torch.randn(4, 16)
+    s = w.abs().amax(1) / 7
+    ar = AdaRound(w, s, weight_qtype(4))
+    assert torch.allclose(ar.soft_weight(), w.clamp(-8 * s[:, None], 7 * s[:, None]), atol=1e-3)
+    opt = torch.optim.Adam([ar.V], lr=0.05)
+    for it in range(400):
+        beta = beta_schedule(it, 400, 0.1)
+        loss = (ar.soft_weight() - w).pow(2).sum() + 0.1 * (ar.regularizer(beta) if beta else 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ar.hard_fraction() == 1.0  # every h is exactly 0 or 1
+    assert torch.equal(ar.soft_weight().detach(), ar.codes().float() * s[:, None])  # soft == hard rounding
+
+
+def test_beta_schedule_anneals_from_20_to_2():
+    assert beta_schedule(0, 100, 0.2) is None
+    assert beta_schedule(20, 100, 0.2) == pytest.approx(20.0)
+    assert beta_schedule(99, 100, 0.2) == pytest.approx(2.0, abs=0.05)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_reconstruction_beats_nearest_rounding(bits):
+    fp, q, batches = quantized_block(bits)
+    before = unit_mse(q, batches)
+    weights = {n: fp.get_submodule(n).weight.detach() for n in quant_layers(q)}
+    log = reconstruct_unit(q, weights, batches, ReconConfig(iters=300, batch_size=32, qdrop_p=0.0),
+                           torch.Generator().manual_seed(0))
+    assert log["reverted"] == 0.0
+    assert log["mse_after"] < 0.9 * before
+    assert unit_mse(q, batches) == pytest.approx(log["mse_after"])
+    for layer in quant_layers(q).values():  # the learned codes stay on the grid
+        assert layer.rounding is None and int(layer.weight_int.min()) >= -(2 ** (bits - 1))
+        assert not layer.act.scale.requires_grad
+
+
+def test_qdrop_noop_at_zero_and_outside_reconstruction():
+    torch.manual_seed(0)
+    aq = ActQuantizer(4, torch.tensor([0.1]), torch.tensor([8.0]))
+    x = torch.randn(64, 8)
+    plain = aq(x)
+    assert not torch.equal(plain, x)
+    with qdrop(aq, 0.0):
+        assert torch.equal(aq(x), plain)
+    with qdrop(aq, 0.5):
+        mixed = aq(x)
+        kept_float = (mixed == x) & (plain != x)
+        assert 0.3 < kept_float.float().mean() < 0.7
+    assert aq.drop_prob == 0.0 and torch.equal(aq(x), plain)  # restored outside the block
+
+
+def test_reconstruct_model_walks_units_in_forward_order():
+    torch.manual_seed(0)
+    fp = Net()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(16, 3, 6, 6, generator=g) for _ in range(2)]
+    state = fit_qstate(fp, lambda m, sg: [m(x) for x in xs], QuantConfig(weight_bits=4))
+    q = apply_qstate(copy.deepcopy(fp), state)
+    with torch.no_grad():
+        err0 = sum(float((q(x) - fp(x)).pow(2).mean()) for x in xs)
+    log = reconstruct_model(fp, q, ["out", "block", "inp"], lambda m, i: m(xs[i]), [0, 0],
+                            ReconConfig(iters=150, batch_size=16, qdrop_p=0.0), progress=False)
+    assert [e["unit"] for e in log] == ["inp", "block", "out"]
+    with torch.no_grad():
+        err1 = sum(float((q(x) - fp(x)).pow(2).mean()) for x in xs)
+    assert err1 < err0
