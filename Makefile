@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test check-params clean-data bench-demo
+.PHONY: setup run test check-params clean-data bench
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ run: setup check-params
 
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+# methods x bits and the PQD ablations on the demo, same trajectories/seeds/protocol (data/bench/bench.md)
+bench: setup check-params
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro generate
+	$(BIN)/python -m pqd.bench
 
 clean-data:
 	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics
