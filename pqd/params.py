@@ -34,7 +34,7 @@ class ModelParams:
     source: str = "demo:digits"  # demo:digits | a local diffusers pipeline folder | a hub id org/name
     revision: str = "main"  # hub revision, only for hub ids
     seed: int = 0
-    train_steps: int = 4000  # demo: UNet optimisation steps
+    train_steps: int = 1200  # demo: UNet optimisation steps
     batch_size: int = 128  # demo: UNet training batch
     lr: float = 2e-3  # demo: UNet learning rate
     channels: tuple[int, ...] = (32, 64, 64)  # demo: UNet block_out_channels

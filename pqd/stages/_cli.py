@@ -14,7 +14,7 @@ import torch
 from pqd.io import write_json
 from pqd.params import Params, ParamError, load_params
 
-# Errors a user can fix: printed as one line, exit status 2, no traceback.
+# Errors a user can fix: printed as one line, exit status 2, no traceback (PQD_DEBUG=1 shows it).
 USER_ERRORS: tuple[type[BaseException], ...] = (ParamError, FileNotFoundError, ValueError, FloatingPointError)
 
 
@@ -44,6 +44,8 @@ def stage_main(name: str, run: Callable[..., dict[str, Any]], paths: list[str], 
         metrics = run(params, **{p: Path(getattr(args, p)) for p in paths})
         metrics = {"seconds": round(time.perf_counter() - t0, 3), **metrics}
     except _user_errors() as e:
+        if os.environ.get("PQD_DEBUG"):
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"pqd {name}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,0 +1,189 @@
+"""The embedded offline demo: a small DDPM on scikit-learn's 8x8 digits, and a digit classifier for FID.
+
+Everything here is deterministic given a seed and needs neither a GPU nor the network: the digits ship
+with scikit-learn. Images stay at their native 8x8, one channel, scaled from 0..16 to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+DEFAULT_CHANNELS = (32, 64, 64)
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits: images float32 [1797, 1, 8, 8] in [-1, 1], labels int64 [1797]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images).float().reshape(-1, 1, 8, 8) / 8.0 - 1.0
+    return images, torch.from_numpy(d.target).long()
+
+
+def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1):
+    """A diffusers ``UNet2DModel`` for [B, 1, 8, 8] inputs with one attention block, at the lowest resolution.
+
+    Every level but the last halves the resolution (3 levels: 8 -> 4 -> 2). The attention lives in the
+    last down block and the first up block (so the demo exercises attention Linear layers); the mid
+    block's attention is switched off to keep to that one resolution and to the 2-core time budget.
+    """
+    from diffusers import UNet2DModel
+
+    n = len(channels)
+    # the channel counts are multiples of 8 (checked by pqd.params), so 8 groups always divide them
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block, norm_num_groups=8, attention_head_dim=8, add_attention=False,
+        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+    )
+
+
+def build_demo_scheduler(beta_schedule: str = "squaredcos_cap_v2"):
+    """The training (and default sampling) scheduler: DDPM, 1000 steps, epsilon prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=beta_schedule,
+                         prediction_type="epsilon", clip_sample=True)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup, then a cosine decay to 5% of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_demo_unet(images: torch.Tensor, *, seed: int, steps: int, batch_size: int, lr: float,
+                    channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1,
+                    ema_decay: float = 0.995, beta_schedule: str = "squaredcos_cap_v2", progress: bool = True):
+    """Train the demo UNet to predict the noise (epsilon) of DDPM-noised ``images`` [N, 1, 8, 8] in [-1, 1].
+
+    AdamW with warmup + cosine learning rate; returns the EMA of the weights (a ``UNet2DModel`` in eval
+    mode, float32, on CPU) when ``ema_decay`` > 0. All randomness (model init, batch order, noise,
+    timesteps) derives from ``seed``, so two runs on one machine give bit-identical weights.
+    """
+    torch.manual_seed(seed)
+    unet = build_demo_unet(channels, layers_per_block).train()
+    ema = build_demo_unet(channels, layers_per_block).eval().requires_grad_(False) if ema_decay > 0 else None
+    if ema is not None:
+        ema.load_state_dict(unet.state_dict())
+    alphas_cumprod = build_demo_scheduler(beta_schedule).alphas_cumprod.float()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, min(100, steps // 10))
+    n = images.shape[0]
+    order, pos = torch.randperm(n, generator=gen), 0
+    bar = tqdm(range(steps), desc="demo UNet", disable=not progress, unit="step")
+    for step in bar:
+        # epochs of a seeded permutation: every digit is seen once per pass
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        x0 = images[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(xt, t).sample, noise)
+        for g in opt.param_groups:
+            g["lr"] = lr * _lr_factor(step, steps, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        if ema is not None:
+            # ramped decay: early on the EMA follows the fast-changing weights instead of the random init
+            d = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - d)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return (ema if ema is not None else unet).eval()
+
+
+class DigitNet(nn.Module):
+    """Small CNN for digits [B, 1, 8, 8] in [-1, 1]; its penultimate features are the demo's FID features."""
+
+    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = 10) -> None:
+        super().__init__()
+        self.width, self.feature_dim, self.num_classes = width, feature_dim, num_classes
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width * 4, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.drop = nn.Dropout(0.3)
+
+    def config(self) -> dict[str, int]:
+        """Constructor arguments (plain ints): ``DigitNet(**net.config())`` rebuilds the architecture."""
+        return {"width": self.width, "feature_dim": self.feature_dim, "num_classes": self.num_classes}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, 8, 8] float32 in [-1, 1] -> features [B, feature_dim] float32 (after the ReLU, >= 0)."""
+        h = F.relu(self.conv1(x))
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # 8 -> 4
+        h = F.max_pool2d(F.relu(self.conv3(h)), 2)  # 4 -> 2
+        return F.relu(self.fc(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, 8, 8] float32 in [-1, 1] -> class logits [B, num_classes]."""
+        return self.head(self.drop(self.features(x)))
+
+
+def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by -1, 0 or +1 pixel in each direction, filling with background (-1)."""
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dx, dy = torch.randint(0, 3, (2, x.shape[0]), generator=gen)
+    rows = (torch.arange(8).view(1, 8) + dy.view(-1, 1))  # [B, 8]
+    cols = (torch.arange(8).view(1, 8) + dx.view(-1, 1))
+    b = torch.arange(x.shape[0]).view(-1, 1, 1)
+    return padded[b, 0, rows.view(-1, 8, 1), cols.view(-1, 1, 8)].unsqueeze(1)
+
+
+@torch.no_grad()
+def _accuracy(net: DigitNet, images: torch.Tensor, labels: torch.Tensor) -> float:
+    net.eval()
+    return float((net(images).argmax(1) == labels).float().mean())
+
+
+def train_digit_net(images: torch.Tensor, labels: torch.Tensor, *, seed: int, epochs: int,
+                    batch_size: int = 64, lr: float = 2e-3, progress: bool = True) -> tuple[DigitNet, float]:
+    """Train a DigitNet on a stratified 80% of (images [N, 1, 8, 8] in [-1, 1], labels int64 [N]).
+
+    Returns the net (eval mode) and its accuracy on the held-out 20%. The split comes from
+    ``train_test_split(random_state=seed)`` and all other randomness from ``seed``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx_train, idx_test = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.2,
+                                           stratify=labels.numpy(), random_state=seed)
+    x_tr, y_tr = images[idx_train], labels[idx_train]
+    torch.manual_seed(seed)
+    net = DigitNet()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(y_tr) / batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    for _ in tqdm(range(epochs), desc="digit features", disable=not progress, unit="epoch"):
+        net.train()
+        perm = torch.randperm(len(y_tr), generator=gen)
+        for i in range(0, len(y_tr), batch_size):
+            b = perm[i:i + batch_size]
+            loss = F.cross_entropy(net(_random_shift(x_tr[b], gen)), y_tr[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval(), _accuracy(net, images[idx_test], labels[idx_test])
