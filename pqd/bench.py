@@ -96,18 +96,22 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
+    """Two panels per row: delta FID against the data, and FID against the FP samples; noise floor dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     labels = [f"{r.row} {r.bits}" for r in df.itertuples()]
-    ax.bar(range(len(df)), df["delta_fid"], color=["#4c72b0" if "W8" in b else "#dd8452" for b in df["bits"]])
-    ax.axhline(df["noise_floor"].iloc[0], color="k", ls="--", lw=1, label="noise floor (FP vs FP)")
-    ax.set_xticks(range(len(df)), labels, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("delta FID vs FP")
-    ax.legend()
+    colors = ["#4c72b0" if "W8" in b else "#dd8452" for b in df["bits"]]
+    for ax, col, title in ((axes[0], "delta_fid", "delta FID vs data (quantized - FP)"),
+                           (axes[1], "fid_vs_fp", "FID quantized vs FP samples")):
+        ax.bar(range(len(df)), df[col], color=colors)
+        ax.axhline(df["noise_floor"].iloc[0], color="k", ls="--", lw=1, label="noise floor (FP vs FP)")
+        ax.set_xticks(range(len(df)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
