@@ -43,4 +43,4 @@ bench: setup check-params
 clean-data:
 	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics
 
-include ops.mk
+-include ops.mk
