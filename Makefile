@@ -31,6 +31,8 @@ check-params: setup
 run: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 	$(BIN)/python -m pqd.report
+	@# one MLflow run for this result (idempotent); an unreachable MLflow never fails the run
+	-$(BIN)/python -m pqd.tracking track
 
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests

@@ -116,6 +116,14 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ReleaseParams:
+    """The release gate's thresholds (``release.*``)."""
+
+    max_fid_delta: float = 2.0  # largest delta FID (quantized minus FP, both vs reference) a release may have
+    floor_multiple: float = 3.0  # delta FID must also be <= this multiple of the noise floor
+
+
+@dataclass(frozen=True)
 class Params:
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     model: ModelParams = field(default_factory=ModelParams)
@@ -125,6 +133,7 @@ class Params:
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)
     export: ExportParams = field(default_factory=ExportParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    release: ReleaseParams = field(default_factory=ReleaseParams)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +182,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.features": (_features_ok,
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),
     "evaluate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "release.max_fid_delta": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+    "release.floor_multiple": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
     "evaluate.grid_size": (lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
 }
 
