@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from pqd import tracking
-from pqd.params import ParamError, load_params
+from pqd.params import ParamError, load_params, params_from_dict
 
 CANDIDATE, PRODUCTION = "candidate", "production"
 
@@ -44,20 +44,11 @@ class ReleaseSettings:
     source: str = "defaults"  # where the values came from (recorded in the card)
 
 
-_SETTING_RULES = {"max_fid_delta": (lambda v: v >= 0, "a finite number >= 0"),
-                  "floor_multiple": (lambda v: v > 0, "a finite number > 0")}
-
-
 def validated_settings(values: dict[str, Any], source: str) -> ReleaseSettings:
-    """ReleaseSettings from ``{key: value}``; one-line ParamError for an unknown key or a bad value."""
-    for key, value in values.items():
-        if key not in _SETTING_RULES:
-            raise ParamError(f"params: unknown key release.{key}: allowed keys are "
-                             + ", ".join(f"release.{k}" for k in _SETTING_RULES))
-        ok, allowed = _SETTING_RULES[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise ParamError(f"params: release.{key} = {value!r} is not allowed: expected {allowed}")
-    return ReleaseSettings(**{k: float(v) for k, v in values.items()}, source=source)
+    """ReleaseSettings from ``{key: value}``, checked by the same rules as ``release.*`` in params.yaml
+    (one-line ParamError for an unknown key or a bad value)."""
+    rp = params_from_dict({"release": values}).release
+    return ReleaseSettings(max_fid_delta=rp.max_fid_delta, floor_multiple=rp.floor_multiple, source=source)
 
 
 def load_release_params(params_file: str | Path = "params.yaml") -> ReleaseSettings:
