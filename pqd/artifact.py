@@ -8,7 +8,10 @@ Layout of an export folder (format_version 1)::
                                        4-bit codes per byte when weight_bits <= 4), L.weight_scale
                                        (float32 [out]), L.act_scale / L.act_zero_point (float32 [G, P]:
                                        G time groups, P = 2 when the input is split in two parts);
-                                       every other UNet tensor (biases, norms, ...) in float
+                                       L.out_scale / L.out_zero_point (same shapes) for layers whose
+                                       output is quantized; every other UNet tensor in float
+    onnx/unet.g<g>.onnx, onnx/weights.bin  the deployable graphs (one per time group, sharing the
+                                       int8 weights), see pqd.deploy; absent when not exported
     qmap.json                          format_version, the time-group thresholds and, per layer, bits,
                                        granularity, storage, shape, input split
     manifest.json                      sha256 of every other file, source model hash, params, git commit
@@ -57,8 +60,9 @@ def _storage(bits: int) -> str:
 
 
 def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGroups, out: Path, *,
-                 float_dtype: torch.dtype, manifest_extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the export folder ``out`` (already created, empty) for the float ``unet`` quantized by ``state``."""
+                 float_dtype: torch.dtype) -> dict[str, Any]:
+    """Write the export folder ``out`` (already created, empty) for the float ``unet`` quantized by ``state``
+    (everything but the manifest: see :func:`write_manifest`)."""
     for p in sorted(model_dir.rglob("*")):
         rel = p.relative_to(model_dir)
         if p.is_dir() or rel.parts[0] in ("unet", "fid_features") or rel.as_posix() in _SKIP_FROM_MODEL:
@@ -76,11 +80,15 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGr
         tensors[f"{name}.weight_scale"] = lp.weight_scale.to(torch.float32).contiguous()
         tensors[f"{name}.act_scale"] = lp.act_scale.to(torch.float32).contiguous()
         tensors[f"{name}.act_zero_point"] = lp.act_zero_point.to(torch.float32).contiguous()
+        if lp.out_scale is not None:
+            tensors[f"{name}.out_scale"] = lp.out_scale.to(torch.float32).contiguous()
+            tensors[f"{name}.out_zero_point"] = lp.out_zero_point.to(torch.float32).contiguous()
         layers[name] = {"kind": lp.kind, "shape": list(codes.shape), "weight_bits": lp.weight_bits,
                         "weight_granularity": "per_output_channel", "weight_symmetric": True,
                         "weight_storage": _storage(lp.weight_bits), "act_bits": lp.act_bits,
                         "act_granularity": "per_tensor", "act_symmetric": False,
-                        "act_time_groups": int(lp.act_scale.shape[0]), "act_split": lp.act_split}
+                        "act_time_groups": int(lp.act_scale.shape[0]), "act_split": lp.act_split,
+                        "output_quantized": lp.out_scale is not None}
     quantized_weights = {f"{n}.weight" for n in state}
     for key, value in unet.state_dict().items():
         if key not in quantized_weights:
@@ -89,9 +97,14 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGr
     write_json(out / "qmap.json", {"format_version": FORMAT_VERSION, "float_dtype": str(float_dtype).replace("torch.", ""),
                                    "time_groups": {"count": groups.count, "thresholds": list(groups.thresholds)},
                                    "layers": layers})
+    return {"quantized_layers": len(layers)}
+
+
+def write_manifest(out: Path, manifest_extra: dict[str, Any]) -> int:
+    """Seal the export folder: manifest.json with the sha256 of every other file; returns the file count."""
     files = hash_tree(out)
     write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "files": files, **manifest_extra})
-    return {"files": len(files) + 1, "quantized_layers": len(layers)}
+    return len(files) + 1
 
 
 def verify_manifest(export_dir: Path) -> dict[str, Any]:
@@ -127,7 +140,10 @@ def read_qstate(export_dir: Path) -> tuple[QState, dict[str, torch.Tensor], dict
                                        act_split=info.get("act_split"),
                                        weight_int=codes.to(torch.int8), weight_scale=tensors.pop(f"{name}.weight_scale"),
                                        act_scale=tensors.pop(f"{name}.act_scale"),
-                                       act_zero_point=tensors.pop(f"{name}.act_zero_point"))
+                                       act_zero_point=tensors.pop(f"{name}.act_zero_point"),
+                                       **({"out_scale": tensors.pop(f"{name}.out_scale"),
+                                           "out_zero_point": tensors.pop(f"{name}.out_zero_point")}
+                                          if info.get("output_quantized") else {}))
         except KeyError as e:
             raise ArtifactError(f"{export_dir}/{QWEIGHTS}: tensor {e.args[0]} for layer {name} is missing") from None
     return state, tensors, qmap

@@ -74,6 +74,12 @@ class QuantParams:
     weight_bits: int = 8
     act_bits: int = 8
     edge_bits: int = 8  # weights of the first/last convolution and the time embedding (never below weight_bits)
+    # quantize each layer's output too (but the last convolution's): integer kernels (onnxruntime's
+    # QLinearConv/QLinearMatMul/QGemm) read and write uint8, so this is what the deployed model computes
+    outputs: bool = True
+    # 8-bit weights use 7-bit codes [-64, 63]: onnxruntime's fast u8s8 kernels saturate on x86 CPUs without
+    # VNNI (AVX2, plain AVX-512) with full-range codes; false for VNNI, ARM or GPU targets
+    reduce_range: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class ExportParams:
     """Export format options (``export.*``)."""
 
     float_dtype: Literal["float32", "float16"] = "float32"  # storage of the non-quantized tensors
+    onnx: bool = True  # also write the deployable ONNX graphs (int8 kernels in onnxruntime; needs act_bits 8)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,8 @@ class EvaluateParams:
     reference: str = "demo:digits"  # demo:digits | a folder of images | a .npz with mu and sigma
     batch_size: int = 250
     grid_size: int = 64  # images per side of the FP-vs-quantized grid
+    # onnxruntime: the FID of the deployed ONNX artifact (the simulated torch model is measured beside it)
+    backend: Literal["torch", "onnxruntime"] = "onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -281,6 +290,12 @@ def _check_across(p: Params) -> None:
     if p.calibrate.time_groups > p.generate.steps:
         raise ParamError(f"params: calibrate.time_groups = {p.calibrate.time_groups} is not allowed: expected at most "
                          f"generate.steps = {p.generate.steps}")
+    if p.export.onnx and p.quant.act_bits != 8:
+        raise ParamError(f"params: export.onnx = true is not allowed with quant.act_bits = {p.quant.act_bits}: "
+                         "expected quant.act_bits = 8 (integer kernels take uint8 activations) or export.onnx = false")
+    if p.evaluate.backend == "onnxruntime" and not p.export.onnx:
+        raise ParamError("params: evaluate.backend = 'onnxruntime' is not allowed with export.onnx = false: "
+                         "expected export.onnx = true or evaluate.backend = 'torch'")
     cap = p.generate.calib_seeds * p.generate.steps
     if p.select.num_samples > cap:
         raise ParamError(

@@ -11,10 +11,12 @@ from pqd.core.timegroups import TimeGroups
 from pqd.io import read_json, write_json
 
 TENSORS = ("weight_int", "weight_scale", "act_scale", "act_zero_point")
+OUT_TENSORS = ("out_scale", "out_zero_point")  # only for layers whose output is quantized
 
 
 def save_qstate(state: QState, folder: Path, extra: dict | None = None) -> None:
-    tensors = {f"{name}.{k}": getattr(lp, k).contiguous() for name, lp in state.items() for k in TENSORS}
+    tensors = {f"{name}.{k}": getattr(lp, k).contiguous() for name, lp in state.items() for k in TENSORS + OUT_TENSORS
+               if getattr(lp, k) is not None}
     save_file(tensors, folder / "qstate.safetensors")
     layers = {name: {"kind": lp.kind, "weight_bits": lp.weight_bits, "act_bits": lp.act_bits, "act_split": lp.act_split}
               for name, lp in state.items()}
@@ -30,7 +32,8 @@ def load_qstate(folder: Path) -> QState:
         try:
             state[name] = LayerQParams(kind=info["kind"], weight_bits=int(info["weight_bits"]),
                                        act_bits=int(info["act_bits"]), act_split=info.get("act_split"),
-                                       **{k: tensors[f"{name}.{k}"] for k in TENSORS})
+                                       **{k: tensors[f"{name}.{k}"] for k in TENSORS},
+                                       **{k: tensors.get(f"{name}.{k}") for k in OUT_TENSORS})
         except KeyError as e:
             raise ValueError(f"{folder}/qstate.safetensors: tensor {e.args[0]} for layer {name} is missing") from None
     return state

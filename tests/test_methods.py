@@ -87,7 +87,7 @@ def test_export_keeps_time_groups_and_switches_by_timestep(tmp_path, tiny_pipeli
     """Fit 2 time groups, export, load: the deployed UNet picks the group from the timestep."""
     import copy
 
-    from pqd.artifact import load_denoiser_from_export, write_export
+    from pqd.artifact import load_denoiser_from_export, write_export, write_manifest
     from pqd.core import QuantConfig, TimeGroups, apply_qstate, fit_qstate, set_time_group
     from pqd.diffusion.adapter import load_denoiser
 
@@ -105,7 +105,8 @@ def test_export_keeps_time_groups_and_switches_by_timestep(tmp_path, tiny_pipeli
     state = fit_qstate(den.unet, forward_all, QuantConfig(weight_bits=4, time_groups=2))
     out = tmp_path / "export"
     out.mkdir()
-    write_export(tiny_pipeline, den.unet, state, groups, out, float_dtype=torch.float32, manifest_extra={})
+    write_export(tiny_pipeline, den.unet, state, groups, out, float_dtype=torch.float32)
+    write_manifest(out, {})
     qden = load_denoiser_from_export(out)
     assert qden.time_groups == groups
     ref = apply_qstate(copy.deepcopy(den.unet), state)

@@ -1,8 +1,12 @@
 """Quantized drop-in replacements for nn.Conv2d and nn.Linear (simulated integer arithmetic).
 
 A quantized layer holds integer weight codes (int8 tensor; 4-bit codes are int8 values in [-8, 7]),
-a float32 scale per output channel, the bias in float, and an activation quantizer for its input
-with (scale, zero point) pairs per time group (and per channel part when split).
+a float32 scale per output channel, the bias in float, an activation quantizer for its input with
+(scale, zero point) pairs per time group (and per channel part when split), and optionally one for its
+output. Output quantizers are what integer kernels need (onnxruntime's QLinearConv/QLinearMatMul take
+uint8 in and give uint8 out): with them, the simulated layer computes what the deployed kernel computes.
+A layer whose input is split in two parts computes two partial products, each with its own output
+quantizer, and adds the bias after them (two integer kernels and a float add when deployed).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 
 from pqd.core.adaround import AdaRound
 from pqd.core.affine import dequantize, fake_quantize, fake_quantize_ste
+from pqd.core.onnx_qdq import WeightDQ, act_qdq
 from pqd.core.qtypes import QType, act_qtype, weight_qtype
 
 
@@ -26,7 +31,8 @@ class ActQuantizer(nn.Module):
     parameters (shortcut splitting for UNet skip concatenations).
     ``scale`` is a parameter so reconstruction can learn it (LSQ, straight-through rounding); it has
     no gradient otherwise. ``drop_prob`` > 0 (set only during reconstruction) keeps each element in
-    float with that probability (QDrop).
+    float with that probability (QDrop). ``onnx`` = True (set only while tracing for ONNX export)
+    computes the same values through ops that export as QuantizeLinear/DequantizeLinear.
     """
 
     def __init__(self, bits: int, scale: torch.Tensor, zero_point: torch.Tensor, split: int | None = None) -> None:
@@ -42,6 +48,7 @@ class ActQuantizer(nn.Module):
         self.split = split
         self.group = 0
         self.drop_prob = 0.0
+        self.onnx = False
 
     @property
     def num_groups(self) -> int:
@@ -49,6 +56,10 @@ class ActQuantizer(nn.Module):
 
     def _fq(self, x: torch.Tensor, part: int) -> torch.Tensor:
         s, z = self.scale[self.group, part], self.zero_point[self.group, part]
+        if self.onnx:
+            if self.qtype.bits != 8:
+                raise ValueError(f"ONNX export needs 8-bit activations, not {self.qtype.bits}-bit: set quant.act_bits = 8")
+            return act_qdq(x, s, z)
         if self.scale.requires_grad:
             n = max(1, x[0].numel())
             g = 1.0 / math.sqrt(n * self.qtype.qmax)  # LSQ gradient scale
@@ -56,15 +67,18 @@ class ActQuantizer(nn.Module):
             return fake_quantize_ste(x, s, z, self.qtype)
         return fake_quantize(x, s, z, self.qtype)
 
+    def _drop(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.rand_like(x) < self.drop_prob, x, y) if self.drop_prob > 0 else y
+
+    def part(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        """Fake-quantize ``x`` with the parameters of channel part ``part`` (0 or 1) of the current group."""
+        return self._drop(x, self._fq(x, part))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split is None:
-            y = self._fq(x, 0)
-        else:
-            k = self.split
-            y = torch.cat([self._fq(x[:, :k], 0), self._fq(x[:, k:], 1)], dim=1)
-        if self.drop_prob > 0:
-            y = torch.where(torch.rand_like(x) < self.drop_prob, x, y)
-        return y
+            return self.part(x, 0)
+        k = self.split
+        return self._drop(x, torch.cat([self._fq(x[:, :k], 0), self._fq(x[:, k:], 1)], dim=1))
 
 
 class _QuantWeight:
@@ -85,6 +99,30 @@ class _QuantWeight:
         self._w_cache: torch.Tensor | None = None
         self.rounding = None
 
+    def _quantized_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        """``op(x, weight, bias)`` with the input, and the output when there is an output quantizer,
+        on their integer grids. A split input runs as two partial products, each quantized, plus the bias."""
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        act, out = self.act, self.out
+        if act is None or out is None or act.split is None:
+            w = self.dequantized_weight().to(x.dtype)
+            if act is None:
+                return op(x, w, b)
+            if out is None:
+                return op(act(x), w, b)
+            if b is not None:  # an integer kernel adds the bias as int32 on the accumulator's grid
+                step = act.scale[act.group, 0].detach() * self.weight_scale
+                b = torch.round(b / step) * step
+            return out.part(op(act.part(x, 0), w, b), 0)
+        k = act.split
+        if act.onnx:  # slice the int8 codes, not the float weight, so each part keeps its own DequantizeLinear
+            w0, w1 = (WeightDQ.apply(c, self.weight_scale) for c in (self.weight_int[:, :k], self.weight_int[:, k:]))
+        else:
+            w = self.dequantized_weight().to(x.dtype)
+            w0, w1 = w[:, :k], w[:, k:]
+        y = out.part(op(act.part(x[:, :k], 0), w0, None), 0) + out.part(op(act.part(x[:, k:], 1), w1, None), 1)
+        return y if b is None else y + b.reshape(-1, 1, 1)  # splits exist only for convolutions
+
     def set_codes(self, codes: torch.Tensor) -> None:
         """Replace the integer weight codes (e.g. after learned rounding)."""
         self.weight_int.copy_(codes.to(torch.int8))
@@ -94,6 +132,8 @@ class _QuantWeight:
         """float32 weight = weight_int * weight_scale (per output channel); soft weights while learning rounding."""
         if self.rounding is not None:
             return self.rounding.soft_weight()
+        if self.act is not None and self.act.onnx:  # the codes stay an int8 tensor in the traced graph
+            return WeightDQ.apply(self.weight_int, self.weight_scale)
         if self._w_cache is None or self._w_cache.device != self.weight_int.device:
             self._w_cache = dequantize(self.weight_int, self.weight_scale, torch.zeros_like(self.weight_scale), axis=0)
         return self._w_cache
@@ -101,7 +141,7 @@ class _QuantWeight:
 
 class QuantConv2d(_QuantWeight, nn.Module):
     def __init__(self, conv: nn.Conv2d, weight_int: torch.Tensor, weight_scale: torch.Tensor, weight_bits: int,
-                 act: ActQuantizer | None) -> None:
+                 act: ActQuantizer | None, out: ActQuantizer | None = None) -> None:
         nn.Module.__init__(self)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
@@ -111,35 +151,35 @@ class QuantConv2d(_QuantWeight, nn.Module):
             raise ValueError(f"QuantConv2d: codes of shape {tuple(weight_int.shape)} for a weight of {tuple(conv.weight.shape)}")
         self._init_qweight(weight_int, weight_scale, weight_bits)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self.act = act
+        self.act, self.out = act, out
+        if act is not None and act.split is not None and conv.groups != 1:
+            raise ValueError("QuantConv2d: a split input needs groups = 1")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
-        w = self.dequantized_weight().to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quantized_forward(x, self._conv)
+
 
 class QuantLinear(_QuantWeight, nn.Module):
     def __init__(self, linear: nn.Linear, weight_int: torch.Tensor, weight_scale: torch.Tensor, weight_bits: int,
-                 act: ActQuantizer | None) -> None:
+                 act: ActQuantizer | None, out: ActQuantizer | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if weight_int.shape != linear.weight.shape:
             raise ValueError(f"QuantLinear: codes of shape {tuple(weight_int.shape)} for a weight of {tuple(linear.weight.shape)}")
         self._init_qweight(weight_int, weight_scale, weight_bits)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.act = act
+        self.act, self.out = act, out
+        if act is not None and act.split is not None:
+            raise ValueError("QuantLinear: split inputs are for convolutions over skip concatenations")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), b)
+        return self._quantized_forward(x, F.linear)
 
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -159,6 +199,13 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def set_onnx_mode(model: nn.Module, on: bool) -> None:
+    """Trace-for-ONNX mode of every activation quantizer (see :class:`ActQuantizer`)."""
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            m.onnx = on
 
 
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:

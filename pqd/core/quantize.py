@@ -26,7 +26,9 @@ class QuantConfig:
     """What to quantize and how.
 
     ``layer_weight_bits`` overrides ``weight_bits`` for named layers; ``splits`` maps a layer name to the
-    channel index where its input is split into two separately quantized parts; ``time_groups`` is G.
+    channel index where its input is split into two separately quantized parts; ``time_groups`` is G;
+    ``output_layers`` names the layers whose outputs are quantized too (per group, and per partial
+    product of a split layer), as integer kernels require.
     """
 
     weight_bits: int = 8
@@ -37,6 +39,7 @@ class QuantConfig:
     time_groups: int = 1
     layer_weight_bits: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
+    output_layers: frozenset[str] = frozenset()
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
@@ -48,7 +51,8 @@ class LayerQParams:
 
     weight_int: int8, the weight's shape (codes in the signed ``weight_bits`` grid);
     weight_scale: float32 [out]; act_scale / act_zero_point: float32 [G, P] (G time groups, P = 1, or 2
-    when the input is split at channel ``act_split``).
+    when the input is split at channel ``act_split``); out_scale / out_zero_point: the same for the
+    layer's output (partial outputs when split), or None when the output stays in float.
     """
 
     kind: str  # "conv2d" | "linear"
@@ -59,6 +63,8 @@ class LayerQParams:
     act_scale: torch.Tensor
     act_zero_point: torch.Tensor
     act_split: int | None = None
+    out_scale: torch.Tensor | None = None
+    out_zero_point: torch.Tensor | None = None
 
 
 QState = dict[str, LayerQParams]
@@ -84,8 +90,12 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         raise ValueError("fit_qstate: the model has no Conv2d or Linear layer to quantize")
     G = config.time_groups
     parts = {n: 2 if n in config.splits else 1 for n in layers}
-    obs = {(n, g, p): ActObserver(config.act_samples, seed=i)
-           for i, n in enumerate(layers) for g in range(G) for p in range(parts[n])}
+    unknown = sorted(set(config.output_layers) - set(layers))
+    if unknown:
+        raise ValueError(f"fit_qstate: output layer {unknown[0]!r} is not a quantized layer of the model")
+    sides = {n: ("in", "out") if n in config.output_layers else ("in",) for n in layers}
+    obs = {(n, g, p, side): ActObserver(config.act_samples, seed=2 * i + (side == "out"))
+           for i, n in enumerate(layers) for g in range(G) for p in range(parts[n]) for side in sides[n]}
     current = {"group": 0}
 
     def set_group(g: int) -> None:
@@ -96,38 +106,55 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
     def hook(_m: nn.Module, args: tuple, n: str) -> None:
         x = args[0]
         if parts[n] == 1:
-            obs[(n, current["group"], 0)].update(x)
+            obs[(n, current["group"], 0, "in")].update(x)
         else:
             k = config.splits[n]
-            obs[(n, current["group"], 0)].update(x[:, :k])
-            obs[(n, current["group"], 1)].update(x[:, k:])
+            obs[(n, current["group"], 0, "in")].update(x[:, :k])
+            obs[(n, current["group"], 1, "in")].update(x[:, k:])
+
+    def out_hook(m: nn.Module, args: tuple, y: torch.Tensor, n: str) -> None:
+        if parts[n] == 1:
+            obs[(n, current["group"], 0, "out")].update(y)
+        else:  # the two partial products (without bias) that the split layer quantizes
+            x, k = args[0], config.splits[n]
+            obs[(n, current["group"], 0, "out")].update(m._conv_forward(x[:, :k], m.weight[:, :k], None))
+            obs[(n, current["group"], 1, "out")].update(m._conv_forward(x[:, k:], m.weight[:, k:], None))
 
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in layers.items()]
+    handles += [m.register_forward_hook(lambda m, a, y, n=n: out_hook(m, a, y, n))
+                for n, m in layers.items() if n in config.output_layers]
     try:
         forward_all(model, set_group)
     finally:
         for h in handles:
             h.remove()
     aq = act_qtype(config.act_bits)
-    state: QState = {}
-    for name, layer in layers.items():
+
+    def fitted(name: str, side: str) -> tuple[torch.Tensor, torch.Tensor]:
         scales = torch.empty(G, parts[name])
         zps = torch.empty(G, parts[name])
         for g in range(G):
             for p in range(parts[name]):
-                o = obs[(name, g, p)]
+                o = obs[(name, g, p, side)]
                 if not o.seen:
                     raise RuntimeError(f"fit_qstate: layer {name} received no input in time group {g} during calibration")
                 try:
                     scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
                 except FloatingPointError as e:
-                    raise FloatingPointError(f"layer {name}, time group {g}: {e}") from None
+                    raise FloatingPointError(f"layer {name} ({side}put), time group {g}: {e}") from None
+        return scales, zps
+
+    state: QState = {}
+    for name, layer in layers.items():
+        scales, zps = fitted(name, "in")
+        out_s, out_z = fitted(name, "out") if "out" in sides[name] else (None, None)
         bits = config.bits_for(name)
         codes, w_scale = quantize_weight(layer.weight, bits, config.weight_range)
         state[name] = LayerQParams(
             kind="conv2d" if isinstance(layer, nn.Conv2d) else "linear",
             weight_bits=bits, act_bits=config.act_bits, weight_int=codes, weight_scale=w_scale,
-            act_scale=scales, act_zero_point=zps, act_split=config.splits.get(name))
+            act_scale=scales, act_zero_point=zps, act_split=config.splits.get(name),
+            out_scale=out_s, out_zero_point=out_z)
     return state
 
 
@@ -139,8 +166,10 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
             raise KeyError(f"apply_qstate: the model has no Conv2d/Linear layer named {name!r}")
         float_layer = layers[name]
         act = ActQuantizer(lp.act_bits, lp.act_scale, lp.act_zero_point, split=lp.act_split)
+        out = None if lp.out_scale is None else \
+            ActQuantizer(lp.act_bits, lp.out_scale, lp.out_zero_point, split=lp.act_split)
         cls = QuantConv2d if isinstance(float_layer, nn.Conv2d) else QuantLinear
-        q = cls(float_layer, lp.weight_int, lp.weight_scale, lp.weight_bits, act)
+        q = cls(float_layer, lp.weight_int, lp.weight_scale, lp.weight_bits, act, out)
         q.to(float_layer.weight.device)
         set_module(model, name, q)
     return model
@@ -150,9 +179,11 @@ def qstate_of(model: nn.Module) -> QState:
     """The current quantizer parameters of every quantized layer of ``model`` (detached copies)."""
     out: QState = {}
     for name, q in quant_layers(model).items():
-        act = q.act
+        act, oq = q.act, q.out
         out[name] = LayerQParams(
             kind="conv2d" if isinstance(q, QuantConv2d) else "linear", weight_bits=q.wqtype.bits,
             act_bits=act.qtype.bits, weight_int=q.weight_int.detach().clone(), weight_scale=q.weight_scale.detach().clone(),
-            act_scale=act.scale.detach().clone(), act_zero_point=act.zero_point.detach().clone(), act_split=act.split)
+            act_scale=act.scale.detach().clone(), act_zero_point=act.zero_point.detach().clone(), act_split=act.split,
+            out_scale=None if oq is None else oq.scale.detach().clone(),
+            out_zero_point=None if oq is None else oq.zero_point.detach().clone())
     return out

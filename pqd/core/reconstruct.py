@@ -96,7 +96,8 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
     layers = quant_layers(unit)
     aqs: list[ActQuantizer] = act_quantizers(unit)
     before = unit_mse(unit, batches)
-    saved = {n: (q.weight_int.clone(), q.act.scale.detach().clone() if q.act is not None else None) for n, q in layers.items()}
+    saved_codes = {n: q.weight_int.clone() for n, q in layers.items()}
+    saved_scales = [a.scale.detach().clone() for a in aqs]
     params: list[dict[str, Any]] = []
     if cfg.adaround:
         for n, q in layers.items():
@@ -141,10 +142,9 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
     reverted = 0.0
     if not after <= before:  # never leave a unit worse than nearest rounding
         for n, q in layers.items():
-            codes, scale = saved[n]
-            q.set_codes(codes)
-            if scale is not None:
-                q.act.scale.data.copy_(scale)
+            q.set_codes(saved_codes[n])
+        for a, scale in zip(aqs, saved_scales):
+            a.scale.data.copy_(scale)
         after, reverted = before, 1.0
     return {"mse_before": before, "mse_after": after, "reverted": reverted, "last_batch_loss": float(rec_loss.detach()),
             "hard_rounding_fraction": hard}

@@ -45,19 +45,25 @@ class Denoiser:
         (a batch that mixes groups is split by group)."""
         t = torch.as_tensor(t, device=x.device)
         if self.time_groups is None or self.time_groups.count == 1:
-            return self.unet(x, t).sample
+            return self.run_group(x, t, 0)
         tb = t.expand(x.shape[0]) if t.ndim == 0 else t
         groups = self.time_groups.group_of(tb.cpu())
+        present = groups.unique().tolist()
+        if len(present) == 1:
+            return self.run_group(x, t, present[0])
         out = None
-        for g in groups.unique().tolist():
-            set_time_group(self.unet, g)
-            if len(groups.unique()) == 1:
-                return self.unet(x, t).sample
+        for g in present:
             idx = (groups == g).nonzero().squeeze(1).to(x.device)
-            y = self.unet(x[idx], tb[idx]).sample
+            y = self.run_group(x[idx], tb[idx], g)
             out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
             out[idx] = y
         return out
+
+    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int) -> torch.Tensor:
+        """The UNet on a batch whose timesteps all lie in time group ``group``."""
+        if self.time_groups is not None and self.time_groups.count > 1:
+            set_time_group(self.unet, group)
+        return self.unet(x, t).sample
 
     @staticmethod
     def to_images(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +72,11 @@ class Denoiser:
 
     def edge_layers(self, names: list[str]) -> list[str]:
         return [n for n in names if n == "conv_in" or n == "conv_out" or n.startswith(EDGE_LAYER_PREFIXES)]
+
+    def float_output_layers(self, names: list[str]) -> list[str]:
+        """Layers whose output stays in float when outputs are quantized: the last convolution (the
+        noise prediction itself; an 8-bit grid there would cap the precision of every step)."""
+        return [n for n in names if n == "conv_out"]
 
     def units(self, layer_names: list[str]) -> list[str]:
         """Reconstruction units (module order; the reconstruction orders them by a forward pass): block

@@ -29,14 +29,22 @@ from pqd.params import Params, resolve_device
 from pqd.qstate_io import save_qstate
 
 
+def code_bits(params: Params, bits: int) -> int:
+    """Width of the weight codes for ``bits``-bit weights: 7 for 8 with quant.reduce_range (see params)."""
+    return 7 if bits == 8 and params.quant.reduce_range else bits
+
+
 def quant_config(params: Params, den: Denoiser) -> QuantConfig:
     names = list(quantizable_layers(den.unet))
-    edge = {n: max(params.quant.edge_bits, params.quant.weight_bits) for n in den.edge_layers(names)}
+    q = params.quant
+    edge = {n: code_bits(params, max(q.edge_bits, q.weight_bits)) for n in den.edge_layers(names)}
     c = params.calibrate
-    return QuantConfig(weight_bits=params.quant.weight_bits, act_bits=params.quant.act_bits,
+    float_out = set(den.float_output_layers(names))
+    return QuantConfig(weight_bits=code_bits(params, q.weight_bits), act_bits=q.act_bits,
                        weight_range=c.weight_range, act_range=c.act_range, act_samples=c.act_samples,
                        time_groups=c.time_groups, layer_weight_bits=edge,
-                       splits=den.skip_splits() if c.split_shortcut else {})
+                       splits=den.skip_splits() if c.split_shortcut else {},
+                       output_layers=frozenset(n for n in names if n not in float_out) if q.outputs else frozenset())
 
 
 def recon_config(params: Params) -> ReconConfig:
@@ -115,13 +123,16 @@ def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
     errs = pd.DataFrame(rows)
     with atomic_dir(out) as tmp:
         save_qstate(state, tmp, {"method": c.method, "time_group_thresholds": list(groups.thresholds),
-                                 "config": {k: v for k, v in vars(cfg).items() if k not in ("layer_weight_bits", "splits")},
-                                 "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits})
+                                 "config": {k: v for k, v in vars(cfg).items()
+                                            if k not in ("layer_weight_bits", "splits", "output_layers")},
+                                 "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
+                                 "float_output_layers": sorted(set(state) - cfg.output_layers)})
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
-    return {"method": c.method, "layers": len(state), "calib_samples": len(data["x"]), "time_groups": groups.count,
+    return {"method": c.method, "layers": len(state), "output_quantized_layers": len(cfg.output_layers),
+            "calib_samples": len(data["x"]), "time_groups": groups.count,
             "unet_output_mse": mse, "fit_seconds": round(t_fit, 2), "reconstruction_seconds": round(t_recon, 2),
             "reconstructed_units": len(recon_log), "units_improved": len(improved),
             "weight_rel_mse_mean": float(errs["weight_rel_mse"].mean()),

@@ -1,5 +1,9 @@
 """evaluate stage: sample with the exported quantized UNet and compare it with FP, honestly.
 
+``evaluate.backend = onnxruntime`` measures what ships: the images come from the deployed ONNX graphs
+(integer kernels); the simulated torch model samples the same seeds beside it, and FID(deployed) is
+reported next to FID(simulated) with their difference against the noise floor.
+
 Same evaluation seeds, scheduler, step count and eta as the FP samples. FID (clean-fid, extractor
 ``evaluate.features``, reference ``evaluate.reference``): quantized vs reference, FP vs reference,
 quantized vs FP, and the noise floor = FID between the FP evaluation set and a disjoint FP set of the same
@@ -17,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pqd import fid
+from pqd import deploy, fid
 from pqd.artifact import load_denoiser_from_export
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
 from pqd.io import atomic_dir, image_grid, read_json, save_pngs
@@ -49,30 +53,52 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     proto = read_json(fp_samples / "meta.json")
     fp = load_file(fp_samples / "a.safetensors")
     seeds = [int(s) for s in fp["seeds"]]
-    qden = load_denoiser_from_export(export, device)
+    qden = load_denoiser_from_export(export, device)  # verifies every file of the export first
+    dens = {"simulated": qden}
+    if ev.backend == "onnxruntime":
+        dens["deployed"] = deploy.load_ort_denoiser(export)
+    headline = "deployed" if ev.backend == "onnxruntime" else "simulated"
 
-    q_imgs = sample(qden, scheduler_from_protocol(proto), seeds, steps=int(proto["steps"]), eta=float(proto["eta"]),
-                    batch_size=ev.batch_size, device=device, desc="quantized samples")
-    if not torch.isfinite(q_imgs).all():
-        raise FloatingPointError("evaluate: the quantized model produced non-finite images")
+    imgs = {k: sample(d, scheduler_from_protocol(proto), seeds, steps=int(proto["steps"]), eta=float(proto["eta"]),
+                      batch_size=ev.batch_size, device=device, desc=f"quantized samples ({k})")
+            for k, d in dens.items()}
+    for k, v in imgs.items():
+        if not torch.isfinite(v).all():
+            raise FloatingPointError(f"evaluate: the quantized model ({k}) produced non-finite images")
+    q_imgs = imgs[headline]
     mse = (q_imgs - fp["images"]).pow(2).flatten(1).mean(1).numpy()
     with atomic_dir(out) as tmp:
-        save_pngs(q_imgs, tmp / "images", [f"{s:010d}" for s in seeds])
+        folders = {headline: tmp / "images"}
+        if "deployed" in imgs:
+            folders["simulated"] = tmp / "images_simulated"
+        for k, folder in folders.items():
+            save_pngs(imgs[k], folder, [f"{s:010d}" for s in seeds])
         save_file({"images": q_imgs.contiguous(), "seeds": fp["seeds"]}, tmp / "quant.safetensors")
         pd.DataFrame({"seed": seeds, "mse": mse, "psnr": psnr(mse)}).to_csv(tmp / "per_image.csv", index=False)
-        feats = {k: fid.folder_features(folder, extractor, ev.batch_size, device)
-                 for k, folder in (("quant", tmp / "images"), ("fp", fp_samples / "a"), ("floor", fp_samples / "b"))}
+        feats = {k: fid.folder_features(folder, extractor, ev.batch_size, device) for k, folder in
+                 [*folders.items(), ("fp", fp_samples / "a"), ("floor", fp_samples / "b")]}
     st = {k: fid.stats(v) for k, v in feats.items()}
-    fid_q = fid.frechet(st["quant"], ref_stats)
+    fid_q = fid.frechet(st[headline], ref_stats)
     fid_fp = fid.frechet(st["fp"], ref_stats)
+    floor = fid.frechet(st["floor"], st["fp"])
     grid.parent.mkdir(parents=True, exist_ok=True)
     side_by_side(fp["images"], q_imgs, ev.grid_size).save(grid)
+    deployed: dict[str, Any] = {}
+    if "deployed" in imgs:
+        fid_sim = fid.frechet(st["simulated"], ref_stats)
+        dmse = (imgs["deployed"] - imgs["simulated"]).pow(2).flatten(1).mean(1).numpy()
+        deployed = {"fid_deployed_vs_ref": fid_q, "fid_simulated_vs_ref": fid_sim,
+                    "deployed_minus_simulated": fid_q - fid_sim,
+                    "fid_deployed_vs_simulated": fid.frechet(st["deployed"], st["simulated"]),
+                    "deployed_within_noise_floor": bool(abs(fid_q - fid_sim) <= floor),
+                    "psnr_deployed_vs_simulated_median": float(np.median(psnr(dmse)))}
     return {
         "fid_quant_vs_ref": fid_q,
         "fid_fp_vs_ref": fid_fp,
         "delta_fid": fid_q - fid_fp,
-        "fid_quant_vs_fp": fid.frechet(st["quant"], st["fp"]),
-        "noise_floor": fid.frechet(st["floor"], st["fp"]),
+        "fid_quant_vs_fp": fid.frechet(st[headline], st["fp"]),
+        "noise_floor": floor,
+        **deployed,
         "mse_mean": float(mse.mean()),
         "psnr_mean": float(psnr(mse).mean()),
         "psnr_median": float(np.median(psnr(mse))),
@@ -81,7 +107,9 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
                      "seeds": f"{seeds[0]}..{seeds[-1]}", "scheduler": proto["scheduler"],
                      "steps": int(proto["steps"]), "eta": float(proto["eta"]),
                      "features": extractor.name, "reference": ref_desc, "reference_images": ref_n,
-                     "fid": "clean-fid frechet_distance", "backend": "torch (simulated integer arithmetic)"},
+                     "fid": "clean-fid frechet_distance",
+                     "backend": "onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"
+                     else "torch (simulated integer arithmetic)"},
     }
 
 

@@ -1,4 +1,9 @@
-"""export stage: qstate/ + model/ -> export/ (integer weights, qmap.json, manifest.json); see pqd.artifact."""
+"""export stage: qstate/ + model/ -> export/ (integer weights, qmap.json, ONNX graphs, manifest.json).
+
+See pqd.artifact for the format and pqd.deploy for the ONNX graphs. Before the folder is accepted, the
+loader must rebuild exactly the calibrated integer weights, and the ONNX graphs (built from what the
+loader rebuilt) must reproduce the torch model on probe inputs of every time group.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +12,74 @@ from typing import Any
 
 import torch
 
-from pqd.artifact import QWEIGHTS, git_commit, load_quantized_unet, write_export
-from pqd.core import quant_layers
-from pqd.diffusion.adapter import load_denoiser
+from pqd import deploy
+from pqd.artifact import QWEIGHTS, git_commit, load_denoiser_from_export, load_quantized_unet, write_export, write_manifest
+from pqd.core import TimeGroups, quant_layers
+from pqd.diffusion.adapter import Denoiser, load_denoiser
+from pqd.diffusion.sampling import initial_noise
 from pqd.io import atomic_dir, read_json
 from pqd.params import Params, as_dict
 from pqd.qstate_io import load_qstate, load_time_groups
 
+# the ONNX graphs must agree with the torch model to within this share of the quantization error itself
+# (||onnx - torch|| <= 5% of ||torch - fp||): both compute the same integer arithmetic, so what remains are
+# single-code flips where float rounding in the two implementations lands on different sides of a grid midpoint
+ONNX_TOLERANCE = 0.05
+
+
+def probe_timesteps(groups: TimeGroups, num_train_timesteps: int) -> list[float]:
+    """One timestep inside each time group: the middle of the group's range."""
+    bounds = [float(num_train_timesteps - 1), *groups.thresholds, 0.0]
+    return [(bounds[g] + bounds[g + 1]) / 2 for g in range(groups.count)]
+
+
+@torch.no_grad()
+def check_onnx(fp: Denoiser, q: Denoiser, ort: Denoiser, n: int = 4) -> dict[str, Any]:
+    """Deviation of the onnxruntime artifact from the torch model per time group, against the quantization error."""
+    worst = 0.0
+    report = []
+    for g, t in enumerate(probe_timesteps(q.time_groups, int(q.scheduler_config.get("num_train_timesteps", 1000)))):
+        x = initial_noise(list(range(n)), q.sample_shape)
+        tt = torch.full((n,), t)
+        y_fp, y_q, y_ort = fp.predict(x, tt), q.predict(x, tt), ort.predict(x, tt)
+        rel = float((y_ort - y_q).norm() / (y_q - y_fp).norm().clamp_min(1e-12))
+        report.append({"group": g, "timestep": t, "max_abs": float((y_ort - y_q).abs().max()), "rel_to_quant_error": rel})
+        worst = max(worst, rel)
+        if not rel <= ONNX_TOLERANCE:
+            raise RuntimeError(f"export: the ONNX graph of time group {g} deviates from the torch model by {rel:.3g} "
+                               f"of the quantization error at timestep {t} (allowed {ONNX_TOLERANCE}); on x86 CPUs "
+                               "without VNNI set quant.reduce_range = true")
+    return {"onnx_rel_dev_max": worst, "onnx_check": report}
+
 
 def run(params: Params, model: Path, qstate: Path, out: Path) -> dict[str, Any]:
     state = load_qstate(qstate)
+    groups = load_time_groups(qstate)
     den = load_denoiser(model)
     source = read_json(model / "model.json")
     extra = {"source_model": {"source": source["source"], "model_sha256": source["model_sha256"]},
              "params": as_dict(params), "git": git_commit()}
+    onnx_info: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
-        info = write_export(model, den.unet, state, load_time_groups(qstate), tmp,
-                            float_dtype=getattr(torch, params.export.float_dtype), manifest_extra=extra)
+        info = write_export(model, den.unet, state, groups, tmp, float_dtype=getattr(torch, params.export.float_dtype))
+        if params.export.onnx:  # traced from what the loader rebuilds: the graphs ship what was exported
+            onnx_info = deploy.write_onnx(load_quantized_unet(tmp, verify=False), groups, den.sample_shape,
+                                          tmp / deploy.ONNX_DIR)
+        info["files"] = write_manifest(tmp, extra)
         # the loader must rebuild exactly these integer weights before the export is accepted
-        rebuilt = quant_layers(load_quantized_unet(tmp))
+        qden = load_denoiser_from_export(tmp)
+        rebuilt = quant_layers(qden.unet)
         for name, lp in state.items():
             if not torch.equal(rebuilt[name].weight_int, lp.weight_int.to(torch.int8)):
                 raise RuntimeError(f"export: layer {name} does not round-trip through the export format")
+        if params.export.onnx:
+            onnx_info.update(check_onnx(den, qden, deploy.load_ort_denoiser(tmp)))
+            onnx_info["onnx_kernels"] = deploy.kernel_report(tmp / deploy.ONNX_DIR / deploy.graph_file(0))
     fp_bytes = sum(p.stat().st_size for p in (model / "unet").glob("*.safetensors"))
     q_bytes = (out / QWEIGHTS).stat().st_size
     w4 = sum(1 for lp in state.values() if lp.weight_bits <= 4)
     return {**info, "fp32_unet_bytes": fp_bytes, "export_unet_bytes": q_bytes,
-            "size_ratio": round(fp_bytes / q_bytes, 3), "packed_int4_layers": w4}
+            "size_ratio": round(fp_bytes / q_bytes, 3), "packed_int4_layers": w4, **onnx_info}
 
 
 def main(argv: list[str] | None = None) -> int:

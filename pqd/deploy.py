@@ -1,0 +1,188 @@
+"""The deployable artifact: ONNX graphs of the quantized UNet that onnxruntime runs with integer kernels.
+
+Every quantized layer is traced as QuantizeLinear/DequantizeLinear around a float Conv/MatMul/Gemm
+(see pqd.core.onnx_qdq): the weights are int8 initializers (4-bit weights are int8 values on the
+4-bit grid) and every activation scale is a constant, which is what lets onnxruntime fuse the pattern
+into QLinearConv / QLinearMatMul / QGemm. Time-aware activation parameters are kept exactly: one graph
+per time group (``onnx/unet.g<g>.onnx``, small: graph and scales only), all reading the initializers
+they share (weights, biases, norms) from one file, ``onnx/weights.bin``.
+
+:class:`OrtDenoiser` samples with those graphs (the session of each timestep's group), so the evaluate
+stage measures the FID of what ships.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+from pqd.core import TimeGroups, set_time_group
+from pqd.core.modules import set_onnx_mode
+from pqd.diffusion.adapter import Denoiser
+from pqd.io import read_json
+
+ONNX_DIR = "onnx"
+WEIGHTS_FILE = "weights.bin"
+OPSET = 17
+_ALIGN = 64
+# onnxruntime kernels that compute in integer arithmetic, and the float ones a quantized layer may fall back to
+INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+                "DynamicQuantizeMatMul", "QAttention")
+FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+
+
+def graph_file(group: int) -> str:
+    return f"unet.g{group}.onnx"
+
+
+class _Forward(nn.Module):
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep).sample
+
+
+def trace_group(unet: nn.Module, group: int, sample_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """The ONNX graph of the quantized ``unet`` with the activation parameters of time group ``group``."""
+    x = torch.zeros(2, *sample_shape)
+    t = torch.full((2,), 10.0)
+    buf = io.BytesIO()
+    set_time_group(unet, group)
+    set_onnx_mode(unet, True)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(_Forward(unet).eval(), (x, t), buf, dynamo=False, opset_version=OPSET,
+                              input_names=["sample", "timestep"], output_names=["noise"],
+                              dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}})
+    finally:
+        set_onnx_mode(unet, False)
+        set_time_group(unet, 0)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> bytes:
+    return numpy_helper.to_array(t).tobytes()
+
+
+def write_onnx(unet: nn.Module, groups: TimeGroups, sample_shape: tuple[int, ...], folder: Path) -> dict[str, Any]:
+    """Write one graph per time group into ``folder`` with the initializers they share in weights.bin."""
+    folder.mkdir(parents=True, exist_ok=True)
+    models = [trace_group(unet, g, sample_shape) for g in range(groups.count)]
+    first = {t.name: t for t in models[0].graph.initializer}
+    shared = set(first)
+    for m in models[1:]:
+        inits = {t.name: t for t in m.graph.initializer}
+        shared = {n for n in shared if n in inits and _tensor_bytes(inits[n]) == _tensor_bytes(first[n])}
+    offsets: dict[str, tuple[int, int]] = {}
+    with open(folder / WEIGHTS_FILE, "wb") as f:
+        for name in sorted(shared):
+            data = _tensor_bytes(first[name])
+            pos = f.tell()
+            if pos % _ALIGN:
+                f.write(b"\0" * (_ALIGN - pos % _ALIGN))
+                pos = f.tell()
+            f.write(data)
+            offsets[name] = (pos, len(data))
+    for g, m in enumerate(models):
+        for t in m.graph.initializer:
+            if t.name in offsets:
+                # keep dtype and dims, drop the inline data, point at the shared file
+                name, dtype, dims = t.name, t.data_type, list(t.dims)
+                t.Clear()
+                t.name, t.data_type = name, dtype
+                t.dims.extend(dims)
+                for key, value in (("location", WEIGHTS_FILE), ("offset", offsets[name][0]), ("length", offsets[name][1])):
+                    t.external_data.add(key=key, value=str(value))
+                t.data_location = onnx.TensorProto.EXTERNAL
+        m.producer_name = "pqd"
+        m.doc_string = f"PQD quantized UNet, time group {g} of {groups.count}"
+        onnx.save(m, folder / graph_file(g))
+    int8 = [t for t in models[0].graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    return {"onnx_graphs": groups.count, "onnx_int8_initializers": len(int8),
+            "onnx_shared_bytes": (folder / WEIGHTS_FILE).stat().st_size,
+            "onnx_graph_bytes": sum((folder / graph_file(g)).stat().st_size for g in range(groups.count))}
+
+
+def session_options(threads: int | None = None, optimized_path: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+def open_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def kernel_report(path: Path) -> dict[str, Any]:
+    """Which kernels onnxruntime actually runs for the graph at ``path``, read from its optimised graph."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        ort.InferenceSession(str(path), session_options(optimized_path=opt), providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
+    return {"int8": {k: v for k, v in sorted(ops.items()) if k in INT8_KERNELS},
+            "float": {k: v for k, v in sorted(ops.items()) if k in FLOAT_KERNELS}}
+
+
+class OrtDenoiser(Denoiser):
+    """A :class:`Denoiser` whose UNet is the deployed ONNX artifact, run by onnxruntime."""
+
+    def __init__(self, onnx_dir: Path, scheduler_config: dict[str, Any], scheduler_class: str,
+                 sample_shape: tuple[int, int, int], time_groups: TimeGroups, threads: int | None = None) -> None:
+        super().__init__(unet=None, scheduler_config=scheduler_config, scheduler_class=scheduler_class,
+                         sample_shape=sample_shape, time_groups=time_groups)
+        self.onnx_dir = Path(onnx_dir)
+        self.threads = threads
+        self._sessions: dict[int, Any] = {}
+
+    def session(self, group: int):
+        if group not in self._sessions:
+            self._sessions[group] = open_session(self.onnx_dir / graph_file(group), self.threads)
+        return self._sessions[group]
+
+    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int) -> torch.Tensor:
+        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
+        feeds = {"sample": x.detach().to(torch.float32).cpu().contiguous().numpy(),
+                 "timestep": tb.detach().to(torch.float32).cpu().contiguous().numpy()}
+        (y,) = self.session(group).run(None, feeds)
+        return torch.from_numpy(np.ascontiguousarray(y)).to(x.device)
+
+
+def load_ort_denoiser(export_dir: Path, threads: int | None = None) -> OrtDenoiser:
+    """The deployed denoiser of an export folder (verify its manifest first: see pqd.artifact)."""
+    from pqd.artifact import time_groups_of
+
+    export_dir = Path(export_dir)
+    onnx_dir = export_dir / ONNX_DIR
+    groups = time_groups_of(export_dir)
+    missing = [graph_file(g) for g in range(groups.count) if not (onnx_dir / graph_file(g)).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{onnx_dir}/{missing[0]} is missing: the export has no ONNX graph for every "
+                                f"time group (set export.onnx = true and rerun the export stage)")
+    index = read_json(export_dir / "model_index.json")
+    cfg = read_json(export_dir / "unet" / "config.json")
+    size = cfg["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
+                       (int(cfg["in_channels"]), int(h), int(w)), groups, threads)
