@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 # slowed demo training from ~0.3 s to ~11 s per step when another job held the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test check-params clean-data bench
+.PHONY: setup run test check-params clean-data bench bench-deploy
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ test: setup
 bench: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro generate
 	$(BIN)/python -m pqd.bench
+
+# UNet latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs), demo and CIFAR-10-config UNets
+bench-deploy: setup check-params
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro model
+	$(BIN)/python -m pqd.bench_deploy
 
 clean-data:
 	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics

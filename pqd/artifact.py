@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pqd.core import LayerQParams, QState, TimeGroups, apply_qstate, pack_int4, unpack_int4
+from pqd.core import LayerQParams, QState, TimeGroups, apply_qstate, pack_int4, set_time_group, unpack_int4
 from pqd.diffusion.adapter import Denoiser, unet_from_config, unet_sample_shape
 from pqd.io import hash_tree, read_json, sha256_file, write_json
 
@@ -181,3 +181,32 @@ def load_denoiser_from_export(export_dir: str | Path, device: str = "cpu") -> De
     sched_cfg = read_json(export_dir / "scheduler" / "scheduler_config.json")
     return Denoiser(unet=unet, scheduler_config=sched_cfg, scheduler_class=index["scheduler"][1],
                     sample_shape=unet_sample_shape(unet), time_groups=time_groups_of(export_dir))
+
+
+def select_group_by_timestep(unet: nn.Module, groups: TimeGroups) -> None:
+    """Make ``unet(sample, timestep)`` pick the time group's activation parameters from the timestep itself,
+    so code that knows nothing about time groups (a diffusers pipeline's ``__call__``) samples correctly."""
+    if groups.count == 1:
+        return
+
+    def pick(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        present = groups.group_of(torch.as_tensor(t).detach().float().cpu()).unique()
+        if len(present) != 1:
+            raise ValueError(f"a batch with timesteps from {len(present)} time groups: call the UNet once per group "
+                             "(pqd's Denoiser.predict splits such batches)")
+        set_time_group(module, int(present[0]))
+
+    unet.register_forward_pre_hook(pick, with_kwargs=True)
+
+
+def load_pipeline(export_dir: str | Path, device: str = "cpu"):
+    """The export as a diffusers ``DiffusionPipeline`` whose UNet is the quantized one: ``pipe(...)`` samples
+    with the calibrated integer weights and time-aware activation parameters. Every file is verified first."""
+    from diffusers import DiffusionPipeline
+
+    export_dir = Path(export_dir)
+    unet = load_quantized_unet(export_dir, device)
+    select_group_by_timestep(unet, time_groups_of(export_dir))
+    pipe = DiffusionPipeline.from_pretrained(str(export_dir), unet=unet, dtype=torch.float32)
+    return pipe.to(device)

@@ -1,0 +1,231 @@
+"""``make bench-deploy``: UNet forward latency and file size, float vs the deployed int8 artifact.
+
+Two UNets: the demo's (``data/model``, trained) and one with the google/ddpm-cifar10-32 config (35.7M
+parameters, random weights: speed does not depend on the values). Each is calibrated the product's way
+on inputs from its own DDIM trajectories (4 time groups, split skip concatenations, quantized outputs,
+MSE ranges), exported with the product's exporter, and timed in one process, interleaved round by round
+so that load from other processes hits every backend alike:
+
+    torch fp32 eager | torch bf16 autocast | onnxruntime fp32 | onnxruntime int8 (the artifact)
+
+at batch 1 and 32: the median of ``--rounds`` timed calls after two warm-up calls. File sizes: the fp32
+safetensors UNet against the W8 and W4 exports. Writes ``data/bench/deploy.md`` and ``deploy.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pqd import deploy
+from pqd.artifact import QWEIGHTS, load_quantized_unet, write_export
+from pqd.core import QuantConfig, TimeGroups, fit_qstate
+from pqd.core.modules import quantizable_layers
+from pqd.diffusion.adapter import Denoiser, load_denoiser
+from pqd.diffusion.sampling import make_scheduler, sample
+
+# google/ddpm-cifar10-32's UNet2DModel config (weights are not needed for speed)
+CIFAR10_DDPM_UNET: dict[str, Any] = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 256, 256), "norm_num_groups": 32, "norm_eps": 1e-6,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "mid_block_scale_factor": 1,
+    "time_embedding_type": "positional", "act_fn": "silu", "attention_head_dim": None,
+}
+GROUPS = 4
+STEPS = 20
+
+
+def cifar_denoiser(seed: int = 0) -> Denoiser:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**CIFAR10_DDPM_UNET).eval().requires_grad_(False)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    return Denoiser(unet=unet, scheduler_config=dict(sched.config), scheduler_class="DDPMScheduler",
+                    sample_shape=(3, 32, 32))
+
+
+def trajectory_inputs(den: Denoiser, seeds: int) -> tuple[list[tuple[torch.Tensor, float]], TimeGroups]:
+    """The UNet inputs of ``seeds`` DDIM trajectories of ``STEPS`` steps, and ``GROUPS`` time groups over them."""
+    inputs: list[tuple[torch.Tensor, float]] = []
+    sched = make_scheduler("ddim", den.scheduler_config, den.scheduler_class)
+    sample(den, sched, list(range(seeds)), steps=STEPS, batch_size=seeds,
+           record=lambda i, t, x: inputs.append((x.clone(), float(t))), desc="calibration trajectories")
+    return inputs, TimeGroups.from_schedule([t for _, t in inputs], GROUPS)
+
+
+def calibrate(den: Denoiser, weight_bits: int, inputs: list[tuple[torch.Tensor, float]], groups: TimeGroups):
+    """Quantizer state fitted on ``inputs`` (MSE ranges, split skips, quantized outputs, 8-bit edge layers)."""
+    names = list(quantizable_layers(den.unet))
+    edge = {n: max(weight_bits, 7) for n in den.edge_layers(names)}
+    cfg = QuantConfig(weight_bits=weight_bits, act_bits=8, weight_range="mse", act_range="mse", act_samples=20_000,
+                      time_groups=groups.count, layer_weight_bits=edge, splits=den.skip_splits(),
+                      output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
+
+    def forward_all(unet: nn.Module, set_group: Callable[[int], None]) -> None:
+        for x, t in tqdm(inputs, desc=f"observing (W{weight_bits})"):
+            set_group(int(groups.group_of(t)))
+            unet(x, torch.tensor(t))
+
+    return fit_qstate(den.unet, forward_all, cfg), groups
+
+
+def float_onnx(unet: nn.Module, sample_shape: tuple[int, ...], path: Path) -> None:
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(deploy._Forward(unet).eval(), (torch.zeros(2, *sample_shape), torch.full((2,), 10.0)), buf,
+                          dynamo=False, opset_version=deploy.OPSET, input_names=["sample", "timestep"],
+                          output_names=["noise"],
+                          dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}})
+    path.write_bytes(buf.getvalue())
+
+
+def export_dirs(model_dir: Path, den: Denoiser, states: dict[int, tuple[Any, TimeGroups]], tmp: Path) -> dict[int, Path]:
+    """Each calibration written the product's way: export folder, then ONNX traced from what the loader rebuilds."""
+    out = {}
+    for bits, (state, groups) in states.items():
+        d = tmp / f"w{bits}"
+        d.mkdir(parents=True)
+        write_export(model_dir, den.unet, state, groups, d, float_dtype=torch.float32)
+        deploy.write_onnx(load_quantized_unet(d, verify=False), groups, den.sample_shape, d / deploy.ONNX_DIR)
+        out[bits] = d
+    return out
+
+
+def sizes(den: Denoiser, exports: dict[int, Path], tmp: Path) -> dict[str, int]:
+    """Bytes of the fp32 UNet (safetensors) and of each export's quantized safetensors and ONNX files."""
+    fp = tmp / "fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in den.unet.state_dict().items()}, fp)
+    out = {"fp32 safetensors": fp.stat().st_size}
+    for bits, d in exports.items():
+        label = "W8 (7-bit codes)" if bits == 7 else f"W{bits}"
+        out[f"{label} export safetensors"] = (d / QWEIGHTS).stat().st_size
+        onnx_files = list((d / deploy.ONNX_DIR).iterdir())
+        out[f"{label} ONNX (weights.bin + {len(onnx_files) - 1} graphs)"] = sum(p.stat().st_size for p in onnx_files)
+    return out
+
+
+def pipeline_folder(den: Denoiser, folder: Path) -> Path:
+    """A diffusers pipeline folder around ``den`` (the exporter copies the non-UNet components from one)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=den.unet, scheduler=DDPMScheduler.from_config(den.scheduler_config)).save_pretrained(folder)
+    return folder
+
+
+def time_backends(fns: dict[str, Callable[[], Any]], rounds: int, desc: str) -> dict[str, float]:
+    """Median seconds per call of each function: two warm-up calls each, then ``rounds`` interleaved rounds."""
+    for f in fns.values():
+        f(), f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in tqdm(range(rounds), desc=desc):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_unet(name: str, den: Denoiser, model_dir: Path | None, batches: list[int], rounds: int, threads: int,
+               calib_seeds: int, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    inputs, groups = trajectory_inputs(den, calib_seeds)
+    states = {bits: calibrate(den, bits, inputs, groups) for bits in (7, 4)}  # 8-bit weights as 7-bit codes (reduce_range)
+    exports = export_dirs(model_dir or pipeline_folder(den, tmp / f"{name}-pipe"), den, states, tmp / name)
+    int8_graph = exports[7] / deploy.ONNX_DIR / deploy.graph_file(0)
+    fp_path = tmp / f"{name}-fp32.onnx"
+    float_onnx(den.unet, den.sample_shape, fp_path)
+    s_fp = deploy.open_session(fp_path, threads)
+    s_q = deploy.open_session(int8_graph, threads)
+    kernels = deploy.kernel_report(int8_graph)
+    rows = []
+    for b in batches:
+        x = torch.randn(b, *den.sample_shape, generator=torch.Generator().manual_seed(b))
+        t = torch.full((b,), 500.0)
+        feeds = {"sample": x.numpy(), "timestep": t.numpy()}
+
+        def eager() -> Any:
+            with torch.no_grad():
+                return den.unet(x, t).sample
+
+        def bf16() -> Any:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return den.unet(x, t).sample
+
+        med = time_backends({"torch fp32 eager": eager, "torch bf16 autocast": bf16,
+                             "onnxruntime fp32": lambda: s_fp.run(None, feeds),
+                             "onnxruntime int8": lambda: s_q.run(None, feeds)}, rounds, f"{name} batch {b}")
+        for backend, sec in med.items():
+            rows.append({"unet": name, "batch": b, "backend": backend, "ms_per_call": sec * 1e3,
+                         "ms_per_image": sec * 1e3 / b, "int8_speedup": med[backend] / med["onnxruntime int8"]})
+    params = sum(p.numel() for p in den.unet.parameters())
+    return rows, {"unet": name, "params": params, "kernels": kernels, "sizes": sizes(den, exports, tmp / name)}
+
+
+def table(rows: list[dict[str, Any]], extra: list[dict[str, Any]], threads: int) -> str:
+    lines = ["# Deployment benchmark (`make bench-deploy`)", "",
+             f"One process, {threads} threads (torch and onnxruntime), median of interleaved rounds after warm-up. "
+             "`int8 speedup` = backend time / onnxruntime int8 time (> 1: the int8 artifact is faster).", "",
+             "| UNet | batch | backend | ms / call | ms / image | int8 speedup |", "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['unet']} | {r['batch']} | {r['backend']} | {r['ms_per_call']:.2f} | {r['ms_per_image']:.3f} "
+                     f"| {r['int8_speedup']:.2f}x |")
+    for e in extra:
+        lines += ["", f"## {e['unet']} ({e['params'] / 1e6:.2f}M parameters)", "",
+                  f"Kernels onnxruntime runs for the int8 graph: integer {e['kernels']['int8']}, float {e['kernels']['float']}.",
+                  "", "| file | bytes | fp32 / file |", "|---|---:|---:|"]
+        fp = e["sizes"]["fp32 safetensors"]
+        for k, v in e["sizes"].items():
+            lines.append(f"| {k} | {v} | {fp / v:.3f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="data/model", help="the demo pipeline folder (the model stage's output)")
+    ap.add_argument("--out", default="data/bench")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--calib-seeds", type=int, default=8)
+    ap.add_argument("--only", choices=["demo", "cifar10"], default=None)
+    a = ap.parse_args(argv)
+    batches = [int(b) for b in a.batches.split(",")]
+    if a.rounds < 1 or a.threads < 1 or not batches or min(batches) < 1:
+        raise SystemExit(f"bench-deploy: --rounds {a.rounds}, --threads {a.threads}, --batches {a.batches}: expected positive integers")
+    model = Path(a.model)
+    if a.only != "cifar10" and not (model / "model_index.json").is_file():
+        raise SystemExit(f"bench-deploy: --model {model} is not a pipeline folder: run `dvc repro model` first")
+    torch.set_num_threads(a.threads)
+    rows, extra = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        todo = [("demo", lambda: load_denoiser(model), model), ("cifar10-ddpm", cifar_denoiser, None)]
+        for name, build, mdir in todo:
+            if a.only and not name.startswith(a.only):
+                continue
+            r, e = bench_unet(name, build(), mdir, batches, a.rounds, a.threads, a.calib_seeds, Path(tmp))
+            rows += r
+            extra.append(e)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "deploy.csv", index=False)
+    text = table(rows, extra, a.threads)
+    (out / "deploy.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
