@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def trace_group(unet: nn.Module, group: int, sample_shape: tuple[int, ...]) -> o
     set_time_group(unet, group)
     set_onnx_mode(unet, True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts and our constant scales
             torch.onnx.export(_Forward(unet).eval(), (x, t), buf, dynamo=False, opset_version=OPSET,
                               input_names=["sample", "timestep"], output_names=["noise"],
                               dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}})
