@@ -13,6 +13,7 @@ stage measures the FID of what ships.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tempfile
 import warnings
@@ -35,6 +36,7 @@ ONNX_DIR = "onnx"
 WEIGHTS_FILE = "weights.bin"
 OPSET = 17
 _ALIGN = 64
+_INLINE_MAX = 64  # initializers smaller than this (scalars, per-group constants) stay in the graph
 # onnxruntime kernels that compute in integer arithmetic, and the float ones a quantized layer may fall back to
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                 "DynamicQuantizeMatMul", "QAttention")
@@ -77,36 +79,38 @@ def _tensor_bytes(t: onnx.TensorProto) -> bytes:
     return numpy_helper.to_array(t).tobytes()
 
 
+def _externalize(t: onnx.TensorProto, offset: int, length: int) -> None:
+    """Point initializer ``t`` at bytes [offset, offset + length) of the shared weights file."""
+    name, dtype, dims = t.name, t.data_type, list(t.dims)
+    t.Clear()
+    t.name, t.data_type = name, dtype
+    t.dims.extend(dims)
+    for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", length)):
+        t.external_data.add(key=key, value=str(value))
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
 def write_onnx(unet: nn.Module, groups: TimeGroups, sample_shape: tuple[int, ...], folder: Path) -> dict[str, Any]:
-    """Write one graph per time group into ``folder`` with the initializers they share in weights.bin."""
+    """Write one graph per time group into ``folder``; every initializer of at least ``_INLINE_MAX`` bytes goes
+    to weights.bin, stored once by content (the groups' graphs share weights, biases and norms, whatever
+    names the tracer gave the tensors it folded)."""
     folder.mkdir(parents=True, exist_ok=True)
     models = [trace_group(unet, g, sample_shape) for g in range(groups.count)]
-    first = {t.name: t for t in models[0].graph.initializer}
-    shared = set(first)
-    for m in models[1:]:
-        inits = {t.name: t for t in m.graph.initializer}
-        shared = {n for n in shared if n in inits and _tensor_bytes(inits[n]) == _tensor_bytes(first[n])}
-    offsets: dict[str, tuple[int, int]] = {}
+    blobs: dict[bytes, tuple[int, int]] = {}
     with open(folder / WEIGHTS_FILE, "wb") as f:
-        for name in sorted(shared):
-            data = _tensor_bytes(first[name])
-            pos = f.tell()
-            if pos % _ALIGN:
-                f.write(b"\0" * (_ALIGN - pos % _ALIGN))
-                pos = f.tell()
-            f.write(data)
-            offsets[name] = (pos, len(data))
+        for m in models:
+            for t in m.graph.initializer:
+                data = _tensor_bytes(t)
+                if len(data) < _INLINE_MAX:
+                    continue
+                key = hashlib.sha256(data).digest() + bytes([t.data_type])
+                if key not in blobs:
+                    pad = -f.tell() % _ALIGN
+                    f.write(b"\0" * pad)
+                    blobs[key] = (f.tell(), len(data))
+                    f.write(data)
+                _externalize(t, *blobs[key])
     for g, m in enumerate(models):
-        for t in m.graph.initializer:
-            if t.name in offsets:
-                # keep dtype and dims, drop the inline data, point at the shared file
-                name, dtype, dims = t.name, t.data_type, list(t.dims)
-                t.Clear()
-                t.name, t.data_type = name, dtype
-                t.dims.extend(dims)
-                for key, value in (("location", WEIGHTS_FILE), ("offset", offsets[name][0]), ("length", offsets[name][1])):
-                    t.external_data.add(key=key, value=str(value))
-                t.data_location = onnx.TensorProto.EXTERNAL
         m.producer_name = "pqd"
         m.doc_string = f"PQD quantized UNet, time group {g} of {groups.count}"
         onnx.save(m, folder / graph_file(g))

@@ -103,7 +103,8 @@ def test_int8_initializers_are_really_int8(artifact):
     values = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}  # + weights.bin
     assert sum(values[w].size for w in weights) == sum(lp.weight_int.numel() for lp in state.values())
     for w in weights:
-        assert inits[w].data_location == onnx.TensorProto.EXTERNAL  # stored once, in weights.bin
+        if values[w].nbytes >= deploy._INLINE_MAX:
+            assert inits[w].data_location == onnx.TensorProto.EXTERNAL  # stored once, in weights.bin
         assert values[w].dtype == np.int8 and -64 <= values[w].min() and values[w].max() <= 63  # 7-bit codes
         layer = w.removeprefix("unet.").removesuffix(".weight_int")
         if layer in state:
@@ -135,7 +136,14 @@ def test_time_group_switch_in_the_deployed_model(artifact):
     mixed = ort.predict(x, t)
     assert torch.equal(mixed[[0, 2]], g0[[0, 2]])
     assert torch.equal(mixed[1], ort.run_group(x[1:2], t[1:2], 1)[0])
-    assert (out / deploy.ONNX_DIR / deploy.graph_file(1)).stat().st_size < (out / deploy.ONNX_DIR / deploy.WEIGHTS_FILE).stat().st_size * 20
+
+def test_groups_share_one_copy_of_the_weights(artifact):
+    den, state, out = artifact
+    weights = (out / deploy.ONNX_DIR / deploy.WEIGHTS_FILE).stat().st_size
+    codes = sum(lp.weight_int.numel() for lp in state.values())  # int8: one byte each
+    floats = sum(v.numel() * 4 for k, v in den.unet.state_dict().items() if not k.endswith(".weight")
+                 or k.removesuffix(".weight") not in state)
+    assert codes <= weights <= 1.5 * (codes + floats)  # once, not once per time group
 
 
 def test_load_pipeline_round_trip(artifact):
