@@ -257,10 +257,15 @@ class Sampler:
 
     @classmethod
     def from_folder(cls, export_dir: Path, protocol_file: Path, device: str = "cpu") -> "Sampler":
-        """Rebuild from an export folder (hashes verified) and the sampling protocol file."""
+        """Rebuild from an export folder (hashes verified) and the sampling protocol file. It samples with
+        what ships: the ONNX graphs in onnxruntime when the export has them, else the torch model."""
+        from pqd import deploy
         from pqd.artifact import load_denoiser_from_export
 
-        return cls(load_denoiser_from_export(export_dir, device), json.loads(Path(protocol_file).read_text()), device)
+        den = load_denoiser_from_export(export_dir, device)  # verifies every file, the ONNX graphs included
+        if (Path(export_dir) / deploy.ONNX_DIR / deploy.graph_file(0)).is_file():
+            den = deploy.load_ort_denoiser(export_dir)
+        return cls(den, json.loads(Path(protocol_file).read_text()), device)
 
     def sample(self, seeds: list[int], steps: int | None = None, batch_size: int = 64) -> Any:
         """One image per seed, float32 [N, C, H, W] in [0, 1]; same seeds give the evaluation's images."""
