@@ -175,6 +175,26 @@ def forward_order(model: nn.Module, units: list[str], run: BatchRunner) -> list[
     return seen
 
 
+def unit_io_bytes(model: nn.Module, units: list[str], run: BatchRunner) -> dict[str, int]:
+    """Bytes of each unit's tensor inputs + output on calibration batch 0: what reconstruction records
+    per batch for it (its memory peak is that of the unit with the most)."""
+    size: dict[str, int] = {}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, u: str) -> None:
+        ins = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        size.setdefault(u, sum(a.numel() * a.element_size() for a in ins) + _output(out).numel() * _output(out).element_size())
+
+    hooks = [model.get_submodule(u).register_forward_hook(lambda m, a, k, o, u=u: hook(m, a, k, o, u), with_kwargs=True)
+             for u in units]
+    try:
+        with torch.no_grad():
+            run(model, 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return size
+
+
 @torch.no_grad()
 def _capture(model: nn.Module, unit: str, run: BatchRunner, n_batches: int, groups: list[int],
              want: str) -> list[Any]:
