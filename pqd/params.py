@@ -105,6 +105,7 @@ class CalibrateParams:
     lr_round: float = 1e-2
     lr_act: float = 1e-3
     round_weight: float = 0.01
+    memory_mb: int = 1024  # a reconstruction unit whose recordings (inputs + FP outputs) exceed this keeps them on disk
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "calibrate.lr_act": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "calibrate.round_weight": (lambda v: v >= 0, "a number >= 0"),
     "calibrate.act_samples": (lambda v: v >= 1000, "an integer >= 1000"),
+    "calibrate.memory_mb": (lambda v: v >= 0, "an integer >= 0 (0: every unit's recordings on disk)"),
     "evaluate.features": (_features_ok,
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),
     "evaluate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
