@@ -10,6 +10,7 @@ latent space, and text conditioning (prompt rows, both guidance branches) is rec
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -69,7 +70,7 @@ def check_common(data: Path, image_shape: tuple[int, int, int]) -> None:
     qunet = load_quantized_unet(data / "export")
     assert set(quant_layers(qunet)) == unet_layers(data / "model")
     qmap = json.loads((data / "export/qmap.json").read_text())
-    assert qmap["layers"]["conv_in"]["weight_bits"] == 8
+    assert qmap["layers"]["conv_in"]["weight_bits"] == 7  # edge layers stay 8-bit (7-bit codes: quant.reduce_range)
     assert any(v["weight_storage"] == "int4_packed" for v in qmap["layers"].values())
     ev = metrics(data, "evaluate")
     assert all(torch.isfinite(torch.tensor(ev[k])) for k in ("fid_quant_vs_fp", "noise_floor", "psnr_mean"))
@@ -93,11 +94,13 @@ def text(tmp_path_factory, ts_features):
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
     return run_family(d, "text", ts_features, generate={
         "steps": 5, "calib_seeds": 4, "eval_samples": 6, "batch_size": 6, "shard_size": 2,
-        "prompts": str(d / "prompts.txt"), "guidance_scale": 3.0})
+        "prompts": str(d / "prompts.txt"), "guidance_scale": 3.0}, export={"onnx": False},
+        evaluate={"features": f"torchscript:{ts_features}", "reference": str(d / "data/samples/fp/b"), "backend": "torch"})
 
 
 def test_pixel_cifar_with_attention(pixel):
     check_common(pixel, (3, 16, 16))
+    assert metrics(pixel, "evaluate")["protocol"]["backend"].startswith("onnxruntime")  # the deployed graphs
     layers = set(quant_layers(load_quantized_unet(pixel / "export")))
     assert {"down_blocks.1.attentions.0.to_q", "down_blocks.1.attentions.0.to_k", "up_blocks.2.attentions.0.to_out.0",
             "mid_block.attentions.0.to_v"} <= layers
@@ -116,7 +119,10 @@ def test_latent_is_calibrated_in_latent_space(latent):
     assert any(f.startswith("vqvae/") for f in export_files)  # the decoder ships in float beside the UNet
     assert not any(k.startswith(("encoder", "decoder", "quant")) for k in
                    json.loads((latent / "export/qmap.json").read_text())["layers"])
-    assert metrics(latent, "evaluate")["protocol"]["family"] == "latent"
+    ev = metrics(latent, "evaluate")
+    assert ev["protocol"]["family"] == "latent" and ev["protocol"]["backend"].startswith("onnxruntime")
+    # the deployed graphs' latents are decoded by the float VQ decoder into images of the same size
+    assert math.isfinite(ev["fid_deployed_vs_simulated"]) and ev["psnr_deployed_vs_simulated_median"] > 10
 
 
 def test_text_records_conditioning_once_and_both_branches(text):

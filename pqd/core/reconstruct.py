@@ -184,17 +184,22 @@ class _Stop(Exception):
 BatchRunner = Callable[[nn.Module, int], None]
 
 
-def forward_order(model: nn.Module, units: list[str], run: BatchRunner) -> list[str]:
-    """``units`` sorted by when a forward pass (calibration batch 0) first enters them."""
-    seen: list[str] = []
-    hooks = [model.get_submodule(u).register_forward_pre_hook(lambda *_a, u=u: seen.append(u) if u not in seen else None)
-             for u in units]
+def _run_hooked(model: nn.Module, units: list[str], register: Callable[[nn.Module, str], Any], run: BatchRunner) -> None:
+    """Run calibration batch 0 through ``model`` with ``register(module, unit)``'s hook on every unit."""
+    handles = [register(model.get_submodule(u), u) for u in units]
     try:
         with torch.no_grad():
             run(model, 0)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+
+
+def forward_order(model: nn.Module, units: list[str], run: BatchRunner) -> list[str]:
+    """``units`` sorted by when a forward pass (calibration batch 0) first enters them."""
+    seen: list[str] = []
+    _run_hooked(model, units, lambda m, u: m.register_forward_pre_hook(
+        lambda *_a: seen.append(u) if u not in seen else None), run)
     missing = [u for u in units if u not in seen]
     if missing:
         raise RuntimeError(f"reconstruction unit {missing[0]} is never called by the model's forward pass")
@@ -206,18 +211,12 @@ def unit_io_bytes(model: nn.Module, units: list[str], run: BatchRunner) -> dict[
     per batch for it (its memory peak is that of the unit with the most)."""
     size: dict[str, int] = {}
 
-    def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, u: str) -> None:
-        ins = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        size.setdefault(u, sum(a.numel() * a.element_size() for a in ins) + _output(out).numel() * _output(out).element_size())
+    def hook(u: str, args: tuple, kwargs: dict, out: Any) -> None:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)] + [_output(out)]
+        size.setdefault(u, sum(a.numel() * a.element_size() for a in tensors))
 
-    hooks = [model.get_submodule(u).register_forward_hook(lambda m, a, k, o, u=u: hook(m, a, k, o, u), with_kwargs=True)
-             for u in units]
-    try:
-        with torch.no_grad():
-            run(model, 0)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, units, lambda m, u: m.register_forward_hook(
+        lambda _m, a, k, o: hook(u, a, k, o), with_kwargs=True), run)
     return size
 
 

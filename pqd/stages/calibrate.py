@@ -20,15 +20,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pqd.calibset import CalibSet
 from pqd.core import QuantConfig, TimeGroups, apply_qstate, dequantize, fit_qstate, qstate_of
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig, reconstruct_model, unit_io_bytes
-from pqd.calibset import CalibSet
 from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
 from pqd.io import atomic_dir
 from pqd.params import Params, resolve_device
-from pqd.spill import store_factory
 from pqd.qstate_io import save_qstate
+from pqd.spill import store_factory
 
 
 # one calibration batch: x [B, C, H, W], t [B], encoder hidden states [B, L, D] (text models) or None
