@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 # slowed demo training from ~0.3 s to ~11 s per step when another job held the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test check-params clean-data bench bench-deploy
+.PHONY: setup run test check-params clean-data bench bench-deploy bench-memory
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ bench: setup check-params
 bench-deploy: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro model
 	$(BIN)/python -m pqd.bench_deploy
+
+# peak RSS of calibrate on a full-size CIFAR-10 DDPM UNet (random weights), 1024 calibration inputs
+bench-memory: setup
+	$(BIN)/python -m pqd.bench_memory --samples 1024 --out data/bench/memory.json
 
 clean-data:
 	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics

@@ -32,7 +32,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from pqd.core import LayerQParams, QState, TimeGroups, apply_qstate, pack_int4, set_time_group, unpack_int4
-from pqd.diffusion.adapter import Denoiser, unet_from_config, unet_sample_shape
+from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_from_config
 from pqd.io import hash_tree, read_json, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -174,13 +174,12 @@ def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: boo
 
 
 def load_denoiser_from_export(export_dir: str | Path, device: str = "cpu") -> Denoiser:
-    """A Denoiser around the quantized UNet, with the pipeline's scheduler config from the export."""
+    """A Denoiser around the quantized UNet, with every other pipeline component (scheduler config, and the
+    float autoencoder / text encoder of latent and text models) loaded from the export folder."""
     export_dir = Path(export_dir)
-    unet = load_quantized_unet(export_dir, device)
-    index = read_json(export_dir / "model_index.json")
-    sched_cfg = read_json(export_dir / "scheduler" / "scheduler_config.json")
-    return Denoiser(unet=unet, scheduler_config=sched_cfg, scheduler_class=index["scheduler"][1],
-                    sample_shape=unet_sample_shape(unet), time_groups=time_groups_of(export_dir))
+    den = load_denoiser(export_dir, device, unet=load_quantized_unet(export_dir, device))
+    den.time_groups = time_groups_of(export_dir)
+    return den
 
 
 def select_group_by_timestep(unet: nn.Module, groups: TimeGroups) -> None:

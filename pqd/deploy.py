@@ -167,7 +167,10 @@ class OrtDenoiser(Denoiser):
             self._sessions[group] = open_session(self.onnx_dir / graph_file(group), self.threads)
         return self._sessions[group]
 
-    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int) -> torch.Tensor:
+    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            raise ValueError("the deployed ONNX graphs take no encoder hidden states: text-guided models are "
+                             "evaluated with evaluate.backend = 'torch'")
         tb = t.expand(x.shape[0]) if t.ndim == 0 else t
         feeds = {"sample": x.detach().to(torch.float32).cpu().contiguous().numpy(),
                  "timestep": tb.detach().to(torch.float32).cpu().contiguous().numpy()}
@@ -175,8 +178,10 @@ class OrtDenoiser(Denoiser):
         return torch.from_numpy(np.ascontiguousarray(y)).to(x.device)
 
 
-def load_ort_denoiser(export_dir: Path, threads: int | None = None) -> OrtDenoiser:
-    """The deployed denoiser of an export folder (verify its manifest first: see pqd.artifact)."""
+def load_ort_denoiser(export_dir: Path, threads: int | None = None, components: Denoiser | None = None) -> OrtDenoiser:
+    """The deployed denoiser of an export folder (verify its manifest first: see pqd.artifact).
+    ``components``: a Denoiser of the same export whose float parts around the UNet (a latent model's
+    decoder) the deployed one uses too."""
     from pqd.artifact import time_groups_of
 
     export_dir = Path(export_dir)
@@ -190,5 +195,8 @@ def load_ort_denoiser(export_dir: Path, threads: int | None = None) -> OrtDenois
     cfg = read_json(export_dir / "unet" / "config.json")
     size = cfg["sample_size"]
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
-                       (int(cfg["in_channels"]), int(h), int(w)), groups, threads)
+    den = OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
+                      (int(cfg["in_channels"]), int(h), int(w)), groups, threads)
+    if components is not None:
+        den.decoder, den.latent_scale = components.decoder, components.latent_scale
+    return den

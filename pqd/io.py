@@ -60,6 +60,17 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_prompts(path: str | Path, key: str = "generate.prompts") -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped); a missing or empty file is an error."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key} = {str(path)!r}: file not found: expected a file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{key} = {str(path)!r}: the file holds no prompt: expected one prompt per line")
+    return prompts
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -52,6 +52,8 @@ class GenerateParams:
     eval_samples: int = 1000  # FP samples from the evaluation seeds (and as many again for the noise floor)
     batch_size: int = 250
     shard_size: int = 16  # calibration trajectories per safetensors shard
+    prompts: str | None = None  # text-guided models: a file with one prompt per line (seeds take them in turn)
+    guidance_scale: float = 7.5  # text-guided models: classifier-free guidance weight (1 = conditional branch only)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class SelectParams:
     num_samples: int = 512
     rule: Literal["kcenter", "random", "first"] | None = None
     seed: int = 0
+    shard_size: int = 256  # calibration inputs per safetensors shard (calibrate streams them shard by shard)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class CalibrateParams:
     lr_round: float = 1e-2
     lr_act: float = 1e-3
     round_weight: float = 0.01
+    memory_mb: int = 1024  # a reconstruction unit whose recordings (inputs + FP outputs) exceed this keeps them on disk
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "generate.eval_samples": (lambda v: v >= 2, "an integer >= 2"),
     "generate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "generate.shard_size": (lambda v: v >= 1, "an integer >= 1"),
+    "generate.prompts": (lambda v: Path(v).expanduser().is_file(), "an existing file with one prompt per line"),
+    "generate.guidance_scale": (lambda v: 1 <= v <= 50, "a number in [1, 50]"),
+    "select.shard_size": (lambda v: v >= 1, "an integer >= 1"),
     "select.mu": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "select.sigma": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
     "select.num_samples": (lambda v: v >= 1, "an integer >= 1"),
@@ -188,6 +195,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "calibrate.lr_act": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "calibrate.round_weight": (lambda v: v >= 0, "a number >= 0"),
     "calibrate.act_samples": (lambda v: v >= 1000, "an integer >= 1000"),
+    "calibrate.memory_mb": (lambda v: v >= 0, "an integer >= 0 (0: every unit's recordings on disk)"),
     "evaluate.features": (_features_ok,
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),
     "evaluate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -210,10 +218,12 @@ def _optional_inner(tp: Any) -> Any | None:
     return None
 
 
-def _describe(tp: Any) -> str:
+def _describe(tp: Any, key: str = "") -> str:
     inner = _optional_inner(tp)
     if inner is not None:
-        return _describe(inner) + " (or null for the method's preset)"
+        from pqd.methods import METHOD_KEYS
+
+        return _describe(inner) + (" (or null for the method's preset)" if key in METHOD_KEYS else " (or null)")
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -224,7 +234,7 @@ def _describe(tp: Any) -> str:
 
 def _convert(key: str, value: Any, tp: Any) -> Any:
     def bad() -> ParamError:
-        return ParamError(f"params: {key} = {value!r} is not allowed: expected {_describe(tp)}")
+        return ParamError(f"params: {key} = {value!r} is not allowed: expected {_describe(tp, key)}")
 
     inner = _optional_inner(tp)
     if inner is not None:

@@ -67,13 +67,20 @@ def test_generate_records_exact_unet_inputs(pipeline_run, tiny_pipeline):
 
 
 def test_select_writes_index_with_reasons(pipeline_run):
+    from pqd.calibset import CalibSet
+
     calib = pipeline_run / "data/calib"
     idx = pd.read_parquet(calib / "index.parquet")
-    x = load_file(calib / "samples.safetensors")
-    assert len(idx) == 16 == len(x["x"]) == len(x["t"])
+    data = CalibSet(calib)
+    x, t, cond = data.load(0, len(data))
+    assert len(idx) == 16 == len(x) == len(t) and cond is None
     assert idx["why"].str.startswith("k-center").all()
     assert not idx.duplicated(["seed", "step"]).any()
-    assert torch.equal(x["t"], torch.tensor(idx["t"].tolist(), dtype=torch.float32))
+    assert torch.equal(t, torch.tensor(idx["t"].tolist(), dtype=torch.float32))
+    assert (t[1:] <= t[:-1]).all()  # ordered by decreasing timestep: time groups are contiguous runs
+    # each input is the recorded trajectory input of its seed and step
+    traj = load_file(pipeline_run / "data/trajectories" / idx["shard"][3])
+    assert torch.equal(x[3], traj["x"][idx["row"][3], idx["step"][3]])
 
 
 def test_calibrate_and_export_are_4bit_packed(pipeline_run):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, MutableSequence, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,32 @@ class UnitBatch:
     kwargs: dict[str, Any]
     target: torch.Tensor
     group: int = 0
+
+
+class RecordedBatches(Sequence[UnitBatch]):
+    """A unit's recorded calls, assembled on access from its inputs, FP targets and time groups (which may
+    live in any sequence, e.g. one that keeps each item in a file)."""
+
+    def __init__(self, inputs: Sequence[tuple[tuple, dict]], targets: Sequence[torch.Tensor], groups: list[int]) -> None:
+        self.inputs, self.targets, self.groups = inputs, targets, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> UnitBatch:  # type: ignore[override]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        args, kwargs = self.inputs[i]
+        return UnitBatch(args, kwargs, self.targets[i], self.groups[i])
+
+
+# where a unit's recordings go: a fresh growable sequence per (unit, 'in' | 'out'); a plain list keeps them
+# in memory, a caller bounds memory by returning one that keeps each item elsewhere (the calibrate stage: files)
+StoreFactory = Callable[[str, str], MutableSequence[Any]]
+
+
+def _memory_store(_unit: str, _kind: str) -> MutableSequence[Any]:
+    return []
 
 
 @contextlib.contextmanager
@@ -74,7 +100,7 @@ def _select(v: Any, idx: torch.Tensor, n: int) -> Any:
 
 
 @torch.no_grad()
-def unit_mse(unit: nn.Module, batches: list[UnitBatch]) -> float:
+def unit_mse(unit: nn.Module, batches: Sequence[UnitBatch]) -> float:
     """Mean squared error of the unit's output against the targets (no QDrop)."""
     se, n = 0.0, 0
     for b in batches:
@@ -85,7 +111,7 @@ def unit_mse(unit: nn.Module, batches: list[UnitBatch]) -> float:
     return se / max(1, n)
 
 
-def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], batches: list[UnitBatch],
+def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], batches: Sequence[UnitBatch],
                      cfg: ReconConfig, generator: torch.Generator) -> dict[str, float]:
     """Optimise the unit's rounding and activation steps in place; returns a log of the losses.
 
@@ -110,13 +136,13 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
     if not params or cfg.iters == 0:
         return {"mse_before": before, "mse_after": before, "reverted": 0.0}
     opt = torch.optim.Adam(params)
-    sizes = [len(b.target) for b in batches]
     rec_loss = torch.tensor(0.0)
     try:
         with torch.enable_grad(), qdrop(unit, cfg.qdrop_p):
             for it in range(cfg.iters):
                 bi = int(torch.randint(len(batches), (1,), generator=generator))
-                b, n = batches[bi], sizes[bi]
+                b = batches[bi]
+                n = len(b.target)
                 idx = torch.randperm(n, generator=generator)[: cfg.batch_size].to(b.target.device)
                 set_time_group(unit, b.group)
                 y = _output(unit(*[_select(a, idx, n) for a in b.args], **{k: _select(v, idx, n) for k, v in b.kwargs.items()}))
@@ -158,28 +184,47 @@ class _Stop(Exception):
 BatchRunner = Callable[[nn.Module, int], None]
 
 
-def forward_order(model: nn.Module, units: list[str], run: BatchRunner) -> list[str]:
-    """``units`` sorted by when a forward pass (calibration batch 0) first enters them."""
-    seen: list[str] = []
-    hooks = [model.get_submodule(u).register_forward_pre_hook(lambda *_a, u=u: seen.append(u) if u not in seen else None)
-             for u in units]
+def _run_hooked(model: nn.Module, units: list[str], register: Callable[[nn.Module, str], Any], run: BatchRunner) -> None:
+    """Run calibration batch 0 through ``model`` with ``register(module, unit)``'s hook on every unit."""
+    handles = [register(model.get_submodule(u), u) for u in units]
     try:
         with torch.no_grad():
             run(model, 0)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+
+
+def forward_order(model: nn.Module, units: list[str], run: BatchRunner) -> list[str]:
+    """``units`` sorted by when a forward pass (calibration batch 0) first enters them."""
+    seen: list[str] = []
+    _run_hooked(model, units, lambda m, u: m.register_forward_pre_hook(
+        lambda *_a: seen.append(u) if u not in seen else None), run)
     missing = [u for u in units if u not in seen]
     if missing:
         raise RuntimeError(f"reconstruction unit {missing[0]} is never called by the model's forward pass")
     return seen
 
 
+def unit_io_bytes(model: nn.Module, units: list[str], run: BatchRunner) -> dict[str, int]:
+    """Bytes of each unit's tensor inputs + output on calibration batch 0: what reconstruction records
+    per batch for it (its memory peak is that of the unit with the most)."""
+    size: dict[str, int] = {}
+
+    def hook(u: str, args: tuple, kwargs: dict, out: Any) -> None:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)] + [_output(out)]
+        size.setdefault(u, sum(a.numel() * a.element_size() for a in tensors))
+
+    _run_hooked(model, units, lambda m, u: m.register_forward_hook(
+        lambda _m, a, k, o: hook(u, a, k, o), with_kwargs=True), run)
+    return size
+
+
 @torch.no_grad()
 def _capture(model: nn.Module, unit: str, run: BatchRunner, n_batches: int, groups: list[int],
-             want: str) -> list[Any]:
-    """Per calibration batch, the unit's inputs (``want='in'``: (args, kwargs)) or output (``'out'``)."""
-    got: list[Any] = []
+             want: str, got: MutableSequence[Any]) -> MutableSequence[Any]:
+    """Per calibration batch, the unit's inputs (``want='in'``: (args, kwargs)) or output (``'out'``),
+    appended to ``got``."""
 
     def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         got.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
@@ -208,12 +253,14 @@ def _capture(model: nn.Module, unit: str, run: BatchRunner, n_batches: int, grou
 
 
 def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchRunner, groups: list[int],
-                      cfg: ReconConfig, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+                      cfg: ReconConfig, seed: int = 0, progress: bool = True,
+                      store: StoreFactory = _memory_store) -> list[dict[str, Any]]:
     """Reconstruct every unit of the quantized model ``q`` in forward order against the float model ``fp``.
 
     Each unit learns from the inputs the partly reconstructed quantized model actually feeds it and
     the outputs the float model's unit gives on the float model's own inputs. ``groups[i]`` is the time
-    group of calibration batch i. Returns one log entry per unit.
+    group of calibration batch i. A unit's recordings go to ``store(unit, 'out' | 'in')`` and are released
+    before the next unit is recorded. Returns one log entry per unit.
     """
     from tqdm.auto import tqdm
 
@@ -221,12 +268,12 @@ def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchR
     n = len(groups)
     log = []
     for unit in tqdm(forward_order(fp, units, run), desc="block reconstruction", disable=not progress):
-        targets = _capture(fp, unit, run, n, [0] * n, "out")
-        inputs = _capture(q, unit, run, n, groups, "in")
+        batches = RecordedBatches(_capture(q, unit, run, n, groups, "in", store(unit, "in")),
+                                  _capture(fp, unit, run, n, [0] * n, "out", store(unit, "out")), groups)
         q_unit, fp_unit = q.get_submodule(unit), fp.get_submodule(unit)
         layers_rel = quant_layers(q_unit)  # {"": q_unit} when the unit is a single layer
         weights = {nm: fp_unit.get_submodule(nm).weight.detach() for nm in layers_rel}
-        batches = [UnitBatch(a, k, t, g) for (a, k), t, g in zip(inputs, targets, groups)]
         entry = reconstruct_unit(q_unit, weights, batches, cfg, gen)
         log.append({"unit": unit, "layers": len(layers_rel), **entry})
+        del batches  # this unit's recordings go before the next unit's are made
     return log

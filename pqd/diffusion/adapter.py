@@ -3,6 +3,15 @@
 A :class:`Denoiser` wraps the parts of a diffusers pipeline the product needs: the UNet that gets
 quantized, the scheduler config it is sampled with, the shape of its samples and how samples become
 images. Everything else in the product talks to a Denoiser, not to a pipeline class.
+
+Three families are supported:
+- pixel models (``UNet2DModel``, with or without attention blocks: DDPM/DDIM pipelines);
+- latent models: a ``UNet2DModel`` or ``UNet2DConditionModel`` denoising in the latent space of a VQ or KL
+  autoencoder (``vqvae`` / ``vae`` component). The autoencoder's decoder stays in float, outside the
+  quantized part; trajectories, calibration and sampling all happen in latent space;
+- text-guided models (``UNet2DConditionModel`` with a text encoder and tokenizer, Stable Diffusion 1.x
+  style): cross-attention on the prompt's encoder hidden states, classifier-free guidance (the UNet sees
+  the unconditional and the conditional branch of every input).
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ from pqd.core import TimeGroups, set_time_group
 # time-embedding MLP (small, and errors there reach every block)
 EDGE_LAYER_PREFIXES = ("conv_in", "conv_out", "time_embedding.")
 
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# pipeline attributes holding the autoencoder of a latent pipeline (LDMPipeline: vqvae; StableDiffusion: vae)
+DECODER_ATTRS = ("vqvae", "vae")
+
 
 class ModelFolderError(ValueError):
     """A model folder that is not a usable diffusers pipeline."""
@@ -30,45 +43,122 @@ class ModelFolderError(ValueError):
 UNIT_CLASSES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D")
 
 
+def unet_forward(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """One UNet call: x [B, C, H, W], t scalar or [B], cond (encoder hidden states [B, L, D]) or None."""
+    if cond is None:
+        return unet(x, t).sample
+    return unet(x, t, encoder_hidden_states=cond).sample
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a set of seeds: prompt embeddings stored once, referenced by index.
+
+    ``embeds``: float32 [P + 1, L, D], row 0 the unconditional (empty) prompt, rows 1..P the prompts;
+    ``prompt_of``: per seed, its row (>= 1); ``guidance_scale``: classifier-free guidance weight
+    (1 = the conditional branch only)."""
+
+    embeds: torch.Tensor
+    prompt_of: list[int]
+    guidance_scale: float
+
+    def subset(self, start: int, end: int) -> "Conditioning":
+        """The conditioning of seeds start..end-1 (the embeddings are shared, not copied)."""
+        return Conditioning(self.embeds, self.prompt_of[start:end], self.guidance_scale)
+
+    def hidden_states(self) -> torch.Tensor:
+        """Per seed, its prompt's encoder hidden states [N, L, D]."""
+        return self.embeds[torch.tensor(self.prompt_of, dtype=torch.int64)]
+
+
+@dataclass
+class TextEncoder:
+    """A pipeline's tokenizer + text encoder (kept in float, never quantized)."""
+
+    tokenizer: Any
+    model: nn.Module
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: str = "cpu") -> torch.Tensor:
+        """Prompts -> encoder hidden states float32 [P, L, D] (padded to the tokenizer's max length, as SD 1.x)."""
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(device) if getattr(self.model.config, "use_attention_mask", False) else None
+        return self.model(tok.input_ids.to(device), attention_mask=mask)[0].to(torch.float32)
+
+
 @dataclass
 class Denoiser:
     unet: nn.Module
     scheduler_config: dict[str, Any]
     scheduler_class: str
-    sample_shape: tuple[int, int, int]  # (C, H, W) of the UNet's input
+    sample_shape: tuple[int, int, int]  # (C, H, W) of the UNet's input (latent shape for latent models)
     time_groups: TimeGroups | None = None  # set for a quantized UNet with time-aware activations
+    decoder: nn.Module | None = None  # latent models: the VQ/KL autoencoder, used only to decode (float)
+    latent_scale: float = 1.0  # latents are divided by this before decoding (the autoencoder's scaling_factor)
+    text: TextEncoder | None = None  # text-guided models
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """UNet output (noise prediction) for inputs x [B, C, H, W] at timesteps t (scalar or [B]).
+    @property
+    def conditional(self) -> bool:
+        """True when the UNet takes encoder hidden states (cross-attention on text embeddings)."""
+        return self.text is not None
+
+    @property
+    def family(self) -> str:
+        return "text" if self.conditional else "latent" if self.decoder is not None else "pixel"
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """UNet output (noise prediction) for inputs x [B, C, H, W] at timesteps t (scalar or [B]) with
+        encoder hidden states cond [B, L, D] (text models) or None.
 
         With time groups, each sample runs with the activation parameters of its timestep's group
         (a batch that mixes groups is split by group)."""
         t = torch.as_tensor(t, device=x.device)
         if self.time_groups is None or self.time_groups.count == 1:
-            return self.run_group(x, t, 0)
+            return self.run_group(x, t, 0, cond)
         tb = t.expand(x.shape[0]) if t.ndim == 0 else t
         groups = self.time_groups.group_of(tb.cpu())
         present = groups.unique().tolist()
         if len(present) == 1:
-            return self.run_group(x, t, present[0])
+            return self.run_group(x, t, present[0], cond)
         out = None
         for g in present:
             idx = (groups == g).nonzero().squeeze(1).to(x.device)
-            y = self.run_group(x[idx], tb[idx], g)
+            y = self.run_group(x[idx], tb[idx], g, None if cond is None else cond[idx])
             out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
             out[idx] = y
         return out
 
-    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int) -> torch.Tensor:
+    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet on a batch whose timesteps all lie in time group ``group``."""
         if self.time_groups is not None and self.time_groups.count > 1:
             set_time_group(self.unet, group)
-        return self.unet(x, t).sample
+        return unet_forward(self.unet, x, t, cond)
 
-    @staticmethod
-    def to_images(x: torch.Tensor) -> torch.Tensor:
-        """Samples in model space [-1, 1] -> images [B, C, H, W] in [0, 1]."""
+    def guided(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+               uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Noise prediction with classifier-free guidance: one UNet call on [uncond; cond] (both branches),
+        eps_u + g (eps_c - eps_u). ``uncond`` [1, L, D] or [B, L, D]; without it (or g = 1) only the
+        conditional branch runs."""
+        if cond is None or uncond is None or guidance_scale == 1.0:
+            return self.predict(x, t, cond)
+        eps_u, eps_c = self.predict(torch.cat([x, x]), t, torch.cat([uncond.expand_as(cond), cond])).chunk(2)
+        return eps_u + guidance_scale * (eps_c - eps_u)
+
+    @torch.no_grad()
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples [-1, 1] (pixel models) or latents (decoded by the float autoencoder) -> images
+        [B, 3 or 1, H, W] float32 in [0, 1]."""
+        if self.decoder is not None:
+            x = self.decoder.decode(x.to(next(self.decoder.parameters()).dtype) / self.latent_scale).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def conditioning(self, prompts: list[str], prompt_of: list[int], guidance_scale: float,
+                     device: str = "cpu") -> Conditioning:
+        """Encode the empty prompt and ``prompts`` once; ``prompt_of`` gives each seed's row (>= 1)."""
+        if self.text is None:
+            raise ValueError("prompts were given for a model without a text encoder: expected no prompts")
+        return Conditioning(self.text.encode([""] + list(prompts), device).cpu(), list(prompt_of), guidance_scale)
 
     def edge_layers(self, names: list[str]) -> list[str]:
         return [n for n in names if n == "conv_in" or n == "conv_out" or n.startswith(EDGE_LAYER_PREFIXES)]
@@ -128,13 +218,15 @@ def check_pipeline_folder(folder: str | Path) -> Path:
     return folder
 
 
-def load_pipeline(folder: str | Path, device: str = "cpu"):
-    """Load a diffusers pipeline from a local folder (float32, eval mode)."""
+def load_pipeline(folder: str | Path, device: str = "cpu", unet: nn.Module | None = None):
+    """Load a diffusers pipeline from a local folder (float32, eval mode); ``unet`` replaces the folder's UNet
+    (an export folder: the quantized UNet, with every other component loaded from the folder)."""
     from diffusers import DiffusionPipeline
 
     folder = check_pipeline_folder(folder)
+    extra = {} if unet is None else {"unet": unet}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, **extra)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelFolderError(f"model folder {folder} could not be loaded as a diffusers pipeline: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -142,18 +234,34 @@ def load_pipeline(folder: str | Path, device: str = "cpu"):
 
 
 def denoiser_from_pipeline(pipe) -> Denoiser:
+    """The Denoiser of a pixel, latent or text-guided diffusers pipeline (refuses anything else, in one line)."""
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise ModelFolderError(f"pipeline {type(pipe).__name__} has no unet: only UNet pipelines are supported")
-    if type(unet).__name__ != "UNet2DModel":
-        raise ModelFolderError(f"UNet class {type(unet).__name__} is not supported yet: expected UNet2DModel")
+    if type(unet).__name__ not in UNET_CLASSES:
+        raise ModelFolderError(f"UNet class {type(unet).__name__} is not supported: expected one of {', '.join(UNET_CLASSES)}")
     unet.eval().requires_grad_(False)
+    decoder = next((getattr(pipe, a) for a in DECODER_ATTRS if getattr(pipe, a, None) is not None), None)
+    if decoder is not None:
+        decoder.eval().requires_grad_(False)
+    text = None
+    if type(unet).__name__ == "UNet2DConditionModel":
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+            raise ModelFolderError(f"pipeline {type(pipe).__name__}: its UNet2DConditionModel needs a text_encoder and a "
+                                   "tokenizer component: expected a text-guided pipeline (Stable Diffusion 1.x style)")
+        if getattr(unet.config, "addition_embed_type", None) is not None:
+            raise ModelFolderError(f"UNet2DConditionModel with addition_embed_type = {unet.config.addition_embed_type!r} "
+                                   "(SDXL-style extra conditioning) is not supported: expected none")
+        text = TextEncoder(pipe.tokenizer, pipe.text_encoder.eval().requires_grad_(False))
+    scale = float(getattr(decoder.config, "scaling_factor", 1.0) or 1.0) if decoder is not None else 1.0
     return Denoiser(unet=unet, scheduler_config=dict(pipe.scheduler.config),
-                    scheduler_class=type(pipe.scheduler).__name__, sample_shape=unet_sample_shape(unet))
+                    scheduler_class=type(pipe.scheduler).__name__, sample_shape=unet_sample_shape(unet),
+                    decoder=decoder, latent_scale=scale, text=text)
 
 
-def load_denoiser(folder: str | Path, device: str = "cpu") -> Denoiser:
-    return denoiser_from_pipeline(load_pipeline(folder, device))
+def load_denoiser(folder: str | Path, device: str = "cpu", unet: nn.Module | None = None) -> Denoiser:
+    """The Denoiser of the pipeline in ``folder`` (``unet``: a replacement UNet, see :func:`load_pipeline`)."""
+    return denoiser_from_pipeline(load_pipeline(folder, device, unet))
 
 
 def unet_from_config(config: dict[str, Any]) -> nn.Module:
@@ -161,6 +269,6 @@ def unet_from_config(config: dict[str, Any]) -> nn.Module:
     import diffusers
 
     name = config.get("_class_name")
-    if name != "UNet2DModel":
-        raise ModelFolderError(f"UNet class {name!r} is not supported yet: expected 'UNet2DModel'")
+    if name not in UNET_CLASSES:
+        raise ModelFolderError(f"UNet class {name!r} is not supported: expected one of {', '.join(UNET_CLASSES)}")
     return getattr(diffusers, name).from_config(config)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.adapter import Conditioning, Denoiser
 
 # called at every step with (step index, timestep value the UNet received, UNet input [B, C, H, W])
 Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -33,16 +33,24 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 @torch.no_grad()
 def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float = 0.0, batch_size: int = 256,
            device: str = "cpu", record: Recorder | None = None, progress: bool = True,
-           desc: str = "sampling") -> torch.Tensor:
+           desc: str = "sampling", cond: Conditioning | None = None) -> torch.Tensor:
     """Sample one image per seed; returns images [N, C, H, W] float32 in [0, 1] (on CPU).
 
     Noise at every stochastic step also comes from per-seed generators, so a sample depends only on
-    its seed, never on the batch it was drawn in. ``record`` sees each batch's UNet inputs.
+    its seed, never on the batch it was drawn in. ``record`` sees each batch's UNet inputs (x before the
+    classifier-free-guidance doubling). Text models need ``cond`` (one prompt row per seed).
     """
+    if den.conditional != (cond is not None):
+        raise ValueError(f"a {den.family} model samples {'with' if den.conditional else 'without'} prompts")
     out = []
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    bar = tqdm(total=len(batches) * steps, desc=desc, disable=not progress, unit="step")
-    for batch_seeds in batches:
+    starts = range(0, len(seeds), batch_size)
+    bar = tqdm(total=len(starts) * steps, desc=desc, disable=not progress, unit="step")
+    for start in starts:
+        batch_seeds = seeds[start:start + batch_size]
+        emb = uncond = None
+        if cond is not None:
+            emb = cond.subset(start, start + len(batch_seeds)).hidden_states().to(device)
+            uncond = cond.embeds[:1].to(device)
         scheduler.set_timesteps(steps, device=device)
         x = initial_noise(batch_seeds, den.sample_shape).to(device) * scheduler.init_noise_sigma
         gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch_seeds]
@@ -50,7 +58,7 @@ def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float
             x_in = scheduler.scale_model_input(x, t)
             if record is not None:
                 record(i, t, x_in)
-            eps = den.predict(x_in, t)
+            eps = den.guided(x_in, t, emb, uncond, cond.guidance_scale if cond is not None else 1.0)
             if not torch.isfinite(eps).all():
                 raise FloatingPointError(f"non-finite UNet output at step {i} (timestep {float(t)})")
             kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}

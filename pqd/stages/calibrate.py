@@ -11,22 +11,28 @@ Writes the quantizer state, the time-group thresholds, per-layer errors and the 
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from pqd.calibset import CalibSet
 from pqd.core import QuantConfig, TimeGroups, apply_qstate, dequantize, fit_qstate, qstate_of
 from pqd.core.modules import quantizable_layers
-from pqd.core.reconstruct import ReconConfig, reconstruct_model
-from pqd.diffusion.adapter import Denoiser, load_denoiser
-from pqd.io import atomic_dir, read_json
+from pqd.core.reconstruct import ReconConfig, reconstruct_model, unit_io_bytes
+from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
+from pqd.io import atomic_dir
 from pqd.params import Params, resolve_device
 from pqd.qstate_io import save_qstate
+from pqd.spill import store_factory
+
+
+# one calibration batch: x [B, C, H, W], t [B], encoder hidden states [B, L, D] (text models) or None
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 def code_bits(params: Params, bits: int) -> int:
@@ -53,45 +59,40 @@ def recon_config(params: Params) -> ReconConfig:
                        round_weight=c.round_weight, qdrop_p=c.qdrop_p, adaround=c.adaround, lsq=c.lsq)
 
 
-def group_batches(x: torch.Tensor, t: torch.Tensor, groups: TimeGroups, size: int,
-                  device: str) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Calibration batches (x, t, group), each within a single time group."""
-    g_of = groups.group_of(t)
-    out = []
-    for g in range(groups.count):
-        idx = (g_of == g).nonzero().squeeze(1)
-        if len(idx) == 0:
-            raise ValueError(f"calibrate.time_groups = {groups.count}: time group {g} has no calibration sample; "
-                             "use fewer groups or draw more samples (select.num_samples, select.sigma)")
-        for i in range(0, len(idx), size):
-            j = idx[i:i + size]
-            out.append((x[j].to(device), t[j].to(device), g))
-    return out
-
-
 @torch.no_grad()
-def output_mse(fp: Denoiser, q: Denoiser, batches: list[tuple[torch.Tensor, torch.Tensor, int]]) -> float:
+def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batches: int) -> float:
     """Mean squared difference of the FP and quantized UNet outputs over the calibration inputs."""
     se, n = 0.0, 0
-    for xb, tb, _ in batches:
-        se += float((fp.predict(xb, tb) - q.predict(xb, tb)).pow(2).sum())
+    for i in range(n_batches):
+        xb, tb, cb = fetch(i)
+        se += float((fp.predict(xb, tb, cb) - q.predict(xb, tb, cb)).pow(2).sum())
         n += xb.numel()
     return se / n
 
 
-def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
+def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int | None = None,
+        output_check: bool = True) -> dict[str, Any]:
+    """Benchmarks only: ``largest_units`` reconstructs just the N units with the largest recordings;
+    ``output_check=False`` skips the final FP-vs-quantized output comparison (two more passes over the set)."""
     device = resolve_device(params)
     c = params.calibrate
+    data = CalibSet(calib)  # checks the calibration set before the model is loaded
+    groups = TimeGroups.from_schedule(data.schedule, c.time_groups)
+    plan = data.batches(groups, c.batch_size)
     den = load_denoiser(model, device)
-    data = load_file(calib / "samples.safetensors")
-    groups = TimeGroups.from_schedule(read_json(calib / "meta.json")["schedule_timesteps"], c.time_groups)
-    batches = group_batches(data["x"], data["t"], groups, c.batch_size, device)
+    if den.conditional != (data.embeds is not None):
+        raise ValueError(f"{calib}: calibration set {'without' if den.conditional else 'with'} prompt embeddings "
+                         f"for a {den.family} model: re-run generate and select for this model")
     cfg = quant_config(params, den)
 
+    def fetch(i: int) -> Batch:
+        """Calibration batch i, read from the shards on disk (never the whole set in memory)."""
+        return data.load(plan[i][0], plan[i][1], device)
+
     def forward_all(unet: torch.nn.Module, set_group) -> None:
-        for xb, tb, g in tqdm(batches, desc="observing activations"):
-            set_group(g)
-            unet(xb, tb)
+        for i in tqdm(range(len(plan)), desc="observing activations"):
+            set_group(plan[i][2])
+            unet_forward(unet, *fetch(i))
 
     t0 = time.perf_counter()
     state = fit_qstate(den.unet, forward_all, cfg)
@@ -102,15 +103,23 @@ def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
     recon_log: list[dict[str, Any]] = []
     if c.reconstruct:
         t0 = time.perf_counter()
-        recon_log = reconstruct_model(den.unet, qden.unet, den.units(list(state)),
-                                      lambda m, i: m(batches[i][0], batches[i][1]), [b[2] for b in batches],
-                                      recon_config(params), seed=params.select.seed)
+        runner = lambda m, i: unet_forward(m, *fetch(i))  # noqa: E731
+        units = den.units(list(state))
+        # a unit's recordings over the whole set: its inputs + output on batch 0, scaled to every sample
+        size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.unet, units, runner).items()}
+        if largest_units:
+            units = sorted(units, key=lambda u: -size[u])[:largest_units]
+        with tempfile.TemporaryDirectory(prefix=".pqd-recordings-", dir=out.parent) as spill:
+            recon_log = reconstruct_model(den.unet, qden.unet, units, runner, [b[2] for b in plan],
+                                          recon_config(params), seed=params.select.seed,
+                                          store=store_factory(Path(spill), size, c.memory_mb * 2**20))
+        on_disk = sum(1 for u in units if size[u] > c.memory_mb * 2**20)
         state = qstate_of(qden.unet)
         t_recon = time.perf_counter() - t0
     else:
-        t_recon = 0.0
-    mse = output_mse(den, qden, batches)
-    if not torch.isfinite(torch.tensor(mse)):
+        t_recon, on_disk = 0.0, 0
+    mse = output_mse(den, qden, fetch, len(plan)) if output_check else float("nan")
+    if output_check and not torch.isfinite(torch.tensor(mse)):
         raise FloatingPointError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
     floats = quantizable_layers(den.unet)
     rows = []
@@ -132,9 +141,9 @@ def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
             tmp / "reconstruction.csv", index=False)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
     return {"method": c.method, "layers": len(state), "output_quantized_layers": len(cfg.output_layers),
-            "calib_samples": len(data["x"]), "time_groups": groups.count,
+            "calib_samples": len(data), "time_groups": groups.count,
             "unet_output_mse": mse, "fit_seconds": round(t_fit, 2), "reconstruction_seconds": round(t_recon, 2),
-            "reconstructed_units": len(recon_log), "units_improved": len(improved),
+            "reconstructed_units": len(recon_log), "units_improved": len(improved), "units_recorded_on_disk": on_disk,
             "weight_rel_mse_mean": float(errs["weight_rel_mse"].mean()),
             "weight_rel_mse_max": float(errs["weight_rel_mse"].max())}
 

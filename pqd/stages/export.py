@@ -18,7 +18,7 @@ from pqd.core import TimeGroups, quant_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.sampling import initial_noise
 from pqd.io import atomic_dir, read_json
-from pqd.params import Params, as_dict
+from pqd.params import ParamError, Params, as_dict
 from pqd.qstate_io import load_qstate, load_time_groups
 
 # the ONNX graphs must agree with the torch model to within this share of the quantization error itself:
@@ -60,6 +60,9 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> dict[str, Any]:
     state = load_qstate(qstate)
     groups = load_time_groups(qstate)
     den = load_denoiser(model)
+    if params.export.onnx and den.conditional:
+        raise ParamError("params: export.onnx = true is not allowed for a text-guided model (the ONNX graphs take no "
+                         "encoder hidden states yet): expected export.onnx = false and evaluate.backend = 'torch'")
     source = read_json(model / "model.json")
     extra = {"source_model": {"source": source["source"], "model_sha256": source["model_sha256"]},
              "params": as_dict(params), "git": git_commit()}

@@ -5,10 +5,14 @@ noisiest step), from a Gaussian N(mu, sigma) truncated to [0, 1] (``gaussian``) 
 more samples than there are trajectories. Samples: at each drawn step, ``kcenter`` picks the candidates
 that cover the step's inputs best (greedy k-center on a pooled feature of x_t), ``random`` picks at random,
 ``first`` takes the lowest seeds. ``index.parquet`` records every chosen input and why it was chosen.
+Text models with classifier-free guidance: every chosen input enters the calibration set twice, with its
+prompt (branch ``cond``) and with the unconditional prompt (``uncond``), as the UNet sees it at inference.
+The set is written in shards of ``select.shard_size`` inputs (format: pqd.calibset).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
-from pqd.io import atomic_dir, read_json, write_json
+from pqd.calibset import PROMPTS, CalibWriter
+from pqd.io import atomic_dir, read_json
 from pqd.params import Params, SelectParams
 
 
@@ -86,6 +92,7 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     n_traj = index["seed"].nunique()
     if index["step"].nunique() != steps or len(index) != n_traj * steps:
         raise ValueError(f"{trajectories}/index.parquet: {len(index)} rows do not match {n_traj} trajectories x {steps} steps")
+    cond = meta.get("conditioning")
     rng = np.random.default_rng(sp.seed)
     u = np.arange(steps) / (steps - 1)
     p = step_probabilities(u, sp)
@@ -93,47 +100,51 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     chosen_steps = [int(i) for i in np.nonzero(counts)[0]]
 
     # pass 1: features of every candidate at the chosen steps, shard by shard (memory stays bounded)
-    rows_by_step: dict[int, list[tuple[int, str, int, float]]] = {s: [] for s in chosen_steps}
+    rows_by_step: dict[int, list[tuple[int, str, int, float, int | None]]] = {s: [] for s in chosen_steps}
     feats_by_step: dict[int, list[torch.Tensor]] = {s: [] for s in chosen_steps}
     for shard in sorted(index["shard"].unique()):
         with safe_open(trajectories / shard, framework="pt") as f:
             x, t, seeds = f.get_tensor("x"), f.get_tensor("t"), f.get_tensor("seeds")
+            prompt = f.get_tensor("prompt").tolist() if cond is not None else [None] * len(seeds)
         if x.shape[1] != steps or len(seeds) != len(index[index["shard"] == shard]) // steps:
             raise ValueError(f"{trajectories}/{shard}: shape {tuple(x.shape)} disagrees with index.parquet")
         for s in chosen_steps:
             feats_by_step[s].append(pooled_feature(x[:, s]))
-            rows_by_step[s] += [(int(seeds[r]), shard, r, float(t[s])) for r in range(len(seeds))]
+            rows_by_step[s] += [(int(seeds[r]), shard, r, float(t[s]), prompt[r]) for r in range(len(seeds))]
+        del x
 
-    picks: dict[str, list[tuple[int, int]]] = {}
+    # classifier-free guidance: the UNet sees every input twice, with the prompt and with the empty prompt
+    branches = [("cond", None)] + ([("uncond", 0)] if cond is not None and cond["guidance_scale"] > 1 else [])
     records = []
-    for s in chosen_steps:
-        feats = torch.cat(feats_by_step[s])
+    for s in chosen_steps:  # increasing step = decreasing t: each time group is a contiguous run (pqd.calibset)
+        feats = torch.cat(feats_by_step.pop(s))
         idx, why = choose(feats, int(counts[s]), sp.rule, rng)
         for order, (i, reason) in enumerate(zip(idx, why)):
-            seed, shard, row, t = rows_by_step[s][i]
-            picks.setdefault(shard, []).append((row, s))
-            records.append({"seed": seed, "step": s, "u": float(u[s]), "t": t, "rule": sp.rule,
-                            "pick_order": order, "why": reason, "shard": shard, "row": row})
+            seed, shard, row, t, prompt = rows_by_step[s][i]
+            for branch, row_override in branches:
+                extra = {} if cond is None else {"prompt": prompt if row_override is None else row_override, "branch": branch}
+                records.append({"seed": seed, "step": s, "u": float(u[s]), "t": t, "rule": sp.rule,
+                                "pick_order": order, "why": reason, "shard": shard, "row": row, **extra})
 
-    # pass 2: gather the chosen inputs
-    gathered: dict[tuple[str, int, int], torch.Tensor] = {}
-    for shard, rs in picks.items():
-        with safe_open(trajectories / shard, framework="pt") as f:
-            x = f.get_tensor("x")
-        for row, s in rs:
-            gathered[(shard, row, s)] = x[row, s].clone()
-    xs = torch.stack([gathered[(r["shard"], r["row"], r["step"])] for r in records])
-    ts = torch.tensor([r["t"] for r in records], dtype=torch.float32)
-    with atomic_dir(out) as tmp:
-        save_file({"x": xs.contiguous(), "t": ts}, tmp / "samples.safetensors")
+    # pass 2: copy the chosen inputs into calibration shards, reading only their rows
+    with atomic_dir(out) as tmp, contextlib.ExitStack() as stack:
+        handles = {sh: stack.enter_context(safe_open(trajectories / sh, framework="pt"))
+                   for sh in sorted({r["shard"] for r in records})}
+        writer = CalibWriter(tmp, sp.shard_size)
+        for r in tqdm(records, desc="calibration set", unit="input"):
+            x = handles[r["shard"]].get_slice("x")[r["row"]:r["row"] + 1, r["step"]:r["step"] + 1]
+            writer.add(x.reshape(x.shape[2:]), r["t"], r.get("prompt"))
         pd.DataFrame(records).to_parquet(tmp / "index.parquet", index=False)
         pd.DataFrame({"step": np.arange(steps), "u": u, "probability": p, "count": counts}).to_csv(
             tmp / "steps.csv", index=False)
         schedule = index.drop_duplicates("step").sort_values("step")["t"].tolist()
-        write_json(tmp / "meta.json", {"schedule_timesteps": schedule, "timesteps": sp.timesteps, "mu": sp.mu,
-                                       "sigma": sp.sigma, "rule": sp.rule, "num_samples": len(records)})
-    return {"calib_samples": len(records), "distinct_steps": len(chosen_steps),
-            "mean_u": round(float(np.mean([r["u"] for r in records])), 4)}
+        embeds = load_file(trajectories / PROMPTS)["embeds"] if cond is not None else None
+        writer.close({"schedule_timesteps": schedule, "timesteps": sp.timesteps, "mu": sp.mu, "sigma": sp.sigma,
+                      "rule": sp.rule, "drawn_inputs": sp.num_samples,
+                      "conditioning": None if cond is None else {"guidance_scale": cond["guidance_scale"],
+                                                                 "branches": [b for b, _ in branches]}}, embeds)
+    return {"calib_samples": len(records), "drawn_inputs": sp.num_samples, "branches": len(branches),
+            "distinct_steps": len(chosen_steps), "mean_u": round(float(np.mean([r["u"] for r in records])), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

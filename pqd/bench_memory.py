@@ -1,0 +1,122 @@
+"""``make bench-memory``: peak resident memory of the calibrate stage on a full-size CIFAR-10 DDPM UNet.
+
+The UNet has the architecture of google/ddpm-cifar10-32 (35.7M parameters, random weights: nothing is
+downloaded). The calibration set has ``--samples`` inputs (default 1024) written in the real calib/
+format (pqd.calibset shards): Gaussian x at timesteps of the 100-step DDIM schedule, in decreasing t. The
+calibrate stage then runs in this process with the full PQD preset (MSE ranges, 4 time groups, block
+reconstruction with AdaRound/LSQ/QDrop); ``--units`` limits reconstruction to the N units whose recorded
+inputs and outputs are largest (the memory peak of reconstruction is that of its largest unit, since each
+unit's recordings are freed before the next), and ``--no-output-check`` skips the final output comparison,
+so a CPU run finishes in minutes rather than hours. Peak RSS is read from
+getrusage (ru_maxrss) and reported with the device and timings in ``data/bench/memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# OpenMP threads sleep while they wait: on shared cores spinning threads slowed this run many times over
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+# the UNet config of google/ddpm-cifar10-32 (unet/config.json)
+CIFAR10_DDPM_UNET: dict[str, Any] = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 256, 256),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6, "norm_num_groups": 32,
+    "attention_head_dim": None, "act_fn": "silu", "center_input_sample": False, "mid_block_scale_factor": 1,
+    "time_embedding_type": "positional",
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def build_model(folder: Path, seed: int = 0) -> int:
+    """Save a random-weight DDPM pipeline with the CIFAR-10 UNet in ``folder``; returns its parameter count."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**CIFAR10_DDPM_UNET)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def build_calib(folder: Path, n: int, steps: int, shard_size: int, seed: int = 0) -> None:
+    """n calibration inputs in the calib/ format: Gaussian x [3, 32, 32] at DDIM timesteps, decreasing t."""
+    from diffusers import DDIMScheduler
+
+    from pqd.calibset import CalibWriter
+
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(steps)
+    schedule = [float(t) for t in sched.timesteps]
+    g = torch.Generator().manual_seed(seed)
+    ts = sorted((schedule[int(i)] for i in torch.randint(steps, (n,), generator=g)), reverse=True)
+    folder.mkdir(parents=True)
+    writer = CalibWriter(folder, shard_size)
+    for t in ts:
+        writer.add(torch.randn(3, 32, 32, generator=g), t)
+    writer.close({"schedule_timesteps": schedule, "timesteps": "synthetic", "conditioning": None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pqd.bench_memory", description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--units", type=int, default=1, help="reconstruct the N largest units (0: all units)")
+    ap.add_argument("--recon-iters", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--no-output-check", dest="output_check", action="store_false",
+                    help="skip the final FP-vs-quantized output MSE (two more full passes over the set)")
+    ap.add_argument("--out", default="data/bench/memory.json")
+    args = ap.parse_args(argv)
+
+    from pqd.params import params_from_dict, resolve_device
+    from pqd.stages import calibrate
+
+    params = params_from_dict({
+        "device": args.device, "generate": {"steps": 100, "calib_seeds": args.samples},
+        "select": {"num_samples": args.samples},
+        "calibrate": {"method": "pqd", "batch_size": args.batch_size, "recon_iters": args.recon_iters}})
+    device = resolve_device(params)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        n_params = build_model(root / "model")
+        build_calib(root / "calib", args.samples, 100, params.select.shard_size)
+        setup_s = time.perf_counter() - t0
+        rss_before = peak_rss_mb()
+        t0 = time.perf_counter()
+        metrics = calibrate.run(params, root / "model", root / "calib", root / "qstate",
+                                largest_units=args.units or None, output_check=args.output_check)
+        calib_s = time.perf_counter() - t0
+    result = {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_mb_before_calibrate": round(rss_before, 1),
+              "target_mb": 4096, "samples": args.samples, "device": device,
+              "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+              "torch_threads": torch.get_num_threads(), "unet_parameters": n_params,
+              "reconstructed_units": metrics["reconstructed_units"], "recon_iters": args.recon_iters,
+              "batch_size": args.batch_size, "output_check": args.output_check,
+              "units_recorded_on_disk": metrics["units_recorded_on_disk"], "setup_seconds": round(setup_s, 1), "calibrate_seconds": round(calib_s, 1),
+              "fit_seconds": metrics["fit_seconds"], "reconstruction_seconds": metrics["reconstruction_seconds"]}
+    if device == "cuda":
+        result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0 if result["peak_rss_mb"] <= result["target_mb"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
