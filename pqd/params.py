@@ -102,6 +102,7 @@ class CalibrateParams:
     lr_round: float = 1e-2
     lr_act: float = 1e-3
     round_weight: float = 0.01
+    seed: int = 0  # reconstruction: batch sampling and QDrop masks (seeded generators, never the global RNG)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from pqd.core.affine import quantize, weight_scales
+from pqd.core.guards import NumericalError, check_layer_qparams
 from pqd.core.modules import ActQuantizer, QuantConv2d, QuantLinear, quant_layers, quantizable_layers, set_module
 from pqd.core.observers import ActObserver
 from pqd.core.qtypes import act_qtype, weight_qtype
@@ -105,6 +106,9 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
 
     def hook(_m: nn.Module, args: tuple, n: str) -> None:
         x = args[0]
+        if not bool(torch.isfinite(x).all()):
+            raise NumericalError(f"layer {n}, time group {current['group']}: non-finite input during calibration "
+                                 "(the full-precision model overflows on the calibration set)")
         if parts[n] == 1:
             obs[(n, current["group"], 0, "in")].update(x)
         else:
@@ -165,6 +169,8 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
         if name not in layers:
             raise KeyError(f"apply_qstate: the model has no Conv2d/Linear layer named {name!r}")
         float_layer = layers[name]
+        check_layer_qparams(name, lp.weight_int, lp.weight_scale, lp.weight_bits, lp.act_scale, lp.act_zero_point,
+                            lp.act_bits)
         act = ActQuantizer(lp.act_bits, lp.act_scale, lp.act_zero_point, split=lp.act_split)
         out = None if lp.out_scale is None else \
             ActQuantizer(lp.act_bits, lp.out_scale, lp.out_zero_point, split=lp.act_split)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from pqd.core.guards import NumericalError, locate_nonfinite
 from pqd.diffusion.adapter import Denoiser
 
 # called at every step with (step index, timestep value the UNet received, UNet input [B, C, H, W])
@@ -30,6 +31,19 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def checked_predict(den: Denoiser, x: torch.Tensor, t: torch.Tensor, where: str) -> torch.Tensor:
+    """``den.predict(x, t)``; non-finite output raises NumericalError naming ``where``, the timestep and the
+    first layer that produced a non-finite value (found by re-running the step with hooks)."""
+    eps = den.predict(x, t)
+    if not bool(torch.isfinite(eps).all()):
+        layer = locate_nonfinite(den.unet, lambda: den.predict(x, t))
+        ts = sorted({float(v) for v in torch.as_tensor(t).reshape(-1).tolist()}, reverse=True)
+        when = f"timestep {ts[0]:g}" if len(ts) == 1 else f"timesteps {', '.join(f'{v:g}' for v in ts[:4])}"
+        raise NumericalError(f"non-finite UNet output at {where} ({when}): first produced by layer {layer}; "
+                             "the quantized model overflows there (try more activation bits or calibrate.act_range: mse)")
+    return eps
+
+
 @torch.no_grad()
 def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float = 0.0, batch_size: int = 256,
            device: str = "cpu", record: Recorder | None = None, progress: bool = True,
@@ -50,9 +64,7 @@ def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float
             x_in = scheduler.scale_model_input(x, t)
             if record is not None:
                 record(i, t, x_in)
-            eps = den.predict(x_in, t)
-            if not torch.isfinite(eps).all():
-                raise FloatingPointError(f"non-finite UNet output at step {i} (timestep {float(t)})")
+            eps = checked_predict(den, x_in, t, f"sampling step {i}")
             kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
             x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
             bar.update(1)

@@ -17,14 +17,15 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pqd.core import QuantConfig, TimeGroups, apply_qstate, dequantize, fit_qstate, qstate_of
+from pqd.core.guards import NumericalError
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig, reconstruct_model
 from pqd.diffusion.adapter import Denoiser, load_denoiser
-from pqd.io import atomic_dir, read_json
+from pqd.diffusion.sampling import checked_predict
+from pqd.io import atomic_dir, load_tensors, read_json
 from pqd.params import Params, resolve_device
 from pqd.qstate_io import save_qstate
 
@@ -73,8 +74,8 @@ def group_batches(x: torch.Tensor, t: torch.Tensor, groups: TimeGroups, size: in
 def output_mse(fp: Denoiser, q: Denoiser, batches: list[tuple[torch.Tensor, torch.Tensor, int]]) -> float:
     """Mean squared difference of the FP and quantized UNet outputs over the calibration inputs."""
     se, n = 0.0, 0
-    for xb, tb, _ in batches:
-        se += float((fp.predict(xb, tb) - q.predict(xb, tb)).pow(2).sum())
+    for i, (xb, tb, _) in enumerate(batches):
+        se += float((fp.predict(xb, tb) - checked_predict(q, xb, tb, f"calibration batch {i}")).pow(2).sum())
         n += xb.numel()
     return se / n
 
@@ -83,7 +84,7 @@ def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
     device = resolve_device(params)
     c = params.calibrate
     den = load_denoiser(model, device)
-    data = load_file(calib / "samples.safetensors")
+    data = load_tensors(calib / "samples.safetensors")
     groups = TimeGroups.from_schedule(read_json(calib / "meta.json")["schedule_timesteps"], c.time_groups)
     batches = group_batches(data["x"], data["t"], groups, c.batch_size, device)
     cfg = quant_config(params, den)
@@ -91,7 +92,10 @@ def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
     def forward_all(unet: torch.nn.Module, set_group) -> None:
         for xb, tb, g in tqdm(batches, desc="observing activations"):
             set_group(g)
-            unet(xb, tb)
+            try:
+                unet(xb, tb)
+            except NumericalError as e:
+                raise NumericalError(f"calibrate: {e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
     t0 = time.perf_counter()
     state = fit_qstate(den.unet, forward_all, cfg)
@@ -104,14 +108,12 @@ def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         recon_log = reconstruct_model(den.unet, qden.unet, den.units(list(state)),
                                       lambda m, i: m(batches[i][0], batches[i][1]), [b[2] for b in batches],
-                                      recon_config(params), seed=params.select.seed)
+                                      recon_config(params), seed=c.seed)
         state = qstate_of(qden.unet)
         t_recon = time.perf_counter() - t0
     else:
         t_recon = 0.0
     mse = output_mse(den, qden, batches)
-    if not torch.isfinite(torch.tensor(mse)):
-        raise FloatingPointError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
     floats = quantizable_layers(den.unet)
     rows = []
     for name, lp in state.items():

@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pqd.io import atomic_dir, read_json, write_json
+from pqd.io import atomic_dir, load_tensors, read_json, write_json
 from pqd.params import Params, SelectParams
 
 
@@ -85,7 +84,8 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     steps = int(meta["steps"])
     n_traj = index["seed"].nunique()
     if index["step"].nunique() != steps or len(index) != n_traj * steps:
-        raise ValueError(f"{trajectories}/index.parquet: {len(index)} rows do not match {n_traj} trajectories x {steps} steps")
+        raise ValueError(f"{trajectories}/index.parquet: {len(index)} rows do not match {n_traj} trajectories x {steps} "
+                         "steps: expected one row per trajectory and step, as the generate stage writes it")
     rng = np.random.default_rng(sp.seed)
     u = np.arange(steps) / (steps - 1)
     p = step_probabilities(u, sp)
@@ -96,10 +96,15 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     rows_by_step: dict[int, list[tuple[int, str, int, float]]] = {s: [] for s in chosen_steps}
     feats_by_step: dict[int, list[torch.Tensor]] = {s: [] for s in chosen_steps}
     for shard in sorted(index["shard"].unique()):
-        with safe_open(trajectories / shard, framework="pt") as f:
-            x, t, seeds = f.get_tensor("x"), f.get_tensor("t"), f.get_tensor("seeds")
-        if x.shape[1] != steps or len(seeds) != len(index[index["shard"] == shard]) // steps:
-            raise ValueError(f"{trajectories}/{shard}: shape {tuple(x.shape)} disagrees with index.parquet")
+        tensors = load_tensors(trajectories / shard)
+        if missing := sorted({"x", "t", "seeds"} - set(tensors)):
+            raise ValueError(f"{trajectories}/{shard}: tensor {missing[0]!r} is missing: expected x, t and seeds")
+        x, t, seeds = tensors["x"], tensors["t"], tensors["seeds"]
+        listed = sorted(index.loc[index["shard"] == shard, "seed"].unique().tolist())
+        if x.ndim != 5 or x.shape[1] != steps or sorted(seeds.tolist()) != listed or len(x) != len(seeds):
+            raise ValueError(f"{trajectories}/{shard}: holds x {tuple(x.shape)} for seeds {seeds.tolist()[:4]}, which "
+                             f"disagrees with index.parquet: expected {len(listed)} trajectories x {steps} steps for "
+                             f"seeds {listed[:4]}")
         for s in chosen_steps:
             feats_by_step[s].append(pooled_feature(x[:, s]))
             rows_by_step[s] += [(int(seeds[r]), shard, r, float(t[s])) for r in range(len(seeds))]
@@ -118,8 +123,7 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     # pass 2: gather the chosen inputs
     gathered: dict[tuple[str, int, int], torch.Tensor] = {}
     for shard, rs in picks.items():
-        with safe_open(trajectories / shard, framework="pt") as f:
-            x = f.get_tensor("x")
+        x = load_tensors(trajectories / shard)["x"]
         for row, s in rs:
             gathered[(shard, row, s)] = x[row, s].clone()
     xs = torch.stack([gathered[(r["shard"], r["row"], r["step"])] for r in records])
