@@ -59,11 +59,11 @@ def write_json(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(f"{path}: file not found: expected the file the pipeline wrote (run `dvc repro`)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e}): expected the file the pipeline wrote (run `dvc repro`)") from None
 
 
 def require_folder(path: str | Path, made_by: str) -> Path:

@@ -83,8 +83,11 @@ def output_mse(fp: Denoiser, q: Denoiser, batches: list[tuple[torch.Tensor, torc
 def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
     device = resolve_device(params)
     c = params.calibrate
+    data = load_tensors(calib / "samples.safetensors")  # inputs first: a damaged file fails before any work
+    if bad := (~torch.isfinite(data["x"]).flatten(1).all(1)).nonzero().flatten().tolist():
+        raise NumericalError(f"{calib}/samples.safetensors: calibration input {bad[0]} (timestep {float(data['t'][bad[0]]):g}) "
+                             f"has non-finite values ({len(bad)} inputs in all): expected finite UNet inputs; re-run generate")
     den = load_denoiser(model, device)
-    data = load_tensors(calib / "samples.safetensors")
     groups = TimeGroups.from_schedule(read_json(calib / "meta.json")["schedule_timesteps"], c.time_groups)
     batches = group_batches(data["x"], data["t"], groups, c.batch_size, device)
     cfg = quant_config(params, den)
