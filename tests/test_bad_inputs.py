@@ -208,3 +208,29 @@ def test_real_process_exit_status(result, tmp_path, case):
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words)
     assert snapshot(d) == before
+
+
+def test_export_that_overflows_stops_evaluate_naming_layer_and_step(result, tmp_path, capsys):
+    """A consistent export (manifest re-hashed) whose UNet overflows: evaluate stops at the first sampling step,
+    naming the layer, instead of writing black images; the earlier quantized samples stay as they were."""
+    import importlib
+
+    from safetensors.torch import load_file, save_file
+
+    d = copy_result(result, tmp_path / "p")
+    exp = d / "data/export"
+    tensors = load_file(exp / "unet/quantized.safetensors")
+    tensors["mid_block.resnets.0.conv1.bias"][0] = float("inf")
+    save_file(tensors, exp / "unet/quantized.safetensors")
+    manifest = json.loads((exp / "manifest.json").read_text())
+    manifest["files"]["unet/quantized.safetensors"] = sha256_file(exp / "unet/quantized.safetensors")
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(d)
+    module, args = stage_argv(d, "evaluate")
+    with _cwd(d):
+        rc = importlib.import_module(module).main(args)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    print(last)
+    assert rc == 2 and last.startswith("pqd evaluate: error: non-finite UNet output at sampling step 0 (timestep ")
+    assert "first produced by layer mid_block.resnets.0.conv1" in last
+    assert snapshot(d) == before

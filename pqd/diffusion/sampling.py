@@ -55,21 +55,20 @@ def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float
     """
     out = []
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    bar = tqdm(total=len(batches) * steps, desc=desc, disable=not progress, unit="step")
-    for batch_seeds in batches:
-        scheduler.set_timesteps(steps, device=device)
-        x = initial_noise(batch_seeds, den.sample_shape).to(device) * scheduler.init_noise_sigma
-        gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch_seeds]
-        for i, t in enumerate(scheduler.timesteps):
-            x_in = scheduler.scale_model_input(x, t)
-            if record is not None:
-                record(i, t, x_in)
-            eps = checked_predict(den, x_in, t, f"sampling step {i}")
-            kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
-            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
-            bar.update(1)
-        out.append(den.to_images(x).cpu())
-    bar.close()
+    with tqdm(total=len(batches) * steps, desc=desc, disable=not progress, unit="step") as bar:  # closed on errors too
+        for batch_seeds in batches:
+            scheduler.set_timesteps(steps, device=device)
+            x = initial_noise(batch_seeds, den.sample_shape).to(device) * scheduler.init_noise_sigma
+            gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch_seeds]
+            for i, t in enumerate(scheduler.timesteps):
+                x_in = scheduler.scale_model_input(x, t)
+                if record is not None:
+                    record(i, t, x_in)
+                eps = checked_predict(den, x_in, t, f"sampling step {i}")
+                kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
+                x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
+                bar.update(1)
+            out.append(den.to_images(x).cpu())
     return torch.cat(out)
 
 
