@@ -40,16 +40,12 @@ class Finding:
 
 def dvc_dir_md5(folder: Path) -> str:
     """The md5 DVC records in dvc.lock for a directory output: md5 of the JSON list of its files' md5s."""
-    entries = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.relative_to(folder).as_posix()}
+    from pqd.release import md5_file
+
+    entries = [{"md5": md5_file(p), "relpath": p.relative_to(folder).as_posix()}
                for p in sorted(folder.rglob("*")) if p.is_file()]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
-
-
-def _stage_hashes(lock: dict[str, Any]) -> dict[str, str]:
-    from pqd.tracking import _canonical, _sha256
-
-    return {f"dvc.lock.{s}": _sha256(_canonical(e)) for s, e in (lock.get("stages") or {}).items()}
 
 
 def _git_file(root: Path, commit: str, path: str) -> str | None:
@@ -108,6 +104,7 @@ def check_lineage(lock: dict[str, Any] | None, root: Path, commit: str | None, e
                   tags: dict[str, str] | None) -> Finding:
     """The recorded dvc.lock against the commit, the registry tags and the export itself."""
     from pqd.release import lock_hash
+    from pqd.tracking import lock_stage_hashes
 
     if lock is None:
         return Finding("lineage", FAIL, "no dvc.lock was recorded with this release")
@@ -121,7 +118,7 @@ def check_lineage(lock: dict[str, Any] | None, root: Path, commit: str | None, e
         return Finding("lineage", FAIL, f"the recorded dvc.lock differs from dvc.lock at commit {commit[:12]}: "
                                         "the release was made from uncommitted pipeline state")
     if tags is not None:
-        bad = [k for k, v in _stage_hashes(lock).items() if tags.get(k) != v]
+        bad = [k for k, v in lock_stage_hashes(lock).items() if tags.get(k) != v]
         if bad:
             return Finding("lineage", FAIL, f"registry tag {bad[0]} = {tags.get(bad[0])!r} differs from the recorded dvc.lock")
     made, actual = lock_hash((lock.get("stages") or {}).get("export", {}).get("outs"), export_path), dvc_dir_md5(export)

@@ -254,11 +254,15 @@ def lineage_tags(r: Result) -> dict[str, str]:
     if git["commit"]:
         tags["mlflow.source.git.commit"] = git["commit"]
     tags["mlflow.source.name"] = "dvc.yaml"  # the UI's Source column: the pipeline, whatever ran it
-    for stage, entry in ((r.lock or {}).get("stages") or {}).items():
-        tags[f"dvc.lock.{stage}"] = _sha256(_canonical(entry))
+    tags.update(lock_stage_hashes(r.lock or {}))
     if r.lock is None:
         tags["dvc.lock"] = "absent (stages were not run by dvc)"
     return tags
+
+
+def lock_stage_hashes(lock: dict[str, Any]) -> dict[str, str]:
+    """``dvc.lock.<stage>``: sha256 of each stage's dvc.lock entry (its deps, params and outs hashes)."""
+    return {f"dvc.lock.{s}": _sha256(_canonical(e)) for s, e in (lock.get("stages") or {}).items()}
 
 
 def bits_label(params: dict[str, Any]) -> str:

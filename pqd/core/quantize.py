@@ -104,25 +104,30 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
             raise ValueError(f"time group {g} is not allowed: expected 0..{G - 1}")
         current["group"] = g
 
+    def observe(n: str, p: int, side: str, x: torch.Tensor) -> None:
+        g = current["group"]
+        try:
+            obs[(n, g, p, side)].update(x)
+        except FloatingPointError as e:  # the observer refuses non-finite values
+            raise NumericalError(f"layer {n}, time group {g}: {side}put has {e} during calibration (the "
+                                 "full-precision model overflows on the calibration set)") from None
+
     def hook(_m: nn.Module, args: tuple, n: str) -> None:
         x = args[0]
-        if not bool(torch.isfinite(x).all()):
-            raise NumericalError(f"layer {n}, time group {current['group']}: non-finite input during calibration "
-                                 "(the full-precision model overflows on the calibration set)")
         if parts[n] == 1:
-            obs[(n, current["group"], 0, "in")].update(x)
+            observe(n, 0, "in", x)
         else:
             k = config.splits[n]
-            obs[(n, current["group"], 0, "in")].update(x[:, :k])
-            obs[(n, current["group"], 1, "in")].update(x[:, k:])
+            observe(n, 0, "in", x[:, :k])
+            observe(n, 1, "in", x[:, k:])
 
     def out_hook(m: nn.Module, args: tuple, y: torch.Tensor, n: str) -> None:
         if parts[n] == 1:
-            obs[(n, current["group"], 0, "out")].update(y)
+            observe(n, 0, "out", y)
         else:  # the two partial products (without bias) that the split layer quantizes
             x, k = args[0], config.splits[n]
-            obs[(n, current["group"], 0, "out")].update(m._conv_forward(x[:, :k], m.weight[:, :k], None))
-            obs[(n, current["group"], 1, "out")].update(m._conv_forward(x[:, k:], m.weight[:, k:], None))
+            observe(n, 0, "out", m._conv_forward(x[:, :k], m.weight[:, :k], None))
+            observe(n, 1, "out", m._conv_forward(x[:, k:], m.weight[:, k:], None))
 
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in layers.items()]
     handles += [m.register_forward_hook(lambda m, a, y, n=n: out_hook(m, a, y, n))
@@ -142,10 +147,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
                 o = obs[(name, g, p, side)]
                 if not o.seen:
                     raise RuntimeError(f"fit_qstate: layer {name} received no input in time group {g} during calibration")
-                try:
-                    scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
-                except FloatingPointError as e:
-                    raise FloatingPointError(f"layer {name} ({side}put), time group {g}: {e}") from None
+                scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
         return scales, zps
 
     state: QState = {}

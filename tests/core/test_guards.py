@@ -78,3 +78,22 @@ def test_sampling_fails_loudly_naming_layer_and_step(tiny_pipeline):
     msg = str(e.value)
     assert "non-finite UNet output at sampling step 0 (timestep " in msg
     assert "first produced by layer mid_block.resnets.0.conv1" in msg
+
+
+def test_calibration_names_the_layer_whose_input_is_non_finite():
+    from pqd.core import QuantConfig, fit_qstate
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("inf")
+    net[0].bias.data.fill_(10.0)
+    xs = [torch.randn(8, 4) for _ in range(2)]
+
+    def forward_all(m, set_group):
+        for g, x in enumerate(xs):
+            set_group(g)
+            m(x)
+
+    with pytest.raises(NumericalError, match=r"layer 3, time group 0: input has non-finite values \(min "):
+        fit_qstate(net, forward_all, QuantConfig(time_groups=2))
