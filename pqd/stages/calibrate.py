@@ -98,7 +98,7 @@ def run(params: Params, model: Path, calib: Path, out: Path) -> dict[str, Any]:
             try:
                 unet(xb, tb)
             except NumericalError as e:
-                raise NumericalError(f"calibrate: {e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
+                raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
     t0 = time.perf_counter()
     state = fit_qstate(den.unet, forward_all, cfg)
