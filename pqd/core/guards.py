@@ -27,11 +27,12 @@ class NumericalError(FloatingPointError):
 
 
 def check_layer_qparams(name: str, weight_int: torch.Tensor, weight_scale: torch.Tensor, weight_bits: int,
-                        act_scale: torch.Tensor, act_zero_point: torch.Tensor, act_bits: int) -> None:
+                        act_scale: torch.Tensor, act_zero_point: torch.Tensor, act_bits: int,
+                        out_scale: torch.Tensor | None = None, out_zero_point: torch.Tensor | None = None) -> None:
     """Raise NumericalError unless one layer's quantizer parameters are usable (see the module docstring).
 
-    weight_int: integer codes [out, ...]; weight_scale: [out]; act_scale / act_zero_point: [G, P]
-    (G time groups)."""
+    weight_int: integer codes [out, ...]; weight_scale: [out]; act_scale / act_zero_point (and the output
+    quantizer's out_scale / out_zero_point, when it has one): [G, P] (G time groups)."""
     wq, aq = weight_qtype(weight_bits), act_qtype(act_bits)
     if weight_int.is_floating_point():
         raise NumericalError(f"layer {name}: weight codes are {weight_int.dtype}: expected an integer tensor")
@@ -42,14 +43,16 @@ def check_layer_qparams(name: str, weight_int: torch.Tensor, weight_scale: torch
     if not bool(torch.isfinite(weight_scale).all()) or not bool((weight_scale > 0).all()):
         raise NumericalError(f"layer {name}: weight scale {_first_bad(weight_scale)} is not allowed: expected a "
                              "finite number > 0 per output channel")
-    for g in range(act_scale.shape[0]):
-        s, z = act_scale[g], act_zero_point[g]
-        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-            raise NumericalError(f"layer {name}, time group {g}: activation scale {_first_bad(s)} is not allowed: "
-                                 "expected a finite number > 0")
-        if not bool(torch.isfinite(z).all()) or bool((z < aq.qmin).any()) or bool((z > aq.qmax).any()):
-            raise NumericalError(f"layer {name}, time group {g}: activation zero point {z.tolist()} overflows the "
-                                 f"{act_bits}-bit grid: expected values in [{aq.qmin}, {aq.qmax}]")
+    sides = [("activation", act_scale, act_zero_point)] + ([] if out_scale is None else [("output", out_scale, out_zero_point)])
+    for what, scales, zps in sides:
+        for g in range(scales.shape[0]):
+            s, z = scales[g], zps[g]
+            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+                raise NumericalError(f"layer {name}, time group {g}: {what} scale {_first_bad(s)} is not allowed: "
+                                     "expected a finite number > 0")
+            if not bool(torch.isfinite(z).all()) or bool((z < aq.qmin).any()) or bool((z > aq.qmax).any()):
+                raise NumericalError(f"layer {name}, time group {g}: {what} zero point {z.tolist()} overflows the "
+                                     f"{act_bits}-bit grid: expected values in [{aq.qmin}, {aq.qmax}]")
     fan_in = weight_int[0].numel() if weight_int.ndim else 1
     bound = fan_in * max(abs(lo), abs(hi)) * (aq.qmax - aq.qmin)
     if bound > INT32_MAX:

@@ -172,7 +172,7 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
             raise KeyError(f"apply_qstate: the model has no Conv2d/Linear layer named {name!r}")
         float_layer = layers[name]
         check_layer_qparams(name, lp.weight_int, lp.weight_scale, lp.weight_bits, lp.act_scale, lp.act_zero_point,
-                            lp.act_bits)
+                            lp.act_bits, lp.out_scale, lp.out_zero_point)
         act = ActQuantizer(lp.act_bits, lp.act_scale, lp.act_zero_point, split=lp.act_split)
         out = None if lp.out_scale is None else \
             ActQuantizer(lp.act_bits, lp.out_scale, lp.out_zero_point, split=lp.act_split)

@@ -36,11 +36,14 @@ def checked_predict(den: Denoiser, x: torch.Tensor, t: torch.Tensor, where: str)
     first layer that produced a non-finite value (found by re-running the step with hooks)."""
     eps = den.predict(x, t)
     if not bool(torch.isfinite(eps).all()):
-        layer = locate_nonfinite(den.unet, lambda: den.predict(x, t))
         ts = sorted({float(v) for v in torch.as_tensor(t).reshape(-1).tolist()}, reverse=True)
         when = f"timestep {ts[0]:g}" if len(ts) == 1 else f"timesteps {', '.join(f'{v:g}' for v in ts[:4])}"
-        raise NumericalError(f"non-finite UNet output at {where} ({when}): first produced by layer {layer}; "
-                             "the quantized model overflows there (try more activation bits or calibrate.act_range: mse)")
+        if isinstance(den.unet, torch.nn.Module):
+            where_in = f"first produced by layer {locate_nonfinite(den.unet, lambda: den.predict(x, t))}"
+        else:  # a deployed graph (onnxruntime): no torch layers to hook
+            where_in = f"in the {type(den).__name__} graph (evaluate the torch model to locate the layer)"
+        raise NumericalError(f"non-finite UNet output at {where} ({when}): {where_in}; the quantized model overflows "
+                             "there (try more activation bits or calibrate.act_range: mse)")
     return eps
 
 

@@ -28,6 +28,8 @@ def test_usable_parameters_pass():
     (qparams(torch.zeros(2, 2, dtype=torch.int8), a_zp=torch.tensor([[0.0], [300.0]])),
      "layer L, time group 1: activation zero point [300.0] overflows the 8-bit grid: expected values in [0, 255]"),
     (qparams(torch.zeros(2, 2, dtype=torch.float32)), "weight codes are torch.float32"),
+    ({**qparams(torch.zeros(2, 2, dtype=torch.int8)), "out_scale": torch.tensor([[0.1], [-1.0]]),
+      "out_zero_point": torch.zeros(2, 1)}, "layer L, time group 1: output scale -1.0 is not allowed"),
 ])
 def test_bad_parameters_name_the_layer(kw, words):
     with pytest.raises(NumericalError) as e:
