@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pqd.core import LayerQParams, QState, TimeGroups, apply_qstate, pack_int4, set_time_group, unpack_int4
 from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_from_config
-from pqd.io import hash_tree, read_json, sha256_file, write_json
+from pqd.io import hash_tree, load_tensors, read_json, sha256_file, write_json
 
 FORMAT_VERSION = 1
 QWEIGHTS = "unet/quantized.safetensors"
@@ -108,11 +108,18 @@ def write_manifest(out: Path, manifest_extra: dict[str, Any]) -> int:
 
 
 def verify_manifest(export_dir: Path) -> dict[str, Any]:
-    """Check every file listed in manifest.json against its sha256; returns the manifest."""
+    """Check every file listed in manifest.json against its sha256, and that no other file is there (nothing
+    unverified can be loaded from the folder); returns the manifest."""
     export_dir = Path(export_dir)
     if not (export_dir / "manifest.json").is_file():
         raise ArtifactError(f"{export_dir}: manifest.json is missing: not a PQD export folder")
     manifest = read_json(export_dir / "manifest.json")
+    listed = set(manifest.get("files", {})) | {"manifest.json"}
+    unlisted = sorted(rel for p in export_dir.rglob("*") if p.is_file() and (rel := p.relative_to(export_dir).as_posix())
+                      not in listed)
+    if unlisted:
+        raise ArtifactError(f"{export_dir}: file {unlisted[0]} is not listed in manifest.json: expected only the files "
+                            "the export stage wrote")
     for rel, digest in manifest.get("files", {}).items():
         p = export_dir / rel
         if not p.is_file():
@@ -128,7 +135,7 @@ def read_qstate(export_dir: Path) -> tuple[QState, dict[str, torch.Tensor], dict
     if qmap.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{export_dir}/qmap.json: format_version = {qmap.get('format_version')!r} is not "
                             f"supported: expected {FORMAT_VERSION}")
-    tensors = load_file(export_dir / QWEIGHTS)
+    tensors = load_tensors(export_dir / QWEIGHTS)
     state: QState = {}
     for name, info in qmap["layers"].items():
         try:

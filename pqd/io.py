@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -21,10 +22,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary sibling name; it appears at ``path`` only when the block succeeds.
 
     An interrupted or failing block leaves ``path`` as it was (an earlier complete output, or nothing)
-    and removes the temporary directory.
+    and removes the temporary directory. A process killed outright (SIGKILL, power loss) cannot clean up:
+    its temporary siblings are removed the next time this output is built (one writer per output: DVC
+    holds the repository lock while a stage runs).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        if stale.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-")) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
@@ -53,11 +59,38 @@ def write_json(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(f"{path}: file not found: expected the file the pipeline wrote (run `dvc repro`)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e}): expected the file the pipeline wrote (run `dvc repro`)") from None
+
+
+def require_folder(path: str | Path, made_by: str) -> Path:
+    """``path`` if it is a non-empty folder; else a one-line ValueError naming it and the stage that makes it."""
+    path = Path(path)
+    why = "is missing" if not path.exists() else "is not a folder" if not path.is_dir() else \
+        "is empty" if not any(path.iterdir()) else None
+    if why:
+        raise ValueError(f"input folder {path} {why}: expected the complete output of the {made_by} stage "
+                         "(run `dvc repro`)")
+    return path
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (never a pickle); a missing, truncated or corrupted file is a
+    one-line ValueError naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file {path} is missing: expected a safetensors file (run `dvc repro`)")
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"file {path} is truncated or corrupted ({reason}): expected a complete safetensors file; "
+                         "re-run the stage that wrote it (`dvc repro`)") from None
 
 
 def read_prompts(path: str | Path, key: str = "generate.prompts") -> list[str]:

@@ -106,6 +106,7 @@ class CalibrateParams:
     lr_act: float = 1e-3
     round_weight: float = 0.01
     memory_mb: int = 1024  # a reconstruction unit whose recordings (inputs + FP outputs) exceed this keeps them on disk
+    seed: int = 0  # reconstruction: batch sampling and QDrop masks (seeded generators, never the global RNG)
 
 
 @dataclass(frozen=True)

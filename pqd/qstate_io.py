@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pqd.core.quantize import LayerQParams, QState
 from pqd.core.timegroups import TimeGroups
-from pqd.io import read_json, write_json
+from pqd.io import load_tensors, read_json, write_json
 
 TENSORS = ("weight_int", "weight_scale", "act_scale", "act_zero_point")
 OUT_TENSORS = ("out_scale", "out_zero_point")  # only for layers whose output is quantized
@@ -26,7 +26,7 @@ def save_qstate(state: QState, folder: Path, extra: dict | None = None) -> None:
 def load_qstate(folder: Path) -> QState:
     """The QState saved by :func:`save_qstate` (see :func:`load_time_groups` for the time grouping)."""
     meta = read_json(folder / "layers.json")["layers"]
-    tensors = load_file(folder / "qstate.safetensors")
+    tensors = load_tensors(folder / "qstate.safetensors")
     state: QState = {}
     for name, info in meta.items():
         try:

@@ -103,7 +103,8 @@ def fid_checks(evaluate: dict[str, Any], s: ReleaseSettings) -> list[Check]:
     ]
 
 
-def _md5(path: Path) -> str:
+def md5_file(path: Path) -> str:
+    """md5 of a file's bytes, as DVC records it in dvc.lock."""
     h = hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -111,29 +112,35 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _lock_hash(entries: list[dict[str, Any]] | None, path: str) -> str | None:
+def lock_hash(entries: list[dict[str, Any]] | None, path: str) -> str | None:
+    """The md5 a dvc.lock ``deps``/``outs`` list records for ``path`` (None when absent)."""
     for e in entries or []:
         if e.get("path") == path:
             return e.get("md5")
     return None
 
 
-def lineage_check(r: tracking.Result) -> Check:
-    """dvc.lock ties the metrics to the export: evaluate consumed the export's recorded hash, and the
-    evaluate.json on disk is the one dvc recorded."""
-    if r.lock is None:
-        return Check("lineage", False, "dvc.lock is missing: run the pipeline with dvc repro (make run)")
-    stages = r.lock.get("stages") or {}
-    export_path, metrics_path = r.options["export"]["out"], r.options["evaluate"]["metrics"]
-    made = _lock_hash(stages.get("export", {}).get("outs"), export_path)
-    used = _lock_hash(stages.get("evaluate", {}).get("deps"), export_path)
+def lock_lineage(lock: dict[str, Any], options: dict[str, dict[str, str]], metrics_file: Path) -> Check:
+    """dvc.lock ties the metrics to the export: evaluate consumed the export's recorded hash, and
+    ``metrics_file`` (evaluate.json) is the one dvc recorded."""
+    stages = lock.get("stages") or {}
+    export_path, metrics_path = options["export"]["out"], options["evaluate"]["metrics"]
+    made = lock_hash(stages.get("export", {}).get("outs"), export_path)
+    used = lock_hash(stages.get("evaluate", {}).get("deps"), export_path)
     if made is None or made != used:
         return Check("lineage", False, f"dvc.lock: evaluate used {export_path} {used} but export made {made}: "
                                        "run dvc repro")
-    recorded = _lock_hash(stages.get("evaluate", {}).get("outs"), metrics_path)
-    if not (r.root / metrics_path).is_file() or _md5(r.root / metrics_path) != recorded:
+    recorded = lock_hash(stages.get("evaluate", {}).get("outs"), metrics_path)
+    if not metrics_file.is_file() or md5_file(metrics_file) != recorded:
         return Check("lineage", False, f"{metrics_path} differs from the hash in dvc.lock: run dvc repro")
     return Check("lineage", True, f"evaluate ran on export {made}")
+
+
+def lineage_check(r: tracking.Result) -> Check:
+    """:func:`lock_lineage` for the result in the work tree."""
+    if r.lock is None:
+        return Check("lineage", False, "dvc.lock is missing: run the pipeline with dvc repro (make run)")
+    return lock_lineage(r.lock, r.options, r.root / r.options["evaluate"]["metrics"])
 
 
 def gate(r: tracking.Result, s: ReleaseSettings) -> GateReport:

@@ -254,11 +254,15 @@ def lineage_tags(r: Result) -> dict[str, str]:
     if git["commit"]:
         tags["mlflow.source.git.commit"] = git["commit"]
     tags["mlflow.source.name"] = "dvc.yaml"  # the UI's Source column: the pipeline, whatever ran it
-    for stage, entry in ((r.lock or {}).get("stages") or {}).items():
-        tags[f"dvc.lock.{stage}"] = _sha256(_canonical(entry))
+    tags.update(lock_stage_hashes(r.lock or {}))
     if r.lock is None:
         tags["dvc.lock"] = "absent (stages were not run by dvc)"
     return tags
+
+
+def lock_stage_hashes(lock: dict[str, Any]) -> dict[str, str]:
+    """``dvc.lock.<stage>``: sha256 of each stage's dvc.lock entry (its deps, params and outs hashes)."""
+    return {f"dvc.lock.{s}": _sha256(_canonical(e)) for s, e in (lock.get("stages") or {}).items()}
 
 
 def bits_label(params: dict[str, Any]) -> str:
@@ -465,22 +469,47 @@ def set_alias(root: str | Path, name: str, alias: str, version: str) -> None:
     client(root).set_registered_model_alias(name, alias, str(version))
 
 
-def load_sampler(model_uri: str, root: str | Path = ".") -> Any:
-    """A working quantized sampler (:class:`pqd.release.Sampler`) from ``models:/<name>@<alias>`` (or any
-    MLflow model URI): downloads the registered artifacts, verifies every manifest hash, rebuilds the UNet."""
+def _version_of(c: MlflowClient, model_uri: str) -> tuple[str, str]:
+    """(name, version) of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    if not model_uri.startswith("models:/"):
+        raise TrackingError(f"model URI {model_uri!r} is not allowed: expected models:/<name>@<alias> or "
+                            "models:/<name>/<version>")
+    name, at, ref = model_uri[len("models:/"):].partition("@")
+    if not at:
+        name, _, ref = name.partition("/")
+    return name, str(c.get_model_version_by_alias(name, ref).version if at else ref)
+
+
+def fetch_release(model_uri: str, dest: Path, root: str | Path = ".") -> dict[str, Any]:
+    """Download a registered version into ``dest`` without loading (unpickling) anything: its pyfunc folder
+    (the export and the sampling protocol) and its run's ``lineage/`` and ``metrics/`` artifacts. Returns
+    name, version, run_id, tags, run_metrics and the local paths export, sampling, lineage, metrics."""
     c = client(root)
     try:  # resolved with this store's client: MLflow's process-wide URIs are left alone
-        if model_uri.startswith("models:/"):
-            name, at, ref = model_uri[len("models:/"):].partition("@")
-            if not at:
-                name, _, ref = name.partition("/")
-            version = c.get_model_version_by_alias(name, ref).version if at else ref
-            model_uri = c.get_model_version_download_uri(name, version)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=c.tracking_uri)
-        model = mlflow.pyfunc.load_model(local)
+        name, version = _version_of(c, model_uri)
+        mv = c.get_model_version(name, version)
+        model_dir = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=c.get_model_version_download_uri(name, version), dst_path=str(dest / "model"),
+            tracking_uri=c.tracking_uri))
+        run = {sub: Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=sub, dst_path=str(dest / "run"),
+                                                              tracking_uri=c.tracking_uri)) for sub in ("lineage", "metrics")}
+        run_metrics = dict(c.get_run(mv.run_id).data.metrics)
     except MlflowException as e:
-        raise TrackingError(f"model {model_uri!r} cannot be loaded: {str(e).splitlines()[0]}") from None
-    return model.unwrap_python_model().sampler
+        raise TrackingError(f"model {model_uri!r} cannot be fetched: {str(e).splitlines()[0]}") from None
+    arts = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
+    return {"name": name, "version": version, "run_id": mv.run_id, "tags": dict(mv.tags), "run_metrics": run_metrics,
+            "export": model_dir / arts["export"]["path"], "sampling": model_dir / arts["sampling"]["path"], **run}
+
+
+def load_sampler(model_uri: str, root: str | Path = ".") -> Any:
+    """A working quantized sampler (:class:`pqd.release.Sampler`) from ``models:/<name>@<alias>`` (or
+    ``models:/<name>/<version>``): downloads the registered export, verifies every manifest hash and rebuilds
+    the UNet from safetensors. Nothing is unpickled (``mlflow.pyfunc.load_model`` would unpickle the model)."""
+    from pqd.release import Sampler
+
+    with tempfile.TemporaryDirectory() as td:
+        rel = fetch_release(model_uri, Path(td), root)
+        return Sampler.from_folder(rel["export"], rel["sampling"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: fl
     return r.stdout + r.stderr
 
 
-def make_project(dest: Path, tiny_pipeline: Path, features: Path) -> Path:
-    """A committed git + DVC project in ``dest`` (not reproduced yet)."""
+def init_project(dest: Path, overrides: dict) -> Path:
+    """A committed git + DVC project in ``dest`` (not reproduced yet): this checkout's pqd/ and dvc.yaml,
+    and its params.yaml with ``overrides`` ({section: {key: value}}) applied."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "pqd", dest / "pqd", ignore=shutil.ignore_patterns("__pycache__"))
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -45,10 +46,7 @@ def make_project(dest: Path, tiny_pipeline: Path, features: Path) -> Path:
         stage["deps"] = [d for d in stage.get("deps", []) if not d.startswith("pqd/") or (ROOT / d).exists()]
     (dest / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    tiny = small_params(model={"source": str(tiny_pipeline)}, calibrate={"method": "minmax"},
-                        generate={"eval_samples": 8},
-                        evaluate={"features": f"torchscript:{features}", "reference": "data/samples/fp/b"})
-    for section, values in tiny.items():
+    for section, values in overrides.items():
         params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
@@ -58,6 +56,24 @@ def make_project(dest: Path, tiny_pipeline: Path, features: Path) -> Path:
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-qm", "init"], dest)
     return dest
+
+
+def make_project(dest: Path, tiny_pipeline: Path, features: Path) -> Path:
+    """The operations project: the tiny random pipeline, minmax, TorchScript features (not reproduced yet)."""
+    return init_project(dest, small_params(model={"source": str(tiny_pipeline)}, calibrate={"method": "minmax"},
+                                           generate={"eval_samples": 8},
+                                           evaluate={"features": f"torchscript:{features}",
+                                                     "reference": "data/samples/fp/b"}))
+
+
+def make_demo_project(dest: Path) -> Path:
+    """The reduced embedded demo (demo:digits, a few training steps, the full PQD method with block
+    reconstruction and QDrop), not reproduced yet."""
+    # the torch backend: on this 30-step model the ONNX agreement check of the export stage is marginal
+    # (0.057 of the quantization error against its 0.05 bound), which is the ONNX tests' business, not these
+    return init_project(dest, small_params(model={"train_steps": 30, "feature_epochs": 1, "batch_size": 32},
+                                           generate={"eval_samples": 24}, export={"onnx": False},
+                                           evaluate={"backend": "torch"}))
 
 
 @contextlib.contextmanager
@@ -132,3 +148,28 @@ def active_runs(project: Path) -> list[tuple[str, str, str]]:
 
 def run_tags(project: Path, run_id: str) -> dict[str, str]:
     return dict(db_rows(project, "SELECT key, value FROM tags WHERE run_uuid = ?", run_id))
+
+
+def demo_reference(tmp_path_factory) -> Path:
+    """The reduced demo reproduced once per session by one uninterrupted `dvc repro` from a clean data/."""
+    key = "demo:" + str(tmp_path_factory.getbasetemp())
+    if key not in _BUILT:
+        d = make_demo_project(tmp_path_factory.mktemp("demo-ref") / "p")
+        sh([str(BIN / "dvc"), "repro"], d, timeout=1200)
+        _BUILT[key] = d
+    return _BUILT[key]
+
+
+def stage_outputs(project: Path) -> dict[str, str]:
+    """{output path: md5} of every stage output recorded in dvc.lock, except the metrics JSON files (they hold
+    wall-clock timings, which differ from run to run by nature)."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+            if not (o["path"].startswith("data/metrics/") and o["path"].endswith(".json"))}
+
+
+def wiped_clone(src: Path, dest: Path) -> Path:
+    """A copy of project ``src`` at the same git commit with no outputs, no dvc.lock and an empty DVC cache
+    (no run cache): the next `dvc repro` computes every stage again from a clean data/."""
+    shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns("data", "cache", "tmp", "dvc.lock"))
+    return dest

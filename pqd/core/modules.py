@@ -31,8 +31,10 @@ class ActQuantizer(nn.Module):
     parameters (shortcut splitting for UNet skip concatenations).
     ``scale`` is a parameter so reconstruction can learn it (LSQ, straight-through rounding); it has
     no gradient otherwise. ``drop_prob`` > 0 (set only during reconstruction) keeps each element in
-    float with that probability (QDrop). ``onnx`` = True (set only while tracing for ONNX export)
-    computes the same values through ops that export as QuantizeLinear/DequantizeLinear.
+    float with that probability (QDrop), drawn from ``drop_generator`` (a seeded torch.Generator on the
+    input's device, so reconstruction reruns are bit-identical; never the global RNG). ``onnx`` = True (set
+    only while tracing for ONNX export) computes the same values through ops that export as
+    QuantizeLinear/DequantizeLinear.
     """
 
     def __init__(self, bits: int, scale: torch.Tensor, zero_point: torch.Tensor, split: int | None = None) -> None:
@@ -49,6 +51,7 @@ class ActQuantizer(nn.Module):
         self.group = 0
         self.drop_prob = 0.0
         self.onnx = False
+        self.drop_generator: torch.Generator | None = None
 
     @property
     def num_groups(self) -> int:
@@ -68,7 +71,12 @@ class ActQuantizer(nn.Module):
         return fake_quantize(x, s, z, self.qtype)
 
     def _drop(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.rand_like(x) < self.drop_prob, x, y) if self.drop_prob > 0 else y
+        if self.drop_prob <= 0:
+            return y
+        if self.drop_generator is None:
+            raise RuntimeError("ActQuantizer: QDrop needs a seeded drop_generator (see pqd.core.reconstruct.qdrop)")
+        keep = torch.rand(x.shape, generator=self.drop_generator, device=x.device, dtype=x.dtype) < self.drop_prob
+        return torch.where(keep, x, y)
 
     def part(self, x: torch.Tensor, part: int) -> torch.Tensor:
         """Fake-quantize ``x`` with the parameters of channel part ``part`` (0 or 1) of the current group."""

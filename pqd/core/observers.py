@@ -33,8 +33,11 @@ class ActObserver:
         x = x.detach().to(torch.float32).reshape(-1).cpu()
         if x.numel() == 0:
             return
-        self.lo = torch.minimum(self.lo, x.min())
-        self.hi = torch.maximum(self.hi, x.max())
+        lo, hi = x.min(), x.max()  # NaN propagates into both
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise FloatingPointError(f"non-finite values (min {float(lo)}, max {float(hi)})")
+        self.lo = torch.minimum(self.lo, lo)
+        self.hi = torch.maximum(self.hi, hi)
         k = min(self.per_update, x.numel())
         idx = torch.randint(0, x.numel(), (k,), generator=self._gen)
         self._chunks.append(x[idx])
@@ -47,7 +50,5 @@ class ActObserver:
     def qparams(self, qtype: QType, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.seen:
             raise RuntimeError("ActObserver.qparams: the observer saw no data")
-        if not bool(torch.isfinite(self.hi)):
-            raise FloatingPointError(f"non-finite activation observed (min {float(self.lo)}, max {float(self.hi)})")
         values = torch.cat(self._chunks)
         return act_qparams(values, self.lo, self.hi, qtype, method)

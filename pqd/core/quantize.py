@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from pqd.core.affine import quantize, weight_scales
+from pqd.core.guards import NumericalError, check_layer_qparams
 from pqd.core.modules import ActQuantizer, QuantConv2d, QuantLinear, quant_layers, quantizable_layers, set_module
 from pqd.core.observers import ActObserver
 from pqd.core.qtypes import act_qtype, weight_qtype
@@ -103,22 +104,30 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
             raise ValueError(f"time group {g} is not allowed: expected 0..{G - 1}")
         current["group"] = g
 
+    def observe(n: str, p: int, side: str, x: torch.Tensor) -> None:
+        g = current["group"]
+        try:
+            obs[(n, g, p, side)].update(x)
+        except FloatingPointError as e:  # the observer refuses non-finite values
+            raise NumericalError(f"layer {n}, time group {g}: {side}put has {e} during calibration (the "
+                                 "full-precision model overflows on the calibration set)") from None
+
     def hook(_m: nn.Module, args: tuple, n: str) -> None:
         x = args[0]
         if parts[n] == 1:
-            obs[(n, current["group"], 0, "in")].update(x)
+            observe(n, 0, "in", x)
         else:
             k = config.splits[n]
-            obs[(n, current["group"], 0, "in")].update(x[:, :k])
-            obs[(n, current["group"], 1, "in")].update(x[:, k:])
+            observe(n, 0, "in", x[:, :k])
+            observe(n, 1, "in", x[:, k:])
 
     def out_hook(m: nn.Module, args: tuple, y: torch.Tensor, n: str) -> None:
         if parts[n] == 1:
-            obs[(n, current["group"], 0, "out")].update(y)
+            observe(n, 0, "out", y)
         else:  # the two partial products (without bias) that the split layer quantizes
             x, k = args[0], config.splits[n]
-            obs[(n, current["group"], 0, "out")].update(m._conv_forward(x[:, :k], m.weight[:, :k], None))
-            obs[(n, current["group"], 1, "out")].update(m._conv_forward(x[:, k:], m.weight[:, k:], None))
+            observe(n, 0, "out", m._conv_forward(x[:, :k], m.weight[:, :k], None))
+            observe(n, 1, "out", m._conv_forward(x[:, k:], m.weight[:, k:], None))
 
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in layers.items()]
     handles += [m.register_forward_hook(lambda m, a, y, n=n: out_hook(m, a, y, n))
@@ -138,10 +147,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
                 o = obs[(name, g, p, side)]
                 if not o.seen:
                     raise RuntimeError(f"fit_qstate: layer {name} received no input in time group {g} during calibration")
-                try:
-                    scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
-                except FloatingPointError as e:
-                    raise FloatingPointError(f"layer {name} ({side}put), time group {g}: {e}") from None
+                scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
         return scales, zps
 
     state: QState = {}
@@ -165,6 +171,8 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
         if name not in layers:
             raise KeyError(f"apply_qstate: the model has no Conv2d/Linear layer named {name!r}")
         float_layer = layers[name]
+        check_layer_qparams(name, lp.weight_int, lp.weight_scale, lp.weight_bits, lp.act_scale, lp.act_zero_point,
+                            lp.act_bits, lp.out_scale, lp.out_zero_point)
         act = ActQuantizer(lp.act_bits, lp.act_scale, lp.act_zero_point, split=lp.act_split)
         out = None if lp.out_scale is None else \
             ActQuantizer(lp.act_bits, lp.out_scale, lp.out_zero_point, split=lp.act_split)

@@ -10,6 +10,7 @@ probability ``qdrop_p`` (QDrop). Nothing here knows what a UNet is.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, MutableSequence, Sequence
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from pqd.core.adaround import AdaRound, beta_schedule
+from pqd.core.guards import NumericalError
 from pqd.core.modules import ActQuantizer, act_quantizers, quant_layers, set_time_group
 
 
@@ -70,17 +72,18 @@ def _memory_store(_unit: str, _kind: str) -> MutableSequence[Any]:
 
 
 @contextlib.contextmanager
-def qdrop(module: nn.Module, p: float) -> Iterator[None]:
-    """Within the block, every activation quantizer of ``module`` keeps each element in float with prob. p."""
+def qdrop(module: nn.Module, p: float, generator: torch.Generator) -> Iterator[None]:
+    """Within the block, every activation quantizer of ``module`` keeps each element in float with prob. p,
+    drawing from ``generator`` (on the module's device)."""
     qs = act_quantizers(module)
-    old = [q.drop_prob for q in qs]
+    old = [(q.drop_prob, q.drop_generator) for q in qs]
     for q in qs:
-        q.drop_prob = p
+        q.drop_prob, q.drop_generator = p, generator
     try:
         yield
     finally:
-        for q, o in zip(qs, old):
-            q.drop_prob = o
+        for q, (o, g) in zip(qs, old):
+            q.drop_prob, q.drop_generator = o, g
 
 
 def _output(y: Any) -> torch.Tensor:
@@ -137,8 +140,11 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
         return {"mse_before": before, "mse_after": before, "reverted": 0.0}
     opt = torch.optim.Adam(params)
     rec_loss = torch.tensor(0.0)
+    # QDrop's masks come from a generator on the unit's device, seeded from ``generator``
+    device = batches[0].target.device
+    drop_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     try:
-        with torch.enable_grad(), qdrop(unit, cfg.qdrop_p):
+        with torch.enable_grad(), qdrop(unit, cfg.qdrop_p, drop_gen):
             for it in range(cfg.iters):
                 bi = int(torch.randint(len(batches), (1,), generator=generator))
                 b = batches[bi]
@@ -274,6 +280,9 @@ def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchR
         layers_rel = quant_layers(q_unit)  # {"": q_unit} when the unit is a single layer
         weights = {nm: fp_unit.get_submodule(nm).weight.detach() for nm in layers_rel}
         entry = reconstruct_unit(q_unit, weights, batches, cfg, gen)
+        if not math.isfinite(entry["mse_before"]):
+            raise NumericalError(f"reconstruction unit {unit}: the quantized unit's output is non-finite on the "
+                                 f"calibration inputs (time groups {sorted(set(groups))})")
         log.append({"unit": unit, "layers": len(layers_rel), **entry})
         del batches  # this unit's recordings go before the next unit's are made
     return log

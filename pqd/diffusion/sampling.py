@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from pqd.core.guards import NumericalError, locate_nonfinite
 from pqd.diffusion.adapter import Conditioning, Denoiser
 
 # called at every step with (step index, timestep value the UNet received, UNet input [B, C, H, W])
@@ -30,6 +31,25 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def checked_predict(den: Denoiser, x: torch.Tensor, t: torch.Tensor, where: str,
+                    run: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """``den.predict(x, t)`` (or ``run()``, e.g. a guided prediction); non-finite output raises NumericalError
+    naming ``where``, the timestep and the first layer that produced a non-finite value (found by re-running
+    the step with hooks)."""
+    run = run or (lambda: den.predict(x, t))
+    eps = run()
+    if not bool(torch.isfinite(eps).all()):
+        ts = sorted({float(v) for v in torch.as_tensor(t).reshape(-1).tolist()}, reverse=True)
+        when = f"timestep {ts[0]:g}" if len(ts) == 1 else f"timesteps {', '.join(f'{v:g}' for v in ts[:4])}"
+        if isinstance(den.unet, torch.nn.Module):
+            where_in = f"first produced by layer {locate_nonfinite(den.unet, run)}"
+        else:  # a deployed graph (onnxruntime): no torch layers to hook
+            where_in = f"in the {type(den).__name__} graph (evaluate the torch model to locate the layer)"
+        raise NumericalError(f"non-finite UNet output at {where} ({when}): {where_in}; the quantized model overflows "
+                             "there (try more activation bits or calibrate.act_range: mse)")
+    return eps
+
+
 @torch.no_grad()
 def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float = 0.0, batch_size: int = 256,
            device: str = "cpu", record: Recorder | None = None, progress: bool = True,
@@ -44,28 +64,27 @@ def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float
         raise ValueError(f"a {den.family} model samples {'with' if den.conditional else 'without'} prompts")
     out = []
     starts = range(0, len(seeds), batch_size)
-    bar = tqdm(total=len(starts) * steps, desc=desc, disable=not progress, unit="step")
-    for start in starts:
-        batch_seeds = seeds[start:start + batch_size]
-        emb = uncond = None
-        if cond is not None:
-            emb = cond.subset(start, start + len(batch_seeds)).hidden_states().to(device)
-            uncond = cond.embeds[:1].to(device)
-        scheduler.set_timesteps(steps, device=device)
-        x = initial_noise(batch_seeds, den.sample_shape).to(device) * scheduler.init_noise_sigma
-        gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch_seeds]
-        for i, t in enumerate(scheduler.timesteps):
-            x_in = scheduler.scale_model_input(x, t)
-            if record is not None:
-                record(i, t, x_in)
-            eps = den.guided(x_in, t, emb, uncond, cond.guidance_scale if cond is not None else 1.0)
-            if not torch.isfinite(eps).all():
-                raise FloatingPointError(f"non-finite UNet output at step {i} (timestep {float(t)})")
-            kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
-            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
-            bar.update(1)
-        out.append(den.to_images(x).cpu())
-    bar.close()
+    with tqdm(total=len(starts) * steps, desc=desc, disable=not progress, unit="step") as bar:  # closed on errors too
+        for start in starts:
+            batch_seeds = seeds[start:start + batch_size]
+            emb = uncond = None
+            if cond is not None:
+                emb = cond.subset(start, start + len(batch_seeds)).hidden_states().to(device)
+                uncond = cond.embeds[:1].to(device)
+            scale = cond.guidance_scale if cond is not None else 1.0
+            scheduler.set_timesteps(steps, device=device)
+            x = initial_noise(batch_seeds, den.sample_shape).to(device) * scheduler.init_noise_sigma
+            gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch_seeds]
+            for i, t in enumerate(scheduler.timesteps):
+                x_in = scheduler.scale_model_input(x, t)
+                if record is not None:
+                    record(i, t, x_in)
+                eps = checked_predict(den, x_in, t, f"sampling step {i}",
+                                      run=lambda x_in=x_in, t=t: den.guided(x_in, t, emb, uncond, scale))
+                kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
+                x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
+                bar.update(1)
+            out.append(den.to_images(x).cpu())
     return torch.cat(out)
 
 

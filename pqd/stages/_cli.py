@@ -11,11 +11,17 @@ from typing import Any, Callable
 
 import torch
 
-from pqd.io import write_json
+from pqd.io import require_folder, write_json
 from pqd.params import Params, ParamError, load_params
 
 # Errors a user can fix: printed as one line, exit status 2, no traceback (PQD_DEBUG=1 shows it).
 USER_ERRORS: tuple[type[BaseException], ...] = (ParamError, FileNotFoundError, ValueError, FloatingPointError)
+
+
+# the stage whose output each path option names; for any other stage that option is an input folder,
+# checked (present, non-empty) before params are used
+MADE_BY = {"model": "model", "trajectories": "generate", "fp_samples": "generate", "calib": "select",
+           "qstate": "calibrate", "export": "export"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -40,6 +46,9 @@ def stage_main(name: str, run: Callable[..., dict[str, Any]], paths: list[str], 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     try:
         params: Params = load_params(args.params)
+        for p in paths:
+            if MADE_BY.get(p, name) != name:
+                require_folder(getattr(args, p), MADE_BY[p])
         t0 = time.perf_counter()
         metrics = run(params, **{p: Path(getattr(args, p)) for p in paths})
         metrics = {"seconds": round(time.perf_counter() - t0, 3), **metrics}

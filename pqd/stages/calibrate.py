@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 
 from pqd.calibset import CalibSet
 from pqd.core import QuantConfig, TimeGroups, apply_qstate, dequantize, fit_qstate, qstate_of
+from pqd.core.guards import NumericalError
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig, reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
+from pqd.diffusion.sampling import checked_predict
 from pqd.io import atomic_dir
 from pqd.params import Params, resolve_device
 from pqd.qstate_io import save_qstate
@@ -65,7 +67,8 @@ def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batch
     se, n = 0.0, 0
     for i in range(n_batches):
         xb, tb, cb = fetch(i)
-        se += float((fp.predict(xb, tb, cb) - q.predict(xb, tb, cb)).pow(2).sum())
+        se += float((fp.predict(xb, tb, cb) - checked_predict(q, xb, tb, f"calibration batch {i}",
+                                                               run=lambda: q.predict(xb, tb, cb))).pow(2).sum())
         n += xb.numel()
     return se / n
 
@@ -92,7 +95,11 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     def forward_all(unet: torch.nn.Module, set_group) -> None:
         for i in tqdm(range(len(plan)), desc="observing activations"):
             set_group(plan[i][2])
-            unet_forward(unet, *fetch(i))
+            xb, tb, cb = fetch(i)
+            try:
+                unet_forward(unet, xb, tb, cb)
+            except NumericalError as e:
+                raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
     t0 = time.perf_counter()
     state = fit_qstate(den.unet, forward_all, cfg)
@@ -111,7 +118,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
             units = sorted(units, key=lambda u: -size[u])[:largest_units]
         with tempfile.TemporaryDirectory(prefix=".pqd-recordings-", dir=out.parent) as spill:
             recon_log = reconstruct_model(den.unet, qden.unet, units, runner, [b[2] for b in plan],
-                                          recon_config(params), seed=params.select.seed,
+                                          recon_config(params), seed=c.seed,
                                           store=store_factory(Path(spill), size, c.memory_mb * 2**20))
         on_disk = sum(1 for u in units if size[u] > c.memory_mb * 2**20)
         state = qstate_of(qden.unet)

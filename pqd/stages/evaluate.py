@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pqd import deploy, fid
 from pqd.artifact import load_denoiser_from_export
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
-from pqd.io import atomic_dir, image_grid, read_json, save_pngs
+from pqd.io import atomic_dir, image_grid, load_tensors, read_json, save_pngs
 from pqd.params import Params, resolve_device
 
 
@@ -51,7 +51,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     extractor = fid.build_extractor(ev.features, model, device)
     ref_stats, ref_desc, ref_n = fid.reference_stats(ev.reference, extractor, ev.batch_size, device)
     proto = read_json(fp_samples / "meta.json")
-    fp = load_file(fp_samples / "a.safetensors")
+    fp = load_tensors(fp_samples / "a.safetensors")
     seeds = [int(s) for s in fp["seeds"]]
     qden = load_denoiser_from_export(export, device)  # verifies every file of the export first
     dens = {"simulated": qden}

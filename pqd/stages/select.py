@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pqd.calibset import PROMPTS, CalibWriter
-from pqd.io import atomic_dir, read_json
+from pqd.io import atomic_dir, load_tensors, read_json
 from pqd.params import Params, SelectParams
 
 
@@ -91,7 +91,8 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     steps = int(meta["steps"])
     n_traj = index["seed"].nunique()
     if index["step"].nunique() != steps or len(index) != n_traj * steps:
-        raise ValueError(f"{trajectories}/index.parquet: {len(index)} rows do not match {n_traj} trajectories x {steps} steps")
+        raise ValueError(f"{trajectories}/index.parquet: {len(index)} rows do not match {n_traj} trajectories x {steps} "
+                         "steps: expected one row per trajectory and step, as the generate stage writes it")
     cond = meta.get("conditioning")
     rng = np.random.default_rng(sp.seed)
     u = np.arange(steps) / (steps - 1)
@@ -103,15 +104,21 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     rows_by_step: dict[int, list[tuple[int, str, int, float, int | None]]] = {s: [] for s in chosen_steps}
     feats_by_step: dict[int, list[torch.Tensor]] = {s: [] for s in chosen_steps}
     for shard in sorted(index["shard"].unique()):
-        with safe_open(trajectories / shard, framework="pt") as f:
-            x, t, seeds = f.get_tensor("x"), f.get_tensor("t"), f.get_tensor("seeds")
-            prompt = f.get_tensor("prompt").tolist() if cond is not None else [None] * len(seeds)
-        if x.shape[1] != steps or len(seeds) != len(index[index["shard"] == shard]) // steps:
-            raise ValueError(f"{trajectories}/{shard}: shape {tuple(x.shape)} disagrees with index.parquet")
+        tensors = load_tensors(trajectories / shard)  # a damaged shard is a one-line error naming it
+        need = {"x", "t", "seeds"} | ({"prompt"} if cond is not None else set())
+        if missing := sorted(need - set(tensors)):
+            raise ValueError(f"{trajectories}/{shard}: tensor {missing[0]!r} is missing: expected {', '.join(sorted(need))}")
+        x, t, seeds = tensors["x"], tensors["t"], tensors["seeds"]
+        prompt = tensors["prompt"].tolist() if cond is not None else [None] * len(seeds)
+        listed = sorted(index.loc[index["shard"] == shard, "seed"].unique().tolist())
+        if x.ndim != 5 or x.shape[1] != steps or sorted(seeds.tolist()) != listed or len(x) != len(seeds):
+            raise ValueError(f"{trajectories}/{shard}: holds x {tuple(x.shape)} for seeds {seeds.tolist()[:4]}, which "
+                             f"disagrees with index.parquet: expected {len(listed)} trajectories x {steps} steps for "
+                             f"seeds {listed[:4]}")
         for s in chosen_steps:
             feats_by_step[s].append(pooled_feature(x[:, s]))
             rows_by_step[s] += [(int(seeds[r]), shard, r, float(t[s]), prompt[r]) for r in range(len(seeds))]
-        del x
+        del x, tensors
 
     # classifier-free guidance: the UNet sees every input twice, with the prompt and with the empty prompt
     branches = [("cond", None)] + ([("uncond", 0)] if cond is not None and cond["guidance_scale"] > 1 else [])

@@ -95,13 +95,26 @@ def test_qdrop_noop_at_zero_and_outside_reconstruction():
     x = torch.randn(64, 8)
     plain = aq(x)
     assert not torch.equal(plain, x)
-    with qdrop(aq, 0.0):
+    with qdrop(aq, 0.0, torch.Generator()):
         assert torch.equal(aq(x), plain)
-    with qdrop(aq, 0.5):
+    with qdrop(aq, 0.5, torch.Generator().manual_seed(1)):
         mixed = aq(x)
         kept_float = (mixed == x) & (plain != x)
         assert 0.3 < kept_float.float().mean() < 0.7
     assert aq.drop_prob == 0.0 and torch.equal(aq(x), plain)  # restored outside the block
+
+
+def test_qdrop_masks_come_from_the_seeded_generator_not_the_global_rng():
+    aq = ActQuantizer(4, torch.tensor([0.1]), torch.tensor([8.0]))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # a different global RNG state must not change the masks
+        with qdrop(aq, 0.5, torch.Generator().manual_seed(7)):
+            outs.append(aq(x))
+    assert torch.equal(outs[0], outs[1])
+    with qdrop(aq, 0.5, torch.Generator().manual_seed(8)):
+        assert not torch.equal(aq(x), outs[0])  # another seed, other masks
 
 
 def test_reconstruct_model_walks_units_in_forward_order():
