@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pqd.core import TimeGroups
-from pqd.io import read_json, write_json
+from pqd.core.guards import NumericalError
+from pqd.io import load_tensors, read_json, write_json
 
 PROMPTS = "prompts.safetensors"
 
@@ -70,10 +71,15 @@ class CalibSet:
             path = self.folder / s["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: calibration shard listed in meta.json is missing")
-            with safe_open(path, framework="pt") as f:
-                ts.append(f.get_tensor("t"))
-                if "prompt" in f.keys():
-                    prompts.append(f.get_tensor("prompt"))
+            tensors = load_tensors(path)  # a damaged shard is a one-line error naming it; one shard in memory at a time
+            ts.append(tensors["t"])
+            if "prompt" in tensors:
+                prompts.append(tensors["prompt"])
+            if bad := (~torch.isfinite(tensors["x"]).flatten(1).all(1)).nonzero().flatten().tolist():
+                raise NumericalError(f"{path}: calibration input {bad[0]} (timestep {float(ts[-1][bad[0]]):g}) has "
+                                     f"non-finite values ({len(bad)} inputs in this shard): expected finite UNet inputs; "
+                                     "re-run generate")
+            del tensors
             if len(ts[-1]) != s["count"]:
                 raise ValueError(f"{path}: {len(ts[-1])} samples, meta.json says {s['count']}")
             self.shards.append((path, int(s["count"])))

@@ -98,7 +98,12 @@ def read_prompts(path: str | Path, key: str = "generate.prompts") -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key} = {str(path)!r}: file not found: expected a file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key} = {str(path)!r}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): "
+                         "expected a UTF-8 text file with one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{key} = {str(path)!r}: the file holds no prompt: expected one prompt per line")
     return prompts

@@ -91,7 +91,7 @@ def not_a_pipeline(d: Path) -> None:
 def nan_in_calibration_set(d: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    f = d / "data/calib/samples.safetensors"
+    f = d / "data/calib/shard-00000.safetensors"
     t = load_file(f)
     t["x"][3, 0, 2, 2] = float("nan")
     save_file(t, f)
@@ -129,8 +129,8 @@ CASES = [
      ["input folder data/qstate is empty", "expected the complete output of the calibrate stage"]),
     ("truncated-shard", "select", truncate("data/trajectories/shard-00000.safetensors"),
      ["data/trajectories/shard-00000.safetensors is truncated or corrupted", "expected a complete safetensors file"]),
-    ("corrupted-safetensors", "calibrate", write("data/calib/samples.safetensors", b"\xff" * 8 + b"not a header" * 10),
-     ["data/calib/samples.safetensors is truncated or corrupted", "expected a complete safetensors file"]),
+    ("corrupted-safetensors", "calibrate", write("data/calib/shard-00000.safetensors", b"\xff" * 8 + b"not a header" * 10),
+     ["data/calib/shard-00000.safetensors is truncated or corrupted", "expected a complete safetensors file"]),
     ("index-seeds-disagree", "select", edit_index(lambda df: df.assign(seed=df["seed"] + 1000)),
      ["shard-00000.safetensors", "disagrees with index.parquet", "expected 4 trajectories x 6 steps"]),
     ("index-rows-missing", "select", edit_index(lambda df: df[~((df["seed"] == df["seed"].min()) & (df["step"] == 3))]),
@@ -147,7 +147,7 @@ CASES = [
     ("model-folder-not-a-pipeline", "generate", remove("data/model/model_index.json"),
      ["model folder data/model is not a diffusers pipeline: model_index.json is missing"]),
     ("calibration-set-nan", "calibrate", nan_in_calibration_set,
-     ["data/calib/samples.safetensors: calibration input 3 (timestep", "has non-finite values", "expected finite"]),
+     ["data/calib/shard-00000.safetensors: calibration input 3 (timestep", "has non-finite values", "expected finite"]),
     ("qstate-not-json", "export", write("data/qstate/layers.json", "{not json"), ["data/qstate/layers.json: not valid JSON"]),
 ]
 

@@ -158,13 +158,24 @@ def test_text_records_conditioning_once_and_both_branches(text):
     assert ev["family"] == "text" and ev["prompts"] == 3 and ev["guidance_scale"] == 3.0
 
 
-def test_text_model_without_prompts_fails_before_sampling(tmp_path, capsys):
+@pytest.mark.parametrize("prompts, expected", [
+    (None, "params: generate.prompts = None is not allowed"),
+    (b"\n  \n", "generate.prompts = '{f}': the file holds no prompt: expected one prompt per line"),
+    (b"a red bus\n\xff\xfe caf\xe9\n", "generate.prompts = '{f}': not UTF-8 text (byte 10 is b'\\xff'): "
+                                         "expected a UTF-8 text file with one prompt per line"),
+])
+def test_text_model_bad_prompts_fail_before_sampling(tmp_path, capsys, prompts, expected):
+    """No prompts, an empty prompts file, a prompts file that is not UTF-8: one line, exit 2, nothing written."""
     source = build_text_sd(tmp_path / "source")
-    params = write_params(tmp_path, small_params(model={"source": str(source)}))
+    f = tmp_path / "prompts.txt"
+    if prompts is not None:
+        f.write_bytes(prompts)
+    gen = {"prompts": str(f)} if prompts is not None else {}
+    params = write_params(tmp_path, small_params(model={"source": str(source)}, generate=gen))
     data = tmp_path / "data"
     assert model.main(["--params", str(params), "--metrics", str(data / "m.json"), "--out", str(data / "model")]) == 0
     rc = generate.main(["--params", str(params), "--metrics", str(data / "g.json"), "--model", str(data / "model"),
                         "--trajectories", str(data / "trajectories"), "--samples", str(data / "samples")])
     assert rc == 2 and not (data / "trajectories").exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("pqd generate: error: params: generate.prompts = None is not allowed")
+    assert err[-1].startswith("pqd generate: error: " + expected.format(f=f))
