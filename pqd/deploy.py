@@ -159,12 +159,10 @@ class OrtDenoiser(Denoiser):
         super().__init__(unet=None, scheduler_config=scheduler_config, scheduler_class=scheduler_class,
                          sample_shape=sample_shape, time_groups=time_groups)
         self.onnx_dir = Path(onnx_dir)
-        self.threads = threads
-        self._sessions: dict[int, Any] = {}
+        # every graph is loaded now: the folder may be temporary (a downloaded release)
+        self._sessions = [open_session(self.onnx_dir / graph_file(g), threads) for g in range(time_groups.count)]
 
     def session(self, group: int):
-        if group not in self._sessions:
-            self._sessions[group] = open_session(self.onnx_dir / graph_file(group), self.threads)
         return self._sessions[group]
 
     def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: torch.Tensor | None = None) -> torch.Tensor:

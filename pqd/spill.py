@@ -36,7 +36,7 @@ class DiskList(MutableSequence):
     def __getitem__(self, i: int) -> Any:  # type: ignore[override]
         if not 0 <= i < self._n:
             raise IndexError(i)
-        return torch.load(self.folder / f"{i:06d}.pt", weights_only=False)  # written by this process
+        return torch.load(self.folder / f"{i:06d}.pt", weights_only=True)  # tensors, tuples, dicts, numbers only
 
     def insert(self, i: int, item: Any) -> None:
         if i != self._n:
