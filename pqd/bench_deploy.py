@@ -18,7 +18,6 @@ safetensors UNet against the W8 and W4 exports. Writes ``data/bench/deploy.md`` 
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time
@@ -88,13 +87,7 @@ def calibrate(den: Denoiser, weight_bits: int, inputs: list[tuple[torch.Tensor, 
 
 
 def float_onnx(unet: nn.Module, sample_shape: tuple[int, ...], path: Path) -> None:
-    buf = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(deploy._Forward(unet).eval(), (torch.zeros(2, *sample_shape), torch.full((2,), 10.0)), buf,
-                          dynamo=False, opset_version=deploy.OPSET, input_names=["sample", "timestep"],
-                          output_names=["noise"],
-                          dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}})
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(deploy.export_unet(unet, sample_shape))
 
 
 def ort_static_reference(fp_path: Path, sample_shape: tuple[int, ...], out: Path) -> Path:

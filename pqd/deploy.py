@@ -56,23 +56,27 @@ class _Forward(nn.Module):
         return self.unet(sample, timestep).sample
 
 
+def export_unet(unet: nn.Module, sample_shape: tuple[int, ...]) -> bytes:
+    """``unet`` (float or quantized, as it is set) as ONNX bytes: inputs ``sample`` [B, C, H, W] and ``timestep``
+    [B], output ``noise``, dynamic batch."""
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts and our constant scales
+        torch.onnx.export(_Forward(unet).eval(), (torch.zeros(2, *sample_shape), torch.full((2,), 10.0)), buf,
+                          dynamo=False, opset_version=OPSET, input_names=["sample", "timestep"], output_names=["noise"],
+                          dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}})
+    return buf.getvalue()
+
+
 def trace_group(unet: nn.Module, group: int, sample_shape: tuple[int, ...]) -> onnx.ModelProto:
     """The ONNX graph of the quantized ``unet`` with the activation parameters of time group ``group``."""
-    x = torch.zeros(2, *sample_shape)
-    t = torch.full((2,), 10.0)
-    buf = io.BytesIO()
     set_time_group(unet, group)
     set_onnx_mode(unet, True)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts and our constant scales
-            torch.onnx.export(_Forward(unet).eval(), (x, t), buf, dynamo=False, opset_version=OPSET,
-                              input_names=["sample", "timestep"], output_names=["noise"],
-                              dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}})
+        return onnx.load_from_string(export_unet(unet, sample_shape))
     finally:
         set_onnx_mode(unet, False)
         set_time_group(unet, 0)
-    return onnx.load_from_string(buf.getvalue())
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> bytes:
