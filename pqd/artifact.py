@@ -12,8 +12,11 @@ Layout of an export folder (format_version 1)::
                                        output is quantized; every other UNet tensor in float
     onnx/unet.g<g>.onnx, onnx/weights.bin  the deployable graphs (one per time group, sharing the
                                        int8 weights), see pqd.deploy; absent when not exported
+                                       L.a_scale / L.a_zero_point / L.b_scale / L.b_zero_point
+                                       ([G, 1]) for each quantized attention matmul L (Q·Kᵀ, softmax·V)
     qmap.json                          format_version, the time-group thresholds and, per layer, bits,
-                                       granularity, storage, shape, input split
+                                       granularity, storage, shape, input split (kind "matmul": the
+                                       operands' bits)
     manifest.json                      sha256 of every other file, source model hash, params, git commit
 
 ``load_quantized_unet`` rebuilds the quantized UNet from the folder alone, refusing any file whose
@@ -32,7 +35,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from pqd.core import LayerQParams, QState, TimeGroups, apply_qstate, pack_int4, set_time_group, unpack_int4
-from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_from_config
+from pqd.core.quantize import MatMulQParams, weight_layers
+from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_from_config, use_matmul_attention
 from pqd.io import hash_tree, load_tensors, read_json, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -75,6 +79,12 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGr
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     for name, lp in state.items():
+        if isinstance(lp, MatMulQParams):
+            for k in ("a_scale", "a_zero_point", "b_scale", "b_zero_point"):
+                tensors[f"{name}.{k}"] = getattr(lp, k).to(torch.float32).contiguous()
+            layers[name] = {"kind": "matmul", "a_bits": lp.a_bits, "b_bits": lp.b_bits, "act_granularity": "per_tensor",
+                            "act_symmetric": False, "act_time_groups": int(lp.a_scale.shape[0])}
+            continue
         codes = lp.weight_int.to(torch.int8)
         tensors[f"{name}.qweight"] = pack_int4(codes) if lp.weight_bits <= 4 else codes.contiguous()
         tensors[f"{name}.weight_scale"] = lp.weight_scale.to(torch.float32).contiguous()
@@ -89,7 +99,7 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGr
                         "act_granularity": "per_tensor", "act_symmetric": False,
                         "act_time_groups": int(lp.act_scale.shape[0]), "act_split": lp.act_split,
                         "output_quantized": lp.out_scale is not None}
-    quantized_weights = {f"{n}.weight" for n in state}
+    quantized_weights = {f"{n}.weight" for n in weight_layers(state)}
     for key, value in unet.state_dict().items():
         if key not in quantized_weights:
             tensors[key] = value.detach().to(float_dtype if value.is_floating_point() else value.dtype).contiguous()
@@ -139,6 +149,10 @@ def read_qstate(export_dir: Path) -> tuple[QState, dict[str, torch.Tensor], dict
     state: QState = {}
     for name, info in qmap["layers"].items():
         try:
+            if info["kind"] == "matmul":
+                state[name] = MatMulQParams(int(info["a_bits"]), int(info["b_bits"]), *(tensors.pop(f"{name}.{k}") for k in
+                                            ("a_scale", "a_zero_point", "b_scale", "b_zero_point")))
+                continue
             raw = tensors.pop(f"{name}.qweight")
             shape = tuple(info["shape"])
             numel = int(torch.Size(shape).numel())
@@ -172,10 +186,12 @@ def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: boo
     unet = unet_from_config(read_json(export_dir / "unet" / "config.json"))
     missing, unexpected = unet.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
                                                 for k, v in floats.items()}, strict=False)
-    expected_missing = {f"{n}.weight" for n in state}
+    expected_missing = {f"{n}.weight" for n in weight_layers(state)}
     if unexpected or set(missing) != expected_missing:
         extra = sorted(set(missing) - expected_missing)[:1] or sorted(unexpected)[:1]
         raise ArtifactError(f"{export_dir}/{QWEIGHTS}: tensors do not match the UNet config (first mismatch: {extra})")
+    if any(isinstance(lp, MatMulQParams) for lp in state.values()):  # quantized attention matmuls
+        use_matmul_attention(unet)
     apply_qstate(unet, state)
     return unet.to(device).eval().requires_grad_(False)
 

@@ -83,6 +83,9 @@ class QuantParams:
     # 8-bit weights use 7-bit codes [-64, 63]: onnxruntime's fast u8s8 kernels saturate on x86 CPUs without
     # VNNI (AVX2, plain AVX-512) with full-range codes; false for VNNI, ARM or GPU targets
     reduce_range: bool = True
+    # quantize attention's Q·Kᵀ and softmax·V matmuls too (both operands per tensor, per time group)
+    attention: bool = False
+    softmax_bits: int = 16  # grid of the softmax output (the first operand of softmax·V) when attention is quantized
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "quant.weight_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
     "quant.act_bits": (lambda v: 4 <= v <= 8, "an integer in [4, 8]"),
     "quant.edge_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
+    "quant.softmax_bits": (lambda v: 4 <= v <= 16, "an integer in [4, 16]"),
     "calibrate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "calibrate.time_groups": (lambda v: v >= 1, "an integer >= 1 (and at most generate.steps)"),
     "calibrate.qdrop_p": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -304,6 +308,9 @@ def _check_across(p: Params) -> None:
     if p.export.onnx and p.quant.act_bits != 8:
         raise ParamError(f"params: export.onnx = true is not allowed with quant.act_bits = {p.quant.act_bits}: "
                          "expected quant.act_bits = 8 (integer kernels take uint8 activations) or export.onnx = false")
+    if p.export.onnx and p.quant.attention and p.quant.softmax_bits < 8:
+        raise ParamError(f"params: quant.softmax_bits = {p.quant.softmax_bits} is not allowed with export.onnx = true: "
+                         "expected 8..16 (integer kernels take 8-bit operands; wider grids run as float arithmetic)")
     if p.evaluate.backend == "onnxruntime" and not p.export.onnx:
         raise ParamError("params: evaluate.backend = 'onnxruntime' is not allowed with export.onnx = false: "
                          "expected export.onnx = true or evaluate.backend = 'torch'")

@@ -84,15 +84,15 @@ def pixel(tmp_path_factory, ts_features):
 
 
 @pytest.fixture(scope="module")
-def latent(tmp_path_factory, ts_features):
-    return run_family(tmp_path_factory.mktemp("latent"), "latent", ts_features)
+def latent(tmp_path_factory, ts_features):  # with quantized attention matmuls, softmax output at the default 16 bits
+    return run_family(tmp_path_factory.mktemp("latent"), "latent", ts_features, quant={"weight_bits": 4, "attention": True})
 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory, ts_features):
     d = tmp_path_factory.mktemp("text")
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
-    return run_family(d, "text", ts_features, generate={
+    return run_family(d, "text", ts_features, quant={"weight_bits": 4, "attention": True, "softmax_bits": 8}, generate={
         "steps": 5, "calib_seeds": 4, "eval_samples": 6, "batch_size": 6, "shard_size": 2,
         "prompts": str(d / "prompts.txt"), "guidance_scale": 3.0}, export={"onnx": False},
         evaluate={"features": f"torchscript:{ts_features}", "reference": str(d / "data/samples/fp/b"), "backend": "torch"})
@@ -119,6 +119,15 @@ def test_latent_is_calibrated_in_latent_space(latent):
     assert any(f.startswith("vqvae/") for f in export_files)  # the decoder ships in float beside the UNet
     assert not any(k.startswith(("encoder", "decoder", "quant")) for k in
                    json.loads((latent / "export/qmap.json").read_text())["layers"])
+    # quantized attention: Q·Kᵀ on two 8-bit operands, softmax·V with the softmax output on 16 bits; in the deployed
+    # graph Q·Kᵀ runs as an integer kernel and softmax·V (no 16-bit integer kernel) as float arithmetic
+    qmap = json.loads((latent / "export/qmap.json").read_text())["layers"]
+    matmuls = {n: (v["a_bits"], v["b_bits"]) for n, v in qmap.items() if v["kind"] == "matmul"}
+    assert matmuls["mid_block.attentions.0.processor.qk"] == (8, 8) and matmuls["mid_block.attentions.0.processor.pv"] == (16, 8)
+    assert len(matmuls) == 2 * sum(1 for n in unet_layers(latent / "model") if n.endswith(".to_q"))
+    assert metrics(latent, "calibrate")["attention_matmuls"] == len(matmuls)
+    kernels = metrics(latent, "export")["onnx_kernels"]
+    assert sum(kernels["float"].get(k, 0) for k in ("MatMul", "FusedMatMul")) == len(matmuls) // 2  # softmax·V only
     ev = metrics(latent, "evaluate")
     assert ev["protocol"]["family"] == "latent" and ev["protocol"]["backend"].startswith("onnxruntime")
     # the deployed graphs' latents are decoded by the float VQ decoder into images of the same size
@@ -152,6 +161,9 @@ def test_text_records_conditioning_once_and_both_branches(text):
 
     layers = set(quant_layers(load_quantized_unet(text / "export")))
     assert "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k" in layers  # cross-attention on the text
+    qmap = json.loads((text / "export/qmap.json").read_text())["layers"]
+    cross = qmap["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.pv"]  # softmax·V over the prompt tokens
+    assert cross["kind"] == "matmul" and (cross["a_bits"], cross["b_bits"]) == (8, 8)  # quant.softmax_bits = 8
     export_files = json.loads((text / "export/manifest.json").read_text())["files"]
     assert any(f.startswith("text_encoder/") for f in export_files) and any(f.startswith("tokenizer/") for f in export_files)
     ev = metrics(text, "evaluate")["protocol"]

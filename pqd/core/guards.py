@@ -43,21 +43,28 @@ def check_layer_qparams(name: str, weight_int: torch.Tensor, weight_scale: torch
     if not bool(torch.isfinite(weight_scale).all()) or not bool((weight_scale > 0).all()):
         raise NumericalError(f"layer {name}: weight scale {_first_bad(weight_scale)} is not allowed: expected a "
                              "finite number > 0 per output channel")
-    sides = [("activation", act_scale, act_zero_point)] + ([] if out_scale is None else [("output", out_scale, out_zero_point)])
-    for what, scales, zps in sides:
-        for g in range(scales.shape[0]):
-            s, z = scales[g], zps[g]
-            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-                raise NumericalError(f"layer {name}, time group {g}: {what} scale {_first_bad(s)} is not allowed: "
-                                     "expected a finite number > 0")
-            if not bool(torch.isfinite(z).all()) or bool((z < aq.qmin).any()) or bool((z > aq.qmax).any()):
-                raise NumericalError(f"layer {name}, time group {g}: {what} zero point {z.tolist()} overflows the "
-                                     f"{act_bits}-bit grid: expected values in [{aq.qmin}, {aq.qmax}]")
+    check_act_qparams(name, "activation", act_scale, act_zero_point, act_bits)
+    if out_scale is not None:
+        check_act_qparams(name, "output", out_scale, out_zero_point, act_bits)
     fan_in = weight_int[0].numel() if weight_int.ndim else 1
     bound = fan_in * max(abs(lo), abs(hi)) * (aq.qmax - aq.qmin)
     if bound > INT32_MAX:
         raise NumericalError(f"layer {name}: the integer accumulator can reach {bound} (fan-in {fan_in}), which "
                              f"overflows int32: expected at most {INT32_MAX}; use fewer activation bits or split the layer")
+
+
+def check_act_qparams(name: str, what: str, scales: torch.Tensor, zero_points: torch.Tensor, bits: int) -> None:
+    """Raise NumericalError unless every (scale, zero point) of one activation quantizer ([G, P]) is usable:
+    scales finite and > 0, zero points inside the unsigned ``bits`` grid."""
+    aq = act_qtype(bits)
+    for g in range(scales.shape[0]):
+        s, z = scales[g], zero_points[g]
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise NumericalError(f"layer {name}, time group {g}: {what} scale {_first_bad(s)} is not allowed: "
+                                 "expected a finite number > 0")
+        if not bool(torch.isfinite(z).all()) or bool((z < aq.qmin).any()) or bool((z > aq.qmax).any()):
+            raise NumericalError(f"layer {name}, time group {g}: {what} zero point {z.tolist()} overflows the "
+                                 f"{bits}-bit grid: expected values in [{aq.qmin}, {aq.qmax}]")
 
 
 def _first_bad(x: torch.Tensor) -> float:

@@ -7,6 +7,8 @@ output. Output quantizers are what integer kernels need (onnxruntime's QLinearCo
 uint8 in and give uint8 out): with them, the simulated layer computes what the deployed kernel computes.
 A layer whose input is split in two parts computes two partial products, each with its own output
 quantizer, and adds the bias after them (two integer kernels and a float add when deployed).
+:class:`MatMul` / :class:`QuantMatMul` are the float and quantized forms of a product of two activations
+(attention's Q·Kᵀ and softmax·V): each operand on its own per-tensor grid, per time group.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class ActQuantizer(nn.Module):
 
     def _fq(self, x: torch.Tensor, part: int) -> torch.Tensor:
         s, z = self.scale[self.group, part], self.zero_point[self.group, part]
-        if self.onnx:
+        if self.onnx and self.qtype.bits <= 8:  # wider grids (softmax outputs) trace as the float arithmetic below
             if self.qtype.bits != 8:
                 raise ValueError(f"ONNX export needs 8-bit activations, not {self.qtype.bits}-bit: set quant.act_bits = 8")
             return act_qdq(x, s, z)
@@ -190,6 +192,28 @@ class QuantLinear(_QuantWeight, nn.Module):
         return self._quantized_forward(x, F.linear)
 
 
+class MatMul(nn.Module):
+    """``a @ b`` as a module: the float form of a product of two activations (attention's Q·Kᵀ and
+    softmax·V), so calibration can observe its operands and quantization can replace it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` with each operand on its own per-tensor integer grid (per time group): ``qa`` and ``qb``
+    quantize the operands; an 8-bit pair is what an integer matmul kernel takes."""
+
+    def __init__(self, qa: ActQuantizer, qb: ActQuantizer) -> None:
+        super().__init__()
+        if qa.num_groups != qb.num_groups:
+            raise ValueError("QuantMatMul: the two operand quantizers need the same number of time groups")
+        self.qa, self.qb = qa, qb
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.qa(a), self.qb(b))
+
+
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 QuantLayer = QuantConv2d | QuantLinear
 
@@ -201,6 +225,15 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+
+
+def matmul_modules(model: nn.Module) -> dict[str, MatMul]:
+    """Every float :class:`MatMul` of ``model`` by qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MatMul)}
+
+
+def quant_matmuls(model: nn.Module) -> dict[str, QuantMatMul]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantMatMul)}
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -13,8 +13,8 @@ class QType:
     signed: bool
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"QType.bits = {self.bits} is not allowed: expected an integer in [2, 8]")
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"QType.bits = {self.bits} is not allowed: expected an integer in [2, 16]")
 
     @property
     def qmin(self) -> int:
@@ -30,7 +30,9 @@ class QType:
 
 
 def weight_qtype(bits: int) -> QType:
-    """Weights: symmetric, signed (int8 / int4 ...)."""
+    """Weights: symmetric, signed (int8 / int4 ...), stored as int8 codes: at most 8 bits."""
+    if bits > 8:
+        raise ValueError(f"weight bits = {bits} is not allowed: expected an integer in [2, 8] (int8 storage)")
     return QType(bits, signed=True)
 
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 
 from pqd.core.affine import quantize, weight_scales
-from pqd.core.guards import NumericalError, check_layer_qparams
-from pqd.core.modules import ActQuantizer, QuantConv2d, QuantLinear, quant_layers, quantizable_layers, set_module
+from pqd.core.guards import NumericalError, check_act_qparams, check_layer_qparams
+from pqd.core.modules import (ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul, matmul_modules, quant_layers,
+                              quant_matmuls, quantizable_layers, set_module)
 from pqd.core.observers import ActObserver
 from pqd.core.qtypes import act_qtype, weight_qtype
 
@@ -29,7 +30,9 @@ class QuantConfig:
     ``layer_weight_bits`` overrides ``weight_bits`` for named layers; ``splits`` maps a layer name to the
     channel index where its input is split into two separately quantized parts; ``time_groups`` is G;
     ``output_layers`` names the layers whose outputs are quantized too (per group, and per partial
-    product of a split layer), as integer kernels require.
+    product of a split layer), as integer kernels require. Every :class:`~pqd.core.modules.MatMul` module
+    of the model is quantized too (both operands per tensor, per group), its operands at
+    ``operand_bits[name]`` = (bits of a, bits of b), or ``act_bits`` for both when not listed.
     """
 
     weight_bits: int = 8
@@ -41,9 +44,13 @@ class QuantConfig:
     layer_weight_bits: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     output_layers: frozenset[str] = frozenset()
+    operand_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
+
+    def operand_bits_for(self, name: str) -> tuple[int, int]:
+        return self.operand_bits.get(name, (self.act_bits, self.act_bits))
 
 
 @dataclass
@@ -68,7 +75,26 @@ class LayerQParams:
     out_zero_point: torch.Tensor | None = None
 
 
-QState = dict[str, LayerQParams]
+@dataclass
+class MatMulQParams:
+    """One activation-activation product's quantizer parameters: a_scale / a_zero_point and b_scale /
+    b_zero_point float32 [G, 1] for its two operands, on unsigned ``a_bits`` / ``b_bits`` grids."""
+
+    a_bits: int
+    b_bits: int
+    a_scale: torch.Tensor
+    a_zero_point: torch.Tensor
+    b_scale: torch.Tensor
+    b_zero_point: torch.Tensor
+    kind: str = "matmul"
+
+
+QState = dict[str, "LayerQParams | MatMulQParams"]
+
+
+def weight_layers(state: QState) -> dict[str, LayerQParams]:
+    """The entries of ``state`` that hold weights (Conv2d/Linear layers), without the matmuls."""
+    return {n: lp for n, lp in state.items() if isinstance(lp, LayerQParams)}
 
 # Runs the (float, hooked) model over every calibration batch, calling set_group(g) before a batch of group g.
 ForwardAll = Callable[[nn.Module, Callable[[int], None]], None]
@@ -85,18 +111,20 @@ def quantize_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tens
 @torch.no_grad()
 def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
                include: Callable[[str], bool] = lambda name: True) -> QState:
-    """Observe the inputs of every Conv2d/Linear (for which ``include(name)``) and fit all quantizers."""
+    """Observe the inputs of every Conv2d/Linear (for which ``include(name)``) and the operands of every
+    MatMul, and fit all quantizers."""
     layers = {n: m for n, m in quantizable_layers(model).items() if include(n)}
+    matmuls = {n: m for n, m in matmul_modules(model).items() if include(n)}
     if not layers:
         raise ValueError("fit_qstate: the model has no Conv2d or Linear layer to quantize")
     G = config.time_groups
-    parts = {n: 2 if n in config.splits else 1 for n in layers}
+    parts = {n: 2 if n in config.splits else 1 for n in layers} | {n: 1 for n in matmuls}
     unknown = sorted(set(config.output_layers) - set(layers))
     if unknown:
         raise ValueError(f"fit_qstate: output layer {unknown[0]!r} is not a quantized layer of the model")
-    sides = {n: ("in", "out") if n in config.output_layers else ("in",) for n in layers}
-    obs = {(n, g, p, side): ActObserver(config.act_samples, seed=2 * i + (side == "out"))
-           for i, n in enumerate(layers) for g in range(G) for p in range(parts[n]) for side in sides[n]}
+    sides = {n: ("in", "out") if n in config.output_layers else ("in",) for n in layers} | {n: ("a", "b") for n in matmuls}
+    obs = {(n, g, p, side): ActObserver(config.act_samples, seed=2 * i + (side in ("out", "b")))
+           for i, n in enumerate(sides) for g in range(G) for p in range(parts[n]) for side in sides[n]}
     current = {"group": 0}
 
     def set_group(g: int) -> None:
@@ -109,12 +137,16 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         try:
             obs[(n, g, p, side)].update(x)
         except FloatingPointError as e:  # the observer refuses non-finite values
-            raise NumericalError(f"layer {n}, time group {g}: {side}put has {e} during calibration (the "
+            what = {"in": "input", "out": "output", "a": "first operand", "b": "second operand"}[side]
+            raise NumericalError(f"layer {n}, time group {g}: {what} has {e} during calibration (the "
                                  "full-precision model overflows on the calibration set)") from None
 
     def hook(_m: nn.Module, args: tuple, n: str) -> None:
         x = args[0]
-        if parts[n] == 1:
+        if n in matmuls:
+            observe(n, 0, "a", x)
+            observe(n, 0, "b", args[1])
+        elif parts[n] == 1:
             observe(n, 0, "in", x)
         else:
             k = config.splits[n]
@@ -129,7 +161,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
             observe(n, 0, "out", m._conv_forward(x[:, :k], m.weight[:, :k], None))
             observe(n, 1, "out", m._conv_forward(x[:, k:], m.weight[:, k:], None))
 
-    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in layers.items()]
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in (layers | matmuls).items()]
     handles += [m.register_forward_hook(lambda m, a, y, n=n: out_hook(m, a, y, n))
                 for n, m in layers.items() if n in config.output_layers]
     try:
@@ -137,14 +169,14 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
     finally:
         for h in handles:
             h.remove()
-    aq = act_qtype(config.act_bits)
 
-    def fitted(name: str, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def fitted(name: str, side: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        aq = act_qtype(bits)
         scales = torch.empty(G, parts[name])
         zps = torch.empty(G, parts[name])
         for g in range(G):
             for p in range(parts[name]):
-                o = obs[(name, g, p, side)]
+                o = obs.pop((name, g, p, side))  # each observer's sample is freed once fitted
                 if not o.seen:
                     raise RuntimeError(f"fit_qstate: layer {name} received no input in time group {g} during calibration")
                 scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
@@ -152,8 +184,8 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
 
     state: QState = {}
     for name, layer in layers.items():
-        scales, zps = fitted(name, "in")
-        out_s, out_z = fitted(name, "out") if "out" in sides[name] else (None, None)
+        scales, zps = fitted(name, "in", config.act_bits)
+        out_s, out_z = fitted(name, "out", config.act_bits) if "out" in sides[name] else (None, None)
         bits = config.bits_for(name)
         codes, w_scale = quantize_weight(layer.weight, bits, config.weight_range)
         state[name] = LayerQParams(
@@ -161,13 +193,26 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
             weight_bits=bits, act_bits=config.act_bits, weight_int=codes, weight_scale=w_scale,
             act_scale=scales, act_zero_point=zps, act_split=config.splits.get(name),
             out_scale=out_s, out_zero_point=out_z)
+    for name in matmuls:
+        a_bits, b_bits = config.operand_bits_for(name)
+        (a_s, a_z), (b_s, b_z) = fitted(name, "a", a_bits), fitted(name, "b", b_bits)
+        state[name] = MatMulQParams(a_bits, b_bits, a_s, a_z, b_s, b_z)
     return state
 
 
 def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
     """Replace each float layer named in ``state`` by its quantized twin (in place); returns model."""
     layers = quantizable_layers(model)
+    matmuls = matmul_modules(model)
     for name, lp in state.items():
+        if isinstance(lp, MatMulQParams):
+            if name not in matmuls:
+                raise KeyError(f"apply_qstate: the model has no MatMul module named {name!r}")
+            check_act_qparams(name, "first operand", lp.a_scale, lp.a_zero_point, lp.a_bits)
+            check_act_qparams(name, "second operand", lp.b_scale, lp.b_zero_point, lp.b_bits)
+            set_module(model, name, QuantMatMul(ActQuantizer(lp.a_bits, lp.a_scale, lp.a_zero_point),
+                                                ActQuantizer(lp.b_bits, lp.b_scale, lp.b_zero_point)))
+            continue
         if name not in layers:
             raise KeyError(f"apply_qstate: the model has no Conv2d/Linear layer named {name!r}")
         float_layer = layers[name]
@@ -194,4 +239,8 @@ def qstate_of(model: nn.Module) -> QState:
             act_scale=act.scale.detach().clone(), act_zero_point=act.zero_point.detach().clone(), act_split=act.split,
             out_scale=None if oq is None else oq.scale.detach().clone(),
             out_zero_point=None if oq is None else oq.zero_point.detach().clone())
+    for name, m in quant_matmuls(model).items():
+        out[name] = MatMulQParams(m.qa.qtype.bits, m.qb.qtype.bits, m.qa.scale.detach().clone(),
+                                  m.qa.zero_point.detach().clone(), m.qb.scale.detach().clone(),
+                                  m.qb.zero_point.detach().clone())
     return out

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from pqd.calibset import CalibSet
 from pqd.core import QuantConfig, TimeGroups, apply_qstate, dequantize, fit_qstate, qstate_of
+from pqd.core.quantize import weight_layers
 from pqd.core.guards import NumericalError
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig, reconstruct_model, unit_io_bytes
-from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
+from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward, use_matmul_attention
 from pqd.diffusion.sampling import checked_predict
 from pqd.io import atomic_dir
 from pqd.params import Params, resolve_device
@@ -42,7 +43,9 @@ def code_bits(params: Params, bits: int) -> int:
     return 7 if bits == 8 and params.quant.reduce_range else bits
 
 
-def quant_config(params: Params, den: Denoiser) -> QuantConfig:
+def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None = None) -> QuantConfig:
+    """``attention``: the attention matmul modules by role (see pqd.diffusion.adapter.use_matmul_attention);
+    the softmax output (first operand of softmax·V) gets quant.softmax_bits."""
     names = list(quantizable_layers(den.unet))
     q = params.quant
     edge = {n: code_bits(params, max(q.edge_bits, q.weight_bits)) for n in den.edge_layers(names)}
@@ -52,7 +55,9 @@ def quant_config(params: Params, den: Denoiser) -> QuantConfig:
                        weight_range=c.weight_range, act_range=c.act_range, act_samples=c.act_samples,
                        time_groups=c.time_groups, layer_weight_bits=edge,
                        splits=den.skip_splits() if c.split_shortcut else {},
-                       output_layers=frozenset(n for n in names if n not in float_out) if q.outputs else frozenset())
+                       output_layers=frozenset(n for n in names if n not in float_out) if q.outputs else frozenset(),
+                       operand_bits={n: (q.softmax_bits if role == "pv" else q.act_bits, q.act_bits)
+                                     for n, role in (attention or {}).items()})
 
 
 def recon_config(params: Params) -> ReconConfig:
@@ -86,7 +91,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     if den.conditional != (data.embeds is not None):
         raise ValueError(f"{calib}: calibration set {'without' if den.conditional else 'with'} prompt embeddings "
                          f"for a {den.family} model: re-run generate and select for this model")
-    cfg = quant_config(params, den)
+    attention = use_matmul_attention(den.unet) if params.quant.attention else {}
+    cfg = quant_config(params, den, attention)
 
     def fetch(i: int) -> Batch:
         """Calibration batch i, read from the shards on disk (never the whole set in memory)."""
@@ -130,7 +136,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         raise FloatingPointError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
     floats = quantizable_layers(den.unet)
     rows = []
-    for name, lp in state.items():
+    for name, lp in weight_layers(state).items():
         w = floats[name].weight.detach().float().cpu()
         wq = dequantize(lp.weight_int, lp.weight_scale, torch.zeros_like(lp.weight_scale), axis=0)
         rows.append({"layer": name, "kind": lp.kind, "weight_bits": lp.weight_bits,
@@ -140,14 +146,16 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     with atomic_dir(out) as tmp:
         save_qstate(state, tmp, {"method": c.method, "time_group_thresholds": list(groups.thresholds),
                                  "config": {k: v for k, v in vars(cfg).items()
-                                            if k not in ("layer_weight_bits", "splits", "output_layers")},
+                                            if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits")},
                                  "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
-                                 "float_output_layers": sorted(set(state) - cfg.output_layers)})
+                                 "float_output_layers": sorted(set(weight_layers(state)) - cfg.output_layers),
+                                 "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention}})
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
-    return {"method": c.method, "layers": len(state), "output_quantized_layers": len(cfg.output_layers),
+    return {"method": c.method, "layers": len(weight_layers(state)), "output_quantized_layers": len(cfg.output_layers),
+            "attention_matmuls": len(attention),
             "calib_samples": len(data), "time_groups": groups.count,
             "unet_output_mse": mse, "fit_seconds": round(t_fit, 2), "reconstruction_seconds": round(t_recon, 2),
             "reconstructed_units": len(recon_log), "units_improved": len(improved), "units_recorded_on_disk": on_disk,

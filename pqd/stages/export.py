@@ -15,6 +15,7 @@ import torch
 from pqd import deploy
 from pqd.artifact import QWEIGHTS, git_commit, load_denoiser_from_export, load_quantized_unet, write_export, write_manifest
 from pqd.core import TimeGroups, quant_layers
+from pqd.core.quantize import weight_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.sampling import initial_noise
 from pqd.io import atomic_dir, read_json
@@ -76,7 +77,7 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> dict[str, Any]:
         # the loader must rebuild exactly these integer weights before the export is accepted
         qden = load_denoiser_from_export(tmp)
         rebuilt = quant_layers(qden.unet)
-        for name, lp in state.items():
+        for name, lp in weight_layers(state).items():
             if not torch.equal(rebuilt[name].weight_int, lp.weight_int.to(torch.int8)):
                 raise RuntimeError(f"export: layer {name} does not round-trip through the export format")
         if params.export.onnx:
@@ -84,7 +85,7 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> dict[str, Any]:
             onnx_info["onnx_kernels"] = deploy.kernel_report(tmp / deploy.ONNX_DIR / deploy.graph_file(0))
     fp_bytes = sum(p.stat().st_size for p in (model / "unet").glob("*.safetensors"))
     q_bytes = (out / QWEIGHTS).stat().st_size
-    w4 = sum(1 for lp in state.values() if lp.weight_bits <= 4)
+    w4 = sum(1 for lp in weight_layers(state).values() if lp.weight_bits <= 4)
     return {**info, "fp32_unet_bytes": fp_bytes, "export_unet_bytes": q_bytes,
             "size_ratio": round(fp_bytes / q_bytes, 3), "packed_int4_layers": w4, **onnx_info}
 

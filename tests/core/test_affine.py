@@ -23,8 +23,10 @@ def test_qtype_ranges(bits):
 
 
 def test_qtype_rejects_bits():
-    with pytest.raises(ValueError, match="QType.bits = 9"):
-        QType(9, True)
+    with pytest.raises(ValueError, match="QType.bits = 17"):
+        QType(17, False)
+    with pytest.raises(ValueError, match="weight bits = 9"):
+        weight_qtype(9)
 
 
 def test_quantize_matches_plain_reference():
