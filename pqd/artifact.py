@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 
 from pqd.core import LayerQParams, QState, TimeGroups, apply_qstate, pack_int4, set_time_group, unpack_int4
 from pqd.core.quantize import MatMulQParams, weight_layers
-from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_from_config, use_matmul_attention
+from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_from_config
+from pqd.diffusion.attention import use_matmul_attention
 from pqd.io import hash_tree, load_tensors, read_json, sha256_file, write_json
 
 FORMAT_VERSION = 1

@@ -29,6 +29,10 @@ ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     ("pqd, random selection", 4, {"calibrate": {"method": "pqd"}, "select": {"rule": "random"}}),
     ("pqd, G=1", 4, {"calibrate": {"method": "pqd", "time_groups": 1}}),
     ("pqd, QDrop p=0", 4, {"calibrate": {"method": "pqd", "qdrop_p": 0.0}}),
+    # quantized attention matmuls (quant.attention), softmax output on 16 and on 8 bits (compare with row 3)
+    ("pqd, attention matmuls, softmax 16-bit", 8, {"calibrate": {"method": "pqd"}, "quant": {"attention": True}}),
+    ("pqd, attention matmuls, softmax 8-bit", 8, {"calibrate": {"method": "pqd"},
+                                                  "quant": {"attention": True, "softmax_bits": 8}}),
 ]
 
 

@@ -180,7 +180,9 @@ def model_card(r: tracking.Result, report: GateReport, s: ReleaseSettings, run: 
     name, tags = release_name(p), tracking.lineage_tags(r)
     q = p.get("quant", {})
     method = [("bits", f"weights {q.get('weight_bits')}-bit per output channel (symmetric), activations "
-                       f"{q.get('act_bits')}-bit per tensor (asymmetric), edge layers {q.get('edge_bits')}-bit")]
+                       f"{q.get('act_bits')}-bit per tensor (asymmetric), edge layers {q.get('edge_bits')}-bit"),
+               ("attention matmuls", f"Q·Kᵀ and softmax·V quantized, softmax output {q.get('softmax_bits')}-bit"
+                if q.get("attention") else "Q·Kᵀ and softmax·V in float (projections quantized)")]
     method += [(f"{sec}.{k}", v) for sec in ("select", "calibrate") for k, v in p.get(sec, {}).items()]
     metric_keys = ("delta_fid", "fid_quant_vs_ref", "fid_fp_vs_ref", "fid_quant_vs_fp", "noise_floor", "psnr_mean")
     metrics = [(f"evaluate.{k}", _num(ev.get(k))) for k in metric_keys if k in ev]

@@ -19,7 +19,8 @@ from pqd.core.affine import fake_quantize
 from pqd.core.modules import MatMul, QuantMatMul
 from pqd.core.qtypes import act_qtype
 from pqd.core.quantize import MatMulQParams
-from pqd.diffusion.adapter import load_denoiser, unet_forward, use_matmul_attention
+from pqd.diffusion.adapter import load_denoiser, unet_forward
+from pqd.diffusion.attention import use_matmul_attention
 from tiny_families import build_pixel_cifar, build_text_sd
 
 
@@ -76,3 +77,24 @@ def test_matmul_attention_computes_what_diffusers_computes(tmp_path: Path, build
         assert "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.qk" in roles  # cross-attention
     assert use_matmul_attention(den.unet) == roles  # idempotent
     assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
+def test_reconstruction_learns_8_bit_steps_but_leaves_a_16_bit_softmax_grid_alone():
+    """LSQ (Adam on step sizes, lr ~1e-3) would turn a 16-bit step of ~1.5e-5 into one coarser than 8 bits."""
+    from pqd.core.reconstruct import ReconConfig, UnitBatch, reconstruct_unit
+
+    torch.manual_seed(0)
+    fp = TinyAttention()
+    xs = [torch.randn(8, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    state = fit_qstate(fp, lambda m, set_group: [m(x) for x in xs], QuantConfig(operand_bits={"pv": (16, 8)}))
+    q = apply_qstate(copy.deepcopy(fp), state)
+    with torch.no_grad():
+        batches = [UnitBatch((x,), {}, fp(x)) for x in xs]
+    before_pv, before_qk = q.pv.qa.scale.detach().clone(), q.qk.qa.scale.detach().clone()
+    reconstruct_unit(q, {"proj": fp.proj.weight.detach()}, batches,
+                     ReconConfig(iters=30, batch_size=4, qdrop_p=0.0, adaround=False, lsq=True),
+                     torch.Generator().manual_seed(0))
+    assert torch.equal(q.pv.qa.scale, before_pv)  # the 16-bit softmax grid is never learned
+    assert not q.pv.qa.scale.requires_grad and not q.qk.qa.scale.requires_grad
+    # 8-bit step sizes were learned, unless the guard put them back because learning did not help
+    assert not torch.equal(q.qk.qa.scale, before_qk) or torch.equal(q.proj.act.scale, state["proj"].act_scale)

@@ -123,7 +123,9 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
     and the initial steps are kept (and the log says so).
     """
     layers = quant_layers(unit)
-    aqs: list[ActQuantizer] = act_quantizers(unit)
+    # LSQ learns the step sizes of grids up to 8 bits; a wider grid (a 16-bit softmax output) has a rounding
+    # error far below anything learning could fix, and Adam's steps of ~lr_act would dwarf its tiny step size
+    aqs: list[ActQuantizer] = [a for a in act_quantizers(unit) if a.qtype.bits <= 8]
     before = unit_mse(unit, batches)
     saved_codes = {n: q.weight_int.clone() for n, q in layers.items()}
     saved_scales = [a.scale.detach().clone() for a in aqs]

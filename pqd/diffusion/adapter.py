@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from pqd.core import TimeGroups, set_time_group
-from pqd.core.modules import MatMul
 
 # layers kept at a higher weight precision by default: the first and last convolutions and the
 # time-embedding MLP (small, and errors there reach every block)
@@ -49,69 +48,6 @@ def unet_forward(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.
     if cond is None:
         return unet(x, t).sample
     return unet(x, t, encoder_hidden_states=cond).sample
-
-
-class MatMulAttention(nn.Module):
-    """A diffusers attention processor that computes attention with two modules quantization can replace:
-    ``qk`` (Q·Kᵀ, scaled by 1/sqrt(head dim) after the product) and ``pv`` (softmax·V), the softmax in float
-    between them. It computes what diffusers' default processors compute (same projections, norms, residual
-    and rescaling), only with explicit matmuls instead of a fused scaled-dot-product kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qk, self.pv = MatMul(), MatMul()
-
-    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        image = hidden_states.ndim == 4
-        if image:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.reshape(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else (
-            attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states)
-        batch, heads = hidden_states.shape[0], attn.heads
-
-        def split_heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, heads * d] -> [B, heads, L, d]
-            return x.reshape(batch, x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
-
-        q, k, v = split_heads(attn.to_q(hidden_states)), split_heads(attn.to_k(context)), split_heads(attn.to_v(context))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        scores = self.qk(q, k.transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
-            scores = scores + mask.reshape(batch, heads, -1, mask.shape[-1])
-        out = self.pv(scores.softmax(dim=-1), v)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3])))
-        if image:
-            out = out.transpose(1, 2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def use_matmul_attention(unet: nn.Module) -> dict[str, str]:
-    """Give every diffusers ``Attention`` module of ``unet`` a :class:`MatMulAttention` processor (idempotent);
-    returns the names of its matmul modules with their role: ``"qk"`` (Q·Kᵀ) or ``"pv"`` (softmax·V)."""
-    from diffusers.models.attention_processor import Attention
-
-    roles: dict[str, str] = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, Attention):
-            if not isinstance(m.processor, MatMulAttention):
-                if getattr(m, "added_kv_proj_dim", None) is not None or getattr(m, "only_cross_attention", False):
-                    raise ValueError(f"attention module {name}: added key/value projections are not supported for "
-                                     "attention matmul quantization: expected quant.attention = false")
-                m.set_processor(MatMulAttention())
-            roles |= {f"{name}.processor.qk": "qk", f"{name}.processor.pv": "pv"}
-    return roles
 
 
 @dataclass

@@ -26,7 +26,8 @@ from pqd.core.quantize import weight_layers
 from pqd.core.guards import NumericalError
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig, reconstruct_model, unit_io_bytes
-from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward, use_matmul_attention
+from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
+from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.sampling import checked_predict
 from pqd.io import atomic_dir
 from pqd.params import Params, resolve_device
