@@ -81,7 +81,7 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGr
     layers: dict[str, Any] = {}
     for name, lp in state.items():
         if isinstance(lp, MatMulQParams):
-            for k in ("a_scale", "a_zero_point", "b_scale", "b_zero_point"):
+            for k in MatMulQParams.TENSORS:
                 tensors[f"{name}.{k}"] = getattr(lp, k).to(torch.float32).contiguous()
             layers[name] = {"kind": "matmul", "a_bits": lp.a_bits, "b_bits": lp.b_bits, "act_granularity": "per_tensor",
                             "act_symmetric": False, "act_time_groups": int(lp.a_scale.shape[0])}
@@ -151,8 +151,8 @@ def read_qstate(export_dir: Path) -> tuple[QState, dict[str, torch.Tensor], dict
     for name, info in qmap["layers"].items():
         try:
             if info["kind"] == "matmul":
-                state[name] = MatMulQParams(int(info["a_bits"]), int(info["b_bits"]), *(tensors.pop(f"{name}.{k}") for k in
-                                            ("a_scale", "a_zero_point", "b_scale", "b_zero_point")))
+                state[name] = MatMulQParams(int(info["a_bits"]), int(info["b_bits"]),
+                                            *(tensors.pop(f"{name}.{k}") for k in MatMulQParams.TENSORS))
                 continue
             raw = tensors.pop(f"{name}.qweight")
             shape = tuple(info["shape"])

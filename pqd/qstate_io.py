@@ -12,12 +12,11 @@ from pqd.io import load_tensors, read_json, write_json
 
 TENSORS = ("weight_int", "weight_scale", "act_scale", "act_zero_point")
 OUT_TENSORS = ("out_scale", "out_zero_point")  # only for layers whose output is quantized
-MATMUL_TENSORS = ("a_scale", "a_zero_point", "b_scale", "b_zero_point")  # attention matmuls' two operands
 
 
 def save_qstate(state: QState, folder: Path, extra: dict | None = None) -> None:
     tensors = {f"{name}.{k}": getattr(lp, k).contiguous() for name, lp in state.items()
-               for k in (MATMUL_TENSORS if lp.kind == "matmul" else TENSORS + OUT_TENSORS) if getattr(lp, k) is not None}
+               for k in (MatMulQParams.TENSORS if lp.kind == "matmul" else TENSORS + OUT_TENSORS) if getattr(lp, k) is not None}
     save_file(tensors, folder / "qstate.safetensors")
     layers = {name: {"kind": "matmul", "a_bits": lp.a_bits, "b_bits": lp.b_bits} if lp.kind == "matmul" else
               {"kind": lp.kind, "weight_bits": lp.weight_bits, "act_bits": lp.act_bits, "act_split": lp.act_split}
@@ -34,7 +33,7 @@ def load_qstate(folder: Path) -> QState:
         try:
             if info["kind"] == "matmul":
                 state[name] = MatMulQParams(int(info["a_bits"]), int(info["b_bits"]),
-                                            *(tensors[f"{name}.{k}"] for k in MATMUL_TENSORS))
+                                            *(tensors[f"{name}.{k}"] for k in MatMulQParams.TENSORS))
                 continue
             state[name] = LayerQParams(kind=info["kind"], weight_bits=int(info["weight_bits"]),
                                        act_bits=int(info["act_bits"]), act_split=info.get("act_split"),

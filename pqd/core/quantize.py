@@ -10,7 +10,7 @@ reconstruction changed codes and scales).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -87,6 +87,7 @@ class MatMulQParams:
     b_scale: torch.Tensor
     b_zero_point: torch.Tensor
     kind: str = "matmul"
+    TENSORS: ClassVar[tuple[str, ...]] = ("a_scale", "a_zero_point", "b_scale", "b_zero_point")
 
 
 QState = dict[str, "LayerQParams | MatMulQParams"]
