@@ -45,7 +45,7 @@ def code_bits(params: Params, bits: int) -> int:
 
 
 def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None = None) -> QuantConfig:
-    """``attention``: the attention matmul modules by role (see pqd.diffusion.adapter.use_matmul_attention);
+    """``attention``: the attention matmul modules by role (see pqd.diffusion.attention.use_matmul_attention);
     the softmax output (first operand of softmax·V) gets quant.softmax_bits."""
     names = list(quantizable_layers(den.unet))
     q = params.quant
@@ -136,8 +136,9 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     if output_check and not torch.isfinite(torch.tensor(mse)):
         raise FloatingPointError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
     floats = quantizable_layers(den.unet)
+    weighted = weight_layers(state)
     rows = []
-    for name, lp in weight_layers(state).items():
+    for name, lp in weighted.items():
         w = floats[name].weight.detach().float().cpu()
         wq = dequantize(lp.weight_int, lp.weight_scale, torch.zeros_like(lp.weight_scale), axis=0)
         rows.append({"layer": name, "kind": lp.kind, "weight_bits": lp.weight_bits,
@@ -149,13 +150,13 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
                                  "config": {k: v for k, v in vars(cfg).items()
                                             if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits")},
                                  "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
-                                 "float_output_layers": sorted(set(weight_layers(state)) - cfg.output_layers),
+                                 "float_output_layers": sorted(set(weighted) - cfg.output_layers),
                                  "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention}})
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
-    return {"method": c.method, "layers": len(weight_layers(state)), "output_quantized_layers": len(cfg.output_layers),
+    return {"method": c.method, "layers": len(weighted), "output_quantized_layers": len(cfg.output_layers),
             "attention_matmuls": len(attention),
             "calib_samples": len(data), "time_groups": groups.count,
             "unet_output_mse": mse, "fit_seconds": round(t_fit, 2), "reconstruction_seconds": round(t_recon, 2),
