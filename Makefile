@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 # slowed demo training from ~0.3 s to ~11 s per step when another job held the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test check-params clean-data bench bench-deploy bench-memory
+.PHONY: setup run test test-fast check-params clean-data bench bench-deploy bench-memory
 
 setup: $(STAMP)
 
@@ -30,12 +30,16 @@ check-params: setup
 
 run: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
-	$(BIN)/python -m pqd.report
+	$(BIN)/python -m pqd.ops.report
 	@# one MLflow run for this result (idempotent); an unreachable MLflow never fails the run
-	-$(BIN)/python -m pqd.tracking track
+	-$(BIN)/python -m pqd.ops.tracking track
 
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+# everything but the end-to-end runs marked slow (tests/e2e): a couple of minutes
+test-fast: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
 
 # methods x bits and the PQD ablations on the demo, same trajectories/seeds/protocol (data/bench/bench.md)
 bench: setup check-params
@@ -45,11 +49,11 @@ bench: setup check-params
 # UNet latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs), demo and CIFAR-10-config UNets
 bench-deploy: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro model
-	$(BIN)/python -m pqd.bench_deploy
+	$(BIN)/python -m pqd.bench.deploy
 
 # peak RSS of calibrate on a full-size CIFAR-10 DDPM UNet (random weights), 1024 calibration inputs
 bench-memory: setup
-	$(BIN)/python -m pqd.bench_memory --samples 1024 --out data/bench/memory.json
+	$(BIN)/python -m pqd.bench.memory --samples 1024 --out data/bench/memory.json
 
 clean-data:
 	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics

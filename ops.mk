@@ -21,7 +21,7 @@ FLOW_ENV = PATH=$(CURDIR)/$(BIN):$$PATH $(if $(PREFECT_UP),PREFECT_API_URL=http:
 .PHONY: track ui prefect-server serve sweep release promote
 
 track: setup
-	$(BIN)/python -m pqd.tracking track
+	$(BIN)/python -m pqd.ops.tracking track
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --default-artifact-root $(CURDIR)/mlartifacts \
@@ -38,7 +38,7 @@ sweep: setup check-params
 	$(FLOW_ENV) $(BIN)/python -m flows.sweep --bits $(SWEEP_BITS) --methods $(SWEEP_METHODS) $(SWEEP_SET)
 
 release: setup
-	$(BIN)/python -m pqd.release register
+	$(BIN)/python -m pqd.ops.release register
 
 promote: setup
-	$(BIN)/python -m pqd.release promote $(if $(VERSION),--version $(VERSION))
+	$(BIN)/python -m pqd.ops.release promote $(if $(VERSION),--version $(VERSION))

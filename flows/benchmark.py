@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.tasks import dvc_repro, track_result
-from pqd.tracking import TrackedRun
+from pqd.ops.tracking import TrackedRun
 
 BENCH_EXPERIMENT = "pqd-benchmark"
 DEFAULT_CRON = "0 3 * * *"  # every night at 03:00

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prefect import flow
 
 from flows.tasks import DvcOutcome, dvc_exp_run, dvc_repro, track_result, validate_params
-from pqd.tracking import DEFAULT_EXPERIMENT, TrackedRun
+from pqd.ops.tracking import DEFAULT_EXPERIMENT, TrackedRun
 
 
 @dataclass(frozen=True)

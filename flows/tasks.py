@@ -19,12 +19,13 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pqd import release as pqd_release
-from pqd import tracking
-from pqd.params import ParamError, params_from_dict
+from pqd.errors import ParamError
+from pqd.ops import release as pqd_release
+from pqd.ops import tracking
+from pqd.params import params_from_dict
 
 BIN = Path(sys.executable).parent
-MLFLOW_RETRIES = 2  # a blip (a restarting server, a locked sqlite file); an outage fails fast, see pqd.tracking
+MLFLOW_RETRIES = 2  # a blip (a restarting server, a locked sqlite file); an outage fails fast, see pqd.ops.tracking
 MLFLOW_RETRY_DELAY_S = [1, 4]
 
 
@@ -123,19 +124,19 @@ def track_result(root: str, experiment: str, parent_run_id: str | None = None, r
 
 
 @task(name="release gate", cache_policy=NO_CACHE)
-def release_gate(root: str) -> pqd_release.GateReport:
+def release_gate(root: str, allow_uncommitted: bool = False) -> pqd_release.GateReport:
     """The release gate on the result in ``root`` (no MLflow access)."""
-    _, report = pqd_release.check(root)
+    _, report = pqd_release.check(root, allow_uncommitted=allow_uncommitted)
     for c in report.checks:
-        get_run_logger().info("gate %s: %s (%s)", c.name, "pass" if c.passed else "FAIL", c.detail)
+        get_run_logger().info("gate %s: %s (%s)", c.name, c.verdict, c.detail)
     return report
 
 
 @task(name="register candidate", retries=MLFLOW_RETRIES, retry_delay_seconds=MLFLOW_RETRY_DELAY_S,
       cache_policy=NO_CACHE)
-def register_candidate(root: str, experiment: str) -> tracking.RegisteredVersion:
+def register_candidate(root: str, experiment: str, allow_uncommitted: bool = False) -> tracking.RegisteredVersion:
     """Register the gated result as a version of its model with the alias ``candidate``."""
-    v = pqd_release.register_candidate(root, experiment)
+    v = pqd_release.register_candidate(root, experiment, allow_uncommitted=allow_uncommitted)
     get_run_logger().info("%s version %s -> alias %s (%s)", v.name, v.version, v.alias,
                           "new" if v.created else "already registered")
     return v

@@ -1,10 +1,9 @@
-"""PQD: time-aware post-training quantization of diffusers diffusion models."""
+"""PQD: time-aware post-training quantization of diffusers diffusion models.
+
+Layers, from the bottom (imports only point down): ``errors`` and ``params`` -> ``core`` (pure torch) ->
+``diffusion`` (diffusers knowledge) -> ``formats`` / ``deploy`` / ``eval`` -> ``stages`` -> ``ops`` and
+``bench``; the Prefect flows (``flows/``) sit on top. What a user calls from Python is in :mod:`pqd.api`.
+"""
 
 __version__ = "0.1.0"
 
-
-def load_pipeline(export_dir, device: str = "cpu"):
-    """A diffusers pipeline that samples with a PQD export's quantized UNet (see pqd.artifact.load_pipeline)."""
-    from pqd.artifact import load_pipeline as _load
-
-    return _load(export_dir, device)

@@ -19,11 +19,9 @@ import torch.nn as nn
 
 from pqd.core.qtypes import act_qtype, weight_qtype
 
+from pqd.errors import NumericalError  # noqa: F401 (re-exported: core's callers catch it as guards.NumericalError)
+
 INT32_MAX = 2**31 - 1
-
-
-class NumericalError(FloatingPointError):
-    """Non-finite values or an integer overflow; the message names the layer (and time step or group)."""
 
 
 def check_layer_qparams(name: str, weight_int: torch.Tensor, weight_scale: torch.Tensor, weight_bits: int,

@@ -23,9 +23,10 @@ from pqd.core.adaround import AdaRound
 from pqd.core.affine import dequantize, fake_quantize, fake_quantize_ste
 from pqd.core.onnx_qdq import WeightDQ, act_qdq
 from pqd.core.qtypes import QType, act_qtype, weight_qtype
+from pqd.core.timegroups import TimeGrouped, set_time_group  # noqa: F401 (re-exported)
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(TimeGrouped, nn.Module):
     """Per-tensor asymmetric fake quantization of a layer input, per time group, optionally split.
 
     ``scale`` and ``zero_point`` have shape [G, P]: G time groups (``group`` picks the row) and P = 1
@@ -251,12 +252,3 @@ def set_onnx_mode(model: nn.Module, on: bool) -> None:
 
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]
-
-
-def set_time_group(model: nn.Module, group: int) -> None:
-    """Select the activation parameters of time group ``group`` in every quantized layer."""
-    for m in model.modules():
-        if isinstance(m, ActQuantizer):
-            if not 0 <= group < m.num_groups:
-                raise ValueError(f"time group {group} is not allowed: expected 0..{m.num_groups - 1}")
-            m.group = group

@@ -127,6 +127,8 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
     # error far below anything learning could fix, and Adam's steps of ~lr_act would dwarf its tiny step size
     aqs: list[ActQuantizer] = [a for a in act_quantizers(unit) if a.qtype.bits <= 8]
     before = unit_mse(unit, batches)
+    if cfg.iters == 0 or not (cfg.adaround or cfg.lsq):  # nothing to learn: the unit stays as fitted
+        return {"mse_before": before, "mse_after": before, "reverted": 0.0}
     saved_codes = {n: q.weight_int.clone() for n, q in layers.items()}
     saved_scales = [a.scale.detach().clone() for a in aqs]
     params: list[dict[str, Any]] = []
@@ -138,8 +140,6 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
         for a in aqs:
             a.scale.requires_grad_(True)
         params.append({"params": [a.scale for a in aqs], "lr": cfg.lr_act})
-    if not params or cfg.iters == 0:
-        return {"mse_before": before, "mse_after": before, "reverted": 0.0}
     opt = torch.optim.Adam(params)
     rec_loss = torch.tensor(0.0)
     # QDrop's masks come from a generator on the unit's device, seeded from ``generator``

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,22 @@ class TimeGroups:
             return torch.zeros(t.shape, dtype=torch.int64)
         th = torch.tensor(self.thresholds, dtype=torch.float64)
         return (th > t.unsqueeze(-1)).sum(-1)
+
+
+class TimeGrouped:
+    """Mixin of a module that holds one set of parameters per time group: ``group`` selects the set in use."""
+
+    group: int = 0
+
+    @property
+    def num_groups(self) -> int:
+        raise NotImplementedError
+
+
+def set_time_group(model: nn.Module, group: int) -> None:
+    """Select the parameters of time group ``group`` in every time-grouped module of ``model``."""
+    for m in model.modules():
+        if isinstance(m, TimeGrouped):
+            if not 0 <= group < m.num_groups:
+                raise ValueError(f"time group {group} is not allowed: expected 0..{m.num_groups - 1}")
+            m.group = group

@@ -23,20 +23,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pqd.core import TimeGroups, set_time_group
+from pqd.core.timegroups import set_time_group, TimeGroups
+from pqd.diffusion.pipeline import check_supported, decoder_of, load_pipeline, unet_sample_shape
 
 # layers kept at a higher weight precision by default: the first and last convolutions and the
 # time-embedding MLP (small, and errors there reach every block)
 EDGE_LAYER_PREFIXES = ("conv_in", "conv_out", "time_embedding.")
-
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-# pipeline attributes holding the autoencoder of a latent pipeline (LDMPipeline: vqvae; StableDiffusion: vae)
-DECODER_ATTRS = ("vqvae", "vae")
-
-
-class ModelFolderError(ValueError):
-    """A model folder that is not a usable diffusers pipeline."""
-
 
 # the units that block reconstruction optimises one at a time; any quantized layer outside them is a unit
 # of its own. Named by class so every UNet built from diffusers' blocks is covered.
@@ -197,61 +189,15 @@ class Denoiser:
         return splits
 
 
-def unet_sample_shape(unet: nn.Module) -> tuple[int, int, int]:
-    cfg = unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(cfg.in_channels), int(h), int(w))
-
-
-def check_pipeline_folder(folder: str | Path) -> Path:
-    """Raise ModelFolderError unless ``folder`` looks like a diffusers pipeline (model_index.json + unet/)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFolderError(f"model folder {folder} does not exist: expected a diffusers pipeline folder")
-    if not (folder / "model_index.json").is_file():
-        raise ModelFolderError(
-            f"model folder {folder} is not a diffusers pipeline: model_index.json is missing "
-            "(expected the save_pretrained layout)")
-    if not (folder / "unet" / "config.json").is_file():
-        raise ModelFolderError(f"model folder {folder} has no unet/config.json: only UNet pipelines are supported")
-    return folder
-
-
-def load_pipeline(folder: str | Path, device: str = "cpu", unet: nn.Module | None = None):
-    """Load a diffusers pipeline from a local folder (float32, eval mode); ``unet`` replaces the folder's UNet
-    (an export folder: the quantized UNet, with every other component loaded from the folder)."""
-    from diffusers import DiffusionPipeline
-
-    folder = check_pipeline_folder(folder)
-    extra = {} if unet is None else {"unet": unet}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, **extra)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelFolderError(f"model folder {folder} could not be loaded as a diffusers pipeline: "
-                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return pipe.to(device)
-
-
 def denoiser_from_pipeline(pipe) -> Denoiser:
     """The Denoiser of a pixel, latent or text-guided diffusers pipeline (refuses anything else, in one line)."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise ModelFolderError(f"pipeline {type(pipe).__name__} has no unet: only UNet pipelines are supported")
-    if type(unet).__name__ not in UNET_CLASSES:
-        raise ModelFolderError(f"UNet class {type(unet).__name__} is not supported: expected one of {', '.join(UNET_CLASSES)}")
-    unet.eval().requires_grad_(False)
-    decoder = next((getattr(pipe, a) for a in DECODER_ATTRS if getattr(pipe, a, None) is not None), None)
+    check_supported(pipe)
+    unet = pipe.unet.eval().requires_grad_(False)
+    decoder = decoder_of(pipe)
     if decoder is not None:
         decoder.eval().requires_grad_(False)
     text = None
     if type(unet).__name__ == "UNet2DConditionModel":
-        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
-            raise ModelFolderError(f"pipeline {type(pipe).__name__}: its UNet2DConditionModel needs a text_encoder and a "
-                                   "tokenizer component: expected a text-guided pipeline (Stable Diffusion 1.x style)")
-        if getattr(unet.config, "addition_embed_type", None) is not None:
-            raise ModelFolderError(f"UNet2DConditionModel with addition_embed_type = {unet.config.addition_embed_type!r} "
-                                   "(SDXL-style extra conditioning) is not supported: expected none")
         text = TextEncoder(pipe.tokenizer, pipe.text_encoder.eval().requires_grad_(False))
     scale = float(getattr(decoder.config, "scaling_factor", 1.0) or 1.0) if decoder is not None else 1.0
     return Denoiser(unet=unet, scheduler_config=dict(pipe.scheduler.config),
@@ -264,11 +210,3 @@ def load_denoiser(folder: str | Path, device: str = "cpu", unet: nn.Module | Non
     return denoiser_from_pipeline(load_pipeline(folder, device, unet))
 
 
-def unet_from_config(config: dict[str, Any]) -> nn.Module:
-    """A freshly initialised UNet of the class named in a saved config (weights loaded by the caller)."""
-    import diffusers
-
-    name = config.get("_class_name")
-    if name not in UNET_CLASSES:
-        raise ModelFolderError(f"UNet class {name!r} is not supported: expected one of {', '.join(UNET_CLASSES)}")
-    return getattr(diffusers, name).from_config(config)

@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 DEFAULT_CHANNELS = (32, 64, 64)
 NUM_TRAIN_TIMESTEPS = 1000
+FEATURES_DIR = "fid_features"  # inside the demo's model folder: the digit feature network (evaluate.features)
 
 
 def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled digits: images float32 [1797, 1, 8, 8] in [-1, 1], labels int64 [1797]."""
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     images = torch.from_numpy(d.images).float().reshape(-1, 1, 8, 8) / 8.0 - 1.0
     return images, torch.from_numpy(d.target).long()
+
+
+def digits_uint8() -> np.ndarray:
+    """scikit-learn's 1,797 digits as uint8 images [N, 8, 8] (0..16 scaled to 0..255, rounded): the demo's
+    FID reference set."""
+    return np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
 
 
 def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1):
@@ -164,8 +172,6 @@ def train_digit_net(images: torch.Tensor, labels: torch.Tensor, *, seed: int, ep
     Returns the net (eval mode) and its accuracy on the held-out 20%. The split comes from
     ``train_test_split(random_state=seed)`` and all other randomness from ``seed``.
     """
-    from sklearn.model_selection import train_test_split
-
     idx_train, idx_test = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.2,
                                            stratify=labels.numpy(), random_state=seed)
     x_tr, y_tr = images[idx_train], labels[idx_train]

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from pqd.io import require_folder, write_json
-from pqd.params import Params, ParamError, load_params
-
-# Errors a user can fix: printed as one line, exit status 2, no traceback (PQD_DEBUG=1 shows it).
-USER_ERRORS: tuple[type[BaseException], ...] = (ParamError, FileNotFoundError, ValueError, FloatingPointError)
-
+from pqd.errors import PqdError, one_line
+from pqd.formats.files import require_folder
+from pqd.formats.metrics import StageMetrics
+from pqd.params import Params, load_params
 
 # the stage whose output each path option names; for any other stage that option is an input folder,
 # checked (present, non-empty) before params are used
@@ -24,18 +23,13 @@ MADE_BY = {"model": "model", "trajectories": "generate", "fp_samples": "generate
            "qstate": "calibrate", "export": "export"}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pqd.diffusion.adapter import ModelFolderError
-    from pqd.fid import FeatureError
-
-    return USER_ERRORS + (ModelFolderError, FeatureError, ConnectionError)
-
-
-def stage_main(name: str, run: Callable[..., dict[str, Any]], paths: list[str], argv: list[str] | None = None) -> int:
+def stage_main(name: str, run: Callable[..., StageMetrics], paths: list[str], argv: list[str] | None = None) -> int:
     """Parse ``--params`` and one ``--<path>`` option per entry of ``paths``, validate params, run, write metrics.
 
     ``run(params, **paths)`` returns the stage's metrics; they are written to ``--metrics`` with the
-    stage's wall time added under ``seconds``.
+    stage's wall time in ``seconds``. A :class:`~pqd.errors.PqdError` (the user's to fix) is printed as one
+    line with exit status 2 (PQD_DEBUG=1 shows its traceback); any other exception is a bug and keeps its
+    traceback.
     """
     ap = argparse.ArgumentParser(prog=f"python -m pqd.stages.{name}")
     ap.add_argument("--params", default="params.yaml")
@@ -51,12 +45,11 @@ def stage_main(name: str, run: Callable[..., dict[str, Any]], paths: list[str], 
                 require_folder(getattr(args, p), MADE_BY[p])
         t0 = time.perf_counter()
         metrics = run(params, **{p: Path(getattr(args, p)) for p in paths})
-        metrics = {"seconds": round(time.perf_counter() - t0, 3), **metrics}
-    except _user_errors() as e:
+        metrics = dataclasses.replace(metrics, seconds=round(time.perf_counter() - t0, 3))
+    except PqdError as e:
         if os.environ.get("PQD_DEBUG"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"pqd {name}: error: {msg}", file=sys.stderr)
+        print(f"pqd {name}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    write_json(args.metrics, metrics)
+    metrics.write(args.metrics)
     return 0

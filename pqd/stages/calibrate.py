@@ -1,6 +1,6 @@
 """calibrate stage: fit every quantizer of the UNet on the calibration set -> qstate/.
 
-One code path for every method (``calibrate.method`` presets, see pqd.methods):
+One code path for every method (``calibrate.method`` presets, see pqd.params.methods):
 1. weights per output channel, symmetric (min-max or MSE-searched clipping); each Conv2d/Linear input
    per tensor, asymmetric, with its own parameters for each of G contiguous time groups (and for each
    half of a skip concatenation when ``split_shortcut``), fitted on that group's calibration inputs;
@@ -20,51 +20,28 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pqd.calibset import CalibSet
-from pqd.core import QuantConfig, TimeGroups, apply_qstate, dequantize, fit_qstate, qstate_of
-from pqd.core.quantize import weight_layers
-from pqd.core.guards import NumericalError
+from pqd.core.affine import dequantize
+from pqd.core.quantize import apply_qstate, fit_qstate, qstate_of
+from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quantizable_layers
-from pqd.core.reconstruct import ReconConfig, reconstruct_model, unit_io_bytes
+from pqd.core.quantize import weight_layers
+from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
 from pqd.diffusion.attention import use_matmul_attention
+from pqd.diffusion.qconfig import quant_config, recon_config
 from pqd.diffusion.sampling import checked_predict
-from pqd.io import atomic_dir
-from pqd.params import Params, resolve_device
-from pqd.qstate_io import save_qstate
-from pqd.spill import store_factory
+from pqd.errors import InputError, NumericalError
+from pqd.formats import qstate as qcodec
+from pqd.formats.calibset import CalibSet
+from pqd.formats.files import atomic_dir
+from pqd.formats.metrics import CalibrateMetrics
+from pqd.formats.spill import store_factory
+from pqd.params import Params, integer_codes, resolve_device
+from pqd.stages._cli import stage_main
 
 
 # one calibration batch: x [B, C, H, W], t [B], encoder hidden states [B, L, D] (text models) or None
 Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
-
-
-def code_bits(params: Params, bits: int) -> int:
-    """Width of the weight codes for ``bits``-bit weights: 7 for 8 with quant.reduce_range (see params)."""
-    return 7 if bits == 8 and params.quant.reduce_range else bits
-
-
-def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None = None) -> QuantConfig:
-    """``attention``: the attention matmul modules by role (see pqd.diffusion.attention.use_matmul_attention);
-    the softmax output (first operand of softmax·V) gets quant.softmax_bits."""
-    names = list(quantizable_layers(den.unet))
-    q = params.quant
-    edge = {n: code_bits(params, max(q.edge_bits, q.weight_bits)) for n in den.edge_layers(names)}
-    c = params.calibrate
-    float_out = set(den.float_output_layers(names))
-    return QuantConfig(weight_bits=code_bits(params, q.weight_bits), act_bits=q.act_bits,
-                       weight_range=c.weight_range, act_range=c.act_range, act_samples=c.act_samples,
-                       time_groups=c.time_groups, layer_weight_bits=edge,
-                       splits=den.skip_splits() if c.split_shortcut else {},
-                       output_layers=frozenset(n for n in names if n not in float_out) if q.outputs else frozenset(),
-                       operand_bits={n: (q.softmax_bits if role == "pv" else q.act_bits, q.act_bits)
-                                     for n, role in (attention or {}).items()})
-
-
-def recon_config(params: Params) -> ReconConfig:
-    c = params.calibrate
-    return ReconConfig(iters=c.recon_iters, batch_size=c.recon_batch_size, lr_round=c.lr_round, lr_act=c.lr_act,
-                       round_weight=c.round_weight, qdrop_p=c.qdrop_p, adaround=c.adaround, lsq=c.lsq)
 
 
 @torch.no_grad()
@@ -80,7 +57,7 @@ def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batch
 
 
 def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int | None = None,
-        output_check: bool = True) -> dict[str, Any]:
+        output_check: bool = True) -> CalibrateMetrics:
     """Benchmarks only: ``largest_units`` reconstructs just the N units with the largest recordings;
     ``output_check=False`` skips the final FP-vs-quantized output comparison (two more passes over the set)."""
     device = resolve_device(params)
@@ -90,10 +67,11 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     plan = data.batches(groups, c.batch_size)
     den = load_denoiser(model, device)
     if den.conditional != (data.embeds is not None):
-        raise ValueError(f"{calib}: calibration set {'without' if den.conditional else 'with'} prompt embeddings "
+        raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} prompt embeddings "
                          f"for a {den.family} model: re-run generate and select for this model")
     attention = use_matmul_attention(den.unet) if params.quant.attention else {}
-    cfg = quant_config(params, den, attention)
+    codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
+    cfg = quant_config(params, den, attention, codes)
 
     def fetch(i: int) -> Batch:
         """Calibration batch i, read from the shards on disk (never the whole set in memory)."""
@@ -134,7 +112,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         t_recon, on_disk = 0.0, 0
     mse = output_mse(den, qden, fetch, len(plan)) if output_check else float("nan")
     if output_check and not torch.isfinite(torch.tensor(mse)):
-        raise FloatingPointError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
+        raise NumericalError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
     floats = quantizable_layers(den.unet)
     weighted = weight_layers(state)
     rows = []
@@ -146,28 +124,28 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
                      "act_split": lp.act_split or 0})
     errs = pd.DataFrame(rows)
     with atomic_dir(out) as tmp:
-        save_qstate(state, tmp, {"method": c.method, "time_group_thresholds": list(groups.thresholds),
-                                 "config": {k: v for k, v in vars(cfg).items()
-                                            if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits")},
-                                 "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
-                                 "float_output_layers": sorted(set(weighted) - cfg.output_layers),
-                                 "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention}})
+        qcodec.write(tmp, qcodec.STATE_TENSORS, state, groups, trailer={
+            "method": c.method, "integer_codes": codes.as_dict(),
+            "config": {k: v for k, v in vars(cfg).items()
+                       if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits")},
+            "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
+            "float_output_layers": sorted(set(weighted) - cfg.output_layers),
+            "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention}})
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
-    return {"method": c.method, "layers": len(weighted), "output_quantized_layers": len(cfg.output_layers),
-            "attention_matmuls": len(attention),
-            "calib_samples": len(data), "time_groups": groups.count,
-            "unet_output_mse": mse, "fit_seconds": round(t_fit, 2), "reconstruction_seconds": round(t_recon, 2),
-            "reconstructed_units": len(recon_log), "units_improved": len(improved), "units_recorded_on_disk": on_disk,
-            "weight_rel_mse_mean": float(errs["weight_rel_mse"].mean()),
-            "weight_rel_mse_max": float(errs["weight_rel_mse"].max())}
+    return CalibrateMetrics(method=c.method, layers=len(weighted), output_quantized_layers=len(cfg.output_layers),
+                            attention_matmuls=len(attention), calib_samples=len(data), time_groups=groups.count,
+                            unet_output_mse=mse, fit_seconds=round(t_fit, 2), reconstruction_seconds=round(t_recon, 2),
+                            reconstructed_units=len(recon_log), units_improved=len(improved),
+                            units_recorded_on_disk=on_disk, weight_rel_mse_mean=float(errs["weight_rel_mse"].mean()),
+                            weight_rel_mse_max=float(errs["weight_rel_mse"].max()),
+                            weight_code_bits=cfg.weight_bits, reduce_range=codes.reduce_range,
+                            integer_codes=codes.reason)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pqd.stages._cli import stage_main
-
     return stage_main("calibrate", run, ["model", "calib", "out"], argv)
 
 

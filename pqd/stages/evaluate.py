@@ -18,33 +18,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
-from pqd import deploy, fid
-from pqd.artifact import load_denoiser_from_export
+from pqd import deploy
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
-from pqd.io import atomic_dir, image_grid, load_tensors, read_json, save_pngs
+from pqd.errors import NumericalError
+from pqd.eval import fid
+from pqd.eval.metrics import per_image_mse, psnr
+from pqd.formats.export import load_denoiser_from_export
+from pqd.formats.files import atomic_dir, load_tensors, read_json
+from pqd.formats.images import save_pngs, side_by_side
+from pqd.formats.metrics import EvalProtocol, EvaluateMetrics
 from pqd.params import Params, resolve_device
+from pqd.stages._cli import stage_main
 
 
-def side_by_side(fp: torch.Tensor, q: torch.Tensor, n: int) -> Image.Image:
-    """FP grid (left) beside the quantized grid (right) for the first n images of each, same seeds."""
-    n = min(n, len(fp))
-    cols = max(1, int(np.ceil(np.sqrt(n))))
-    scale = max(1, 256 // (cols * fp.shape[-1]))
-    a, b = image_grid(fp[:n], cols, scale), image_grid(q[:n], cols, scale)
-    out = Image.new("RGB", (a.width + b.width + 16, a.height), "white")
-    out.paste(a, (0, 0))
-    out.paste(b, (a.width + 16, 0))
-    return out
+def weight_codes(manifest: dict[str, Any]) -> str:
+    """The width of the export's weight codes and why, from its manifest (quant.reduce_range as resolved)."""
+    bits = int(manifest["params"]["quant"]["weight_bits"])
+    codes = manifest.get("integer_codes") or {}
+    stored = 7 if bits == 8 and codes.get("reduce_range") else bits
+    return f"{stored}-bit weight codes" + (f" ({codes['reason']})" if bits == 8 and codes.get("reason") else "")
 
 
-def psnr(mse: np.ndarray) -> np.ndarray:
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
-
-
-def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, grid: Path) -> dict[str, Any]:
+def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, grid: Path) -> EvaluateMetrics:
     ev = params.evaluate
     device = resolve_device(params)
     # everything that can fail fast is checked before sampling
@@ -54,6 +51,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     fp = load_tensors(fp_samples / "a.safetensors")
     seeds = [int(s) for s in fp["seeds"]]
     qden = load_denoiser_from_export(export, device)  # verifies every file of the export first
+    manifest = read_json(export / "manifest.json")
     dens = {"simulated": qden}
     if ev.backend == "onnxruntime":
         dens["deployed"] = deploy.load_ort_denoiser(export, components=qden)
@@ -68,9 +66,9 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
             for k, d in dens.items()}
     for k, v in imgs.items():
         if not torch.isfinite(v).all():
-            raise FloatingPointError(f"evaluate: the quantized model ({k}) produced non-finite images")
+            raise NumericalError(f"evaluate: the quantized model ({k}) produced non-finite images")
     q_imgs = imgs[headline]
-    mse = (q_imgs - fp["images"]).pow(2).flatten(1).mean(1).numpy()
+    mse = per_image_mse(q_imgs, fp["images"])
     with atomic_dir(out) as tmp:
         folders = {headline: tmp / "images"}
         if "deployed" in imgs:
@@ -87,41 +85,31 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     floor = fid.frechet(st["floor"], st["fp"])
     grid.parent.mkdir(parents=True, exist_ok=True)
     side_by_side(fp["images"], q_imgs, ev.grid_size).save(grid)
-    deployed: dict[str, Any] = {}
+    deployed: dict[str, float | bool] = {}
     if "deployed" in imgs:
         fid_sim = fid.frechet(st["simulated"], ref_stats)
-        dmse = (imgs["deployed"] - imgs["simulated"]).pow(2).flatten(1).mean(1).numpy()
+        dmse = per_image_mse(imgs["deployed"], imgs["simulated"])
         deployed = {"fid_deployed_vs_ref": fid_q, "fid_simulated_vs_ref": fid_sim,
                     "deployed_minus_simulated": fid_q - fid_sim,
                     "fid_deployed_vs_simulated": fid.frechet(st["deployed"], st["simulated"]),
                     "deployed_within_noise_floor": bool(abs(fid_q - fid_sim) <= floor),
                     "psnr_deployed_vs_simulated_median": float(np.median(psnr(dmse)))}
-    return {
-        "fid_quant_vs_ref": fid_q,
-        "fid_fp_vs_ref": fid_fp,
-        "delta_fid": fid_q - fid_fp,
-        "fid_quant_vs_fp": fid.frechet(st[headline], st["fp"]),
-        "noise_floor": floor,
-        **deployed,
-        "mse_mean": float(mse.mean()),
-        "psnr_mean": float(psnr(mse).mean()),
-        "psnr_median": float(np.median(psnr(mse))),
-        "psnr_min": float(psnr(mse).min()),
-        "protocol": {"num_samples": len(seeds), "floor_samples": len(feats["floor"]),
-                     "seeds": f"{seeds[0]}..{seeds[-1]}", "scheduler": proto["scheduler"],
-                     "steps": int(proto["steps"]), "eta": float(proto["eta"]), "family": qden.family,
-                     "prompts": len(proto["conditioning"]["prompts"]) if cond is not None else 0,
-                     "guidance_scale": cond.guidance_scale if cond is not None else None,
-                     "features": extractor.name, "reference": ref_desc, "reference_images": ref_n,
-                     "fid": "clean-fid frechet_distance",
-                     "backend": "onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"
-                     else "torch (simulated integer arithmetic)"},
-    }
+    protocol = EvalProtocol(
+        num_samples=len(seeds), floor_samples=len(feats["floor"]), seeds=f"{seeds[0]}..{seeds[-1]}",
+        scheduler=proto["scheduler"], steps=int(proto["steps"]), eta=float(proto["eta"]), family=qden.family,
+        prompts=len(proto["conditioning"]["prompts"]) if cond is not None else 0,
+        guidance_scale=cond.guidance_scale if cond is not None else None, features=extractor.name,
+        reference=ref_desc, reference_images=ref_n, fid="clean-fid frechet_distance",
+        backend="onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"
+        else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest))
+    return EvaluateMetrics(fid_quant_vs_ref=fid_q, fid_fp_vs_ref=fid_fp, delta_fid=fid_q - fid_fp,
+                           fid_quant_vs_fp=fid.frechet(st[headline], st["fp"]), noise_floor=floor, **deployed,
+                           mse_mean=float(mse.mean()), psnr_mean=float(psnr(mse).mean()),
+                           psnr_median=float(np.median(psnr(mse))), psnr_min=float(psnr(mse).min()),
+                           protocol=protocol)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pqd.stages._cli import stage_main
-
     return stage_main("evaluate", run, ["model", "export", "fp_samples", "out", "grid"], argv)
 
 

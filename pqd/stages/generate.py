@@ -20,11 +20,15 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from pqd.calibset import PROMPTS
 from pqd.diffusion.adapter import Conditioning, Denoiser, load_denoiser
 from pqd.diffusion.sampling import make_scheduler, sample
-from pqd.io import atomic_dir, read_prompts, save_pngs, write_json
-from pqd.params import ParamError, Params, resolve_device
+from pqd.errors import ParamError
+from pqd.formats.calibset import PROMPTS
+from pqd.formats.files import atomic_dir, read_prompts, write_json
+from pqd.formats.images import save_pngs
+from pqd.formats.metrics import GenerateMetrics
+from pqd.params import Params, resolve_device
+from pqd.stages._cli import stage_main
 
 # disjoint seed ranges: evaluation set a, noise-floor set b, calibration trajectories
 SEED_BASE = {"a": 0, "b": 500_000_000, "calib": 1_000_000_000}
@@ -101,7 +105,7 @@ def record_trajectories(den: Denoiser, params: Params, out: Path, device: str,
     return {"calib_trajectories": len(calib), "trajectory_inputs": len(rows)}
 
 
-def run(params: Params, model: Path, trajectories: Path, samples: Path) -> dict[str, Any]:
+def run(params: Params, model: Path, trajectories: Path, samples: Path) -> GenerateMetrics:
     device = resolve_device(params)
     den = load_denoiser(model, device)
     g = params.generate
@@ -130,13 +134,11 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> dict[
             save_file(tensors, tmp / f"{kind}.safetensors")
         write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SEED_BASE[k], "count": g.eval_samples}
                                                           for k in ("a", "b")}})
-    return {**info, "family": den.family, "prompts": len(prompts or []), "eval_samples": g.eval_samples,
-            "floor_samples": g.eval_samples}
+    return GenerateMetrics(**info, family=den.family, prompts=len(prompts or []), eval_samples=g.eval_samples,
+                           floor_samples=g.eval_samples)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pqd.stages._cli import stage_main
-
     return stage_main("generate", run, ["model", "trajectories", "samples"], argv)
 
 

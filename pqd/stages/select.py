@@ -7,14 +7,13 @@ that cover the step's inputs best (greedy k-center on a pooled feature of x_t), 
 ``first`` takes the lowest seeds. ``index.parquet`` records every chosen input and why it was chosen.
 Text models with classifier-free guidance: every chosen input enters the calibration set twice, with its
 prompt (branch ``cond``) and with the unconditional prompt (``uncond``), as the UNet sees it at inference.
-The set is written in shards of ``select.shard_size`` inputs (format: pqd.calibset).
+The set is written in shards of ``select.shard_size`` inputs (format: pqd.formats.calibset).
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,24 +23,29 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from pqd.calibset import PROMPTS, CalibWriter
-from pqd.io import atomic_dir, load_tensors, read_json
+from pqd.errors import InputError, ParamError
+from pqd.formats.calibset import PROMPTS, CalibWriter
+from pqd.formats.files import atomic_dir, load_tensors, read_json
+from pqd.formats.metrics import SelectMetrics
 from pqd.params import Params, SelectParams
+from pqd.stages._cli import stage_main
 
 
 def step_probabilities(u: np.ndarray, sp: SelectParams) -> np.ndarray:
     """Probability of each step position u in [0, 1] under the chosen timestep distribution."""
     if sp.timesteps == "uniform":
         w = np.ones_like(u)
-    else:
+    elif sp.timesteps == "gaussian":
         w = np.exp(-0.5 * ((u - sp.mu) / sp.sigma) ** 2)
+    else:
+        raise ParamError(f"select.timesteps = {sp.timesteps!r} is not allowed: expected 'gaussian' or 'uniform'")
     return w / w.sum()
 
 
 def draw_step_counts(p: np.ndarray, n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     """Draw n steps from p (multinomial), re-drawing any excess over ``cap`` among steps with room."""
     if n > cap * len(p):
-        raise ValueError(f"select.num_samples = {n} is not allowed: expected at most {cap * len(p)} "
+        raise ParamError(f"select.num_samples = {n} is not allowed: expected at most {cap * len(p)} "
                          f"({cap} trajectories x {len(p)} steps)")
     counts = rng.multinomial(n, p)
     while (excess := int(np.clip(counts - cap, 0, None).sum())) > 0:
@@ -81,17 +85,19 @@ def choose(feats: torch.Tensor, k: int, rule: str, rng: np.random.Generator) -> 
         return idx, why
     if rule == "random":
         return sorted(rng.choice(len(feats), size=k, replace=False).tolist()), ["random"] * k
-    return list(range(k)), ["first seeds"] * k
+    if rule == "first":
+        return list(range(k)), ["first seeds"] * k
+    raise ParamError(f"select.rule = {rule!r} is not allowed: expected 'kcenter', 'random' or 'first'")
 
 
-def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
+def run(params: Params, trajectories: Path, out: Path) -> SelectMetrics:
     sp = params.select
     index = pd.read_parquet(trajectories / "index.parquet")
     meta = read_json(trajectories / "meta.json")
     steps = int(meta["steps"])
     n_traj = index["seed"].nunique()
     if index["step"].nunique() != steps or len(index) != n_traj * steps:
-        raise ValueError(f"{trajectories}/index.parquet: {len(index)} rows do not match {n_traj} trajectories x {steps} "
+        raise InputError(f"{trajectories}/index.parquet: {len(index)} rows do not match {n_traj} trajectories x {steps} "
                          "steps: expected one row per trajectory and step, as the generate stage writes it")
     cond = meta.get("conditioning")
     rng = np.random.default_rng(sp.seed)
@@ -107,12 +113,12 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
         tensors = load_tensors(trajectories / shard)  # a damaged shard is a one-line error naming it
         need = {"x", "t", "seeds"} | ({"prompt"} if cond is not None else set())
         if missing := sorted(need - set(tensors)):
-            raise ValueError(f"{trajectories}/{shard}: tensor {missing[0]!r} is missing: expected {', '.join(sorted(need))}")
+            raise InputError(f"{trajectories}/{shard}: tensor {missing[0]!r} is missing: expected {', '.join(sorted(need))}")
         x, t, seeds = tensors["x"], tensors["t"], tensors["seeds"]
         prompt = tensors["prompt"].tolist() if cond is not None else [None] * len(seeds)
         listed = sorted(index.loc[index["shard"] == shard, "seed"].unique().tolist())
         if x.ndim != 5 or x.shape[1] != steps or sorted(seeds.tolist()) != listed or len(x) != len(seeds):
-            raise ValueError(f"{trajectories}/{shard}: holds x {tuple(x.shape)} for seeds {seeds.tolist()[:4]}, which "
+            raise InputError(f"{trajectories}/{shard}: holds x {tuple(x.shape)} for seeds {seeds.tolist()[:4]}, which "
                              f"disagrees with index.parquet: expected {len(listed)} trajectories x {steps} steps for "
                              f"seeds {listed[:4]}")
         for s in chosen_steps:
@@ -123,7 +129,7 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
     # classifier-free guidance: the UNet sees every input twice, with the prompt and with the empty prompt
     branches = [("cond", None)] + ([("uncond", 0)] if cond is not None and cond["guidance_scale"] > 1 else [])
     records = []
-    for s in chosen_steps:  # increasing step = decreasing t: each time group is a contiguous run (pqd.calibset)
+    for s in chosen_steps:  # increasing step = decreasing t: each time group is a contiguous run (pqd.formats.calibset)
         feats = torch.cat(feats_by_step.pop(s))
         idx, why = choose(feats, int(counts[s]), sp.rule, rng)
         for order, (i, reason) in enumerate(zip(idx, why)):
@@ -150,13 +156,11 @@ def run(params: Params, trajectories: Path, out: Path) -> dict[str, Any]:
                       "rule": sp.rule, "drawn_inputs": sp.num_samples,
                       "conditioning": None if cond is None else {"guidance_scale": cond["guidance_scale"],
                                                                  "branches": [b for b, _ in branches]}}, embeds)
-    return {"calib_samples": len(records), "drawn_inputs": sp.num_samples, "branches": len(branches),
-            "distinct_steps": len(chosen_steps), "mean_u": round(float(np.mean([r["u"] for r in records])), 4)}
+    return SelectMetrics(calib_samples=len(records), drawn_inputs=sp.num_samples, branches=len(branches),
+                         distinct_steps=len(chosen_steps), mean_u=round(float(np.mean([r["u"] for r in records])), 4))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pqd.stages._cli import stage_main
-
     return stage_main("select", run, ["trajectories", "out"], argv)
 
 

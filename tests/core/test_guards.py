@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pqd.core import LayerQParams, apply_qstate
+from pqd.core.quantize import apply_qstate, LayerQParams
 from pqd.core.guards import INT32_MAX, NumericalError, check_layer_qparams, locate_nonfinite
 
 
@@ -83,7 +83,7 @@ def test_sampling_fails_loudly_naming_layer_and_step(tiny_pipeline):
 
 
 def test_calibration_names_the_layer_whose_input_is_non_finite():
-    from pqd.core import QuantConfig, fit_qstate
+    from pqd.core.quantize import fit_qstate, QuantConfig
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))

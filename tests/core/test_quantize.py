@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pqd.core import QuantConfig, apply_qstate, fit_qstate, quant_layers, set_time_group
+from pqd.core.modules import quant_layers
+from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
+from pqd.core.timegroups import set_time_group
 from pqd.core.affine import fake_quantize
 from pqd.core.qtypes import act_qtype
 

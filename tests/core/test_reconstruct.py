@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pqd.core import QuantConfig, apply_qstate, fit_qstate, quant_layers
+from pqd.core.modules import quant_layers
+from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
 from pqd.core.adaround import AdaRound, beta_schedule
 from pqd.core.modules import ActQuantizer
 from pqd.core.qtypes import weight_qtype
@@ -132,3 +133,18 @@ def test_reconstruct_model_walks_units_in_forward_order():
     with torch.no_grad():
         err1 = sum(float((q(x) - fp(x)).pow(2).mean()) for x in xs)
     assert err1 < err0
+
+
+def test_zero_iterations_leave_the_unit_exactly_as_fitted():
+    """recon_iters = 0: nearest-rounded codes, fitted steps, no rounding module attached, no step that learns."""
+    fp, q, batches = quantized_block()
+    layers = quant_layers(q)
+    codes = {n: l.weight_int.clone() for n, l in layers.items()}
+    steps = [a.scale.detach().clone() for a in q.modules() if isinstance(a, ActQuantizer)]
+    out = reconstruct_unit(q, {n: fp.get_submodule(n).weight for n in layers}, batches, ReconConfig(iters=0),
+                           torch.Generator().manual_seed(0))
+    assert out["mse_after"] == out["mse_before"]
+    assert all(l.rounding is None and torch.equal(l.weight_int, codes[n]) for n, l in layers.items())
+    quantizers = [a for a in q.modules() if isinstance(a, ActQuantizer)]
+    assert all(not a.scale.requires_grad for a in quantizers)
+    assert all(torch.equal(a.scale, s) for a, s in zip(quantizers, steps))

@@ -1,6 +1,7 @@
 import torch
 
-from pqd.core import QuantConfig, TimeGroups, apply_qstate, fit_qstate, set_time_group
+from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
+from pqd.core.timegroups import set_time_group, TimeGroups
 from pqd.core.modules import ActQuantizer
 
 

@@ -1,0 +1,14 @@
+"""The library's entry points for users, in one place (each lives in its layer):
+
+- :func:`load_pipeline`: an export folder as a diffusers pipeline whose UNet is the quantized one (torch);
+- :func:`load_ort_denoiser`: the export's deployed ONNX graphs, run by onnxruntime;
+- :func:`load_sampler`: a registered release (``models:/<name>@<alias>``), verified, ready to sample;
+- :class:`Sampler`: the same from an export folder and its sampling protocol file.
+"""
+
+from pqd.deploy import load_ort_denoiser
+from pqd.formats.export import load_pipeline
+from pqd.ops.serving import Sampler
+from pqd.ops.tracking import load_sampler
+
+__all__ = ["Sampler", "load_ort_denoiser", "load_pipeline", "load_sampler"]

@@ -1,0 +1,101 @@
+"""Running the deployed graphs: onnxruntime sessions, the kernels it really runs, and a Denoiser on them.
+
+:class:`OrtDenoiser` samples with an export's ONNX graphs (the session of each timestep's time group), so
+the evaluate stage measures the FID of what ships.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from pqd.core.timegroups import TimeGroups
+from pqd.deploy.onnx import ONNX_DIR, graph_file
+from pqd.diffusion.adapter import Denoiser
+from pqd.errors import MissingInputError
+from pqd.formats.export import time_groups_of
+from pqd.formats.files import read_json
+
+# onnxruntime kernels that compute in integer arithmetic, and the float ones a quantized layer may fall back to
+INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+                "DynamicQuantizeMatMul", "QAttention")
+FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+
+
+def session_options(threads: int | None = None, optimized_path: Path | None = None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+def open_session(path: Path, threads: int | None = None):
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def kernel_report(path: Path) -> dict[str, Any]:
+    """Which kernels onnxruntime actually runs for the graph at ``path``, read from its optimised graph."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        ort.InferenceSession(str(path), session_options(optimized_path=opt), providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
+    return {"int8": {k: v for k, v in sorted(ops.items()) if k in INT8_KERNELS},
+            "float": {k: v for k, v in sorted(ops.items()) if k in FLOAT_KERNELS}}
+
+
+class OrtDenoiser(Denoiser):
+    """A :class:`Denoiser` whose UNet is the deployed ONNX artifact, run by onnxruntime."""
+
+    def __init__(self, onnx_dir: Path, scheduler_config: dict[str, Any], scheduler_class: str,
+                 sample_shape: tuple[int, int, int], time_groups: TimeGroups, threads: int | None = None) -> None:
+        super().__init__(unet=None, scheduler_config=scheduler_config, scheduler_class=scheduler_class,
+                         sample_shape=sample_shape, time_groups=time_groups)
+        self.onnx_dir = Path(onnx_dir)
+        # every graph is loaded now: the folder may be temporary (a downloaded release)
+        self._sessions = [open_session(self.onnx_dir / graph_file(g), threads) for g in range(time_groups.count)]
+
+    def session(self, group: int):
+        return self._sessions[group]
+
+    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            raise ValueError("the deployed ONNX graphs take no encoder hidden states: text-guided models are "
+                             "evaluated with evaluate.backend = 'torch'")
+        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
+        feeds = {"sample": x.detach().to(torch.float32).cpu().contiguous().numpy(),
+                 "timestep": tb.detach().to(torch.float32).cpu().contiguous().numpy()}
+        (y,) = self.session(group).run(None, feeds)
+        return torch.from_numpy(np.ascontiguousarray(y)).to(x.device)
+
+
+def load_ort_denoiser(export_dir: Path, threads: int | None = None, components: Denoiser | None = None) -> OrtDenoiser:
+    """The deployed denoiser of an export folder (verify its manifest first: see pqd.formats.export).
+    ``components``: a Denoiser of the same export whose float parts around the UNet (a latent model's
+    decoder) the deployed one uses too."""
+    export_dir = Path(export_dir)
+    onnx_dir = export_dir / ONNX_DIR
+    groups = time_groups_of(export_dir)
+    missing = [graph_file(g) for g in range(groups.count) if not (onnx_dir / graph_file(g)).is_file()]
+    if missing:
+        raise MissingInputError(f"{onnx_dir}/{missing[0]} is missing: the export has no ONNX graph for every "
+                                f"time group (set export.onnx = true and rerun the export stage)")
+    index = read_json(export_dir / "model_index.json")
+    cfg = read_json(export_dir / "unet" / "config.json")
+    size = cfg["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    den = OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
+                      (int(cfg["in_channels"]), int(h), int(w)), groups, threads)
+    if components is not None:
+        den.decoder, den.latent_scale = components.decoder, components.latent_scale
+    return den

@@ -1,0 +1,47 @@
+"""How the product quantizes a denoiser: the core's configs built from params and the adapter's knowledge.
+
+The one place that turns ``quant.*`` / ``calibrate.*`` and a :class:`~pqd.diffusion.adapter.Denoiser`
+(its edge layers, skip splits, float-output layers and attention matmuls) into a
+:class:`~pqd.core.QuantConfig` and a :class:`~pqd.core.reconstruct.ReconConfig`: the calibrate stage and
+the benchmarks call it alike.
+"""
+
+from __future__ import annotations
+
+from pqd.core.quantize import QuantConfig
+from pqd.core.modules import quantizable_layers
+from pqd.core.reconstruct import ReconConfig
+from pqd.diffusion.adapter import Denoiser
+from pqd.params import Params
+from pqd.params.machine import IntegerCodes, integer_codes
+
+
+def code_bits(bits: int, reduce_range: bool) -> int:
+    """Width of the weight codes for ``bits``-bit weights: 7 for 8 with reduce_range (pqd.params.machine)."""
+    return 7 if bits == 8 and reduce_range else bits
+
+
+def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None = None,
+                 codes: IntegerCodes | None = None) -> QuantConfig:
+    """The QuantConfig of ``den`` under ``params``. ``attention``: the attention matmul modules by role (see
+    pqd.diffusion.attention.use_matmul_attention); the softmax output (first operand of softmax·V) gets
+    quant.softmax_bits. ``codes``: quant.reduce_range resolved (default: for this machine)."""
+    reduce = (codes or integer_codes(params)).reduce_range
+    names = list(quantizable_layers(den.unet))
+    q = params.quant
+    edge = {n: code_bits(max(q.edge_bits, q.weight_bits), reduce) for n in den.edge_layers(names)}
+    c = params.calibrate
+    float_out = set(den.float_output_layers(names))
+    return QuantConfig(weight_bits=code_bits(q.weight_bits, reduce), act_bits=q.act_bits,
+                       weight_range=c.weight_range, act_range=c.act_range, act_samples=c.act_samples,
+                       time_groups=c.time_groups, layer_weight_bits=edge,
+                       splits=den.skip_splits() if c.split_shortcut else {},
+                       output_layers=frozenset(n for n in names if n not in float_out) if q.outputs else frozenset(),
+                       operand_bits={n: (q.softmax_bits if role == "pv" else q.act_bits, q.act_bits)
+                                     for n, role in (attention or {}).items()})
+
+
+def recon_config(params: Params) -> ReconConfig:
+    c = params.calibrate
+    return ReconConfig(iters=c.recon_iters, batch_size=c.recon_batch_size, lr_round=c.lr_round, lr_act=c.lr_act,
+                       round_weight=c.round_weight, qdrop_p=c.qdrop_p, adaround=c.adaround, lsq=c.lsq)

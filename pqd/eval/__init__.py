@@ -1,0 +1,1 @@
+"""Evaluation: FID with clean-fid (feature extractors, reference statistics) and per-image comparisons."""

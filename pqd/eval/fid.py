@@ -1,0 +1,181 @@
+"""FID with clean-fid: feature extractors, folder features, reference statistics, distances.
+
+Feature extractors (``evaluate.features``):
+- ``demo:digits``: the demo's digit network (trained by the model stage, stored in the model folder);
+- ``inception``: clean-fid's Inception (fetched by clean-fid when online; a clear error when not);
+- ``inception:<file>``: the same Inception TorchScript weights from a local file (offline users);
+- ``torchscript:<file>``: a user's TorchScript network mapping [B, 3, H, W] images in [0, 255] to [B, D].
+Reference sets (``evaluate.reference``): ``demo:digits`` (the 1,797 digits), a folder of images, or a
+``.npz`` with precomputed ``mu`` and ``sigma`` for the chosen extractor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from cleanfid import fid as cfid
+from cleanfid.downloads_helper import check_download_inception
+from cleanfid.inception_torchscript import InceptionV3W
+from PIL import Image
+from safetensors.torch import load_file
+
+from pqd.diffusion.demo import FEATURES_DIR, DigitNet, digits_uint8
+from pqd.errors import FeatureError
+
+
+@dataclass
+class Extractor:
+    name: str  # recorded in the protocol
+    fn: Callable[[torch.Tensor], torch.Tensor]  # [B, 3, H, W] float in [0, 255] -> [B, D]
+    fn_resize: Callable[[np.ndarray], np.ndarray] | None  # clean-fid resizer; None = clean-fid's 299x299 'clean'
+
+
+def _digit_extractor(model_dir: Path) -> Extractor:
+    folder = model_dir / FEATURES_DIR
+    if not (folder / "config.json").is_file():
+        raise FeatureError(f"evaluate.features = 'demo:digits' needs {folder}/config.json, written by the model "
+                           "stage for model.source 'demo:digits'; use 'inception' or 'torchscript:<file>' for other models")
+    net = DigitNet(**json.loads((folder / "config.json").read_text()))
+    net.load_state_dict(load_file(folder / "model.safetensors"))
+    net.eval()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        gray = x.float().mean(dim=1, keepdim=True) / 255.0  # [B, 1, 8, 8] in [0, 1]
+        with torch.no_grad():
+            return net.features(gray * 2 - 1)
+
+    def resize(img: np.ndarray) -> np.ndarray:
+        if img.shape[:2] != (8, 8):
+            img = np.asarray(Image.fromarray(img).resize((8, 8), Image.BICUBIC))
+        return img.astype(np.float32)
+
+    return Extractor("demo:digits (DigitNet penultimate features)", fn, resize)
+
+
+def _inception_extractor(local: str | None, device: str) -> Extractor:
+    if local is not None:
+        path = Path(local).expanduser()
+        if not path.is_file():
+            raise FeatureError(f"evaluate.features = 'inception:{local}': file not found "
+                               "(expected clean-fid's inception-2015-12-05.pt)")
+        folder, fname = path.parent, path.name
+    else:
+        folder, fname = Path(tempfile.gettempdir()), "inception-2015-12-05.pt"
+        if not (folder / fname).is_file():
+            old_timeout = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(20)  # clean-fid's urlopen has no timeout of its own
+            try:
+                with tempfile.TemporaryDirectory(dir=folder) as part:  # no half-written file is ever left behind
+                    os.replace(check_download_inception(fpath=part), folder / fname)
+            except Exception as e:  # noqa: BLE001 - any network failure means the same thing to the user
+                raise FeatureError(
+                    f"evaluate.features = 'inception': the Inception weights could not be fetched ({type(e).__name__}); "
+                    "download inception-2015-12-05.pt once and set evaluate.features to 'inception:<path>'") from None
+            finally:
+                socket.setdefaulttimeout(old_timeout)
+    if fname != "inception-2015-12-05.pt":  # InceptionV3W loads that file name from a folder
+        link = Path(tempfile.mkdtemp()) / "inception-2015-12-05.pt"
+        link.symlink_to(folder / fname)
+        folder = link.parent
+    model = InceptionV3W(str(folder), download=False).to(device).eval()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x.to(device))
+
+    return Extractor("clean-fid Inception-V3 (pool3, 2048-d, clean resize)", fn, None)
+
+
+def _torchscript_extractor(path_str: str, device: str) -> Extractor:
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise FeatureError(f"evaluate.features = 'torchscript:{path_str}': file not found")
+    try:
+        with warnings.catch_warnings():  # TorchScript is the format we ask users for; its deprecation is ours to act on
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as e:  # noqa: BLE001
+        raise FeatureError(f"evaluate.features = 'torchscript:{path_str}': not a TorchScript file ({type(e).__name__})") from None
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net(x.to(device)).reshape(x.shape[0], -1)
+
+    def resize(img: np.ndarray) -> np.ndarray:
+        return img.astype(np.float32)
+
+    return Extractor(f"torchscript:{path.name}", fn, resize)
+
+
+def build_extractor(spec: str, model_dir: str | Path, device: str = "cpu") -> Extractor:
+    if spec == "demo:digits":
+        return _digit_extractor(Path(model_dir))
+    if spec == "inception":
+        return _inception_extractor(None, device)
+    if spec.startswith("inception:"):
+        return _inception_extractor(spec.split(":", 1)[1], device)
+    if spec.startswith("torchscript:"):
+        return _torchscript_extractor(spec.split(":", 1)[1], device)
+    raise FeatureError(f"evaluate.features = {spec!r} is not allowed: expected 'demo:digits', 'inception', "
+                       "'inception:<file>' or 'torchscript:<file>'")
+
+
+def folder_features(folder: str | Path, ex: Extractor, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """Features [N, D] (float64) of every image under ``folder``, read and resized by clean-fid."""
+    folder = Path(folder)
+    feats = cfid.get_folder_features(str(folder), model=ex.fn, num_workers=0, batch_size=batch_size,
+                                     device=torch.device(device), mode="clean", custom_fn_resize=ex.fn_resize,
+                                     description=f"features {folder.name}", verbose=False)
+    if len(feats) < 2:
+        raise FeatureError(f"{folder}: found {len(feats)} images, need at least 2 for FID")
+    return np.asarray(feats, dtype=np.float64)
+
+
+def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """Frechet distance between two (mu, sigma) pairs (clean-fid's implementation)."""
+    return float(cfid.frechet_distance(a[0], a[1], b[0], b[1]))
+
+
+def write_demo_digits(folder: str | Path) -> int:
+    """Write the 1,797 sklearn digits as 8x8 grayscale PNGs into ``folder``; returns the count."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    imgs = digits_uint8()
+    for i, im in enumerate(imgs):
+        Image.fromarray(im, mode="L").save(folder / f"{i:05d}.png")
+    return len(imgs)
+
+
+def reference_stats(spec: str, ex: Extractor, batch_size: int = 256,
+                    device: str = "cpu") -> tuple[tuple[np.ndarray, np.ndarray], str, int]:
+    """(mu, sigma), a description and the image count of the reference set ``evaluate.reference``."""
+    if spec == "demo:digits":
+        with tempfile.TemporaryDirectory() as tmp:
+            n = write_demo_digits(tmp)
+            return stats(folder_features(tmp, ex, batch_size, device)), "sklearn digits (1,797 images)", n
+    path = Path(spec).expanduser()
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FeatureError(f"evaluate.reference = {spec!r}: file not found")
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise FeatureError(f"evaluate.reference = {spec!r}: expected arrays 'mu' and 'sigma' in the .npz")
+            return (z["mu"], z["sigma"]), f"precomputed statistics {path.name}", int(z["n"]) if "n" in z else -1
+    if not path.is_dir():
+        raise FeatureError(f"evaluate.reference = {spec!r} is not allowed: expected 'demo:digits', a folder of images "
+                           "or a .npz with mu and sigma")
+    feats = folder_features(path, ex, batch_size, device)
+    return stats(feats), f"folder {path}", len(feats)

@@ -1,0 +1,234 @@
+"""The stages' metrics files (``data/metrics/<stage>.json``) as frozen dataclasses: written by the stages,
+read back by the report, the release gate, the audit, sweeps and benchmarks.
+
+A metrics file is a flat JSON object (``dvc metrics show`` reads it). Fields that only some runs have
+(the demo's training figures, the ONNX agreement of an export, the deployed model's FID) are None when
+absent and left out of the file. Reading refuses a file with an unknown or a missing key in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pqd.errors import InputError
+from pqd.formats.files import read_json, write_json
+
+T = TypeVar("T", bound="StageMetrics")
+
+
+def _from_value(tp: Any, value: Any, where: str) -> Any:
+    """``value`` read from JSON as type ``tp``: dataclasses and tuples of them are rebuilt, the rest is kept."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if type(None) in typing.get_args(tp) and len(args) == 1:  # X | None: read as X
+        tp, args = args[0], list(typing.get_args(args[0]))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+        return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r}: expected the keys of {cls.__name__} "
+                         "(written by another version of pqd? re-run the stage: dvc repro)")
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise InputError(f"{where}: key {missing[0]!r} is missing: expected every key of {cls.__name__} "
+                         "(re-run the stage: dvc repro)")
+    return cls(**{k: _from_value(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def _to_value(v: Any) -> Any:
+    if dataclasses.is_dataclass(v):  # a None field whose default is None is absent, not null
+        return {f.name: _to_value(getattr(v, f.name)) for f in dataclasses.fields(v)
+                if not (getattr(v, f.name) is None and f.default is None)}
+    if isinstance(v, (tuple, list)):
+        return [_to_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _to_value(x) for k, x in v.items()}
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageMetrics:
+    """What every stage records: its wall time in seconds (set by the stage shell, pqd.stages._cli)."""
+
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return _to_value(self)
+
+    @classmethod
+    def from_json(cls: type[T], data: Any, where: str = "metrics") -> T:
+        return _build(cls, data, where)
+
+    @classmethod
+    def read(cls: type[T], path: str | Path) -> T:
+        return cls.from_json(read_json(path), str(path))
+
+    def write(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelMetrics(StageMetrics):
+    unet_parameters: int
+    unet_fp32_bytes: int
+    unet_train_seconds: float | None = None  # demo:digits only
+    digitnet_train_seconds: float | None = None
+    digitnet_heldout_accuracy: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateMetrics(StageMetrics):
+    calib_trajectories: int
+    trajectory_inputs: int
+    family: str  # pixel | latent | text
+    prompts: int
+    eval_samples: int
+    floor_samples: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectMetrics(StageMetrics):
+    calib_samples: int
+    drawn_inputs: int
+    branches: int
+    distinct_steps: int
+    mean_u: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateMetrics(StageMetrics):
+    method: str
+    layers: int
+    output_quantized_layers: int
+    attention_matmuls: int
+    calib_samples: int
+    time_groups: int
+    unet_output_mse: float
+    fit_seconds: float
+    reconstruction_seconds: float
+    reconstructed_units: int
+    units_improved: int
+    units_recorded_on_disk: int
+    weight_rel_mse_mean: float
+    weight_rel_mse_max: float
+    weight_code_bits: int  # width of the stored weight codes of the body layers: 7 for 8-bit weights as 7-bit codes
+    reduce_range: bool  # quant.reduce_range as resolved for the calibrating machine
+    integer_codes: str  # why (pqd.params.machine.IntegerCodes.reason)
+
+
+@dataclass(frozen=True)
+class OnnxGroupCheck:
+    """The deployed graph of one time group against the torch model on probe inputs."""
+
+    group: int
+    timestep: float
+    max_abs: float
+    rel_to_quant_error: float  # ||onnx - torch|| / ||torch - fp||
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportMetrics(StageMetrics):
+    quantized_layers: int
+    files: int
+    fp32_unet_bytes: int
+    export_unet_bytes: int
+    size_ratio: float
+    packed_int4_layers: int
+    onnx_graphs: int | None = None  # export.onnx only
+    onnx_int8_initializers: int | None = None
+    onnx_shared_bytes: int | None = None
+    onnx_graph_bytes: int | None = None
+    onnx_rel_dev_max: float | None = None
+    onnx_check: tuple[OnnxGroupCheck, ...] | None = None
+    onnx_kernels: dict[str, dict[str, int]] | None = None  # {"int8": {kernel: count}, "float": {...}}
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How the FIDs were measured (recorded next to them)."""
+
+    num_samples: int
+    floor_samples: int
+    seeds: str
+    scheduler: str
+    steps: int
+    eta: float
+    family: str
+    prompts: int
+    guidance_scale: float | None
+    features: str
+    reference: str
+    reference_images: int
+    fid: str
+    backend: str
+    weight_codes: str  # the export's weight code width and why (quant.reduce_range)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateMetrics(StageMetrics):
+    fid_quant_vs_ref: float
+    fid_fp_vs_ref: float
+    delta_fid: float
+    fid_quant_vs_fp: float
+    noise_floor: float
+    fid_deployed_vs_ref: float | None = None  # evaluate.backend onnxruntime only
+    fid_simulated_vs_ref: float | None = None
+    deployed_minus_simulated: float | None = None
+    fid_deployed_vs_simulated: float | None = None
+    deployed_within_noise_floor: bool | None = None
+    psnr_deployed_vs_simulated_median: float | None = None
+    mse_mean: float
+    psnr_mean: float
+    psnr_median: float
+    psnr_min: float
+    protocol: EvalProtocol
+
+
+STAGE_METRICS: dict[str, type[StageMetrics]] = {
+    "model": ModelMetrics, "generate": GenerateMetrics, "select": SelectMetrics, "calibrate": CalibrateMetrics,
+    "export": ExportMetrics, "evaluate": EvaluateMetrics}
+STAGES = tuple(STAGE_METRICS)
+
+
+@dataclass(frozen=True)
+class PipelineMetrics:
+    """The metrics of every stage of one result (a stage that has not run yet is None)."""
+
+    model: ModelMetrics | None = None
+    generate: GenerateMetrics | None = None
+    select: SelectMetrics | None = None
+    calibrate: CalibrateMetrics | None = None
+    export: ExportMetrics | None = None
+    evaluate: EvaluateMetrics | None = None
+
+    @staticmethod
+    def read(files: dict[str, Path]) -> "PipelineMetrics":
+        """From ``{stage: metrics file}``; files that do not exist are left None."""
+        unknown = sorted(set(files) - set(STAGE_METRICS))
+        if unknown:
+            raise InputError(f"metrics of stage {unknown[0]!r}: expected one of {', '.join(STAGES)}")
+        return PipelineMetrics(**{s: STAGE_METRICS[s].read(f) for s, f in files.items() if Path(f).is_file()})
+
+    def present(self) -> dict[str, StageMetrics]:
+        return {s: m for s in STAGES if (m := getattr(self, s)) is not None}
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: m.to_json() for s, m in self.present().items()}
+

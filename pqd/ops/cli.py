@@ -1,0 +1,56 @@
+"""The ``pqd`` command (``python -m pqd.ops.cli``).
+
+``pqd audit <export dir | models:/name@alias | models:/name/N> [--root PROJECT]`` re-verifies a release
+(see :mod:`pqd.ops.audit`), prints one line per check and a verdict, and exits 0 when every check passes,
+1 on any mismatch, 2 when the target cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pqd.errors import InputError, one_line
+from pqd.ops import audit, tracking
+
+
+def _audit(target: str, root: str | None) -> int:
+    try:
+        if target.startswith("models:/"):
+            tracking.quiet_mlflow()
+            findings, what = audit.audit_release(target, Path(root or "."))
+        else:
+            export = Path(target)
+            if not export.is_dir():
+                raise InputError(f"{target} is not allowed: expected an export folder or models:/<name>@<alias>")
+            findings, what = audit.audit_export(export, Path(root) if root else None), str(export)
+    except tracking.ERRORS as e:
+        print(f"pqd audit: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"pqd audit: {what}")
+    for f in findings:
+        print(f"  {f.name:<13} {f.status:<4}  {f.detail}")
+    failed = [f.name for f in findings if f.status == audit.FAIL]
+    if failed:
+        print(f"pqd audit: verdict: FAILED ({', '.join(failed)})", file=sys.stderr)
+        return 1
+    checked = [f.name for f in findings if f.status == audit.PASS]
+    print(f"pqd audit: verdict: passed ({', '.join(checked)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pqd", description="PQD command line")
+    sub = ap.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("audit", help="re-verify a release: artifact hashes, source model hash, dvc.lock against "
+                                     "the recorded commit, registry metrics against the release's evaluate.json")
+    a.add_argument("target", help="an export folder, or models:/<name>@<alias> / models:/<name>/<version>")
+    a.add_argument("--root", help="the release's project folder (dvc.yaml, git history, MLflow store); default: "
+                                  "the export's project, or the current folder for a registry URI")
+    args = ap.parse_args(argv)
+    return _audit(args.target, args.root)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

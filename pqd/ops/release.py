@@ -1,0 +1,338 @@
+"""Releases: the quality gate, the model card and ``python -m pqd.ops.release``.
+
+A release is the current pipeline result, gated and registered in the MLflow Model Registry as a
+version of ``pqd-<model>-w<W>a<A>`` with the alias ``candidate``. The gate passes when
+
+* ``hashes``: every file of the export matches manifest.json;
+* ``lineage``: dvc.lock says the evaluation ran on this export and recorded this evaluate.json;
+* ``committed``: that dvc.lock is the one committed at HEAD, as the audit later requires (``--allow-uncommitted``
+  waives it, and the tags and the model card say so);
+* ``max_fid_delta``: ΔFID (quantized minus FP, both against the reference) <= ``release.max_fid_delta``;
+* ``noise_floor``: ΔFID <= ``release.floor_multiple`` x the noise floor (FID between two disjoint FP sets);
+* ``deployment``: the deployed ONNX graphs match the simulation, judged by the model's own numbers (FID between
+  them within the noise floor; per image, closer to the simulation than the simulation is to FP).
+
+A failed gate registers nothing and names the failed checks in one line. Moving ``production`` is a
+separate, explicit command (``promote``). Registry operations go through :mod:`pqd.ops.tracking`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pqd.errors import PqdError, one_line
+from pqd.formats.export import verify_manifest
+from pqd.formats.lineage import git_commit, git_file, lock_ties_metrics
+from pqd.formats.metrics import EvaluateMetrics
+from pqd.ops import tracking
+from pqd.ops.result import Result, flat_params, lineage_tags, model_slug, read_result
+from pqd.params import ReleaseParams, as_dict, params_from_dict, read_yaml
+
+CANDIDATE, PRODUCTION = "candidate", "production"
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The gate's thresholds (``release.*``, defaults from pqd.params) and where they came from (for the card)."""
+
+    thresholds: ReleaseParams
+    source: str
+
+
+def settings_with(base: GateSettings, overrides: dict[str, Any]) -> GateSettings:
+    """``base`` with command-line overrides, checked by the same rules as ``release.*`` in params.yaml."""
+    values = {**as_dict(base.thresholds), **overrides}
+    return GateSettings(params_from_dict({"release": values}).release, f"{base.source} + command line {overrides}")
+
+
+def load_settings(params_file: str | Path = "params.yaml") -> GateSettings:
+    """``release.*`` from params.yaml (validated with every other key by pqd.params)."""
+    data = read_yaml(params_file)
+    rp = params_from_dict(data).release
+    return GateSettings(rp, "params.yaml" if isinstance(data, dict) and data.get("release") else "defaults")
+
+
+# ----------------------------------------------------------------------------------------------
+# the gate
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+    waived: bool = False  # failed, but the user explicitly allowed it (recorded in the tags and the card)
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "waived" if self.waived else "FAIL"
+
+
+@dataclass(frozen=True)
+class GateReport:
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed or c.waived for c in self.checks)
+
+    @property
+    def waived(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.checks if c.waived and not c.passed)
+
+    def summary(self) -> str:
+        """One line: 'passed' or the failed checks with their reasons."""
+        if self.passed:
+            waived = f" (waived: {', '.join(self.waived)})" if self.waived else ""
+            return "release gate passed: " + ", ".join(c.name for c in self.checks if c.passed) + waived
+        return "release gate failed: " + "; ".join(f"{c.name}: {c.detail}" for c in self.checks
+                                                   if not (c.passed or c.waived))
+
+
+def fid_checks(ev: EvaluateMetrics | None, rp: ReleaseParams) -> list[Check]:
+    """The two FID checks on the evaluation's delta FID and noise floor."""
+    delta, floor = (ev.delta_fid, ev.noise_floor) if ev is not None else (None, None)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (delta, floor)):
+        bad = f"delta_fid = {delta!r}, noise_floor = {floor!r}"
+        return [Check("max_fid_delta", False, f"evaluate.json has no finite {bad}"),
+                Check("noise_floor", False, f"evaluate.json has no finite {bad}")]
+    limit = rp.floor_multiple * floor
+    return [
+        Check("max_fid_delta", delta <= rp.max_fid_delta,
+              f"delta FID {delta:.4g} {'<=' if delta <= rp.max_fid_delta else '>'} "
+              f"release.max_fid_delta {rp.max_fid_delta:g}"),
+        Check("noise_floor", delta <= limit,
+              f"delta FID {delta:.4g} {'<=' if delta <= limit else '>'} release.floor_multiple {rp.floor_multiple:g} "
+              f"x noise floor {floor:.4g} = {limit:.4g}"),
+    ]
+
+
+def deployment_check(ev: EvaluateMetrics | None) -> Check:
+    """The deployed ONNX graphs against the simulated model they were calibrated as, judged by the model's own
+    numbers: their FID to each other within the noise floor (two FP sample sets differ by that much), and each
+    deployed image closer to its simulated twin than the simulated image is to FP (the deployment adds less
+    error than quantization did)."""
+    if ev is None:
+        return Check("deployment", False, "evaluate.json is missing: run dvc repro")
+    if ev.fid_deployed_vs_simulated is None or ev.psnr_deployed_vs_simulated_median is None:
+        return Check("deployment", True, "no deployed graphs were evaluated (evaluate.backend = torch): "
+                                         "the release ships the torch model")
+    fid_ok = ev.fid_deployed_vs_simulated <= ev.noise_floor
+    psnr_ok = ev.psnr_deployed_vs_simulated_median > ev.psnr_median
+    return Check("deployment", fid_ok and psnr_ok,
+                 f"FID deployed vs simulated {ev.fid_deployed_vs_simulated:.4g} {'<=' if fid_ok else '>'} noise floor "
+                 f"{ev.noise_floor:.4g}; median PSNR deployed vs simulated {ev.psnr_deployed_vs_simulated_median:.2f} dB "
+                 f"{'>' if psnr_ok else '<='} quantized vs FP {ev.psnr_median:.2f} dB")
+
+
+def committed_check(r: Result, allow_uncommitted: bool) -> Check:
+    """The audit's lineage rule, before registering: the result's dvc.lock is the one committed at HEAD (so the
+    recorded commit reproduces it). Waived, not passed, with ``allow_uncommitted``."""
+    head = git_commit(r.root).commit
+    at_head = git_file(r.root, head, "dvc.lock") if head else None
+    if r.lock is not None and at_head is not None and yaml.safe_load(at_head) == r.lock:
+        return Check("committed", True, f"dvc.lock is the one committed at {head[:12]}")
+    why = ("not a git work tree" if head is None else "dvc.lock is not committed at HEAD" if at_head is None
+           else f"dvc.lock differs from the one committed at {head[:12]}")
+    return Check("committed", False, f"{why}: commit dvc.lock first (git add dvc.lock && git commit), or register "
+                                     "with --allow-uncommitted (stated in the tags and the model card)",
+                 waived=allow_uncommitted)
+
+
+def lineage_check(r: Result) -> Check:
+    """dvc.lock ties the evaluation in the work tree to its export."""
+    if r.lock is None:
+        return Check("lineage", False, "dvc.lock is missing: run the pipeline with dvc repro (make run)")
+    tied, detail = lock_ties_metrics(r.lock, r.options, r.root / r.options["evaluate"]["metrics"])
+    return Check("lineage", tied, detail)
+
+
+def gate(r: Result, s: GateSettings, allow_uncommitted: bool = False) -> GateReport:
+    """All checks (none stops the others, so the report names every failure)."""
+    try:
+        files = verify_manifest(r.export_dir).get("files", {})
+        hashes = Check("hashes", True, f"{len(files)} files match manifest.json")
+    except PqdError as e:
+        hashes = Check("hashes", False, one_line(e))
+    return GateReport((hashes, lineage_check(r), committed_check(r, allow_uncommitted),
+                       *fid_checks(r.metrics.evaluate, s.thresholds), deployment_check(r.metrics.evaluate)))
+
+
+# ----------------------------------------------------------------------------------------------
+# names, card, tags
+
+
+def release_name(r: Result) -> str:
+    """``pqd-<model>-w<W>a<A>``, e.g. pqd-demo-digits-w8a8 (w7a8 when the weights are stored as 7-bit codes)."""
+    return f"pqd-{model_slug(r.params)}-{r.bits}"
+
+
+def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return f"{v:.5g}" if isinstance(v, float) else str(v)
+
+
+def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.TrackedRun) -> str:
+    """Markdown: method, metrics, gate, evaluation protocol, lineage, parameters, how to load."""
+    p, ev, ex = r.params, r.metrics.evaluate, r.metrics.export
+    name, tags = release_name(r), lineage_tags(r)
+    q = p.quant
+    method = [("bits", f"weights {q.weight_bits}-bit per output channel (symmetric), activations "
+                       f"{q.act_bits}-bit per tensor (asymmetric), edge layers {q.edge_bits}-bit"),
+              ("attention matmuls", f"Q·Kᵀ and softmax·V quantized, softmax output {q.softmax_bits}-bit"
+               if q.attention else "Q·Kᵀ and softmax·V in float (projections quantized)")]
+    method += [(f"{sec}.{k}", v) for sec in ("select", "calibrate") for k, v in as_dict(getattr(p, sec)).items()]
+    metrics = []
+    if ev is not None:
+        metrics += [(f"evaluate.{k}", _num(getattr(ev, k))) for k in
+                    ("delta_fid", "fid_quant_vs_ref", "fid_fp_vs_ref", "fid_quant_vs_fp", "noise_floor", "psnr_mean")]
+    if ex is not None:
+        metrics += [(f"export.{k}", _num(getattr(ex, k))) for k in ("size_ratio", "export_unet_bytes", "fp32_unet_bytes")]
+    lineage = [("git commit", f"{tags['git.commit']} (dirty: {tags['git.dirty']})"), ("MLflow run", run.run_id),
+               ("result fingerprint", run.fingerprint), ("source model", tags["pqd.source_model"]),
+               ("source model sha256", tags["pqd.model_sha256"])]
+    lineage += [(k, v) for k, v in sorted(tags.items()) if k.startswith("dvc.lock")]
+    protocol = sorted(dataclasses.asdict(ev.protocol).items()) if ev is not None else []
+    return "\n\n".join([
+        f"# {name}",
+        f"PQD post-training quantization of `{p.model.source}` at {r.bits.upper()}: integer "
+        "weights and time-aware activation quantizers calibrated on samples from the model's own denoising "
+        "trajectories. The artifact is the export folder (`export/`, hashes in `manifest.json`)."
+        + ("\n\n**Released with --allow-uncommitted**: its dvc.lock is not the one committed at the recorded git "
+           "commit, so that commit does not reproduce it (`pqd audit` reports lineage FAILED)." if report.waived else ""),
+        "## Method\n\n" + _table(method, ("setting", "value")),
+        "## Metrics\n\n" + _table(metrics, ("metric", "value")),
+        f"## Quality gate (thresholds from {s.source})\n\n"
+        + _table([(c.name, c.verdict, c.detail) for c in report.checks], ("check", "result", "detail")),
+        "## Evaluation protocol\n\n" + _table(protocol, ("key", "value")),
+        "## Lineage\n\n" + _table(lineage, ("what", "value")),
+        "## Load\n\n```python\nfrom pqd.ops.tracking import load_sampler\n"
+        f'sampler = load_sampler("models:/{name}@{PRODUCTION}")\nimages = sampler.sample([0, 1, 2, 3])  '
+        "# float32 [4, C, H, W] in [0, 1]\n```",
+        "## Parameters\n\n" + _table(sorted(flat_params(r).items()), ("key", "value")),
+    ]) + "\n"
+
+
+# registry tags pqd.<metric>: the evaluation's numbers a version carries (the audit compares them with evaluate.json)
+REGISTRY_METRICS = ("delta_fid", "noise_floor", "fid_quant_vs_fp")
+
+
+def version_tags(r: Result, report: GateReport, s: GateSettings) -> dict[str, str]:
+    """Registry tags that make a version auditable on its own."""
+    ev = r.metrics.evaluate
+    keep = ("git.commit", "git.dirty", "pqd.model_sha256", "pqd.source_model", "pqd.protocol")
+    tags = {k: v for k, v in lineage_tags(r).items() if k in keep or k.startswith("dvc.lock")}
+    tags |= {f"pqd.{k}": str(getattr(ev, k) if ev is not None else None) for k in REGISTRY_METRICS}
+    return {**tags, "pqd.gate": "passed" if report.passed else "failed",
+            "pqd.uncommitted": str("committed" in report.waived).lower(),
+            "pqd.gate.max_fid_delta": f"{s.thresholds.max_fid_delta:g}",
+            "pqd.gate.floor_multiple": f"{s.thresholds.floor_multiple:g}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# operations
+
+
+class GateFailed(PqdError):
+    """The gate refused the result; nothing was registered. The message is one line."""
+
+
+def check(root: str | Path = ".", settings: GateSettings | None = None,
+          allow_uncommitted: bool = False) -> tuple[Result, GateReport]:
+    """Read the result in ``root`` and run the gate (no MLflow access)."""
+    r = read_result(root)
+    return r, gate(r, settings or load_settings(r.root / "params.yaml"), allow_uncommitted)
+
+
+def register_candidate(root: str | Path = ".", experiment: str = tracking.DEFAULT_EXPERIMENT,
+                       settings: GateSettings | None = None,
+                       allow_uncommitted: bool = False) -> tracking.RegisteredVersion:
+    """Gate the result; when it passes, track it (idempotent) and register it with alias ``candidate``.
+    ``allow_uncommitted`` registers a result whose dvc.lock is not the committed one (stated in tags and card)."""
+    s = settings or load_settings(Path(root) / "params.yaml")
+    r, report = check(root, s, allow_uncommitted)
+    if not report.passed:
+        raise GateFailed(report.summary())
+    run = tracking.track(r.root, experiment)
+    return tracking.register_version(run, r.root, release_name(r), model_card(r, report, s, run),
+                                     version_tags(r, report, s), alias=CANDIDATE)
+
+
+def promote(root: str | Path, name: str, version: str | None = None) -> str:
+    """Point ``production`` at ``version`` (default: the current candidate); returns the version."""
+    info = tracking.version_info(root, name, alias=None if version else CANDIDATE, version=version)
+    if info["tags"].get("pqd.gate") != "passed":
+        raise GateFailed(f"{name} version {info['version']} has no passed release gate (tag pqd.gate = "
+                         f"{info['tags'].get('pqd.gate')!r}): register it with `python -m pqd.ops.release register`")
+    tracking.set_alias(root, name, PRODUCTION, info["version"])
+    return info["version"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pqd.ops.release check | register | promote NAME [--version N]``."""
+    ap = argparse.ArgumentParser(prog="python -m pqd.ops.release", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for cmd, text in (("check", "run the gate only"), ("register", "gate, then register as 'candidate'")):
+        sp = sub.add_parser(cmd, help=text)
+        sp.add_argument("--root", default=".")
+        sp.add_argument("--max-fid-delta", type=float, help="override release.max_fid_delta")
+        sp.add_argument("--floor-multiple", type=float, help="override release.floor_multiple")
+        sp.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+        sp.add_argument("--allow-uncommitted", action="store_true",
+                        help="register even when dvc.lock is not the one committed at HEAD (tags and card say so)")
+    sp = sub.add_parser("promote", help="move the 'production' alias to a registered version")
+    sp.add_argument("name", nargs="?", help="registered model (default: the one params.yaml describes, "
+                                             "e.g. pqd-demo-digits-w8a8)")
+    sp.add_argument("--version", help="version number (default: the 'candidate' version)")
+    sp.add_argument("--root", default=".")
+    args = ap.parse_args(argv)
+    tracking.quiet_mlflow()
+    try:
+        if args.command == "promote":
+            name = args.name or release_name(read_result(args.root))
+            v = promote(args.root, name, args.version)
+            print(f"pqd release: {PRODUCTION} -> {name} version {v} (load models:/{name}@{PRODUCTION})")
+            return 0
+        s = load_settings(Path(args.root) / "params.yaml")
+        overrides = {k: v for k, v in (("max_fid_delta", args.max_fid_delta), ("floor_multiple", args.floor_multiple))
+                     if v is not None}
+        if overrides:
+            s = settings_with(s, overrides)
+        if args.command == "check":
+            _, report = check(args.root, s, args.allow_uncommitted)
+            for c in report.checks:
+                print(f"  {c.name:<14} {c.verdict:<6}  {c.detail}")
+            print(f"pqd release: {report.summary()}", file=sys.stdout if report.passed else sys.stderr)
+            return 0 if report.passed else 1
+        v = register_candidate(args.root, args.experiment, s, args.allow_uncommitted)
+    except GateFailed as e:
+        print(f"pqd release: {e}", file=sys.stderr)
+        return 1
+    except tracking.ERRORS as e:
+        print(f"pqd release: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    state = "registered" if v.created else "already registered"
+    print(f"pqd release: {state} {v.name} version {v.version} as '{v.alias}' (run {v.run_id}); "
+          f"promote with: python -m pqd.ops.release promote {v.name} --version {v.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

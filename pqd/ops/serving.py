@@ -1,0 +1,47 @@
+"""The sampler a release loads: the export's quantized denoiser and the evaluation's sampling protocol.
+
+Below tracking and release: both hand out a :class:`Sampler` (``pqd.ops.tracking.load_sampler``, the
+pyfunc flavour of a registered version), neither is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pqd import deploy
+from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.sampling import sample, scheduler_from_protocol
+from pqd.errors import ParamError
+from pqd.formats.export import load_denoiser_from_export
+
+
+@dataclass
+class Sampler:
+    """A released quantized model ready to sample: the export's UNet + the evaluation's scheduler."""
+
+    denoiser: Denoiser  # the deployed ONNX graphs (onnxruntime) when the export has them, else the torch model
+    protocol: dict[str, Any]  # scheduler class and config, steps, eta (the FP samples' meta.json)
+    device: str = "cpu"
+
+    @classmethod
+    def from_folder(cls, export_dir: Path, protocol_file: Path, device: str = "cpu") -> "Sampler":
+        """Rebuild from an export folder (hashes verified) and the sampling protocol file. It samples with
+        what ships: the ONNX graphs in onnxruntime when the export has them, else the torch model."""
+        den = load_denoiser_from_export(export_dir, device)  # verifies every file, the ONNX graphs included
+        if (Path(export_dir) / deploy.ONNX_DIR / deploy.graph_file(0)).is_file():
+            den = deploy.load_ort_denoiser(export_dir, components=den)
+        return cls(den, json.loads(Path(protocol_file).read_text()), device)
+
+    def sample(self, seeds: list[int], steps: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """One image per seed, float32 [N, C, H, W] in [0, 1]; same seeds give the evaluation's images."""
+        n = int(steps or self.protocol["steps"])
+        if n < 1:
+            raise ParamError(f"steps = {steps!r} is not allowed: expected an integer >= 1")
+        return sample(self.denoiser, scheduler_from_protocol(self.protocol), [int(s) for s in seeds], steps=n,
+                      eta=float(self.protocol.get("eta", 0.0)), batch_size=batch_size, device=self.device,
+                      progress=False)

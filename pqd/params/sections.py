@@ -1,0 +1,140 @@
+"""The parameter sections: one frozen dataclass per params.yaml section, with its defaults.
+
+These classes are the schema of params.yaml: every field is a key a user can set there (and is written
+there, with its default and a comment), and every key there is a field here. Validation and loading live
+in :mod:`pqd.params.load`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Where the full-precision model comes from (``model.*``)."""
+
+    source: str = "demo:digits"  # demo:digits | a local diffusers pipeline folder | a hub id org/name
+    revision: str = "main"  # hub revision, only for hub ids
+    seed: int = 0
+    train_steps: int = 1200  # demo: UNet optimisation steps
+    batch_size: int = 128  # demo: UNet training batch
+    lr: float = 2e-3  # demo: UNet learning rate
+    channels: tuple[int, ...] = (32, 64, 64)  # demo: UNet block_out_channels
+    feature_epochs: int = 30  # demo: digit feature network epochs
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Full-precision trajectories and samples (``generate.*``)."""
+
+    scheduler: Literal["ddim", "ddpm", "keep"] = "ddim"  # keep = the pipeline's own scheduler class
+    steps: int = 50
+    eta: float = 0.0  # DDIM eta (0 = deterministic)
+    calib_seeds: int = 64  # number of calibration trajectories
+    eval_samples: int = 1000  # FP samples from the evaluation seeds (and as many again for the noise floor)
+    batch_size: int = 250
+    shard_size: int = 16  # calibration trajectories per safetensors shard
+    prompts: str | None = None  # text-guided models: a file with one prompt per line (seeds take them in turn)
+    guidance_scale: float = 7.5  # text-guided models: classifier-free guidance weight (1 = conditional branch only)
+
+
+@dataclass(frozen=True)
+class SelectParams:
+    """Which trajectory inputs become the calibration set (``select.*``)."""
+
+    # None = from the calibrate.method preset (pqd.params.methods)
+    timesteps: Literal["gaussian", "uniform"] | None = None
+    mu: float | None = None  # mean over the normalised step position u (0 = first, noisiest step; 1 = last)
+    sigma: float | None = None
+    num_samples: int = 512
+    rule: Literal["kcenter", "random", "first"] | None = None
+    seed: int = 0
+    shard_size: int = 256  # calibration inputs per safetensors shard (calibrate streams them shard by shard)
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Bit widths (``quant.*``)."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    edge_bits: int = 8  # weights of the first/last convolution and the time embedding (never below weight_bits)
+    # quantize each layer's output too (but the last convolution's): integer kernels (onnxruntime's
+    # QLinearConv/QLinearMatMul/QGemm) read and write uint8, so this is what the deployed model computes
+    outputs: bool = True
+    # 8-bit weights as 7-bit codes [-64, 63]: onnxruntime's u8s8 kernels saturate on x86 CPUs without VNNI/AMX with
+    # full-range codes. auto decides from the calibrating machine's CPU flags (pqd.params.machine)
+    reduce_range: Literal["auto", True, False] = "auto"
+    # quantize attention's Q·Kᵀ and softmax·V matmuls too (both operands per tensor, per time group)
+    attention: bool = False
+    softmax_bits: int = 16  # grid of the softmax output (the first operand of softmax·V) when attention is quantized
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    """How quantizers are fitted (``calibrate.*``). Keys left None come from the ``method`` preset."""
+
+    method: Literal["minmax", "ptq4dm", "qdiffusion", "pqd"] = "pqd"
+    weight_range: Literal["minmax", "mse"] | None = None
+    act_range: Literal["minmax", "mse"] | None = None
+    time_groups: int | None = None  # G contiguous groups of steps with their own activation parameters
+    reconstruct: bool | None = None  # block reconstruction
+    adaround: bool | None = None  # learned weight rounding during reconstruction
+    lsq: bool | None = None  # learned activation step sizes during reconstruction
+    qdrop_p: float | None = None  # QDrop probability during reconstruction
+    split_shortcut: bool | None = None  # separate activation parameters for the two halves of skip concatenations
+    batch_size: int = 128
+    act_samples: int = 200_000  # values kept per layer for the activation range search
+    recon_iters: int = 300  # optimisation steps per reconstruction unit
+    recon_batch_size: int = 32
+    lr_round: float = 1e-2
+    lr_act: float = 1e-3
+    round_weight: float = 0.01
+    memory_mb: int = 1024  # a reconstruction unit whose recordings (inputs + FP outputs) exceed this keeps them on disk
+    seed: int = 0  # reconstruction: batch sampling and QDrop masks (seeded generators, never the global RNG)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """Export format options (``export.*``)."""
+
+    float_dtype: Literal["float32", "float16"] = "float32"  # storage of the non-quantized tensors
+    onnx: bool = True  # also write the deployable ONNX graphs (int8 kernels in onnxruntime; needs act_bits 8)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Evaluation protocol (``evaluate.*``)."""
+
+    features: str = "demo:digits"  # demo:digits | inception | inception:/path/to/weights.pt | torchscript:/path.pt
+    reference: str = "demo:digits"  # demo:digits | a folder of images | a .npz with mu and sigma
+    batch_size: int = 250
+    grid_size: int = 64  # images per side of the FP-vs-quantized grid
+    # onnxruntime: the FID of the deployed ONNX artifact (the simulated torch model is measured beside it)
+    backend: Literal["torch", "onnxruntime"] = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class ReleaseParams:
+    """The release gate's thresholds (``release.*``)."""
+
+    max_fid_delta: float = 2.0  # largest delta FID (quantized minus FP, both vs reference) a release may have
+    floor_multiple: float = 3.0  # delta FID must also be <= this multiple of the noise floor
+
+
+@dataclass(frozen=True)
+class Params:
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    model: ModelParams = field(default_factory=ModelParams)
+    generate: GenerateParams = field(default_factory=GenerateParams)
+    select: SelectParams = field(default_factory=SelectParams)
+    quant: QuantParams = field(default_factory=QuantParams)
+    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    release: ReleaseParams = field(default_factory=ReleaseParams)
+
+

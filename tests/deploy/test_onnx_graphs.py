@@ -1,0 +1,195 @@
+"""The deployable artifact: ONNX graphs with int8 weights that onnxruntime runs with integer kernels."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pqd import deploy
+from pqd.api import load_pipeline
+from pqd.formats.export import load_denoiser_from_export, load_quantized_unet, write_export, write_manifest
+from pqd.core.modules import quant_layers
+from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
+from pqd.core.timegroups import TimeGroups
+from pqd.core.modules import quantizable_layers
+from pqd.diffusion.adapter import Denoiser, load_denoiser
+
+GROUPS = TimeGroups((50.0,))  # group 0: t > 50, group 1: t < 50
+
+
+def calibrated(den: Denoiser, weight_bits: int):
+    """A state with 2 time groups (very different input ranges), split skip inputs and quantized outputs."""
+    g = torch.Generator().manual_seed(0)
+    xs = {0: torch.randn(8, *den.sample_shape, generator=g) * 2, 1: torch.randn(8, *den.sample_shape, generator=g) * 0.5}
+    ts = {0: torch.full((8,), 80.0), 1: torch.full((8,), 20.0)}
+
+    def forward_all(m, set_group):
+        for k in (0, 1):
+            set_group(k)
+            m(xs[k], ts[k])
+
+    names = list(quantizable_layers(den.unet))
+    cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=den.skip_splits(),
+                      output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
+    return fit_qstate(den.unet, forward_all, cfg)
+
+
+# on this tiny random UNet the deployed graph deviates from the simulation by a small share of the quantization
+# error (single-step rounding flips, see the next test); a quarter of it is a generous bound for this model
+AGREEMENT = 0.25
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_pipeline):
+    den = load_denoiser(tiny_pipeline)
+    state = calibrated(den, 7)
+    out = tmp_path_factory.mktemp("deploy") / "export"
+    out.mkdir()
+    write_export(tiny_pipeline, den.unet, state, GROUPS, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_unet(out, verify=False), GROUPS, den.sample_shape, out / deploy.ONNX_DIR)
+    write_manifest(out, {})
+    return den, state, out
+
+
+def test_onnx_int8_matches_the_torch_fake_quant_model(artifact):
+    """Both compute the same integer arithmetic; the deviation must stay far below the quantization error."""
+    den, _, out = artifact
+    qden, ort = load_denoiser_from_export(out), deploy.load_ort_denoiser(out)
+    x = torch.randn(6, *den.sample_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([90.0, 70.0, 55.0, 40.0, 20.0, 5.0])  # both groups in one batch
+    with torch.no_grad():
+        y_fp, y_q, y_ort = den.predict(x, t), qden.predict(x, t), ort.predict(x, t)
+    quant_error = (y_q - y_fp).norm()
+    assert quant_error > 0
+    assert (y_ort - y_q).norm() <= AGREEMENT * quant_error
+
+
+def test_single_layer_matches_within_one_output_step():
+    """The tolerance above, justified on one layer: the integer kernel's uint8 output equals the simulated
+    one except where float rounding lands on the other side of a grid midpoint (one step, rarely)."""
+    from pqd.core.timegroups import set_time_group
+    from pqd.core.modules import set_onnx_mode
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1)).eval()
+    x = torch.randn(8, 16, 12, 12) * 3
+    state = fit_qstate(model, lambda m, sg: m(x), QuantConfig(weight_bits=7, output_layers=frozenset({"0"})))
+    q = apply_qstate(copy.deepcopy(model), state)
+    set_time_group(q, 0)
+    import io
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    set_onnx_mode(q, True)
+    torch.onnx.export(q, (x,), buf, dynamo=False, opset_version=deploy.OPSET, input_names=["x"])
+    set_onnx_mode(q, False)
+    sess = ort.InferenceSession(buf.getvalue(), deploy.session_options(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        ref = q(x).numpy()
+    step = float(state["0"].out_scale[0, 0])
+    diff = np.abs(y - ref)
+    assert diff.max() <= step * 1.001
+    assert (diff > 1e-6).mean() < 0.001
+
+
+def test_int8_initializers_are_really_int8(artifact):
+    den, state, out = artifact
+    path = out / deploy.ONNX_DIR / deploy.graph_file(0)
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    # weights: the int8 initializers that a per-channel DequantizeLinear reads (a split layer's two input-channel
+    # slices are folded into two initializers by the exporter)
+    weights = [n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    splits = sum(1 for lp in state.values() if lp.act_split)
+    assert len(weights) == len(state) + splits
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}  # + weights.bin
+    assert sum(values[w].size for w in weights) == sum(lp.weight_int.numel() for lp in state.values())
+    for w in weights:
+        if values[w].nbytes >= deploy.onnx._INLINE_MAX:
+            assert inits[w].data_location == onnx.TensorProto.EXTERNAL  # stored once, in weights.bin
+        assert values[w].dtype == np.int8 and -64 <= values[w].min() and values[w].max() <= 63  # 7-bit codes
+        layer = w.removeprefix("unet.").removesuffix(".weight_int")
+        if layer in state:
+            assert np.array_equal(values[w], state[layer].weight_int.numpy())
+    float_weights = [t for t in m.graph.initializer if t.name.endswith(".weight") and t.name.removeprefix("unet.")
+                     .removesuffix(".weight") in state]
+    assert not float_weights  # no float copy of a quantized weight ships
+
+
+def test_integer_kernels_run_for_every_quantized_conv(artifact):
+    den, state, out = artifact
+    report = deploy.kernel_report(out / deploy.ONNX_DIR / deploy.graph_file(0))
+    convs = {n: lp for n, lp in state.items() if lp.kind == "conv2d" and lp.out_scale is not None}
+    expected = sum(2 if lp.act_split else 1 for lp in convs.values())
+    assert report["int8"].get("QLinearConv", 0) == expected
+    assert report["float"].get("Conv", 0) == 1  # conv_out: its output (the noise prediction) stays float
+    linears = sum(1 for lp in state.values() if lp.kind == "linear")
+    assert report["int8"].get("QGemm", 0) + report["int8"].get("MatMulIntegerToFloat", 0) == linears
+
+
+def test_time_group_switch_in_the_deployed_model(artifact):
+    den, state, out = artifact
+    ort = deploy.load_ort_denoiser(out)
+    x = torch.randn(3, *den.sample_shape, generator=torch.Generator().manual_seed(2))
+    g0 = ort.run_group(x, torch.full((3,), 80.0), 0)
+    g1 = ort.run_group(x, torch.full((3,), 80.0), 1)
+    assert not torch.allclose(g0, g1)  # the graphs carry different activation parameters
+    t = torch.tensor([80.0, 20.0, 80.0])
+    mixed = ort.predict(x, t)
+    assert torch.equal(mixed[[0, 2]], g0[[0, 2]])
+    assert torch.equal(mixed[1], ort.run_group(x[1:2], t[1:2], 1)[0])
+
+def test_groups_share_one_copy_of_the_weights(artifact):
+    den, state, out = artifact
+    weights = (out / deploy.ONNX_DIR / deploy.WEIGHTS_FILE).stat().st_size
+    codes = sum(lp.weight_int.numel() for lp in state.values())  # int8: one byte each
+    floats = sum(v.numel() * 4 for k, v in den.unet.state_dict().items() if not k.endswith(".weight")
+                 or k.removesuffix(".weight") not in state)
+    assert codes <= weights <= 1.5 * (codes + floats)  # once, not once per time group
+
+
+def test_load_pipeline_round_trip(artifact):
+    import pqd
+    from diffusers import DiffusionPipeline
+
+    den, state, out = artifact
+    pipe = load_pipeline(out)
+    assert isinstance(pipe, DiffusionPipeline)
+    assert set(quant_layers(pipe.unet)) == set(state)
+    qden = load_denoiser_from_export(out)
+    x = torch.randn(2, *den.sample_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for t in (80.0, 20.0):  # the pipeline's UNet picks the time group from the timestep by itself
+            assert torch.equal(pipe.unet(x, torch.tensor(t)).sample, qden.predict(x, torch.tensor(t)))
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_load_pipeline_refuses_a_modified_file(artifact, tmp_path):
+    import shutil
+
+    import pqd
+    from pqd.errors import ArtifactError
+
+    _, _, out = artifact
+    bad = tmp_path / "export"
+    shutil.copytree(out, bad)
+    with open(bad / "qmap.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError, match="qmap.json was modified"):
+        load_pipeline(bad)
+
+
+def test_w4_graph_holds_the_4bit_grid_in_int8(tiny_pipeline, tmp_path):
+    den = load_denoiser(tiny_pipeline)
+    state = calibrated(den, 4)
+    q = apply_qstate(copy.deepcopy(den.unet), state)
+    deploy.write_onnx(q, GROUPS, den.sample_shape, tmp_path)
+    full = onnx.load(str(tmp_path / deploy.graph_file(0)))
+    codes = [onnx.numpy_helper.to_array(t) for t in full.graph.initializer if t.name.endswith("weight_int")]
+    assert codes and all(c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7 for c in codes)

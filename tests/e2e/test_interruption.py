@@ -1,0 +1,98 @@
+"""Interruption at every stage: `dvc repro` is killed with SIGKILL while each stage is part-way (its
+temporary output folder exists, or it is in its main loop), then run again. Nothing half-written is ever
+taken as complete, and the final outputs equal those of an uninterrupted run, bit for bit."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+import pytest
+
+from support.projects import BIN, demo_reference, ops_env, sh, stage_outputs, wiped_clone
+from pqd.formats.lineage import hash_tree
+
+pytestmark = pytest.mark.slow  # a full `dvc repro` of the reduced demo: make test-fast leaves it out
+
+# per stage: (folder, output name) of the output whose temporary sibling shows it is writing, and a progress
+# line that shows it is part-way through its main loop before it writes (calibrate and evaluate write last)
+WATCH = {
+    "model": ("data", "model", "demo UNet"),
+    "generate": ("data", "trajectories", "trajectories 1/"),
+    "select": ("data", "calib", None),
+    "calibrate": ("data", "qstate", "block reconstruction"),
+    "export": ("data", "export", None),
+    "evaluate": ("data/samples", "quant", "quantized samples"),
+}
+
+
+class Repro:
+    """`dvc repro` in its own process group, its combined output collected by a thread."""
+
+    def __init__(self, project: Path) -> None:
+        self.proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=ops_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while block := self.proc.stdout.read1(65536):
+            self.chunks.append(block)
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # dvc, the shell and the stage's python process alike
+        self.proc.wait(timeout=60)
+        self.reader.join(timeout=10)
+
+
+def kill_part_way(project: Path, stage: str, timeout: float = 900) -> str:
+    """Run `dvc repro` until ``stage`` is part-way, SIGKILL it; returns what showed it was part-way."""
+    folder, name, marker = WATCH[stage]
+    running = f"Running stage '{stage}'"
+    r = Repro(project)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = r.text()
+        if running in text:
+            parent = project / folder
+            if parent.is_dir() and any(e.name.startswith(f".{name}.tmp-") for e in os.scandir(parent)):
+                r.kill()
+                return f"writing {folder}/.{name}.tmp-*"
+            if marker is not None and marker in text.split(running, 1)[1]:
+                r.kill()
+                return f"progress line {marker!r}"
+        if r.proc.poll() is not None or time.monotonic() > deadline:
+            if r.proc.poll() is None:
+                r.kill()
+            raise AssertionError(f"stage {stage} could not be caught part-way:\n{r.text()[-3000:]}")
+        time.sleep(0.001)
+
+
+def test_sigkill_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, tmp_path_factory):
+    ref = demo_reference(tmp_path_factory)
+    d = wiped_clone(ref, tmp_path / "p")
+    outs = {name: [o for o in st["outs"]] for name, st in yaml.safe_load((d / "dvc.yaml").read_text())["stages"].items()}
+    caught = {}
+    for stage in WATCH:
+        caught[stage] = kill_part_way(d, stage)
+        # nothing of the killed stage is taken as complete: no output under its real name, no dvc.lock entry
+        assert not any((d / o).exists() for o in outs[stage]), stage
+        lock = yaml.safe_load((d / "dvc.lock").read_text()) if (d / "dvc.lock").exists() else {}
+        assert stage not in (lock or {}).get("stages", {}), stage
+    print("killed part-way:", caught)
+    assert "evaluate" in sh([str(BIN / "dvc"), "status"], d)  # dvc knows the last one is not done
+
+    out = sh([str(BIN / "dvc"), "repro"], d, timeout=1200)
+    assert "Running stage 'evaluate'" in out
+    assert stage_outputs(d) == stage_outputs(ref)
+    assert hash_tree(d / "data/export") == hash_tree(ref / "data/export")
+    leftovers = [p for p in (d / "data").rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == []  # each re-run removed its killed predecessor's temporary folder

@@ -1,0 +1,129 @@
+"""Each stage on tiny inputs in a temp dir, through its real command line (main)."""
+
+import math
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from support.projects import CODE_BITS_8, small_params, write_params
+from pqd.formats import qstate as qcodec
+from pqd.formats.export import load_quantized_unet
+from pqd.core.modules import quant_layers
+from pqd.stages import calibrate, evaluate, export, generate, model, select
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_pipeline, ts_features):
+    """model -> generate -> select -> calibrate -> export -> evaluate on the tiny pipeline, W4A8."""
+    d = tmp_path_factory.mktemp("run")
+    params = write_params(d, small_params(
+        model={"source": str(tiny_pipeline)}, quant={"weight_bits": 4},
+        evaluate={"features": f"torchscript:{ts_features}", "reference": str(d / "data/samples/fp/b")}))
+    m = lambda s: ["--params", str(params), "--metrics", str(d / f"data/metrics/{s}.json")]  # noqa: E731
+    data = d / "data"
+    assert model.main(m("model") + ["--out", str(data / "model")]) == 0
+    assert generate.main(m("generate") + ["--model", str(data / "model"), "--trajectories", str(data / "trajectories"),
+                                          "--samples", str(data / "samples/fp")]) == 0
+    assert select.main(m("select") + ["--trajectories", str(data / "trajectories"), "--out", str(data / "calib")]) == 0
+    assert calibrate.main(m("calibrate") + ["--model", str(data / "model"), "--calib", str(data / "calib"),
+                                            "--out", str(data / "qstate")]) == 0
+    assert export.main(m("export") + ["--model", str(data / "model"), "--qstate", str(data / "qstate"),
+                                      "--out", str(data / "export")]) == 0
+    assert evaluate.main(m("evaluate") + ["--model", str(data / "model"), "--export", str(data / "export"),
+                                          "--fp-samples", str(data / "samples/fp"), "--out", str(data / "samples/quant"),
+                                          "--grid", str(data / "metrics/grid.png")]) == 0
+    return d
+
+
+def metrics(d, stage):
+    return json.loads((d / "data/metrics" / f"{stage}.json").read_text())
+
+
+def test_model_stage_records_weight_hashes(pipeline_run):
+    info = json.loads((pipeline_run / "data/model/model.json").read_text())
+    assert any(k.startswith("unet/") and k.endswith(".safetensors") for k in info["sha256"])
+    assert all(len(v) == 64 for v in info["sha256"].values())
+    assert (pipeline_run / "data/model/model_index.json").is_file()
+
+
+def test_generate_records_exact_unet_inputs(pipeline_run, tiny_pipeline):
+    from diffusers import DDIMScheduler
+
+    traj = pipeline_run / "data/trajectories"
+    idx = pd.read_parquet(traj / "index.parquet")
+    assert len(idx) == 6 * 6 and sorted(idx["shard"].unique()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    shard = load_file(traj / "shard-00000.safetensors")
+    assert shard["x"].shape == (4, 6, 1, 8, 8)
+    sched = DDIMScheduler.from_pretrained(tiny_pipeline / "scheduler")
+    sched.set_timesteps(6)
+    assert shard["t"].tolist() == [float(t) for t in sched.timesteps]  # the raw timesteps, not step indices
+    # step 0 input is the seed's initial noise
+    from pqd.diffusion.sampling import initial_noise
+    assert torch.equal(shard["x"][:, 0], initial_noise(shard["seeds"].tolist(), (1, 8, 8)))
+    fp = pipeline_run / "data/samples/fp"
+    assert len(list((fp / "a").glob("*.png"))) == 12 and len(list((fp / "b").glob("*.png"))) == 12
+
+
+def test_select_writes_index_with_reasons(pipeline_run):
+    from pqd.formats.calibset import CalibSet
+
+    calib = pipeline_run / "data/calib"
+    idx = pd.read_parquet(calib / "index.parquet")
+    data = CalibSet(calib)
+    x, t, cond = data.load(0, len(data))
+    assert len(idx) == 16 == len(x) == len(t) and cond is None
+    assert idx["why"].str.startswith("k-center").all()
+    assert not idx.duplicated(["seed", "step"]).any()
+    assert torch.equal(t, torch.tensor(idx["t"].tolist(), dtype=torch.float32))
+    assert (t[1:] <= t[:-1]).all()  # ordered by decreasing timestep: time groups are contiguous runs
+    # each input is the recorded trajectory input of its seed and step
+    traj = load_file(pipeline_run / "data/trajectories" / idx["shard"][3])
+    assert torch.equal(x[3], traj["x"][idx["row"][3], idx["step"][3]])
+
+
+def test_calibrate_and_export_are_4bit_packed(pipeline_run):
+    exp = pipeline_run / "data/export"
+    qmap = json.loads((exp / "qmap.json").read_text())
+    assert qmap["format_version"] == 1
+    layers = qmap["layers"]
+    assert layers["conv_in"]["weight_bits"] == CODE_BITS_8  # edge layers stay 8-bit
+    assert layers["mid_block.resnets.0.conv1"]["weight_storage"] == "int4_packed"
+    t = load_file(exp / "unet/quantized.safetensors")
+    assert t["mid_block.resnets.0.conv1.qweight"].dtype == torch.uint8
+    assert t["conv_in.qweight"].dtype == torch.int8
+    packed = t["mid_block.resnets.0.conv1.qweight"]
+    assert packed.numel() == (math.prod(layers["mid_block.resnets.0.conv1"]["shape"]) + 1) // 2  # two codes per byte
+    # whole-file ratio of this 8/16-channel UNet: per-layer scales and the safetensors header weigh a lot here
+    assert metrics(pipeline_run, "export")["size_ratio"] > 2.5
+
+
+def test_export_reload_is_bit_identical(pipeline_run):
+    state, _, _, _ = qcodec.read(pipeline_run / "data/qstate", qcodec.STATE_TENSORS)
+    unet = load_quantized_unet(pipeline_run / "data/export")
+    ql = quant_layers(unet)
+    assert set(ql) == set(state)
+    for name, lp in state.items():
+        assert torch.equal(ql[name].weight_int, lp.weight_int)
+        assert torch.equal(ql[name].dequantized_weight(), lp.weight_int.float() * lp.weight_scale.reshape(-1, *[1] * (lp.weight_int.ndim - 1)))
+
+
+def test_every_conv_and_linear_quantized(pipeline_run, tiny_pipeline):
+    from diffusers import UNet2DModel
+
+    fp = UNet2DModel.from_pretrained(tiny_pipeline / "unet")
+    names = {n for n, m in fp.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert set(quant_layers(load_quantized_unet(pipeline_run / "data/export"))) == names
+
+
+def test_evaluate_metrics_and_protocol(pipeline_run):
+    ev = metrics(pipeline_run, "evaluate")
+    for k in ("fid_quant_vs_ref", "fid_fp_vs_ref", "fid_quant_vs_fp", "noise_floor", "psnr_mean"):
+        assert isinstance(ev[k], float)
+    assert ev["protocol"]["num_samples"] == 12 and ev["protocol"]["features"].startswith("torchscript")
+    assert abs(ev["delta_fid"] - (ev["fid_quant_vs_ref"] - ev["fid_fp_vs_ref"])) < 1e-9
+    assert (pipeline_run / "data/metrics/grid.png").is_file()
+    per = pd.read_csv(pipeline_run / "data/samples/quant/per_image.csv")
+    assert len(per) == 12 and (per["psnr"] > 0).all()

@@ -1,0 +1,148 @@
+"""Tiny random-weight pipelines built in code (nothing is downloaded): the 8x8 test pipeline, a TorchScript
+feature network, and the three families:
+
+- pixel: the google/ddpm-cifar10-32 UNet architecture (4 levels, attention at the second) with tiny widths
+  and one ResNet per level;
+- latent: an LDM (LDMPipeline: VQModel + UNet2DModel), denoising 8x8 latents of 16x16 images;
+- text: a Stable-Diffusion-1.x-style pipeline (AutoencoderKL + UNet2DConditionModel with cross-attention +
+  CLIPTextModel + a CLIPTokenizer built from a local vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pqd.diffusion.configs import CIFAR10_DDPM_UNET
+
+
+def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A random-weight 8x8 grayscale DDPM pipeline with one attention level, saved in diffusers layout."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+def build_torchscript_features(path: Path) -> Path:
+    """A tiny fixed-weight TorchScript feature network: [B, 3, H, W] in [0, 255] -> [B, 6]."""
+
+    class Feat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x / 255.0)).mean(dim=(2, 3))
+
+    torch.jit.script(Feat()).save(str(path))
+    return path
+
+WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car", "on", "the", "street", "small", "bird"]
+PROMPTS = ["a photo of a cat", "a red car on the street", "a small blue bird"]
+
+
+def build_pixel_cifar(folder: Path, seed: int = 0) -> Path:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    cfg = {**CIFAR10_DDPM_UNET, "sample_size": 16, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1,
+           "norm_num_groups": 4, "attention_head_dim": 8}
+    DDPMPipeline(unet=UNet2DModel(**cfg), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+def build_latent_ldm(folder: Path, seed: int = 0) -> Path:
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(seed)
+    vq = VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 norm_num_groups=4, num_vq_embeddings=32, vq_embed_dim=3, sample_size=16)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8)
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+def write_clip_vocab(folder: Path, words: list[str] = WORDS) -> tuple[Path, Path]:
+    """A byte-pair vocabulary covering ``words`` (each merged left to right), in CLIP's vocab.json/merges.txt format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set("".join(words)))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges: dict[str, None] = {}
+    for w in words:
+        toks = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(toks) > 1:
+            merges[f"{toks[0]} {toks[1]}"] = None
+            toks = [toks[0] + toks[1]] + toks[2:]
+            vocab.setdefault(toks[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def build_text_sd(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab_file, merges_file = write_clip_vocab(folder.parent / "clip-vocab")
+    tok = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=12)
+    vocab = tok.get_vocab()
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=12,
+                                        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                        pad_token_id=vocab["<|endoftext|>"]))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                            scheduler=DDIMScheduler(num_train_timesteps=100), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def build_second_model(folder: Path, seed: int = 0) -> Path:
+    """A DDIM pipeline unlike the demo in every way a user's model might be: 16x16 RGB (demo: 8x8 gray), two
+    levels of (24, 48) channels (demo: three of 32/64/64), two ResNets per level (demo: one), self-attention at
+    the full 16x16 resolution with head dim 12 and in the mid block (demo: at the lowest resolution, head dim 8,
+    no mid-block attention), linear betas over 1000 steps (demo: cosine), DDIMScheduler (demo: DDPMScheduler)."""
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(24, 48), layers_per_block=2,
+                       down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=12)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              clip_sample=True, set_alpha_to_one=False)
+    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def write_reference_images(folder: Path, n: int = 64, size: int = 16, seed: int = 0) -> Path:
+    """``n`` smooth random RGB images (PNG) as an FID reference folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    imgs = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    for i, im in enumerate((imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(folder / f"{i:04d}.png")
+    return folder
