@@ -5,6 +5,7 @@
 #   make serve            serve the scheduled benchmark deployment (cron $(BENCH_CRON)) against that server
 #   make sweep            bits x methods as DVC experiments, MLflow parent + child runs, one results table
 #   make release          release gate, then register the result as the 'candidate' version
+#                         (RELEASE_FLAGS=--allow-uncommitted: register a result whose dvc.lock is not committed)
 #   make promote          move the 'production' alias to the candidate (or VERSION=n)
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
@@ -13,6 +14,7 @@ SWEEP_BITS ?= w8a8,w4a8
 SWEEP_METHODS ?= minmax,pqd
 SWEEP_SET ?=
 VERSION ?=
+RELEASE_FLAGS ?=
 MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 # flows report to the server of `make prefect-server` when it is up, else to a temporary local one
 PREFECT_UP = $(shell $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health', timeout=2)" 2>/dev/null && echo yes)
@@ -38,7 +40,7 @@ sweep: setup check-params
 	$(FLOW_ENV) $(BIN)/python -m flows.sweep --bits $(SWEEP_BITS) --methods $(SWEEP_METHODS) $(SWEEP_SET)
 
 release: setup
-	$(BIN)/python -m pqd.ops.release register
+	$(BIN)/python -m pqd.ops.release register $(RELEASE_FLAGS)
 
 promote: setup
 	$(BIN)/python -m pqd.ops.release promote $(if $(VERSION),--version $(VERSION))

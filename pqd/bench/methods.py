@@ -35,6 +35,9 @@ ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     ("pqd, attention matmuls, softmax 16-bit", 8, {"calibrate": {"method": "pqd"}, "quant": {"attention": True}}),
     ("pqd, attention matmuls, softmax 8-bit", 8, {"calibrate": {"method": "pqd"},
                                                   "quant": {"attention": True, "softmax_bits": 8}}),
+    # integer codes of 8-bit weights (quant.reduce_range): 7-bit codes against full 8-bit codes, on this CPU
+    ("pqd, 7-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": True}}),
+    ("pqd, full 8-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": False}}),
 ]
 
 
@@ -86,7 +89,7 @@ def run_row(name: str, p: Params, data: Path, out: Path) -> dict[str, Any]:
     ev = evaluate.run(p, data / "model", out / "export", data / "samples" / "fp", out / "samples", out / "grid.png")
     metrics = PipelineMetrics(calibrate=cal, export=exp, evaluate=ev)
     (out / "metrics.json").write_text(json.dumps(metrics.as_dict(), indent=2))
-    return {"row": name, "bits": f"W{p.quant.weight_bits}A{p.quant.act_bits}", "fid_vs_data": ev.fid_quant_vs_ref,
+    return {"row": name, "bits": f"W{cal.weight_code_bits}A{p.quant.act_bits}", "fid_vs_data": ev.fid_quant_vs_ref,
             "fp_fid_vs_data": ev.fid_fp_vs_ref, "delta_fid": ev.delta_fid, "fid_vs_fp": ev.fid_quant_vs_fp,
             "noise_floor": ev.noise_floor, "psnr_db": ev.psnr_mean, "unet_output_mse": cal.unet_output_mse,
             "calib_seconds": round(cal_s, 1), "peak_rss_mb": round(mem.peak / 2**20, 1),
@@ -109,7 +112,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     labels = [f"{r.row} {r.bits}" for r in df.itertuples()]
-    colors = ["#4c72b0" if "W8" in b else "#dd8452" for b in df["bits"]]
+    colors = ["#4c72b0" if b.startswith(("W8", "W7")) else "#dd8452" for b in df["bits"]]
     for ax, col, title in ((axes[0], "delta_fid", "delta FID vs data (quantized - FP)"),
                            (axes[1], "fid_vs_fp", "FID quantized vs FP samples")):
         ax.bar(range(len(df)), df[col], color=colors)

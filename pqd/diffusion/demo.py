@@ -6,6 +6,7 @@ with scikit-learn. Images stay at their native 8x8, one channel, scaled from 0..
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -72,24 +73,32 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 def train_demo_unet(images: torch.Tensor, *, seed: int, steps: int, batch_size: int, lr: float,
                     channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1,
                     ema_decay: float = 0.995, beta_schedule: str = "squaredcos_cap_v2", progress: bool = True):
-    """Train the demo UNet to predict the noise (epsilon) of DDPM-noised ``images`` [N, 1, 8, 8] in [-1, 1].
-
-    AdamW with warmup + cosine learning rate; returns the EMA of the weights (a ``UNet2DModel`` in eval
-    mode, float32, on CPU) when ``ema_decay`` > 0. All randomness (model init, batch order, noise,
-    timesteps) derives from ``seed``, so two runs on one machine give bit-identical weights.
-    """
+    """Train the demo UNet to predict the noise (epsilon) of DDPM-noised ``images`` [N, 1, 8, 8] in [-1, 1]
+    (see :func:`train_unet`)."""
     torch.manual_seed(seed)
-    unet = build_demo_unet(channels, layers_per_block).train()
-    ema = build_demo_unet(channels, layers_per_block).eval().requires_grad_(False) if ema_decay > 0 else None
-    if ema is not None:
-        ema.load_state_dict(unet.state_dict())
-    alphas_cumprod = build_demo_scheduler(beta_schedule).alphas_cumprod.float()
+    return train_unet(build_demo_unet(channels, layers_per_block), images, build_demo_scheduler(beta_schedule),
+                      seed=seed, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, progress=progress)
+
+
+def train_unet(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, steps: int, batch_size: int,
+               lr: float, ema_decay: float = 0.995, progress: bool = True, desc: str = "demo UNet") -> nn.Module:
+    """Train ``unet`` (a diffusers UNet2DModel) to predict the noise (epsilon) of ``images`` [N, C, H, W] in
+    [-1, 1] noised by ``scheduler``'s training schedule.
+
+    AdamW with warmup + cosine learning rate; returns the EMA of the weights (in eval mode, float32, on CPU)
+    when ``ema_decay`` > 0. All randomness (batch order, noise, timesteps) derives from ``seed``; with the
+    model initialised under the same seed, two runs on one machine give bit-identical weights.
+    """
+    unet = unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay > 0 else None
+    num_train_timesteps = int(scheduler.config.num_train_timesteps)
+    alphas_cumprod = scheduler.alphas_cumprod.float()
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, min(100, steps // 10))
     n = images.shape[0]
     order, pos = torch.randperm(n, generator=gen), 0
-    bar = tqdm(range(steps), desc="demo UNet", disable=not progress, unit="step")
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
     for step in bar:
         # epochs of a seeded permutation: every digit is seen once per pass
         if pos + batch_size > n:
@@ -98,7 +107,7 @@ def train_demo_unet(images: torch.Tensor, *, seed: int, steps: int, batch_size: 
         pos += batch_size
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
+        t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(xt, t).sample, noise)

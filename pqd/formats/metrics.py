@@ -194,6 +194,7 @@ class EvaluateMetrics(StageMetrics):
     fid_deployed_vs_simulated: float | None = None
     deployed_within_noise_floor: bool | None = None
     psnr_deployed_vs_simulated_median: float | None = None
+    psnr_simulated_median: float | None = None  # the simulated model's images against FP (same seeds)
     mse_mean: float
     psnr_mean: float
     psnr_median: float

@@ -93,7 +93,8 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
                     "deployed_minus_simulated": fid_q - fid_sim,
                     "fid_deployed_vs_simulated": fid.frechet(st["deployed"], st["simulated"]),
                     "deployed_within_noise_floor": bool(abs(fid_q - fid_sim) <= floor),
-                    "psnr_deployed_vs_simulated_median": float(np.median(psnr(dmse)))}
+                    "psnr_deployed_vs_simulated_median": float(np.median(psnr(dmse))),
+                    "psnr_simulated_median": float(np.median(psnr(per_image_mse(imgs["simulated"], fp["images"]))))}
     protocol = EvalProtocol(
         num_samples=len(seeds), floor_samples=len(feats["floor"]), seeds=f"{seeds[0]}..{seeds[-1]}",
         scheduler=proto["scheduler"], steps=int(proto["steps"]), eta=float(proto["eta"]), family=qden.family,

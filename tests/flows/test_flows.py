@@ -59,6 +59,7 @@ def project(tmp_path, tmp_path_factory, tiny_pipeline, ts_features):
     return clone(reproduced_project(tmp_path_factory, tiny_pipeline, ts_features), tmp_path / "p")
 
 
+@pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
 def test_pipeline_flow_reproduces_then_tracks_idempotently(harness, project):
     from flows.pipeline import pipeline
 
@@ -70,6 +71,7 @@ def test_pipeline_flow_reproduces_then_tracks_idempotently(harness, project):
     assert len(active_runs(project)) == 1
 
 
+@pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
 def test_pipeline_flow_with_unreachable_mlflow_fails_at_tracking_and_keeps_the_result(harness, project, monkeypatch):
     from flows.pipeline import pipeline
 
@@ -83,6 +85,7 @@ def test_pipeline_flow_with_unreachable_mlflow_fails_at_tracking_and_keeps_the_r
     assert len(active_runs(project)) == 1
 
 
+@pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
 def test_sweep_flow_two_cells_parent_children_table_and_restored_workspace(harness, project):
     from flows.sweep import sweep
 
@@ -106,6 +109,7 @@ def test_sweep_flow_two_cells_parent_children_table_and_restored_workspace(harne
     assert set(run_dvc(project, ["exp", "list", "--name-only"]).output.split()) >= {"w8a8-minmax", "w4a8-minmax"}
 
 
+@pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
 def test_release_flow_refuses_then_registers(harness, project):
     from flows.release import release
 
@@ -139,6 +143,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+@pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
 def test_served_benchmark_runs_on_its_cron_schedule_on_a_real_server(project, tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"

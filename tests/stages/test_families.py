@@ -25,6 +25,8 @@ from pqd.core.modules import quant_layers
 from pqd.stages import calibrate, evaluate, export, generate, model, select
 from support.models import PROMPTS, build_latent_ldm, build_pixel_cifar, build_text_sd
 
+pytestmark = pytest.mark.slow  # all six stages on three model families: make test-fast leaves them out
+
 BUILDERS = {"pixel": build_pixel_cifar, "latent": build_latent_ldm, "text": build_text_sd}
 
 

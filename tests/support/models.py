@@ -118,31 +118,41 @@ def build_text_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_second_model(folder: Path, seed: int = 0) -> Path:
+def blob_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """``n`` smooth random RGB images [n, 3, size, size] in [0, 1]: 4x4 random colours, bilinearly upsampled."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def build_second_model(folder: Path, seed: int = 0, train_steps: int = 80) -> Path:
     """A DDIM pipeline unlike the demo in every way a user's model might be: 16x16 RGB (demo: 8x8 gray), two
-    levels of (24, 48) channels (demo: three of 32/64/64), two ResNets per level (demo: one), self-attention at
-    the full 16x16 resolution with head dim 12 and in the mid block (demo: at the lowest resolution, head dim 8,
-    no mid-block attention), linear betas over 1000 steps (demo: cosine), DDIMScheduler (demo: DDPMScheduler)."""
+    levels of (16, 32) channels (demo: three of 32/64/64), two ResNets per level (demo: one), self-attention at
+    the full 16x16 resolution with head dim 16 and in the mid block (demo: at the lowest resolution, head dim 8,
+    no mid-block attention), linear betas over 1000 steps (demo: cosine), DDIMScheduler (demo: DDPMScheduler).
+    Trained briefly on blob images (a trained denoiser contracts towards its data; a random one amplifies any
+    perturbation into a different image, which no quantized model could follow)."""
     from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
+    from pqd.diffusion.demo import train_unet
+
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(24, 48), layers_per_block=2,
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=2,
                        down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=12)
+                       norm_num_groups=8, attention_head_dim=16)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               clip_sample=True, set_alpha_to_one=False)
+    unet = train_unet(unet, blob_images(2048, seed=seed + 1) * 2 - 1, scheduler, seed=seed, steps=train_steps,
+                      batch_size=32, lr=2e-3, progress=False)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder
 
 
-def write_reference_images(folder: Path, n: int = 64, size: int = 16, seed: int = 0) -> Path:
-    """``n`` smooth random RGB images (PNG) as an FID reference folder."""
+def write_reference_images(folder: Path, n: int = 256, size: int = 16, seed: int = 0) -> Path:
+    """``n`` blob images (PNG) as an FID reference folder."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, 4, 4, generator=g)
-    imgs = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    for i, im in enumerate((imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+    for i, im in enumerate((blob_images(n, size, seed) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
         Image.fromarray(im).save(folder / f"{i:04d}.png")
     return folder
