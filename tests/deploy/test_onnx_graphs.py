@@ -154,7 +154,6 @@ def test_groups_share_one_copy_of_the_weights(artifact):
 
 
 def test_load_pipeline_round_trip(artifact):
-    import pqd
     from diffusers import DiffusionPipeline
 
     den, state, out = artifact
@@ -173,7 +172,6 @@ def test_load_pipeline_round_trip(artifact):
 def test_load_pipeline_refuses_a_modified_file(artifact, tmp_path):
     import shutil
 
-    import pqd
     from pqd.errors import ArtifactError
 
     _, _, out = artifact

@@ -7,7 +7,6 @@ from pqd.diffusion.adapter import load_denoiser
 
 def test_skip_splits_match_the_real_concatenation(tiny_pipeline):
     """The split channel the adapter predicts equals the width of h in torch.cat([h, skip]) at run time."""
-    from pqd.diffusion.adapter import load_denoiser
 
     den = load_denoiser(tiny_pipeline)
     splits = den.skip_splits()
@@ -37,7 +36,6 @@ def test_skip_splits_match_the_real_concatenation(tiny_pipeline):
 
 def test_units_cover_every_quantized_layer_once(tiny_pipeline):
     from pqd.core.modules import quantizable_layers
-    from pqd.diffusion.adapter import load_denoiser
 
     den = load_denoiser(tiny_pipeline)
     names = list(quantizable_layers(den.unet))

@@ -1,7 +1,6 @@
 """Method presets: each fills the method-controlled keys; an explicit value wins."""
 
 import pytest
-import torch
 
 from pqd.params.methods import METHOD_KEYS, PRESETS
 from pqd.params import params_from_dict
