@@ -4,7 +4,6 @@ cover the code it imports (transitively), and params.yaml and docs/parameters.md
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 import typing
@@ -14,64 +13,18 @@ import pytest
 import yaml
 
 from pqd.params import Params, sections
+from support.dvc_deps import MODULES, closure, imports, stage_code, stage_module
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = sorted(f for d in ("pqd", "flows") for f in (ROOT / d).rglob("*.py"))
+FILES = sorted(MODULES.values())
 # layers from the bottom; a module may import its own layer's modules and any layer below
 LAYERS = [("pqd.errors",), ("pqd.params",), ("pqd.core",), ("pqd.diffusion",), ("pqd.formats",), ("pqd.eval", "pqd.deploy"),
           ("pqd.stages",), ("pqd.ops", "pqd.bench"), ("pqd.api", "flows")]
 RANK = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}
 
 
-def module_name(f: Path) -> str:
-    parts = f.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-MODULES = {module_name(f): f for f in FILES}
-
-
-def imports(f: Path, top_level_only: bool = False) -> set[str]:
-    """The product modules ``f`` imports (``from a.b import c`` counts as a.b.c when that is a module)."""
-    me = module_name(f)
-    package = me if f.name == "__init__.py" else me.rsplit(".", 1)[0]
-    tree = ast.parse(f.read_text())
-    out = set()
-    for node in (tree.body if top_level_only else ast.walk(tree)):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        for name in names:
-            while name and name not in MODULES:
-                name = name.rsplit(".", 1)[0] if "." in name else ""
-            if name and name != me:
-                out.add(name)
-    return out
-
-
 def layer(module: str) -> str:
     return max((p for p in RANK if module == p or module.startswith(p + ".")), key=len)
-
-
-def closure(module: str) -> set[str]:
-    """Every product module that importing ``module`` runs: its imports, theirs, and their parent packages."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        todo += imports(MODULES[m])
-        parts = m.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES]
-    return seen
 
 
 def test_layers_import_only_downwards():
@@ -124,10 +77,12 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_deps_cover_the_code_it_runs(stage):
+    """A stage's deps list exactly the project code it imports, transitively (python tests/support/dvc_deps.py
+    writes them)."""
     spec = STAGES[stage]
-    module = spec["cmd"].split()[spec["cmd"].split().index("-m") + 1]
     deps = [ROOT / d for d in spec["deps"]]
-    needed = {str(MODULES[m].relative_to(ROOT)) for m in closure(module)}
+    needed = set(stage_code(spec))
+    assert stage_module(spec).startswith("pqd.stages.")
     uncovered = sorted(n for n in needed if not any(ROOT / n == d or d in (ROOT / n).parents for d in deps))
     assert uncovered == [], f"dvc.yaml stage {stage} imports code its deps do not list"
     listed_code = {str(d.relative_to(ROOT)) for d in deps if d.suffix == ".py"}
