@@ -20,9 +20,9 @@ def repo(tmp_path_factory):
 def test_repro_then_noop_then_experiment(repo):
     d, env, dvc = repo
     ev = json.loads((d / "data/metrics/evaluate.json").read_text())
-    assert ev["protocol"]["num_samples"] == 24 and ev["noise_floor"] >= 0
+    assert ev["protocol"]["num_samples"] == 24 and ev["noise_floor"] > 0  # two disjoint FP sets differ
     model_info = json.loads((d / "data/model/model.json").read_text())
-    assert 0 <= model_info["digitnet_heldout_accuracy"] <= 1
+    assert model_info["digitnet_heldout_accuracy"] > 0.2  # trained (one epoch here): over twice the 0.1 of guessing
     for stage in ("model", "generate", "select", "calibrate", "export", "evaluate"):
         assert (d / f"data/metrics/{stage}.json").is_file()
     out = sh(dvc + ["repro"], d, env)  # nothing changed: nothing runs
