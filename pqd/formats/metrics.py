@@ -93,6 +93,17 @@ class ModelMetrics(StageMetrics):
     digitnet_heldout_accuracy: float | None = None
 
 
+@dataclass(frozen=True)
+class ParallelRun:
+    """Where a stage sampled (``parallel.*`` as it ran): recorded beside the results, never in their hashes."""
+
+    scheduler: str  # none | local | the address of the Dask scheduler it connected to
+    workers: int  # processes that sampled (1 for none)
+    threads_per_worker: int  # torch threads of each
+    ranges: int  # seed ranges (tasks): one per sampling batch or trajectory shard
+    dashboard: str | None = None  # the Dask dashboard's address
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerateMetrics(StageMetrics):
     calib_trajectories: int
@@ -101,6 +112,7 @@ class GenerateMetrics(StageMetrics):
     prompts: int
     eval_samples: int
     floor_samples: int
+    parallel: ParallelRun | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +191,7 @@ class EvalProtocol:
     fid: str
     backend: str
     weight_codes: str  # the export's weight code width and why (quant.reduce_range)
+    parallel: ParallelRun | None = None  # where the quantized samples were drawn
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,9 @@ def _source_ok(v: str) -> bool:
     return v == "demo:digits" or v.startswith(("/", ".", "~")) or bool(_HUB_ID.match(v))
 
 
+_SCHEDULER = re.compile(r"^(tcp|tls)://[^\s/:]+:\d{1,5}$")
+
+
 def _features_ok(v: str) -> bool:
     return v in ("demo:digits", "inception") or v.startswith(("inception:", "torchscript:"))
 
@@ -77,6 +80,10 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "release.max_fid_delta": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
     "release.floor_multiple": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
     "evaluate.grid_size": (lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
+    "parallel.scheduler": (lambda v: v in ("none", "local") or bool(_SCHEDULER.match(v)),
+                           "'none', 'local' or a Dask scheduler address like 'tcp://10.0.0.5:8786'"),
+    "parallel.workers": (lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
+    "parallel.threads_per_worker": (lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
 }
 
 

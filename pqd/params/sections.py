@@ -126,6 +126,16 @@ class ReleaseParams:
 
 
 @dataclass(frozen=True)
+class ParallelParams:
+    """Where the generate and evaluate stages sample (``parallel.*``): in the stage's process, or seed ranges on
+    a Dask cluster. Results do not depend on it (same images, same bytes), so no stage lists it in dvc.yaml."""
+
+    scheduler: str = "none"  # none | local (a LocalCluster of `workers`) | tcp://host:port of a running scheduler
+    workers: int = 2  # local: worker processes (one per GPU on a multi-GPU box)
+    threads_per_worker: int = 1  # torch threads of each worker, which runs one seed range at a time
+
+
+@dataclass(frozen=True)
 class Params:
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     model: ModelParams = field(default_factory=ModelParams)
@@ -136,5 +146,6 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     release: ReleaseParams = field(default_factory=ReleaseParams)
+    parallel: ParallelParams = field(default_factory=ParallelParams)
 
 

@@ -21,16 +21,18 @@ import torch
 from safetensors.torch import save_file
 
 from pqd import deploy
-from pqd.diffusion.sampling import sample, scheduler_from_protocol
+from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.sampling import scheduler_from_protocol
 from pqd.errors import NumericalError
 from pqd.eval import fid
 from pqd.eval.metrics import per_image_mse, psnr
 from pqd.formats.export import load_denoiser_from_export
 from pqd.formats.files import atomic_dir, load_tensors, read_json
-from pqd.formats.images import save_pngs, side_by_side
+from pqd.formats.images import side_by_side
 from pqd.formats.metrics import EvalProtocol, EvaluateMetrics
 from pqd.params import Params, resolve_device
 from pqd.stages._cli import stage_main
+from pqd.stages.parallel import SCRATCH, ModelRef, folder_stamp, open_pool, sample_sets
 
 
 def weight_codes(manifest: dict[str, Any]) -> str:
@@ -39,6 +41,16 @@ def weight_codes(manifest: dict[str, Any]) -> str:
     codes = manifest.get("integer_codes") or {}
     stored = 7 if bits == 8 and codes.get("reduce_range") else bits
     return f"{stored}-bit weight codes" + (f" ({codes['reason']})" if bits == 8 and codes.get("reason") else "")
+
+
+def quantized_models(export: str, backend: str, device: str) -> dict[str, Denoiser]:
+    """The export's simulated denoiser and, for ``evaluate.backend: onnxruntime``, its deployed ONNX graphs
+    (onnxruntime with torch's thread count), as the stage and each worker load them (:mod:`pqd.stages.parallel`)."""
+    qden = load_denoiser_from_export(export, device)
+    dens: dict[str, Denoiser] = {"simulated": qden}
+    if backend == "onnxruntime":
+        dens["deployed"] = deploy.load_ort_denoiser(Path(export), threads=torch.get_num_threads(), components=qden)
+    return dens
 
 
 def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, grid: Path) -> EvaluateMetrics:
@@ -50,35 +62,31 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     proto = read_json(fp_samples / "meta.json")
     fp = load_tensors(fp_samples / "a.safetensors")
     seeds = [int(s) for s in fp["seeds"]]
-    qden = load_denoiser_from_export(export, device)  # verifies every file of the export first
+    dens = quantized_models(str(export.resolve()), ev.backend, device)  # verifies every file of the export first
+    qden = dens["simulated"]
     manifest = read_json(export / "manifest.json")
-    dens = {"simulated": qden}
-    if ev.backend == "onnxruntime":
-        dens["deployed"] = deploy.load_ort_denoiser(export, components=qden)
     headline = "deployed" if ev.backend == "onnxruntime" else "simulated"
     cond = None
     if proto.get("conditioning"):  # the FP samples' prompts, encoded by the export's own (float) text encoder
         pc = proto["conditioning"]
         cond = qden.conditioning(pc["prompts"], fp["prompt"].tolist(), float(pc["guidance_scale"]), device)
-
-    imgs = {k: sample(d, scheduler_from_protocol(proto), seeds, steps=int(proto["steps"]), eta=float(proto["eta"]),
-                      batch_size=ev.batch_size, device=device, desc=f"quantized samples ({k})", cond=cond)
-            for k, d in dens.items()}
-    for k, v in imgs.items():
-        if not torch.isfinite(v).all():
-            raise NumericalError(f"evaluate: the quantized model ({k}) produced non-finite images")
-    q_imgs = imgs[headline]
-    mse = per_image_mse(q_imgs, fp["images"])
-    with atomic_dir(out) as tmp:
+    ref = ModelRef(quantized_models, (str(export.resolve()), ev.backend), device, folder_stamp(export))
+    with open_pool(params.parallel, "evaluate") as pool, atomic_dir(out) as tmp:
         folders = {headline: tmp / "images"}
-        if "deployed" in imgs:
+        if "deployed" in dens:
             folders["simulated"] = tmp / "images_simulated"
-        for k, folder in folders.items():
-            save_pngs(imgs[k], folder, [f"{s:010d}" for s in seeds])
+        imgs, n_ranges = sample_sets(pool, ref, dens, seeds, folders, ev.batch_size, scheduler_from_protocol(proto),
+                                     int(proto["steps"]), float(proto["eta"]), cond, tmp / SCRATCH, "quantized samples")
+        for k, v in imgs.items():
+            if not torch.isfinite(v).all():
+                raise NumericalError(f"evaluate: the quantized model ({k}) produced non-finite images")
+        q_imgs = imgs[headline]
+        mse = per_image_mse(q_imgs, fp["images"])
         save_file({"images": q_imgs.contiguous(), "seeds": fp["seeds"]}, tmp / "quant.safetensors")
         pd.DataFrame({"seed": seeds, "mse": mse, "psnr": psnr(mse)}).to_csv(tmp / "per_image.csv", index=False)
         feats = {k: fid.folder_features(folder, extractor, ev.batch_size, device) for k, folder in
                  [*folders.items(), ("fp", fp_samples / "a"), ("floor", fp_samples / "b")]}
+        run_info = pool.record(n_ranges)
     st = {k: fid.stats(v) for k, v in feats.items()}
     fid_q = fid.frechet(st[headline], ref_stats)
     fid_fp = fid.frechet(st["fp"], ref_stats)
@@ -102,7 +110,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         guidance_scale=cond.guidance_scale if cond is not None else None, features=extractor.name,
         reference=ref_desc, reference_images=ref_n, fid="clean-fid frechet_distance",
         backend="onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"
-        else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest))
+        else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info)
     return EvaluateMetrics(fid_quant_vs_ref=fid_q, fid_fp_vs_ref=fid_fp, delta_fid=fid_q - fid_fp,
                            fid_quant_vs_fp=fid.frechet(st[headline], st["fp"]), noise_floor=floor, **deployed,
                            mse_mean=float(mse.mean()), psnr_mean=float(psnr(mse).mean()),

@@ -13,6 +13,8 @@ disjoint set ``b`` of the same size (only for the FID noise floor), as PNGs plus
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,11 @@ from pqd.diffusion.sampling import make_scheduler, sample
 from pqd.errors import ParamError
 from pqd.formats.calibset import PROMPTS
 from pqd.formats.files import atomic_dir, read_prompts, write_json
-from pqd.formats.images import save_pngs
 from pqd.formats.metrics import GenerateMetrics
 from pqd.params import Params, resolve_device
 from pqd.stages._cli import stage_main
+from pqd.stages.parallel import (SCRATCH, ModelRef, Pool, Worker, check_complete, folder_stamp, map_ranges, open_pool,
+                                 ranges, sample_sets)
 
 # disjoint seed ranges: evaluation set a, noise-floor set b, calibration trajectories
 SEED_BASE = {"a": 0, "b": 500_000_000, "calib": 1_000_000_000}
@@ -69,40 +72,70 @@ def prompt_rows(n: int, cond: Conditioning | None) -> Conditioning | None:
     return Conditioning(cond.embeds, [1 + i % p for i in range(n)], cond.guidance_scale)
 
 
-def record_trajectories(den: Denoiser, params: Params, out: Path, device: str,
-                        cond: Conditioning | None) -> dict[str, Any]:
+def fp_model(model: str, device: str) -> dict[str, Denoiser]:
+    """The FP denoiser of a model folder, as a worker loads it (:mod:`pqd.stages.parallel`)."""
+    return {"fp": load_denoiser(Path(model), device)}
+
+
+@dataclass(frozen=True)
+class ShardRange:
+    """The calibration seeds of one trajectory shard (``generate.shard_size`` seeds, one sampling batch)."""
+
+    index: int
+    seeds: list[int]
+    out: str  # the trajectories folder
+    scheduler: Any
+    steps: int
+    eta: float
+    prompt_of: list[int] | None
+    guidance_scale: float
+
+
+def record_shard(w: Worker, job: ShardRange) -> list[dict[str, Any]]:
+    """Sample the shard's seeds recording every UNet input, write ``shard-<index>.safetensors``; returns its
+    index rows (one per seed and step)."""
+    xs: list[torch.Tensor] = []
+    ts: list[float] = []
+
+    def rec(i: int, t: torch.Tensor, x_in: torch.Tensor) -> None:
+        xs.append(x_in.detach().to(torch.float32).cpu())
+        if len(ts) < job.steps:
+            ts.append(float(t))
+
+    cond = None if job.prompt_of is None else Conditioning(w.shared, job.prompt_of, job.guidance_scale)
+    sample(w.model["fp"], copy.deepcopy(job.scheduler), job.seeds, steps=job.steps, eta=job.eta,
+           batch_size=len(job.seeds), device=w.device, record=rec, progress=False, cond=cond)
+    name = f"shard-{job.index:05d}.safetensors"
+    tensors = {"x": torch.stack(xs, dim=1).contiguous(), "t": torch.tensor(ts, dtype=torch.float32),
+               "seeds": torch.tensor(job.seeds, dtype=torch.int64)}  # x: [n, S, C, H, W]
+    if cond is not None:
+        tensors["prompt"] = torch.tensor(cond.prompt_of, dtype=torch.int64)
+    save_file(tensors, Path(job.out) / name)
+    rows = []
+    for r, s in enumerate(job.seeds):
+        prompt = {} if cond is None else {"prompt": cond.prompt_of[r]}
+        rows += [{"seed": s, "step": i, "u": i / (job.steps - 1), "t": t, "shard": name, "row": r, **prompt}
+                 for i, t in enumerate(ts)]
+    return rows
+
+
+def record_trajectories(pool: Pool, ref: ModelRef, den: Denoiser, params: Params, out: Path,
+                        cond: Conditioning | None) -> tuple[dict[str, Any], int]:
+    """Every calibration seed's trajectory, one range per shard; index.parquet (and the prompts) assembled here."""
     g = params.generate
     calib = seeds("calib", g.calib_seeds)
     cond = prompt_rows(len(calib), cond)
-    rows = []
-    for shard_i, start in enumerate(range(0, len(calib), g.shard_size)):
-        shard_seeds = calib[start:start + g.shard_size]
-        shard_cond = None if cond is None else cond.subset(start, start + g.shard_size)
-        xs: list[torch.Tensor] = []
-        ts: list[float] = []
-
-        def rec(i: int, t: torch.Tensor, x_in: torch.Tensor) -> None:
-            xs.append(x_in.detach().to(torch.float32).cpu())
-            if len(ts) < g.steps:
-                ts.append(float(t))
-
-        sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
-        sample(den, sched, shard_seeds, steps=g.steps, eta=g.eta, batch_size=len(shard_seeds), device=device,
-               record=rec, desc=f"trajectories {shard_i + 1}/{-(-len(calib) // g.shard_size)}", cond=shard_cond)
-        x = torch.stack(xs, dim=1).contiguous()  # [n, S, C, H, W]
-        name = f"shard-{shard_i:05d}.safetensors"
-        tensors = {"x": x, "t": torch.tensor(ts, dtype=torch.float32), "seeds": torch.tensor(shard_seeds, dtype=torch.int64)}
-        if shard_cond is not None:
-            tensors["prompt"] = torch.tensor(shard_cond.prompt_of, dtype=torch.int64)
-        save_file(tensors, out / name)
-        for r, s in enumerate(shard_seeds):
-            prompt = {} if shard_cond is None else {"prompt": shard_cond.prompt_of[r]}
-            for i, t in enumerate(ts):
-                rows.append({"seed": s, "step": i, "u": i / (g.steps - 1), "t": t, "shard": name, "row": r, **prompt})
+    sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
+    jobs = [ShardRange(i, calib[a:b], str(out), sched, g.steps, g.eta, None if cond is None else cond.prompt_of[a:b],
+                       cond.guidance_scale if cond else 1.0) for i, (a, b) in enumerate(ranges(calib, g.shard_size))]
+    parts = map_ranges(pool, record_shard, ref, jobs, scratch=out / SCRATCH, desc="trajectories", local_model={"fp": den},
+                       shared=None if cond is None else cond.embeds, unit="traj")
+    rows = [row for part in parts for row in part]
+    check_complete(out, [f"shard-{j.index:05d}.safetensors" for j in jobs])
     pd.DataFrame(rows).to_parquet(out / "index.parquet", index=False)
     if cond is not None:
         save_file({"embeds": cond.embeds.contiguous()}, out / PROMPTS)
-    return {"calib_trajectories": len(calib), "trajectory_inputs": len(rows)}
+    return {"calib_trajectories": len(calib), "trajectory_inputs": len(rows)}, len(jobs)
 
 
 def run(params: Params, model: Path, trajectories: Path, samples: Path) -> GenerateMetrics:
@@ -113,29 +146,32 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
     torch.manual_seed(0)
     proto = sampling_protocol(params, den, prompts)
     cond = None if prompts is None else den.conditioning(prompts, [], g.guidance_scale, device)
-    with atomic_dir(trajectories) as tmp:
-        info = record_trajectories(den, params, tmp, device, cond)
-        layout = "x float32 [n, steps, C, H, W]; t float32 [steps]; seeds int64 [n]"
-        if cond is not None:
-            layout += f"; prompt int64 [n] (row of {PROMPTS} embeds [P + 1, L, D], row 0 unconditional)"
-        write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": SEED_BASE["calib"],
-                                       "count": g.calib_seeds, "layout": layout})
-    with atomic_dir(samples) as tmp:
-        for kind in ("a", "b"):
-            sd = seeds(kind, g.eval_samples)
-            sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
-            set_cond = prompt_rows(len(sd), cond)
-            imgs = sample(den, sched, sd, steps=g.steps, eta=g.eta, batch_size=g.batch_size, device=device,
-                          desc=f"FP samples {kind}", cond=set_cond)
-            save_pngs(imgs, tmp / kind, [f"{s:010d}" for s in sd])
-            tensors = {"images": imgs.contiguous(), "seeds": torch.tensor(sd, dtype=torch.int64)}
-            if set_cond is not None:
-                tensors["prompt"] = torch.tensor(set_cond.prompt_of, dtype=torch.int64)
-            save_file(tensors, tmp / f"{kind}.safetensors")
-        write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SEED_BASE[k], "count": g.eval_samples}
-                                                          for k in ("a", "b")}})
+    ref = ModelRef(fp_model, (str(model.resolve()),), device, folder_stamp(model))
+    with open_pool(params.parallel, "generate") as pool:
+        with atomic_dir(trajectories) as tmp:
+            info, n_ranges = record_trajectories(pool, ref, den, params, tmp, cond)
+            layout = "x float32 [n, steps, C, H, W]; t float32 [steps]; seeds int64 [n]"
+            if cond is not None:
+                layout += f"; prompt int64 [n] (row of {PROMPTS} embeds [P + 1, L, D], row 0 unconditional)"
+            write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": SEED_BASE["calib"],
+                                           "count": g.calib_seeds, "layout": layout})
+        with atomic_dir(samples) as tmp:
+            for kind in ("a", "b"):
+                sd = seeds(kind, g.eval_samples)
+                sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
+                set_cond = prompt_rows(len(sd), cond)
+                imgs, n = sample_sets(pool, ref, {"fp": den}, sd, {"fp": tmp / kind}, g.batch_size, sched, g.steps,
+                                      g.eta, set_cond, tmp / SCRATCH, f"FP samples {kind}")
+                n_ranges += n
+                tensors = {"images": imgs["fp"].contiguous(), "seeds": torch.tensor(sd, dtype=torch.int64)}
+                if set_cond is not None:
+                    tensors["prompt"] = torch.tensor(set_cond.prompt_of, dtype=torch.int64)
+                save_file(tensors, tmp / f"{kind}.safetensors")
+            write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SEED_BASE[k], "count": g.eval_samples}
+                                                              for k in ("a", "b")}})
+        run_info = pool.record(n_ranges)
     return GenerateMetrics(**info, family=den.family, prompts=len(prompts or []), eval_samples=g.eval_samples,
-                           floor_samples=g.eval_samples)
+                           floor_samples=g.eval_samples, parallel=run_info)
 
 
 def main(argv: list[str] | None = None) -> int:
