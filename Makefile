@@ -34,7 +34,7 @@ run: setup check-params
 	@# one MLflow run for this result (idempotent); an unreachable MLflow never fails the run
 	-$(BIN)/python -m pqd.ops.tracking track
 
-test: setup
+test: setup postgres-server
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
 
 # everything but the end-to-end runs marked slow (tests/e2e): a couple of minutes
@@ -59,3 +59,4 @@ clean-data:
 	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics
 
 -include ops.mk
+-include scale.mk

@@ -4,9 +4,15 @@ cell, and one results table.
 Each cell is ``dvc exp run -S quant.weight_bits=W -S quant.act_bits=A -S calibrate.method=M -n wWaA-M``
 (stages whose inputs did not change are skipped or restored from DVC's run cache), tracked right after
 as a child of the sweep's parent run. The table (markdown + CSV) goes to ``data/sweeps/`` and to the parent
-run. Afterwards the workspace is put back: params.yaml as it was and ``dvc repro`` (from the run cache).
-Pick a cell later with ``dvc exp apply <cell>``. Re-running the same sweep on the same commit reuses the
+run. Pick a cell later with ``dvc exp apply <cell>``. Re-running the same sweep on the same commit reuses the
 parent run and every child whose result did not change.
+
+Serial (``--workers 0``): cells run one after the other in the workspace, which is put back afterwards
+(params.yaml as it was, ``dvc repro`` from the run cache). Concurrent (``--workers N``: a Dask LocalCluster
+of N processes; ``--address tcp://host:port``: a running Dask scheduler): Prefect's DaskTaskRunner runs each
+cell in its own clone of the project at its commit (:mod:`flows.workspace`), sharing the DVC cache; the
+stages every cell shares are computed once first, and each cell's experiment is pushed back to the project.
+The workspace is never touched; the table, the MLflow runs and ``dvc exp show`` are the same as serial.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.tasks import (MLFLOW_RETRIES, MLFLOW_RETRY_DELAY_S, DvcOutcome, dvc_exp_run, run_dvc, track_result,
-                         validate_params)
+from flows.tasks import (MLFLOW_RETRIES, MLFLOW_RETRY_DELAY_S, DvcOutcome, dvc_exp_run, run_dvc, thread_env,
+                         track_result, validate_params)
+from flows.workspace import SWEEP_DIR, prepare_workspace, push_experiment, shared_stages
 from pqd.errors import ParamError
 from pqd.formats.lineage import git_commit
 from pqd.ops import release as pqd_release
@@ -32,6 +39,8 @@ from pqd.params.methods import METHODS
 
 DEFAULT_BITS = ("w8a8", "w4a8")
 DEFAULT_METHODS = ("minmax", "pqd")
+DEFAULT_WORKERS = 2
+SHARED_STAGE = "generate"  # model and generate read no parameter a cell sets (select reads calibrate.method)
 COLUMNS = ("cell", "bits", "method", "delta_fid", "noise_floor", "fid_quant_vs_fp", "psnr_mean", "size_ratio",
            "calibrate_s", "gate", "mlflow_run")
 _BITS = re.compile(r"^w([2-8])a([4-8])$")
@@ -123,30 +132,72 @@ def restore_workspace(root: str, params_text: str) -> DvcOutcome:
     return run_dvc(root, ["repro"], get_run_logger().info)
 
 
-@flow(name="pqd-sweep")
-def sweep(root: str = ".", bits: list[str] | None = None, methods: list[str] | None = None,
-          overrides: list[str] | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
-          restore: bool = True) -> SweepResult:
-    """Run every cell of ``bits`` x ``methods`` (plus shared ``overrides``) and tabulate them."""
-    extra = list(overrides or [])
-    cells = plan(list(bits or DEFAULT_BITS), list(methods or DEFAULT_METHODS), extra)
-    for c in cells:
-        validate_params(root, list(c.overrides))
-    parent = open_sweep_run(root, experiment, cells, extra)
+def _cell_tags(cell: Cell) -> dict[str, str]:
+    return {"pqd.kind": "sweep-cell", "pqd.sweep.cell": cell.name}
+
+
+def _serial(root: str, cells: list[Cell], experiment: str, parent: tracking.TrackedRun, restore: bool) -> list[dict]:
+    """Each cell in the workspace, one after the other; the workspace is put back afterwards."""
     params_text = (Path(root) / "params.yaml").read_text()
     rows = []
     try:
         for c in cells:
             dvc_exp_run(root, list(c.overrides), c.name)
-            run = track_result(root, experiment, parent_run_id=parent.run_id, run_name=c.name,
-                               tags={"pqd.kind": "sweep-cell", "pqd.sweep.cell": c.name})
+            run = track_result(root, experiment, parent_run_id=parent.run_id, run_name=c.name, tags=_cell_tags(c))
             rows.append(cell_row(root, c, run))
     finally:
         if restore:
             restore_workspace(root, params_text)
+    return rows
+
+
+def _isolated(root: str, cells: list[Cell], extra: list[str], experiment: str,
+              parent: tracking.TrackedRun) -> list[dict]:
+    """Each cell in its own workspace, submitted to the flow's task runner (on Dask: one cell per worker)."""
+    base = Path(root).resolve() / SWEEP_DIR / parent.fingerprint[:8]
+    env = thread_env()
+    shared = shared_stages.submit(str(Path(root).resolve()), str(base / "shared"), extra, SHARED_STAGE, env)
+    futures = []
+    for c in cells:
+        ws = prepare_workspace.submit(str(Path(root).resolve()), str(base / c.name), wait_for=[shared])
+        ran = dvc_exp_run.submit(ws, list(c.overrides), c.name, env)
+        run = track_result.submit(ws, experiment, parent_run_id=parent.run_id, run_name=c.name, tags=_cell_tags(c),
+                                  store=str(Path(root).resolve()), wait_for=[ran])
+        row = cell_row.submit(ws, c, run)
+        futures.append((row, push_experiment.submit(ws, c.name, wait_for=[row])))
+    rows = []
+    for row, pushed in futures:
+        pushed.result()  # raises when the cell failed at any step
+        rows.append(row.result())
+    return rows
+
+
+@flow(name="pqd-sweep")
+def sweep(root: str = ".", bits: list[str] | None = None, methods: list[str] | None = None,
+          overrides: list[str] | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
+          restore: bool = True, isolated: bool = False) -> SweepResult:
+    """Run every cell of ``bits`` x ``methods`` (plus shared ``overrides``) and tabulate them: in the workspace
+    one after the other, or (``isolated``) each in its own workspace on the flow's task runner."""
+    extra = list(overrides or [])
+    cells = plan(list(bits or DEFAULT_BITS), list(methods or DEFAULT_METHODS), extra)
+    for c in cells:
+        validate_params(root, list(c.overrides))
+    parent = open_sweep_run(root, experiment, cells, extra)
+    rows = (_isolated(root, cells, extra, experiment, parent) if isolated
+            else _serial(root, cells, experiment, parent, restore))
     md, csv_file = write_table(root, parent, rows)
     close_sweep_run(root, parent, [md, csv_file])
     return SweepResult(parent.run_id, md, csv_file, tuple(rows))
+
+
+def on_dask(workers: int = DEFAULT_WORKERS, address: str | None = None):
+    """The sweep flow on Prefect's DaskTaskRunner: a LocalCluster of ``workers`` processes (one cell at a time
+    each), or the running scheduler at ``address``. Call the result like :func:`sweep`, with ``isolated=True``."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "dashboard_address": "127.0.0.1:8787"})
+    return sweep.with_options(task_runner=runner)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,16 +210,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=".")
     ap.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT, help="MLflow experiment")
     ap.add_argument("--no-restore", dest="restore", action="store_false",
-                    help="leave the last cell's result in the workspace")
+                    help="serial: leave the last cell's result in the workspace")
+    ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                    help=f"cells at once on a Dask LocalCluster of this many processes (default {DEFAULT_WORKERS}); "
+                         "0: one after the other in the workspace")
+    ap.add_argument("--address", help="a running Dask scheduler (tcp://host:port) to run the cells on")
     args = ap.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:
         plan(split(args.bits), split(args.methods), args.overrides)
+        if args.workers < 0 or (args.address and not re.match(r"^(tcp|tls)://[^\s/:]+:\d+$", args.address)):
+            raise ParamError(f"sweep --workers {args.workers} / --address {args.address!r} is not allowed: expected "
+                             "--workers >= 0 and an address like tcp://10.0.0.5:8786")
     except ParamError as e:
         print(f"pqd-sweep: error: {e}", file=sys.stderr)
         return 2
-    state = sweep(args.root, split(args.bits), split(args.methods), args.overrides, args.experiment, args.restore,
-                  return_state=True)
+    concurrent = bool(args.address) or args.workers > 0
+    flow_fn = on_dask(args.workers, args.address) if concurrent else sweep
+    state = flow_fn(args.root, split(args.bits), split(args.methods), args.overrides, args.experiment, args.restore,
+                    concurrent, return_state=True)
     if state.is_failed():
         print(f"pqd-sweep: failed: {state.message}", file=sys.stderr)
         return 1

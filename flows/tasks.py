@@ -25,6 +25,9 @@ from pqd.ops import tracking
 from pqd.params import params_from_dict
 
 BIN = Path(sys.executable).parent
+# thread settings a stage inherits: Dask workers set them to 1 for their own processes, so a stage run from a task
+# on a worker gets the flow's values instead (the same thread count as a serial run: the same floats)
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 MLFLOW_RETRIES = 2  # a blip (a restarting server, a locked sqlite file); an outage fails fast, see pqd.ops.tracking
 MLFLOW_RETRY_DELAY_S = [1, 4]
 
@@ -41,11 +44,19 @@ class DvcOutcome:
     output: str  # what dvc printed (a progress bar's last state only)
 
 
-def run_dvc(root: str | Path, args: list[str], log: Callable[[str], None] | None = None) -> DvcOutcome:
+def thread_env() -> dict[str, str | None]:
+    """This process's thread settings (None: unset), to hand to :func:`run_dvc` on another process."""
+    return {k: os.environ.get(k) for k in THREAD_VARS}
+
+
+def run_dvc(root: str | Path, args: list[str], log: Callable[[str], None] | None = None,
+            env_vars: dict[str, str | None] | None = None) -> DvcOutcome:
     """Run ``dvc <args>`` in ``root`` with this environment's executables first on PATH (stage commands
-    call ``python``), passing each line it prints to ``log`` as it comes (a progress bar's last state
-    only); raise DvcError with dvc's last error line when it fails."""
+    call ``python``) and ``env_vars`` set (None: unset), passing each line it prints to ``log`` as it comes (a
+    progress bar's last state only); raise DvcError with dvc's last error line when it fails."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for k, v in (env_vars or {}).items():
+        env.pop(k, None) if v is None else env.__setitem__(k, v)
     dvc = str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
     t0 = time.perf_counter()
     lines: list[str] = []
@@ -100,7 +111,8 @@ def dvc_repro(root: str, force_stages: list[str] | None = None) -> DvcOutcome:
 
 
 @task(name="dvc exp run", cache_policy=NO_CACHE)
-def dvc_exp_run(root: str, overrides: list[str], name: str | None = None) -> DvcOutcome:
+def dvc_exp_run(root: str, overrides: list[str], name: str | None = None,
+                env_vars: dict[str, str | None] | None = None) -> DvcOutcome:
     """``dvc exp run -S k=v ... [-n name]`` in the workspace; an experiment of the same name on this
     baseline is replaced (stages DVC has in its run cache are restored, not recomputed)."""
     logger = get_run_logger()
@@ -109,16 +121,18 @@ def dvc_exp_run(root: str, overrides: list[str], name: str | None = None) -> Dvc
         if name in run_dvc(root, ["exp", "list", "--name-only"]).output.split():
             run_dvc(root, ["exp", "remove", name], logger.info)
         args += ["-n", name]
-    out = run_dvc(root, args, logger.info)
+    out = run_dvc(root, args, logger.info, env_vars)
     logger.info("%s: %.1f s, stages run: %s", out.command, out.seconds, ", ".join(out.ran_stages) or "none")
     return out
 
 
 @task(name="track in MLflow", retries=MLFLOW_RETRIES, retry_delay_seconds=MLFLOW_RETRY_DELAY_S, cache_policy=NO_CACHE)
 def track_result(root: str, experiment: str, parent_run_id: str | None = None, run_name: str | None = None,
-                 tags: dict[str, str] | None = None) -> tracking.TrackedRun:
-    """One MLflow run for the result in ``root`` (reused when already tracked)."""
-    run = tracking.track(root, experiment, parent_run_id=parent_run_id, run_name=run_name, extra_tags=tags)
+                 tags: dict[str, str] | None = None, store: str | None = None) -> tracking.TrackedRun:
+    """One MLflow run for the result in ``root`` (reused when already tracked), in the tracking store of
+    project ``store`` (default ``root``)."""
+    run = tracking.track(root, experiment, parent_run_id=parent_run_id, run_name=run_name, extra_tags=tags,
+                         store=store)
     get_run_logger().info("MLflow run %s (%s) %s", run.run_id, run.name, "created" if run.created else "reused")
     return run
 

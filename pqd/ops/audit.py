@@ -8,7 +8,9 @@ Checks (each passes, fails, or is skipped when what it needs is not there; any f
 * ``lineage``: the dvc.lock recorded with the release equals dvc.lock at the recorded git commit, its
   per-stage hashes equal the registry tags, and its export hash is the export's (computed as DVC does);
 * ``metrics``: the registry's metrics (version tags and run metrics) equal the evaluate.json recorded with
-  the release, which dvc.lock ties to this export.
+  the release, which dvc.lock ties to this export;
+* ``remote`` (``--remote``): a clone at the recorded commit pulls every cached output from the DVC remote the
+  release records, into an empty cache, and each pulled output hashes to the ``dvc.out.<path>`` tag.
 
 Registry access goes through :mod:`pqd.ops.tracking`; nothing is unpickled.
 """
@@ -28,7 +30,7 @@ from pqd.formats.files import read_json
 from pqd.formats.metrics import EvaluateMetrics
 from pqd.formats.lineage import (dvc_dir_md5, git_commit, git_file, lock_hash, lock_stage_hashes, lock_ties_metrics,
                                  model_digest, stage_options, weight_hashes)
-from pqd.ops import tracking
+from pqd.ops import remote, tracking
 from pqd.ops.release import REGISTRY_METRICS
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
@@ -152,9 +154,24 @@ def audit_export(export: Path, root: Path | None = None) -> list[Finding]:
     return found
 
 
-def audit_release(model_uri: str, root: Path) -> tuple[list[Finding], str]:
+def check_remote(root: Path, tags: dict[str, str]) -> Finding:
+    """Pull the release's outputs from the remote it records, at its commit, and compare their hashes."""
+    url, commit = tags.get(remote.REMOTE_TAG), tags.get("git.commit")
+    if not url or url == "none":
+        return Finding("remote", FAIL, "the release records no DVC remote (make remote, make push, then release)")
+    with tempfile.TemporaryDirectory() as td:
+        try:
+            pulled = remote.pull_release(root, str(commit), url, Path(td) / "clone")
+        except PqdError as e:
+            return Finding("remote", FAIL, one_line(e))
+        ok, detail = remote.check_pulled(pulled, tags)
+    return Finding("remote", PASS if ok else FAIL, detail)
+
+
+def audit_release(model_uri: str, root: Path, from_remote: bool = False) -> tuple[list[Finding], str]:
     """Audit a registered version (``models:/name@alias`` or ``models:/name/N``) against project ``root``
-    (its git history holds the recorded commit). Returns the findings and 'name version N'."""
+    (its git history holds the recorded commit), and with ``from_remote`` against the outputs pulled from its
+    DVC remote. Returns the findings and 'name version N'."""
     proj = _project(root)
     if proj is None:
         raise TrackingError(f"{root}: dvc.yaml not found: run pqd audit in the release's project (--root)")
@@ -176,4 +193,6 @@ def audit_release(model_uri: str, root: Path) -> tuple[list[Finding], str]:
                     check_source_model(manifest, recorded, None) if manifest else Finding("source_model", FAIL, "no manifest"),
                     check_lineage(lock, root, tags.get("git.commit"), rel["export"], options["export"]["out"], tags),
                     check_metrics(lock, options, rel["metrics"] / Path(options["evaluate"]["metrics"]).name, registry)]
+        if from_remote:
+            findings.append(check_remote(root, tags))
         return findings, f"{rel['name']} version {rel['version']}"

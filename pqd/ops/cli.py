@@ -1,6 +1,6 @@
 """The ``pqd`` command (``python -m pqd.ops.cli``).
 
-``pqd audit <export dir | models:/name@alias | models:/name/N> [--root PROJECT]`` re-verifies a release
+``pqd audit <export dir | models:/name@alias | models:/name/N> [--root PROJECT] [--remote]`` re-verifies a release
 (see :mod:`pqd.ops.audit`), prints one line per check and a verdict, and exits 0 when every check passes,
 1 on any mismatch, 2 when the target cannot be read at all.
 """
@@ -15,13 +15,16 @@ from pqd.errors import InputError, one_line
 from pqd.ops import audit, tracking
 
 
-def _audit(target: str, root: str | None) -> int:
+def _audit(target: str, root: str | None, from_remote: bool = False) -> int:
     try:
         if target.startswith("models:/"):
             tracking.quiet_mlflow()
-            findings, what = audit.audit_release(target, Path(root or "."))
+            findings, what = audit.audit_release(target, Path(root or "."), from_remote)
         else:
             export = Path(target)
+            if from_remote:
+                raise InputError(f"pqd audit --remote {target}: expected a registered release (models:/<name>@<alias>): "
+                                 "the remote and output hashes are recorded with a release")
             if not export.is_dir():
                 raise InputError(f"{target} is not allowed: expected an export folder or models:/<name>@<alias>")
             findings, what = audit.audit_export(export, Path(root) if root else None), str(export)
@@ -48,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("target", help="an export folder, or models:/<name>@<alias> / models:/<name>/<version>")
     a.add_argument("--root", help="the release's project folder (dvc.yaml, git history, MLflow store); default: "
                                   "the export's project, or the current folder for a registry URI")
+    a.add_argument("--remote", action="store_true",
+                   help="also pull the release's outputs from the DVC remote it records and check their hashes")
     args = ap.parse_args(argv)
-    return _audit(args.target, args.root)
+    return _audit(args.target, args.root, args.remote)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pqd.errors import PqdError, one_line
 from pqd.formats.export import verify_manifest
 from pqd.formats.lineage import git_commit, git_file, lock_ties_metrics
 from pqd.formats.metrics import EvaluateMetrics
-from pqd.ops import tracking
+from pqd.ops import remote, tracking
 from pqd.ops.result import Result, flat_params, lineage_tags, model_slug, read_result
 from pqd.params import ReleaseParams, as_dict, params_from_dict, read_yaml
 
@@ -211,6 +211,7 @@ def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.Tra
                ("result fingerprint", run.fingerprint), ("source model", tags["pqd.source_model"]),
                ("source model sha256", tags["pqd.model_sha256"])]
     lineage += [(k, v) for k, v in sorted(tags.items()) if k.startswith("dvc.lock")]
+    lineage += sorted(remote.release_tags(r.root, r.lock).items())
     protocol = sorted(dataclasses.asdict(ev.protocol).items()) if ev is not None else []
     return "\n\n".join([
         f"# {name}",
@@ -242,6 +243,7 @@ def version_tags(r: Result, report: GateReport, s: GateSettings) -> dict[str, st
     keep = ("git.commit", "git.dirty", "pqd.model_sha256", "pqd.source_model", "pqd.protocol")
     tags = {k: v for k, v in lineage_tags(r).items() if k in keep or k.startswith("dvc.lock")}
     tags |= {f"pqd.{k}": str(getattr(ev, k) if ev is not None else None) for k in REGISTRY_METRICS}
+    tags |= remote.release_tags(r.root, r.lock)  # where its data is, and the exact DVC hash of each output
     return {**tags, "pqd.gate": "passed" if report.passed else "failed",
             "pqd.uncommitted": str("committed" in report.waived).lower(),
             "pqd.gate.max_fid_delta": f"{s.thresholds.max_fid_delta:g}",

@@ -146,13 +146,15 @@ def _open_run(c: MlflowClient, experiment: str, fp: str, name: str, tags: dict[s
 
 
 def track(root: str | Path = ".", experiment: str = DEFAULT_EXPERIMENT, *, parent_run_id: str | None = None,
-          run_name: str | None = None, extra_tags: dict[str, str] | None = None) -> TrackedRun:
+          run_name: str | None = None, extra_tags: dict[str, str] | None = None,
+          store: str | Path | None = None) -> TrackedRun:
     """Log the result in ``root`` as one MLflow run, or return the run that already holds it.
 
     With ``parent_run_id`` the run is a child of that run (a sweep cell); the parent is part of its
-    identity, so the same result tracked in two sweeps gives one child in each."""
+    identity, so the same result tracked in two sweeps gives one child in each. ``store``: the project whose
+    tracking store receives the run (default ``root``; a sweep cell's workspace tracks into its project's)."""
     r = read_result(root)
-    c = client(r.root)
+    c = client(store if store is not None else r.root)
     fp = fingerprint(r)
     if parent_run_id:
         fp = sha256_text(fp + parent_run_id)

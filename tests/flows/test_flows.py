@@ -2,17 +2,15 @@
 sqlite MLflow store), and one scheduled deployment served against a real `prefect server` on loopback."""
 
 import json
-import os
-import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flows.tasks import apply_overrides, run_dvc
-from support.projects import BIN, ROOT, active_runs, clone, db_rows, free_port, ops_env, reproduced_project, run_tags
+from support.projects import BIN, active_runs, clone, db_rows, free_port, ops_env, reproduced_project, run_tags
+from support.servers import api, served_benchmark_run, stop
 from pqd.params import ParamError
 
 
@@ -85,28 +83,64 @@ def test_pipeline_flow_with_unreachable_mlflow_fails_at_tracking_and_keeps_the_r
     assert len(active_runs(project)) == 1
 
 
-@pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
-def test_sweep_flow_two_cells_parent_children_table_and_restored_workspace(harness, project):
-    from flows.sweep import sweep
+def _exp_cells(project) -> dict[str, dict]:
+    """`dvc exp show --json` of the project: per experiment, its params.yaml and its evaluate/export metrics
+    (wall-clock fields left out)."""
+    out = {}
 
-    params_before = (project / "params.yaml").read_text()
-    result = sweep(str(project), bits=["w8a8", "w4a8"], methods=["minmax"])
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict) and node["data"].get("params"):
+                data = node["data"]
+                metrics = {f: {k: v for k, v in (m.get("data") or {}).items() if "seconds" not in k}
+                           for f, m in (data.get("metrics") or {}).items() if f.endswith(("evaluate.json", "export.json"))}
+                out[node["name"]] = {"params": data["params"]["params.yaml"]["data"], "metrics": metrics}
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(run_dvc(project, ["exp", "show", "--json"]).output))
+    return {k: v for k, v in out.items() if "-" in k and k[0] == "w"}
+
+
+def _sweep_view(project, result) -> dict:
+    """What a sweep leaves, minus wall-clock times and run ids: table rows, MLflow runs and their parents."""
+    rows = {r["cell"]: {k: v for k, v in r.items() if k not in ("calibrate_s", "mlflow_run")} for r in result.rows}
     runs = {name: run_id for run_id, name, _ in active_runs(project)}
-    assert set(runs) == {"w8a8-minmax", "w4a8-minmax", "sweep [w8a8, w4a8] x [minmax]"}
-    for cell in ("w8a8-minmax", "w4a8-minmax"):
-        assert run_tags(project, runs[cell])["mlflow.parentRunId"] == result.parent_run_id
+    parents = {n: run_tags(project, i).get("mlflow.parentRunId") == result.parent_run_id for n, i in runs.items()}
+    return {"rows": rows, "runs": sorted(runs), "children": sorted(n for n, p in parents.items() if p)}
+
+
+@pytest.mark.slow  # real flow runs (Prefect server, dvc, a Dask LocalCluster): make test-fast leaves them out
+def test_sweep_2x2_serial_and_on_a_two_worker_local_cluster_give_the_same_table(harness, project, tmp_path):
+    from flows.sweep import on_dask, sweep
+
+    concurrent = clone(project, tmp_path / "concurrent")  # its own DVC cache: both sweeps compute the pqd cells
+    params_before = (project / "params.yaml").read_text()
+    lock_before = (concurrent / "dvc.lock").read_text()
+    serial = sweep(str(project), bits=["w8a8", "w4a8"], methods=["minmax", "pqd"])
+    dask = on_dask(workers=2)(str(concurrent), bits=["w8a8", "w4a8"], methods=["minmax", "pqd"], isolated=True)
+    # the serial sweep: parent + children, table on the parent, the workspace put back
+    view = _sweep_view(project, serial)
+    assert view["children"] == ["w4a8-minmax", "w4a8-pqd", "w8a8-minmax", "w8a8-pqd"]
+    assert view["runs"] == view["children"] + ["sweep [w8a8, w4a8] x [minmax, pqd]"]
     weight_bits = dict(db_rows(project, "SELECT run_uuid, value FROM params WHERE key = 'quant.weight_bits'"))
-    assert (weight_bits[runs["w8a8-minmax"]], weight_bits[runs["w4a8-minmax"]]) == ("8", "4")
-    rows = {r["cell"]: r for r in result.rows}
-    assert rows["w4a8-minmax"]["size_ratio"] > rows["w8a8-minmax"]["size_ratio"]  # 4-bit weights are packed
-    table = Path(result.table_md).read_text()
-    assert "| w4a8-minmax | w4a8 | minmax |" in table and Path(result.table_csv).is_file()
-    art = project / "mlartifacts/pqd" / result.parent_run_id / "artifacts"
-    assert (art / Path(result.table_md).name).read_text() == table
-    # the workspace is back where it was, and both cells are DVC experiments
+    runs = {name: run_id for run_id, name, _ in active_runs(project)}
+    assert (weight_bits[runs["w8a8-pqd"]], weight_bits[runs["w4a8-pqd"]]) == ("8", "4")
+    assert serial.rows[2]["size_ratio"] > serial.rows[0]["size_ratio"]  # 4-bit weights are packed
+    table = Path(serial.table_md).read_text()
+    assert "| w4a8-minmax | w4a8 | minmax |" in table
+    art = project / "mlartifacts/pqd" / serial.parent_run_id / "artifacts"
+    assert (art / Path(serial.table_md).name).read_text() == table
     assert (project / "params.yaml").read_text() == params_before
     assert "up to date" in run_dvc(project, ["status"]).output
-    assert set(run_dvc(project, ["exp", "list", "--name-only"]).output.split()) >= {"w8a8-minmax", "w4a8-minmax"}
+    # on two Dask workers: the same rows, runs and experiments; its workspace never touched
+    assert _sweep_view(concurrent, dask) == view
+    assert _exp_cells(concurrent) == _exp_cells(project) and len(_exp_cells(project)) == 4
+    assert (concurrent / "dvc.lock").read_text() == lock_before and "up to date" in run_dvc(concurrent, ["status"]).output
+    assert not any((concurrent / ".dvc/tmp/pqd-sweep").glob("*/w*"))  # cell workspaces removed
 
 
 @pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
@@ -125,62 +159,26 @@ def test_release_flow_refuses_then_registers(harness, project):
     assert dict(db_rows(project, "SELECT alias, version FROM registered_model_aliases")) == {"candidate": 1}
 
 
-def _api(url: str, path: str, body: dict | None = None):
-    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"content-type": "application/json"}, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group this test started, then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 @pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
 def test_served_benchmark_runs_on_its_cron_schedule_on_a_real_server(project, tmp_path):
     port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = ops_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api,
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = ops_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api_url,
                   PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_RUNNER_POLL_FREQUENCY="5")
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    serve = None
     try:
         deadline = time.monotonic() + 90
         while True:
             try:
-                _api(api, "/health")
+                api(api_url, "/health")
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
                 time.sleep(1)
-        # a cron schedule with a seconds field (every 10 s) keeps the test short; the default is nightly
-        serve = subprocess.Popen([str(BIN / "python"), "-m", "flows.benchmark", "serve", "--root", str(project),
-                                  "--cron", "* * * * * */10", "--stage", "select"], cwd=ROOT, env=env,
-                                 stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 150
-        completed = []
-        while not completed:
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no scheduled run completed:\n" + (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(3)
-            completed = _api(api, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
-        deployment = _api(api, f"/deployments/{completed[0]['deployment_id']}")
-        assert deployment["name"] == "pqd-benchmark-nightly"
-        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["* * * * * */10"]
-        assert completed[0]["parameters"]["root"] == str(project)
+        served_benchmark_run(project, api_url, env, tmp_path / "serve.log")
     finally:
-        if serve is not None:
-            _stop(serve)
-        _stop(server)
+        stop(server)
     finished = [run_id for run_id, _, status in active_runs(project)
                 if status == "FINISHED" and run_tags(project, run_id).get("pqd.kind") == "benchmark"]
     assert finished, "the scheduled run left no finished MLflow run"

@@ -1,0 +1,78 @@
+"""Isolated workspaces for sweep cells that run at the same time: a git clone of the project at its commit
+(with the work tree's uncommitted changes), sharing the project's DVC cache, so two cells never write the
+same ``data/`` folder while stages one cell computed (or the project already had) are restored for the
+others from DVC's cache and run cache instead of being recomputed. A cell's experiment goes back to the
+project with ``dvc exp push`` (git refs only: the data is already in the shared cache).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.tasks import DvcOutcome, apply_overrides, run_dvc
+
+SWEEP_DIR = ".dvc/tmp/pqd-sweep"  # under the project: DVC ignores it, and every worker of a cluster sees it
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def clone(root: Path, dest: Path) -> Path:
+    """``dest``: a clone of ``root`` at its HEAD with the work tree's modified and untracked (not ignored) files
+    copied over, using ``root``'s DVC cache (and so its run cache)."""
+    root, dest = root.resolve(), dest.resolve()
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    head = _git(root, "rev-parse", "HEAD").strip()
+    subprocess.run(["git", "clone", "-q", "--no-checkout", str(root), str(dest)], check=True, capture_output=True)
+    _git(dest, "checkout", "-q", "--detach", head)
+    changed = _git(root, "diff", "--name-only", "HEAD").splitlines()
+    changed += _git(root, "ls-files", "--others", "--exclude-standard").splitlines()
+    for rel in changed:
+        if (root / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dest / rel)
+    cache = run_dvc(root, ["cache", "dir"]).output.strip().splitlines()[-1]
+    run_dvc(dest, ["cache", "dir", "--local", cache])
+    return dest
+
+
+@task(name="prepare workspace", cache_policy=NO_CACHE)
+def prepare_workspace(root: str, dest: str) -> str:
+    """A cell's own workspace (:func:`clone`); returns its path."""
+    ws = clone(Path(root), Path(dest))
+    get_run_logger().info("workspace %s (a clone of %s sharing its DVC cache)", ws, root)
+    return str(ws)
+
+
+@task(name="shared stages", cache_policy=NO_CACHE)
+def shared_stages(root: str, dest: str, overrides: list[str], target: str,
+                  env_vars: dict[str, str | None] | None = None) -> DvcOutcome:
+    """Reproduce ``target`` and what it needs once, with the overrides every cell shares, in a scratch clone:
+    its outputs land in the shared cache and run cache, where each cell finds them."""
+    ws = clone(Path(root), Path(dest))
+    params = ws / "params.yaml"
+    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()) or {}, overrides),
+                                     sort_keys=False))
+    try:
+        out = run_dvc(ws, ["repro", target], get_run_logger().info, env_vars)
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+    get_run_logger().info("%s: %.1f s, stages run: %s", out.command, out.seconds, ", ".join(out.ran_stages) or "none")
+    return out
+
+
+@task(name="push experiment", cache_policy=NO_CACHE)
+def push_experiment(ws: str, name: str) -> None:
+    """The cell's experiment into the project it was cloned from (``dvc exp push``; the data is in the shared
+    cache already), so ``dvc exp show`` there lists it; the workspace is removed afterwards."""
+    run_dvc(ws, ["exp", "push", "--force", "--no-cache", "origin", name], get_run_logger().info)
+    shutil.rmtree(ws, ignore_errors=True)
