@@ -4,6 +4,8 @@
 #   make prefect-server   Prefect server + UI on http://127.0.0.1:$(PREFECT_PORT)
 #   make serve            serve the scheduled benchmark deployment (cron $(BENCH_CRON)) against that server
 #   make sweep            bits x methods as DVC experiments, MLflow parent + child runs, one results table
+#                         (cells at once on a Dask LocalCluster of SWEEP_WORKERS processes; 0: one after the other
+#                         in the workspace; SWEEP_ADDRESS=tcp://host:port: on a running Dask scheduler)
 #   make release          release gate, then register the result as the 'candidate' version
 #                         (RELEASE_FLAGS=--allow-uncommitted: register a result whose dvc.lock is not committed)
 #   make promote          move the 'production' alias to the candidate (or VERSION=n)
@@ -13,6 +15,8 @@ BENCH_CRON ?= 0 3 * * *
 SWEEP_BITS ?= w8a8,w4a8
 SWEEP_METHODS ?= minmax,pqd
 SWEEP_SET ?=
+SWEEP_WORKERS ?= 2
+SWEEP_ADDRESS ?=
 VERSION ?=
 RELEASE_FLAGS ?=
 MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
@@ -37,7 +41,8 @@ serve: setup
 	$(FLOW_ENV) $(BIN)/python -m flows.benchmark serve --cron "$(BENCH_CRON)"
 
 sweep: setup check-params
-	$(FLOW_ENV) $(BIN)/python -m flows.sweep --bits $(SWEEP_BITS) --methods $(SWEEP_METHODS) $(SWEEP_SET)
+	$(FLOW_ENV) $(BIN)/python -m flows.sweep --bits $(SWEEP_BITS) --methods $(SWEEP_METHODS) $(SWEEP_SET) \
+	    --workers $(SWEEP_WORKERS) $(if $(SWEEP_ADDRESS),--address $(SWEEP_ADDRESS))
 
 release: setup
 	$(BIN)/python -m pqd.ops.release register $(RELEASE_FLAGS)
