@@ -41,6 +41,7 @@ def test_bad_remote_and_no_remote_are_one_line(project, capsys):
     assert "REMOTE = 'ftp://x/y' is not allowed: expected a local path or s3://bucket/path" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a release in MLflow and three audits, each pulling every output into a fresh clone
 def test_release_records_the_remote_and_hashes_and_audit_pulls_them(project, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(project)
     store = tmp_path / "remote"
