@@ -19,10 +19,9 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pqd.errors import ParamError
 from pqd.ops import release as pqd_release
 from pqd.ops import tracking
-from pqd.params import params_from_dict
+from pqd.params import apply_overrides, params_from_dict
 
 BIN = Path(sys.executable).parent
 # thread settings a stage inherits: Dask workers set them to 1 for their own processes, so a stage run from a task
@@ -74,23 +73,6 @@ def run_dvc(root: str | Path, args: list[str], log: Callable[[str], None] | None
         raise DvcError(f"dvc {' '.join(args)} failed: {errors[-1].strip()}")
     ran = tuple(ln.split("'")[1] for ln in lines if ln.startswith("Running stage '"))
     return DvcOutcome(f"dvc {' '.join(args)}", seconds, ran, "\n".join(lines))
-
-
-def apply_overrides(params: dict, overrides: list[str]) -> dict:
-    """params.yaml content with ``key.sub=value`` overrides applied (values parsed as YAML, like dvc -S)."""
-    out = yaml.safe_load(yaml.safe_dump(params))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ParamError(f"override {item!r} is not allowed: expected key.subkey=value")
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ParamError(f"override {item!r} is not allowed: {p} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return out
 
 
 @task(name="validate params", cache_policy=NO_CACHE)

@@ -15,7 +15,8 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.tasks import DvcOutcome, apply_overrides, run_dvc
+from flows.tasks import DvcOutcome, run_dvc
+from pqd.params import apply_overrides
 
 SWEEP_DIR = ".dvc/tmp/pqd-sweep"  # under the project: DVC ignores it, and every worker of a cluster sees it
 

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from pqd.formats.lineage import dvc_dir_md5, git_commit
-from pqd.params import ParallelParams
+from pqd.params import ParallelParams, apply_overrides
 from pqd.stages.parallel import ModelRef, Worker, map_ranges, open_pool
 
 BIN = Path(sys.executable).parent
@@ -51,20 +51,9 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
     return round(time.perf_counter() - t0, 2)
 
 
-def _apply(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return data
-
-
 def bench_generate(root: Path, work: Path, workers: int, overrides: list[str]) -> list[dict[str, Any]]:
     """The generate stage three ways, on ``root``'s data/model; rows of the table."""
-    base = _apply(yaml.safe_load((root / "params.yaml").read_text()), overrides)
+    base = apply_overrides(yaml.safe_load((root / "params.yaml").read_text()), overrides)
     runs = [("none, default threads", {"scheduler": "none"}, {}),
             ("none, 1 thread", {"scheduler": "none"}, {"OMP_NUM_THREADS": "1"}),
             (f"local, {workers} workers x 1 thread", {"scheduler": "local", "workers": workers, "threads_per_worker": 1},

@@ -242,6 +242,23 @@ def read_yaml(path: str | Path) -> Any:
         raise ParamError(f"params: {path} is not valid YAML ({first})") from None
 
 
+def apply_overrides(params: dict, overrides: list[str]) -> dict:
+    """params.yaml content with ``key.sub=value`` overrides applied (values parsed as YAML, like dvc -S)."""
+    out = yaml.safe_load(yaml.safe_dump(params))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamError(f"override {item!r} is not allowed: expected key.subkey=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ParamError(f"override {item!r} is not allowed: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ParamError (one line) on any problem."""
     return params_from_dict(read_yaml(path))

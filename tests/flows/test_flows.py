@@ -1,16 +1,14 @@
 """The Prefect flows: plain functions first, then real flow runs under prefect_test_harness (real dvc, real
-sqlite MLflow store), and one scheduled deployment served against a real `prefect server` on loopback."""
+sqlite MLflow store, a real Dask LocalCluster for the concurrent sweep). The scheduled deployment served against a
+real `prefect server` on loopback is in tests/ops/test_team.py."""
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from flows.tasks import apply_overrides, run_dvc
-from support.projects import BIN, active_runs, clone, db_rows, free_port, ops_env, reproduced_project, run_tags
-from support.servers import api, served_benchmark_run, stop
+from support.projects import active_runs, clone, db_rows, free_port, reproduced_project, run_tags
 from pqd.params import ParamError
 
 
@@ -159,29 +157,5 @@ def test_release_flow_refuses_then_registers(harness, project):
     assert dict(db_rows(project, "SELECT alias, version FROM registered_model_aliases")) == {"candidate": 1}
 
 
-@pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out
-def test_served_benchmark_runs_on_its_cron_schedule_on_a_real_server(project, tmp_path):
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = ops_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api_url,
-                  PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_RUNNER_POLL_FREQUENCY="5")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                api(api_url, "/health")
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
-                time.sleep(1)
-        served_benchmark_run(project, api_url, env, tmp_path / "serve.log")
-    finally:
-        stop(server)
-    finished = [run_id for run_id, _, status in active_runs(project)
-                if status == "FINISHED" and run_tags(project, run_id).get("pqd.kind") == "benchmark"]
-    assert finished, "the scheduled run left no finished MLflow run"
-    exp = db_rows(project, "SELECT e.name FROM experiments e JOIN runs r ON r.experiment_id = e.experiment_id "
-                           "WHERE r.run_uuid = ?", finished[0])
-    assert exp == [("pqd-benchmark",)]
+# The scheduled deployment served against a real Prefect server: tests/ops/test_team.py (the team's server on
+# PostgreSQL, support.servers.served_benchmark_run), one server set for both concerns.
