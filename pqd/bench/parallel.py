@@ -156,15 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pqd-bench-parallel-"))
     result: dict[str, Any] = {"commit": git_commit(root).commit, "cpus": os.cpu_count(),
                               "default_torch_threads": torch.get_num_threads(), "workers": args.workers}
-    try:
-        if "generate" in parts:
-            result["generate"] = bench_generate(root, work, args.workers, args.generate_set)
-        if "sweep" in parts:
-            result["sweep"] = bench_sweep(root, work, args.workers, args.sweep_set)
-        if "overhead" in parts:
-            result["overhead"] = bench_overhead(work, args.workers, args.tasks)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if "generate" in parts:
+        result["generate"] = bench_generate(root, work, args.workers, args.generate_set)
+    if "sweep" in parts:
+        result["sweep"] = bench_sweep(root, work, args.workers, args.sweep_set)
+    if "overhead" in parts:
+        result["overhead"] = bench_overhead(work, args.workers, args.tasks)
+    shutil.rmtree(work, ignore_errors=True)  # kept after a failure: its bench.log files say why
     lines = [f"# make bench-parallel at commit {str(result['commit'])[:12]}", "",
              f"{result['cpus']} CPUs, default torch threads {result['default_torch_threads']}, "
              f"{args.workers} Dask workers x 1 thread.", ""]
