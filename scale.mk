@@ -41,5 +41,7 @@ team-down: setup
 team-status: setup
 	$(BIN)/python -m pqd.ops.team status --dir $(TEAM_DIR)
 
+# needs the model and generate outputs in the cache and dvc.lock committed (the sweeps run in clones of HEAD)
 bench-parallel: setup check-params
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro generate
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pqd.bench.parallel --out data/bench/parallel.md

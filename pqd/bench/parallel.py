@@ -10,7 +10,9 @@
 3. **overhead**: Dask's cost per range task (pqd.stages.parallel.map_ranges on a LocalCluster, a task that does
    nothing, and one that returns a batch of images through the scratch folder), after a warm-up.
 
-Writes ``--out`` (markdown, with the commit and the machine) and a JSON beside it.
+Run it in a project whose dvc.lock is committed and whose cache holds the model and generate outputs (``make
+bench-parallel`` runs ``dvc repro generate`` first): the sweeps clone HEAD. Writes ``--out`` (markdown, with the
+commit and the machine) and a JSON beside it; after a failure its work folder is kept for the logs.
 """
 
 from __future__ import annotations
