@@ -51,13 +51,13 @@ def _dvc(root: Path, args: list[str], what: str) -> str:
 
 def default_remote(root: str | Path) -> Remote | None:
     """The project's default DVC remote (``core.remote``), or None when it has none."""
-    from dvc.exceptions import NotDvcRepositoryError
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
     try:
         with Repo(str(root)) as repo:
             conf = repo.config
-    except NotDvcRepositoryError:
+    except NotDvcRepoError:
         return None
     name = conf["core"].get("remote")
     return Remote(name, str(conf["remote"][name]["url"])) if name and name in conf["remote"] else None
