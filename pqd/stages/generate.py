@@ -27,15 +27,14 @@ from pqd.formats.calibset import PROMPTS
 from pqd.formats.files import atomic_dir, read_prompts, write_json
 from pqd.formats.images import save_pngs
 from pqd.formats.metrics import GenerateMetrics
-from pqd.params import Params, resolve_device
+from pqd.params import SAMPLE_SEED_BASE, Params, resolve_device
 from pqd.stages._cli import stage_main
 
-# disjoint seed ranges: evaluation set a, noise-floor set b, calibration trajectories
-SEED_BASE = {"a": 0, "b": 500_000_000, "calib": 1_000_000_000}
-
-
-def seeds(kind: str, n: int) -> list[int]:
-    return [SEED_BASE[kind] + i for i in range(n)]
+def seeds(kind: str, n: int, params: Params) -> list[int]:
+    """The n seeds of set ``kind``: 'a' (evaluation), 'b' (noise floor) or 'calib' (trajectories, from
+    generate.calib_seed_base); disjoint ranges (pqd.params checks that the calibration range stays clear)."""
+    base = params.generate.calib_seed_base if kind == "calib" else SAMPLE_SEED_BASE[kind]
+    return [base + i for i in range(n)]
 
 
 def check_prompts(params: Params, den: Denoiser) -> list[str] | None:
@@ -72,7 +71,7 @@ def prompt_rows(n: int, cond: Conditioning | None) -> Conditioning | None:
 def record_trajectories(den: Denoiser, params: Params, out: Path, device: str,
                         cond: Conditioning | None) -> dict[str, Any]:
     g = params.generate
-    calib = seeds("calib", g.calib_seeds)
+    calib = seeds("calib", g.calib_seeds, params)
     cond = prompt_rows(len(calib), cond)
     rows = []
     for shard_i, start in enumerate(range(0, len(calib), g.shard_size)):
@@ -118,11 +117,11 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
         layout = "x float32 [n, steps, C, H, W]; t float32 [steps]; seeds int64 [n]"
         if cond is not None:
             layout += f"; prompt int64 [n] (row of {PROMPTS} embeds [P + 1, L, D], row 0 unconditional)"
-        write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": SEED_BASE["calib"],
+        write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": g.calib_seed_base,
                                        "count": g.calib_seeds, "layout": layout})
     with atomic_dir(samples) as tmp:
         for kind in ("a", "b"):
-            sd = seeds(kind, g.eval_samples)
+            sd = seeds(kind, g.eval_samples, params)
             sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
             set_cond = prompt_rows(len(sd), cond)
             imgs = sample(den, sched, sd, steps=g.steps, eta=g.eta, batch_size=g.batch_size, device=device,
@@ -132,7 +131,7 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
             if set_cond is not None:
                 tensors["prompt"] = torch.tensor(set_cond.prompt_of, dtype=torch.int64)
             save_file(tensors, tmp / f"{kind}.safetensors")
-        write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SEED_BASE[k], "count": g.eval_samples}
+        write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SAMPLE_SEED_BASE[k], "count": g.eval_samples}
                                                           for k in ("a", "b")}})
     return GenerateMetrics(**info, family=den.family, prompts=len(prompts or []), eval_samples=g.eval_samples,
                            floor_samples=g.eval_samples)
