@@ -6,10 +6,11 @@ reference) - FID(FP, reference) and of the mean per-image PSNR are those of pair
 the two sets have in common (which seeds were drawn) cancels. The reference statistics stay fixed: they
 describe the data, not the model. Intervals are percentile intervals of the resampled statistic.
 
-Resampling with replacement repeats images, which makes each resample's covariance a little noisier than the
-full set's; an unpaired FID (FID vs the reference) therefore reads a little higher on resamples than on the
-full set, and its interval can sit slightly above the point estimate. The paired differences do not carry
-that shift (both sides repeat the same images).
+Resampling with replacement repeats images (a resample holds about 63% of the distinct seeds), so its feature
+statistics are noisier than the full set's and an FID, which only grows with noise, reads higher on resamples:
+the intervals of the FIDs (vs the reference, and quantized vs FP) sit above their point estimates by about that
+bias, which makes their upper bounds conservative. ΔFID (a difference of two FIDs that share the resampling) and
+the mean PSNR (a mean) carry no such shift.
 
 The Fréchet distance here is computed from eigenvalues instead of a matrix square root:
 tr sqrt(S1 S2) = sum of sqrt(eigenvalues of R S1 R) with R the symmetric square root of S2, so a side that
