@@ -41,10 +41,11 @@ test: setup postgres-server
 test-fast: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
 
-# methods x bits and the PQD ablations on the demo, same trajectories/seeds/protocol (data/bench/bench.md)
+# methods x bits and the PQD ablations on the two demos, over BENCH_REPLICATES replicates, with intervals and
+# paired verdicts (data/bench/bench.md); cached per replicate and row, so a rerun computes only what is new
+BENCH_REPLICATES ?= 3
 bench: setup check-params
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro generate
-	$(BIN)/python -m pqd.bench
+	$(BIN)/python -m pqd.bench --replicates $(BENCH_REPLICATES)
 
 # UNet latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs), demo and CIFAR-10-config UNets
 bench-deploy: setup check-params

@@ -1,7 +1,16 @@
-"""The embedded offline demo: a small DDPM on scikit-learn's 8x8 digits, and a digit classifier for FID.
+"""The embedded offline demos, and a digit classifier for their FID.
 
-Everything here is deterministic given a seed and needs neither a GPU nor the network: the digits ship
-with scikit-learn. Images stay at their native 8x8, one channel, scaled from 0..16 to [-1, 1].
+Two model sources, trained on the spot from scikit-learn's bundled 8x8 digits (no GPU, no network):
+
+- ``demo:digits``: a DDPM UNet on the digits at their native 8x8, one channel, scaled from 0..16 to [-1, 1];
+  three levels, one ResNet per level, attention at the lowest resolution, cosine betas, DDPMScheduler.
+- ``demo:digits16``: another architecture on another image format: the digits upsampled to 16x16 RGB with
+  coloured strokes (:func:`digits16_tensor`); ResNets two per level, self-attention at the full 16x16
+  resolution and in the mid block, head dim 16, linear betas, DDIMScheduler.
+
+Both are evaluated with the DigitNet features of the same 8x8 digits: the extractor reads an image's channel
+mean at 8x8 (pqd.eval.fid), and a digits16 image's channel mean is exactly its upsampled gray digit.
+Everything here is deterministic given a seed.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from tqdm.auto import tqdm
 DEFAULT_CHANNELS = (32, 64, 64)
 NUM_TRAIN_TIMESTEPS = 1000
 FEATURES_DIR = "fid_features"  # inside the demo's model folder: the digit feature network (evaluate.features)
+DIGITS16_HUE_SEED = 0  # the stroke colours of demo:digits16 are part of the data set, not of a model's seed
 
 
 def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +43,33 @@ def digits_uint8() -> np.ndarray:
     """scikit-learn's 1,797 digits as uint8 images [N, 8, 8] (0..16 scaled to 0..255, rounded): the demo's
     FID reference set."""
     return np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
+
+
+def digits16_tensor() -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits as 16x16 RGB (``demo:digits16``): images float32 [1797, 3, 16, 16] in [-1, 1], labels int64.
+
+    Each 8x8 digit g in [0, 1] is upsampled bilinearly to 16x16, then coloured with a per-image hue h:
+    channel k = g + cos(h + 2 pi k / 3) * min(g, 1 - g). The three cosines sum to 0, so every pixel's channel
+    mean is g (the gray digit the FID extractor reads) and every value stays in [0, 1]; black background and
+    full-intensity stroke centres stay gray, the stroke edges carry the colour.
+    """
+    images, labels = load_digits_tensor()
+    g = F.interpolate((images + 1) / 2, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1)
+    hue = torch.rand(len(g), generator=torch.Generator().manual_seed(DIGITS16_HUE_SEED)) * 2 * math.pi
+    tint = torch.cos(hue[:, None] + torch.arange(3) * 2 * math.pi / 3)[:, :, None, None]  # [N, 3, 1, 1]
+    return (g + tint * torch.minimum(g, 1 - g)) * 2 - 1, labels
+
+
+def demo_images(source: str) -> torch.Tensor:
+    """The training images of demo ``source`` ('demo:digits' or 'demo:digits16'), float32 [N, C, H, W] in [-1, 1]."""
+    return digits16_tensor()[0] if source == "demo:digits16" else load_digits_tensor()[0]
+
+
+def reference_uint8(source: str) -> np.ndarray:
+    """The FID reference images of demo ``source`` as uint8: [1797, 8, 8] (digits) or [1797, 16, 16, 3] (digits16)."""
+    if source == "demo:digits16":
+        return (digits16_tensor()[0].permute(0, 2, 3, 1).add(1).mul(255 / 2)).round().to(torch.uint8).numpy()
+    return digits_uint8()
 
 
 def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1):
@@ -60,6 +97,45 @@ def build_demo_scheduler(beta_schedule: str = "squaredcos_cap_v2"):
 
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=beta_schedule,
                          prediction_type="epsilon", clip_sample=True)
+
+
+def build_digits16_unet(channels: tuple[int, ...]):
+    """The ``demo:digits16`` UNet for [B, 3, 16, 16]: len(channels) levels of two ResNets each, self-attention
+    (head dim 16) at the full 16x16 resolution (first down block, last up block) and in the mid block."""
+    from diffusers import UNet2DModel
+
+    n = len(channels)
+    return UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=tuple(channels), layers_per_block=2,
+        norm_num_groups=8, attention_head_dim=16,
+        down_block_types=("AttnDownBlock2D",) + ("DownBlock2D",) * (n - 1),
+        up_block_types=("UpBlock2D",) * (n - 1) + ("AttnUpBlock2D",),
+    )
+
+
+def build_digits16_scheduler():
+    """The ``demo:digits16`` training and default sampling scheduler: DDIM, linear betas over 1000 steps."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", beta_start=1e-4,
+                         beta_end=0.02, clip_sample=True, set_alpha_to_one=False)
+
+
+def train_demo_pipeline(source: str, *, seed: int, steps: int, batch_size: int, lr: float,
+                        channels: tuple[int, ...], progress: bool = True):
+    """Train the UNet of demo ``source`` on :func:`demo_images` and return its diffusers pipeline
+    (DDPMPipeline for 'demo:digits', DDIMPipeline for 'demo:digits16')."""
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    if source == "demo:digits16":
+        torch.manual_seed(seed)
+        sched = build_digits16_scheduler()
+        unet = train_unet(build_digits16_unet(channels), demo_images(source), sched, seed=seed, steps=steps,
+                          batch_size=batch_size, lr=lr, progress=progress, desc="demo:digits16 UNet")
+        return DDIMPipeline(unet=unet, scheduler=sched)
+    unet = train_demo_unet(demo_images(source), seed=seed, steps=steps, batch_size=batch_size, lr=lr,
+                           channels=channels, progress=progress)
+    return DDPMPipeline(unet=unet, scheduler=build_demo_scheduler())
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:

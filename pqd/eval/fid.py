@@ -5,8 +5,9 @@ Feature extractors (``evaluate.features``):
 - ``inception``: clean-fid's Inception (fetched by clean-fid when online; a clear error when not);
 - ``inception:<file>``: the same Inception TorchScript weights from a local file (offline users);
 - ``torchscript:<file>``: a user's TorchScript network mapping [B, 3, H, W] images in [0, 255] to [B, D].
-Reference sets (``evaluate.reference``): ``demo:digits`` (the 1,797 digits), a folder of images, or a
-``.npz`` with precomputed ``mu`` and ``sigma`` for the chosen extractor.
+Reference sets (``evaluate.reference``): ``demo:digits`` (the 1,797 digits), ``demo:digits16`` (the same digits
+as ``demo:digits16`` trains on: 16x16 RGB), a folder of images, or a ``.npz`` with precomputed ``mu`` and
+``sigma`` for the chosen extractor.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ import torch
 from cleanfid import fid as cfid
 from cleanfid.downloads_helper import check_download_inception
 from cleanfid.inception_torchscript import InceptionV3W
+from cleanfid.resize import make_resizer
 from PIL import Image
 from safetensors.torch import load_file
 
-from pqd.diffusion.demo import FEATURES_DIR, DigitNet, digits_uint8
+from pqd.diffusion.demo import FEATURES_DIR, DigitNet, reference_uint8
 from pqd.errors import FeatureError
+from pqd.eval.bootstrap import stats
+from pqd.params import DEMO_SOURCES
 
 
 @dataclass
@@ -43,20 +47,25 @@ def _digit_extractor(model_dir: Path) -> Extractor:
     folder = model_dir / FEATURES_DIR
     if not (folder / "config.json").is_file():
         raise FeatureError(f"evaluate.features = 'demo:digits' needs {folder}/config.json, written by the model "
-                           "stage for model.source 'demo:digits'; use 'inception' or 'torchscript:<file>' for other models")
+                           "stage for model.source 'demo:digits' or 'demo:digits16'; use 'inception' or "
+                           "'torchscript:<file>' for other models")
     net = DigitNet(**json.loads((folder / "config.json").read_text()))
     net.load_state_dict(load_file(folder / "model.safetensors"))
     net.eval()
 
     def fn(x: torch.Tensor) -> torch.Tensor:
+        # the channel mean: a gray image read as RGB has three equal channels; a demo:digits16 image's channel
+        # mean is its gray digit (pqd.diffusion.demo.digits16_tensor)
         gray = x.float().mean(dim=1, keepdim=True) / 255.0  # [B, 1, 8, 8] in [0, 1]
         with torch.no_grad():
             return net.features(gray * 2 - 1)
 
+    clean_8x8 = make_resizer("PIL", False, "bicubic", (8, 8))  # clean-fid's 'clean' resize, to 8x8
+
     def resize(img: np.ndarray) -> np.ndarray:
-        if img.shape[:2] != (8, 8):
-            img = np.asarray(Image.fromarray(img).resize((8, 8), Image.BICUBIC))
-        return img.astype(np.float32)
+        """[H, W, 3] uint8 -> [8, 8, 3] float32 in [0, 255]; larger images (demo:digits16) are downsampled by
+        clean-fid's 'clean' resizer (PIL bicubic with antialiasing, per channel, in float)."""
+        return (img if img.shape[:2] == (8, 8) else clean_8x8(img)).astype(np.float32)
 
     return Extractor("demo:digits (DigitNet penultimate features)", fn, resize)
 
@@ -140,32 +149,30 @@ def folder_features(folder: str | Path, ex: Extractor, batch_size: int = 256, de
     return np.asarray(feats, dtype=np.float64)
 
 
-def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
-
-
 def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
     """Frechet distance between two (mu, sigma) pairs (clean-fid's implementation)."""
     return float(cfid.frechet_distance(a[0], a[1], b[0], b[1]))
 
 
-def write_demo_digits(folder: str | Path) -> int:
-    """Write the 1,797 sklearn digits as 8x8 grayscale PNGs into ``folder``; returns the count."""
+def write_demo_reference(folder: str | Path, source: str = "demo:digits") -> int:
+    """Write the reference images of demo ``source`` as PNGs into ``folder`` (the 1,797 sklearn digits: 8x8
+    grayscale for 'demo:digits', 16x16 RGB for 'demo:digits16'); returns the count."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    imgs = digits_uint8()
+    imgs = reference_uint8(source)
     for i, im in enumerate(imgs):
-        Image.fromarray(im, mode="L").save(folder / f"{i:05d}.png")
+        Image.fromarray(im).save(folder / f"{i:05d}.png")
     return len(imgs)
 
 
 def reference_stats(spec: str, ex: Extractor, batch_size: int = 256,
                     device: str = "cpu") -> tuple[tuple[np.ndarray, np.ndarray], str, int]:
     """(mu, sigma), a description and the image count of the reference set ``evaluate.reference``."""
-    if spec == "demo:digits":
+    if spec in DEMO_SOURCES:
         with tempfile.TemporaryDirectory() as tmp:
-            n = write_demo_digits(tmp)
-            return stats(folder_features(tmp, ex, batch_size, device)), "sklearn digits (1,797 images)", n
+            n = write_demo_reference(tmp, spec)
+            what = "8x8 gray" if spec == "demo:digits" else "16x16 RGB, as demo:digits16 trains on them"
+            return stats(folder_features(tmp, ex, batch_size, device)), f"sklearn digits ({n:,} images, {what})", n
     path = Path(spec).expanduser()
     if path.suffix == ".npz":
         if not path.is_file():
@@ -175,7 +182,7 @@ def reference_stats(spec: str, ex: Extractor, batch_size: int = 256,
                 raise FeatureError(f"evaluate.reference = {spec!r}: expected arrays 'mu' and 'sigma' in the .npz")
             return (z["mu"], z["sigma"]), f"precomputed statistics {path.name}", int(z["n"]) if "n" in z else -1
     if not path.is_dir():
-        raise FeatureError(f"evaluate.reference = {spec!r} is not allowed: expected 'demo:digits', a folder of images "
-                           "or a .npz with mu and sigma")
+        raise FeatureError(f"evaluate.reference = {spec!r} is not allowed: expected 'demo:digits', 'demo:digits16', "
+                           "a folder of images or a .npz with mu and sigma")
     feats = folder_features(path, ex, batch_size, device)
     return stats(feats), f"folder {path}", len(feats)

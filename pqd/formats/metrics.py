@@ -83,6 +83,13 @@ class StageMetrics:
     def write(self, path: str | Path) -> None:
         write_json(path, self.to_json())
 
+    def get(self, key: str) -> Any:
+        """The value at a dotted key (``delta_fid``, ``delta_fid_ci.hi``), None where any part is absent."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        return value
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelMetrics(StageMetrics):
@@ -173,6 +180,17 @@ class ExportMetrics(StageMetrics):
 
 
 @dataclass(frozen=True)
+class Interval:
+    """A two-sided interval [lo, hi] of a statistic (a bootstrap or a t-interval: the record that holds it says)."""
+
+    lo: float
+    hi: float
+
+    def __str__(self) -> str:
+        return f"[{self.lo:.4g}, {self.hi:.4g}]"
+
+
+@dataclass(frozen=True)
 class EvalProtocol:
     """How the FIDs were measured (recorded next to them)."""
 
@@ -192,6 +210,7 @@ class EvalProtocol:
     backend: str
     weight_codes: str  # the export's weight code width and why (quant.reduce_range)
     parallel: ParallelRun | None = None  # where the quantized samples were drawn
+    intervals: str | None = None  # how the *_ci intervals were computed (evaluate.bootstrap); None: none were
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +231,16 @@ class EvaluateMetrics(StageMetrics):
     psnr_mean: float
     psnr_median: float
     psnr_min: float
+    # the per-image analogue of the noise floor: mean PSNR between FP images of different seeds (set a image i
+    # against set b image i); a quantized image should be far closer to its own FP image than this
+    psnr_other_seed_mean: float | None = None
+    # bootstrap intervals over the evaluation seeds (pqd.eval.bootstrap; evaluate.bootstrap resamples, paired:
+    # quantized and FP images of a seed are drawn together; evaluate.confidence); None when evaluate.bootstrap = 0
+    fid_quant_vs_ref_ci: Interval | None = None
+    fid_fp_vs_ref_ci: Interval | None = None
+    delta_fid_ci: Interval | None = None
+    fid_quant_vs_fp_ci: Interval | None = None
+    psnr_mean_ci: Interval | None = None
     protocol: EvalProtocol
 
 

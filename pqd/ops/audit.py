@@ -123,7 +123,7 @@ def check_metrics(lock: dict[str, Any] | None, options: dict[str, dict[str, str]
     except PqdError as e:
         return Finding("metrics", FAIL, one_line(e))
     for where, (key, value) in registry.items():
-        have = getattr(ev, key, None)
+        have = ev.get(key)  # a dotted key for an interval's bound: delta_fid_ci.hi
         if not isinstance(have, (int, float)) or float(have) != value:
             return Finding("metrics", FAIL, f"registry {where} = {value!r} but the release's evaluate.json has "
                                             f"{key} = {have!r}")

@@ -7,12 +7,18 @@ version of ``pqd-<model>-w<W>a<A>`` with the alias ``candidate``. The gate passe
 * ``lineage``: dvc.lock says the evaluation ran on this export and recorded this evaluate.json;
 * ``committed``: that dvc.lock is the one committed at HEAD, as the audit later requires (``--allow-uncommitted``
   waives it, and the tags and the model card say so);
-* ``max_fid_delta``: ΔFID (quantized minus FP, both against the reference) <= ``release.max_fid_delta``;
-* ``noise_floor``: ΔFID <= ``release.floor_multiple`` x the noise floor (FID between two disjoint FP sets);
+* ``delta_fid``: the upper bound of ΔFID's interval (quantized minus FP, both against the reference, resampled
+  together over the evaluation seeds) <= ``release.delta_fid_fraction`` x FID(FP, reference);
+* ``fid_vs_fp``: the upper bound of FID(quantized, FP samples of the same seeds)'s interval <=
+  ``release.fid_vs_fp_fraction`` x the noise floor (FID between two disjoint FP sets);
+* ``psnr``: the lower bound of the mean per-image PSNR's interval (quantized against FP, same seed) >= the mean
+  PSNR between FP images of different seeds + ``release.psnr_margin_db``;
 * ``deployment``: the deployed ONNX graphs match the simulation, judged by the model's own numbers (FID between
   them within the noise floor; per image, closer to the simulation than the simulation is to FP).
 
-A failed gate registers nothing and names the failed checks in one line. Moving ``production`` is a
+The quality checks are paired statistics of the release against its own FP model on the same seeds, judged
+on their intervals (``evaluate.bootstrap``), not on point values, and relative to the model's own numbers, so one
+setting holds for FID scales of any feature extractor. A failed gate registers nothing and names the failed checks in one line. Moving ``production`` is a
 separate, explicit command (``promote``). Registry operations go through :mod:`pqd.ops.tracking`.
 """
 
@@ -31,12 +37,13 @@ import yaml
 from pqd.errors import PqdError, one_line
 from pqd.formats.export import verify_manifest
 from pqd.formats.lineage import git_commit, git_file, lock_ties_metrics
-from pqd.formats.metrics import EvaluateMetrics
+from pqd.formats.metrics import EvaluateMetrics, Interval
 from pqd.ops import remote, tracking
 from pqd.ops.result import Result, flat_params, lineage_tags, model_slug, read_result
 from pqd.params import ReleaseParams, as_dict, params_from_dict, read_yaml
 
 CANDIDATE, PRODUCTION = "candidate", "production"
+GATE_KEYS = tuple(f.name for f in dataclasses.fields(ReleaseParams))  # release.*: each a --<key> override
 DOUBLED_ERROR_DB = 10 * math.log10(2)  # a PSNR this much lower: twice the mean squared error
 
 
@@ -102,21 +109,47 @@ class GateReport:
                                                    if not (c.passed or c.waived))
 
 
-def fid_checks(ev: EvaluateMetrics | None, rp: ReleaseParams) -> list[Check]:
-    """The two FID checks on the evaluation's delta FID and noise floor."""
-    delta, floor = (ev.delta_fid, ev.noise_floor) if ev is not None else (None, None)
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (delta, floor)):
-        bad = f"delta_fid = {delta!r}, noise_floor = {floor!r}"
-        return [Check("max_fid_delta", False, f"evaluate.json has no finite {bad}"),
-                Check("noise_floor", False, f"evaluate.json has no finite {bad}")]
-    limit = rp.floor_multiple * floor
+# evaluate.json keys of the quality checks, for the message when they are missing
+_QUALITY_KEYS = ("delta_fid_ci", "fid_fp_vs_ref", "fid_quant_vs_fp_ci", "noise_floor", "psnr_mean_ci",
+                 "psnr_other_seed_mean")
+
+
+def _unusable(ev: EvaluateMetrics) -> list[str]:
+    """The keys of _QUALITY_KEYS whose value (or an interval bound) is missing or not finite."""
+    bad = []
+    for k in _QUALITY_KEYS:
+        v = getattr(ev, k)
+        values = (v.lo, v.hi) if isinstance(v, Interval) else (v,)
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in values):
+            bad.append(f"{k} = {v}")
+    return bad
+
+
+def quality_checks(ev: EvaluateMetrics | None, rp: ReleaseParams) -> list[Check]:
+    """The three quality checks on the evaluation's intervals, each against the model's own numbers."""
+    names = ("delta_fid", "fid_vs_fp", "psnr")
+    bad = ["evaluate.json is missing"] if ev is None else _unusable(ev)
+    if bad:
+        why = (f"no finite {', '.join(bad)} in evaluate.json: the gate judges intervals; set evaluate.bootstrap "
+               ">= 100 and re-run evaluate (dvc repro)")
+        return [Check(n, False, why) for n in names]
+    d, f, q = ev.delta_fid_ci, ev.fid_quant_vs_fp_ci, ev.psnr_mean_ci
+    delta_limit = rp.delta_fid_fraction * ev.fid_fp_vs_ref
+    fid_limit = rp.fid_vs_fp_fraction * ev.noise_floor
+    psnr_limit = ev.psnr_other_seed_mean + rp.psnr_margin_db
     return [
-        Check("max_fid_delta", delta <= rp.max_fid_delta,
-              f"delta FID {delta:.4g} {'<=' if delta <= rp.max_fid_delta else '>'} "
-              f"release.max_fid_delta {rp.max_fid_delta:g}"),
-        Check("noise_floor", delta <= limit,
-              f"delta FID {delta:.4g} {'<=' if delta <= limit else '>'} release.floor_multiple {rp.floor_multiple:g} "
-              f"x noise floor {floor:.4g} = {limit:.4g}"),
+        Check("delta_fid", d.hi <= delta_limit,
+              f"ΔFID {ev.delta_fid:.4g} {d}: upper bound {'<=' if d.hi <= delta_limit else '>'} "
+              f"release.delta_fid_fraction {rp.delta_fid_fraction:g} x FID FP vs reference {ev.fid_fp_vs_ref:.4g} "
+              f"= {delta_limit:.4g}"),
+        Check("fid_vs_fp", f.hi <= fid_limit,
+              f"FID quantized vs FP {ev.fid_quant_vs_fp:.4g} {f}: upper bound {'<=' if f.hi <= fid_limit else '>'} "
+              f"release.fid_vs_fp_fraction {rp.fid_vs_fp_fraction:g} x noise floor {ev.noise_floor:.4g} "
+              f"= {fid_limit:.4g}"),
+        Check("psnr", q.lo >= psnr_limit,
+              f"mean PSNR vs FP {ev.psnr_mean:.2f} dB [{q.lo:.2f}, {q.hi:.2f}]: lower bound "
+              f"{'>=' if q.lo >= psnr_limit else '<'} FP images of other seeds {ev.psnr_other_seed_mean:.2f} dB + "
+              f"release.psnr_margin_db {rp.psnr_margin_db:g} = {psnr_limit:.2f} dB"),
     ]
 
 
@@ -169,7 +202,7 @@ def gate(r: Result, s: GateSettings, allow_uncommitted: bool = False) -> GateRep
     except PqdError as e:
         hashes = Check("hashes", False, one_line(e))
     return GateReport((hashes, lineage_check(r), committed_check(r, allow_uncommitted),
-                       *fid_checks(r.metrics.evaluate, s.thresholds), deployment_check(r.metrics.evaluate)))
+                       *quality_checks(r.metrics.evaluate, s.thresholds), deployment_check(r.metrics.evaluate)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,11 +235,13 @@ def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.Tra
                if q.attention else "Q·Kᵀ and softmax·V in float (projections quantized)")]
     method += [(f"{sec}.{k}", v) for sec in ("select", "calibrate") for k, v in as_dict(getattr(p, sec)).items()]
     metrics = []
-    if ev is not None:
-        metrics += [(f"evaluate.{k}", _num(getattr(ev, k))) for k in
-                    ("delta_fid", "fid_quant_vs_ref", "fid_fp_vs_ref", "fid_quant_vs_fp", "noise_floor", "psnr_mean")]
+    if ev is not None:  # each with its bootstrap interval over the evaluation seeds, where evaluate recorded one
+        metrics += [(f"evaluate.{k}", _num(getattr(ev, k)), str(ev.get(f"{k}_ci") or "-")) for k in
+                    ("delta_fid", "fid_quant_vs_ref", "fid_fp_vs_ref", "fid_quant_vs_fp", "noise_floor", "psnr_mean",
+                     "psnr_other_seed_mean")]
     if ex is not None:
-        metrics += [(f"export.{k}", _num(getattr(ex, k))) for k in ("size_ratio", "export_unet_bytes", "fp32_unet_bytes")]
+        metrics += [(f"export.{k}", _num(getattr(ex, k)), "-")
+                    for k in ("size_ratio", "export_unet_bytes", "fp32_unet_bytes")]
     lineage = [("git commit", f"{tags['git.commit']} (dirty: {tags['git.dirty']})"), ("MLflow run", run.run_id),
                ("result fingerprint", run.fingerprint), ("source model", tags["pqd.source_model"]),
                ("source model sha256", tags["pqd.model_sha256"])]
@@ -221,7 +256,8 @@ def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.Tra
         + ("\n\n**Released with --allow-uncommitted**: its dvc.lock is not the one committed at the recorded git "
            "commit, so that commit does not reproduce it (`pqd audit` reports lineage FAILED)." if report.waived else ""),
         "## Method\n\n" + _table(method, ("setting", "value")),
-        "## Metrics\n\n" + _table(metrics, ("metric", "value")),
+        "## Metrics\n\n" + (f"Intervals: {ev.protocol.intervals}.\n\n" if ev is not None and ev.protocol.intervals
+                              else "") + _table(metrics, ("metric", "value", "interval")),
         f"## Quality gate (thresholds from {s.source})\n\n"
         + _table([(c.name, c.verdict, c.detail) for c in report.checks], ("check", "result", "detail")),
         "## Evaluation protocol\n\n" + _table(protocol, ("key", "value")),
@@ -234,7 +270,8 @@ def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.Tra
 
 
 # registry tags pqd.<metric>: the evaluation's numbers a version carries (the audit compares them with evaluate.json)
-REGISTRY_METRICS = ("delta_fid", "noise_floor", "fid_quant_vs_fp")
+REGISTRY_METRICS = ("delta_fid", "noise_floor", "fid_quant_vs_fp", "delta_fid_ci.lo", "delta_fid_ci.hi",
+                    "fid_quant_vs_fp_ci.lo", "fid_quant_vs_fp_ci.hi", "psnr_mean_ci.lo", "psnr_mean_ci.hi")
 
 
 def version_tags(r: Result, report: GateReport, s: GateSettings) -> dict[str, str]:
@@ -242,12 +279,11 @@ def version_tags(r: Result, report: GateReport, s: GateSettings) -> dict[str, st
     ev = r.metrics.evaluate
     keep = ("git.commit", "git.dirty", "pqd.model_sha256", "pqd.source_model", "pqd.protocol")
     tags = {k: v for k, v in lineage_tags(r).items() if k in keep or k.startswith("dvc.lock")}
-    tags |= {f"pqd.{k}": str(getattr(ev, k) if ev is not None else None) for k in REGISTRY_METRICS}
+    tags |= {f"pqd.{k}": str(ev.get(k) if ev is not None else None) for k in REGISTRY_METRICS}
     tags |= remote.release_tags(r.root, r.lock)  # where its data is, and the exact DVC hash of each output
     return {**tags, "pqd.gate": "passed" if report.passed else "failed",
             "pqd.uncommitted": str("committed" in report.waived).lower(),
-            "pqd.gate.max_fid_delta": f"{s.thresholds.max_fid_delta:g}",
-            "pqd.gate.floor_multiple": f"{s.thresholds.floor_multiple:g}"}
+            **{f"pqd.gate.{k}": f"{v:g}" for k, v in as_dict(s.thresholds).items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     for cmd, text in (("check", "run the gate only"), ("register", "gate, then register as 'candidate'")):
         sp = sub.add_parser(cmd, help=text)
         sp.add_argument("--root", default=".")
-        sp.add_argument("--max-fid-delta", type=float, help="override release.max_fid_delta")
-        sp.add_argument("--floor-multiple", type=float, help="override release.floor_multiple")
+        for key in GATE_KEYS:
+            sp.add_argument(f"--{key.replace('_', '-')}", type=float, help=f"override release.{key}")
         sp.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
         sp.add_argument("--allow-uncommitted", action="store_true",
                         help="register even when dvc.lock is not the one committed at HEAD (tags and card say so)")
@@ -315,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pqd release: {PRODUCTION} -> {name} version {v} (load models:/{name}@{PRODUCTION})")
             return 0
         s = load_settings(Path(args.root) / "params.yaml")
-        overrides = {k: v for k, v in (("max_fid_delta", args.max_fid_delta), ("floor_multiple", args.floor_multiple))
-                     if v is not None}
+        overrides = {k: getattr(args, k) for k in GATE_KEYS if getattr(args, k) is not None}
         if overrides:
             s = settings_with(s, overrides)
         if args.command == "check":

@@ -6,11 +6,20 @@ import sys
 from pathlib import Path
 
 from pqd.errors import PqdError, one_line
+from pqd.formats.metrics import EvaluateMetrics
 from pqd.ops.result import Result, read_result
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _ci(ev: EvaluateMetrics | None, key: str, digits: int = 3) -> str:
+    """The value of ``key`` with its bootstrap interval when evaluate recorded one: '0.036 [0.031, 0.043]'."""
+    if ev is None:
+        return "n/a"
+    ci = ev.get(f"{key}_ci")
+    return _fmt(ev.get(key), digits) + (f" [{_fmt(ci.lo, digits)}, {_fmt(ci.hi, digits)}]" if ci is not None else "")
 
 
 def results_table(r: Result) -> str:
@@ -23,12 +32,13 @@ def results_table(r: Result) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| FID FP vs reference | {_fmt(ev and ev.fid_fp_vs_ref)} |",
-        f"| FID quantized vs reference | {_fmt(ev and ev.fid_quant_vs_ref)} |",
-        f"| delta FID (quantized - FP) | {_fmt(ev and ev.delta_fid)} |",
-        f"| FID quantized vs FP samples | {_fmt(ev and ev.fid_quant_vs_fp)} |",
+        f"| FID FP vs reference | {_ci(ev, 'fid_fp_vs_ref')} |",
+        f"| FID quantized vs reference | {_ci(ev, 'fid_quant_vs_ref')} |",
+        f"| delta FID (quantized - FP) | {_ci(ev, 'delta_fid')} |",
+        f"| FID quantized vs FP samples | {_ci(ev, 'fid_quant_vs_fp')} |",
         f"| noise floor (FP vs FP, disjoint seeds) | {_fmt(ev and ev.noise_floor)} |",
-        f"| PSNR vs FP, same seed (mean dB) | {_fmt(ev and ev.psnr_mean, 2)} |",
+        f"| PSNR vs FP, same seed (mean dB) | {_ci(ev, 'psnr_mean', 2)} |",
+        f"| PSNR between FP images of other seeds (mean dB) | {_fmt(ev and ev.psnr_other_seed_mean, 2)} |",
         f"| UNet size fp32 / export | {_fmt(ex and ex.size_ratio, 2)}x "
         f"({ex.fp32_unet_bytes if ex else 'n/a'} / {ex.export_unet_bytes if ex else 'n/a'} bytes) |",
     ]
@@ -39,6 +49,8 @@ def results_table(r: Result) -> str:
         lines.append(f"| ONNX deviation / quantization error (max over time groups) | {_fmt(ex.onnx_rel_dev_max)} |")
     if ev is not None:
         lines.append(f"| weight codes | {ev.protocol.weight_codes} |")
+        if ev.protocol.intervals:
+            lines.append(f"| intervals [lo, hi] | {ev.protocol.intervals} |")
     if m.model is not None and m.model.digitnet_heldout_accuracy is not None:
         lines.append(f"| digit feature network held-out accuracy | {m.model.digitnet_heldout_accuracy:.4f} |")
     stages = m.present()

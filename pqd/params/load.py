@@ -20,7 +20,7 @@ import yaml
 
 from pqd.errors import ParamError
 from pqd.params.methods import METHOD_KEYS, PRESETS
-from pqd.params.sections import Params
+from pqd.params.sections import DEMO_SOURCES, SAMPLE_SEED_BASE, Params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _source_ok(v: str) -> bool:
-    return v == "demo:digits" or v.startswith(("/", ".", "~")) or bool(_HUB_ID.match(v))
+    return v in DEMO_SOURCES or v.startswith(("/", ".", "~")) or bool(_HUB_ID.match(v))
 
 
 _SCHEDULER = re.compile(r"^(tcp|tls)://[^\s/:]+:\d{1,5}$")
@@ -41,7 +41,8 @@ def _features_ok(v: str) -> bool:
 
 
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "model.source": (_source_ok, "'demo:digits', a local folder path, or a hub id like 'google/ddpm-cifar10-32'"),
+    "model.source": (_source_ok, "'demo:digits', 'demo:digits16', a local folder path, or a hub id like "
+                                 "'google/ddpm-cifar10-32'"),
     "model.train_steps": (lambda v: v >= 1, "an integer >= 1"),
     "model.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.lr": (lambda v: 0 < v < 1, "a number in (0, 1)"),
@@ -51,6 +52,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "generate.steps": (lambda v: 2 <= v <= 1000, "an integer in [2, 1000]"),
     "generate.eta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "generate.calib_seeds": (lambda v: v >= 1, "an integer >= 1"),
+    "generate.calib_seed_base": (lambda v: 0 <= v < 2**62, "an integer in [0, 2**62)"),
     "generate.eval_samples": (lambda v: v >= 2, "an integer >= 2"),
     "generate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "generate.shard_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -77,8 +79,12 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.features": (_features_ok,
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),
     "evaluate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "release.max_fid_delta": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
-    "release.floor_multiple": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
+    "evaluate.bootstrap": (lambda v: v == 0 or v >= 100, "0 (no intervals) or an integer >= 100"),
+    "evaluate.bootstrap_seed": (lambda v: v >= 0, "an integer >= 0"),
+    "evaluate.confidence": (lambda v: 0.5 <= v < 1, "a number in [0.5, 1)"),
+    "release.delta_fid_fraction": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+    "release.fid_vs_fp_fraction": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
+    "release.psnr_margin_db": (lambda v: math.isfinite(v), "a finite number (dB)"),
     "evaluate.grid_size": (lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
     "parallel.scheduler": (lambda v: v in ("none", "local") or bool(_SCHEDULER.match(v)),
                            "'none', 'local' or a Dask scheduler address like 'tcp://10.0.0.5:8786'"),
@@ -189,6 +195,14 @@ def _check_across(p: Params) -> None:
     if p.evaluate.backend == "onnxruntime" and not p.export.onnx:
         raise ParamError("params: evaluate.backend = 'onnxruntime' is not allowed with export.onnx = false: "
                          "expected export.onnx = true or evaluate.backend = 'torch'")
+    g = p.generate
+    calib = (g.calib_seed_base, g.calib_seed_base + g.calib_seeds)
+    for name, base in SAMPLE_SEED_BASE.items():
+        if calib[0] < base + g.eval_samples and base < calib[1]:
+            raise ParamError(
+                f"params: generate.calib_seed_base = {g.calib_seed_base} is not allowed: the calibration seeds "
+                f"{calib[0]}..{calib[1] - 1} overlap the FP sample set {name}'s seeds {base}..{base + g.eval_samples - 1}; "
+                "expected a base clear of both sets (e.g. 1000000000 + k * 1000000)")
     cap = p.generate.calib_seeds * p.generate.steps
     if p.select.num_samples > cap:
         raise ParamError(
@@ -308,9 +322,10 @@ def check_paths(p: Params, produced: tuple[str, ...] = ()) -> None:
             checks.append(("evaluate.features", p.evaluate.features[len(prefix):], "file",
                            f"'{prefix}<an existing file>'"))
     ref = p.evaluate.reference
-    if ref != "demo:digits":
+    if ref not in DEMO_SOURCES:
         kind = "file" if ref.endswith(".npz") else "folder"
-        checks.append(("evaluate.reference", ref, kind, "'demo:digits', a folder of images, or a .npz with mu and sigma"))
+        checks.append(("evaluate.reference", ref, kind, "'demo:digits', 'demo:digits16', a folder of images, or a .npz "
+                                                        "with mu and sigma"))
     if p.generate.prompts is not None:
         checks.append(("generate.prompts", p.generate.prompts, "file", "a file with one prompt per line"))
     for key, value, kind, expected in checks:

@@ -10,20 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
+# the embedded demos (pqd.diffusion.demo): model sources trained on the spot, and FID reference sets
+DEMO_SOURCES = ("demo:digits", "demo:digits16")
+# first seeds of the FP sample sets: a (the evaluation seeds) and b (the noise floor's); the calibration
+# trajectories start at generate.calib_seed_base, which must stay clear of both
+SAMPLE_SEED_BASE = {"a": 0, "b": 500_000_000}
 
 @dataclass(frozen=True)
 class ModelParams:
     """Where the full-precision model comes from (``model.*``)."""
 
-    source: str = "demo:digits"  # demo:digits | a local diffusers pipeline folder | a hub id org/name
+    source: str = "demo:digits"  # demo:digits | demo:digits16 | a local diffusers pipeline folder | a hub id org/name
     revision: str = "main"  # hub revision, only for hub ids
-    seed: int = 0
+    seed: int = 0  # demo: UNet initialisation and training
     train_steps: int = 1200  # demo: UNet optimisation steps
     batch_size: int = 128  # demo: UNet training batch
     lr: float = 2e-3  # demo: UNet learning rate
     channels: tuple[int, ...] = (32, 64, 64)  # demo: UNet block_out_channels
     feature_epochs: int = 30  # demo: digit feature network epochs
+    feature_seed: int = 0  # demo: digit feature network training (kept apart from seed: same features for every model)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class GenerateParams:
     steps: int = 50
     eta: float = 0.0  # DDIM eta (0 = deterministic)
     calib_seeds: int = 64  # number of calibration trajectories
+    calib_seed_base: int = 1_000_000_000  # their seeds: calib_seed_base, calib_seed_base + 1, ...
     eval_samples: int = 1000  # FP samples from the evaluation seeds (and as many again for the noise floor)
     batch_size: int = 250
     shard_size: int = 16  # calibration trajectories per safetensors shard
@@ -110,19 +116,24 @@ class EvaluateParams:
     """Evaluation protocol (``evaluate.*``)."""
 
     features: str = "demo:digits"  # demo:digits | inception | inception:/path/to/weights.pt | torchscript:/path.pt
-    reference: str = "demo:digits"  # demo:digits | a folder of images | a .npz with mu and sigma
+    reference: str = "demo:digits"  # demo:digits | demo:digits16 | a folder of images | a .npz with mu and sigma
     batch_size: int = 250
     grid_size: int = 64  # images per side of the FP-vs-quantized grid
     # onnxruntime: the FID of the deployed ONNX artifact (the simulated torch model is measured beside it)
     backend: Literal["torch", "onnxruntime"] = "onnxruntime"
+    bootstrap: int = 1000  # resamples of the evaluation seeds for the intervals (0: no intervals)
+    bootstrap_seed: int = 0  # seed of the resampling
+    confidence: float = 0.95  # level of the intervals
 
 
 @dataclass(frozen=True)
 class ReleaseParams:
-    """The release gate's thresholds (``release.*``)."""
+    """The release gate's thresholds (``release.*``): each judges an interval of evaluate.json against the model's
+    own numbers (pqd.ops.release); the defaults come from make bench (docs/operations.md)."""
 
-    max_fid_delta: float = 2.0  # largest delta FID (quantized minus FP, both vs reference) a release may have
-    floor_multiple: float = 3.0  # delta FID must also be <= this multiple of the noise floor
+    delta_fid_fraction: float = 0.1  # ΔFID's upper bound at most this fraction of FID(FP, reference)
+    fid_vs_fp_fraction: float = 0.1  # FID(quantized, FP)'s upper bound at most this fraction of the noise floor
+    psnr_margin_db: float = 20.0  # mean PSNR's lower bound at least this many dB above FP images of other seeds
 
 
 @dataclass(frozen=True)

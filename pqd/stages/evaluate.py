@@ -7,7 +7,12 @@ reported next to FID(simulated) with their difference against the noise floor.
 Same evaluation seeds, scheduler, step count and eta as the FP samples. FID (clean-fid, extractor
 ``evaluate.features``, reference ``evaluate.reference``): quantized vs reference, FP vs reference,
 quantized vs FP, and the noise floor = FID between the FP evaluation set and a disjoint FP set of the same
-size. Per image: MSE and PSNR against the FP image of the same seed. A grid shows FP beside quantized.
+size. Per image: MSE and PSNR against the FP image of the same seed, and, as the per-image analogue of the
+noise floor, the mean PSNR between FP images of different seeds. A grid shows FP beside quantized.
+
+Intervals (``evaluate.bootstrap`` resamples of the evaluation seeds, pqd.eval.bootstrap): FID quantized and FP
+vs reference, their difference ΔFID, FID quantized vs FP and the mean PSNR, each paired over seeds; the release
+gate judges them.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from pqd import deploy
 from pqd.diffusion.adapter import Denoiser
 from pqd.diffusion.sampling import scheduler_from_protocol
 from pqd.errors import NumericalError
 from pqd.eval import fid
+from pqd.eval.bootstrap import paired_intervals, stats
 from pqd.eval.metrics import per_image_mse, psnr
 from pqd.formats.export import load_denoiser_from_export
 from pqd.formats.files import atomic_dir, load_tensors, read_json
@@ -87,7 +94,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         feats = {k: fid.folder_features(folder, extractor, ev.batch_size, device) for k, folder in
                  [*folders.items(), ("fp", fp_samples / "a"), ("floor", fp_samples / "b")]}
         run_info = pool.record(n_ranges)
-    st = {k: fid.stats(v) for k, v in feats.items()}
+    st = {k: stats(v) for k, v in feats.items()}
     fid_q = fid.frechet(st[headline], ref_stats)
     fid_fp = fid.frechet(st["fp"], ref_stats)
     floor = fid.frechet(st["floor"], st["fp"])
@@ -103,6 +110,15 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
                     "deployed_within_noise_floor": bool(abs(fid_q - fid_sim) <= floor),
                     "psnr_deployed_vs_simulated_median": float(np.median(psnr(dmse))),
                     "psnr_simulated_median": float(np.median(psnr(per_image_mse(imgs["simulated"], fp["images"]))))}
+    intervals: dict[str, Any] = {}
+    if ev.bootstrap:
+        ci = paired_intervals(feats[headline], feats["fp"], ref_stats, psnr(mse), resamples=ev.bootstrap,
+                              seed=ev.bootstrap_seed, confidence=ev.confidence,
+                              progress=lambda it: tqdm(it, desc="bootstrap", unit="resample"))
+        intervals = {f"{k}_ci": getattr(ci, k) for k in
+                     ("fid_quant_vs_ref", "fid_fp_vs_ref", "delta_fid", "fid_quant_vs_fp", "psnr_mean")}
+    floor_imgs = load_tensors(fp_samples / "b.safetensors")["images"]
+    psnr_other = float(psnr(per_image_mse(floor_imgs, fp["images"])).mean())
     protocol = EvalProtocol(
         num_samples=len(seeds), floor_samples=len(feats["floor"]), seeds=f"{seeds[0]}..{seeds[-1]}",
         scheduler=proto["scheduler"], steps=int(proto["steps"]), eta=float(proto["eta"]), family=qden.family,
@@ -110,12 +126,15 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         guidance_scale=cond.guidance_scale if cond is not None else None, features=extractor.name,
         reference=ref_desc, reference_images=ref_n, fid="clean-fid frechet_distance",
         backend="onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"
-        else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info)
+        else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info,
+        intervals=f"{ev.confidence:g} percentile bootstrap, {ev.bootstrap} resamples of the {len(seeds)} evaluation "
+                  f"seeds (seed {ev.bootstrap_seed}), quantized and FP images of a seed drawn together; reference fixed"
+        if ev.bootstrap else None)
     return EvaluateMetrics(fid_quant_vs_ref=fid_q, fid_fp_vs_ref=fid_fp, delta_fid=fid_q - fid_fp,
                            fid_quant_vs_fp=fid.frechet(st[headline], st["fp"]), noise_floor=floor, **deployed,
                            mse_mean=float(mse.mean()), psnr_mean=float(psnr(mse).mean()),
                            psnr_median=float(np.median(psnr(mse))), psnr_min=float(psnr(mse).min()),
-                           protocol=protocol)
+                           psnr_other_seed_mean=psnr_other, **intervals, protocol=protocol)
 
 
 def main(argv: list[str] | None = None) -> int:

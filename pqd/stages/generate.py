@@ -28,17 +28,16 @@ from pqd.errors import ParamError
 from pqd.formats.calibset import PROMPTS
 from pqd.formats.files import atomic_dir, read_prompts, write_json
 from pqd.formats.metrics import GenerateMetrics
-from pqd.params import Params, resolve_device
+from pqd.params import SAMPLE_SEED_BASE, Params, resolve_device
 from pqd.stages._cli import stage_main
 from pqd.stages.parallel import (SCRATCH, ModelRef, Pool, Worker, check_complete, folder_stamp, map_ranges, open_pool,
                                  ranges, sample_sets)
 
-# disjoint seed ranges: evaluation set a, noise-floor set b, calibration trajectories
-SEED_BASE = {"a": 0, "b": 500_000_000, "calib": 1_000_000_000}
-
-
-def seeds(kind: str, n: int) -> list[int]:
-    return [SEED_BASE[kind] + i for i in range(n)]
+def seeds(kind: str, n: int, params: Params) -> list[int]:
+    """The n seeds of set ``kind``: 'a' (evaluation), 'b' (noise floor) or 'calib' (trajectories, from
+    generate.calib_seed_base); disjoint ranges (pqd.params checks that the calibration range stays clear)."""
+    base = params.generate.calib_seed_base if kind == "calib" else SAMPLE_SEED_BASE[kind]
+    return [base + i for i in range(n)]
 
 
 def check_prompts(params: Params, den: Denoiser) -> list[str] | None:
@@ -123,7 +122,7 @@ def record_trajectories(pool: Pool, ref: ModelRef, den: Denoiser, params: Params
                         cond: Conditioning | None) -> tuple[dict[str, Any], int]:
     """Every calibration seed's trajectory, one range per shard; index.parquet (and the prompts) assembled here."""
     g = params.generate
-    calib = seeds("calib", g.calib_seeds)
+    calib = seeds("calib", g.calib_seeds, params)
     cond = prompt_rows(len(calib), cond)
     sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
     jobs = [ShardRange(i, calib[a:b], str(out), sched, g.steps, g.eta, None if cond is None else cond.prompt_of[a:b],
@@ -153,11 +152,11 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
             layout = "x float32 [n, steps, C, H, W]; t float32 [steps]; seeds int64 [n]"
             if cond is not None:
                 layout += f"; prompt int64 [n] (row of {PROMPTS} embeds [P + 1, L, D], row 0 unconditional)"
-            write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": SEED_BASE["calib"],
+            write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": g.calib_seed_base,
                                            "count": g.calib_seeds, "layout": layout})
         with atomic_dir(samples) as tmp:
             for kind in ("a", "b"):
-                sd = seeds(kind, g.eval_samples)
+                sd = seeds(kind, g.eval_samples, params)
                 sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
                 set_cond = prompt_rows(len(sd), cond)
                 imgs, n = sample_sets(pool, ref, {"fp": den}, sd, {"fp": tmp / kind}, g.batch_size, sched, g.steps,
@@ -167,7 +166,7 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
                 if set_cond is not None:
                     tensors["prompt"] = torch.tensor(set_cond.prompt_of, dtype=torch.int64)
                 save_file(tensors, tmp / f"{kind}.safetensors")
-            write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SEED_BASE[k], "count": g.eval_samples}
+            write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SAMPLE_SEED_BASE[k], "count": g.eval_samples}
                                                               for k in ("a", "b")}})
         run_info = pool.record(n_ranges)
     return GenerateMetrics(**info, family=den.family, prompts=len(prompts or []), eval_samples=g.eval_samples,

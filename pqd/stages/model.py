@@ -1,7 +1,7 @@
 """model stage: the full-precision pipeline as a diffusers folder + model.json (source, sha256 of weights).
 
-``demo:digits`` trains the embedded demo (UNet DDPM on sklearn's 8x8 digits, and the digit feature
-network used for the demo's FID); a local folder is loaded and re-saved; a hub id is snapshotted with
+``demo:digits`` and ``demo:digits16`` train an embedded demo (a UNet on sklearn's digits, 8x8 gray or 16x16
+RGB, and the digit feature network used for the demos' FID); a local folder is loaded and re-saved; a hub id is snapshotted with
 huggingface_hub (online users) and fails at once with a clear message when the hub cannot be reached.
 """
 
@@ -23,21 +23,21 @@ from pqd.errors import HubError
 from pqd.formats.files import atomic_dir, write_json
 from pqd.formats.lineage import model_digest, weight_hashes
 from pqd.formats.metrics import ModelMetrics
-from pqd.params import ModelParams, Params
+from pqd.params import DEMO_SOURCES, ModelParams, Params
 from pqd.stages._cli import stage_main
 
 
 def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
-    from diffusers import DDPMPipeline
-
+    t0 = time.perf_counter()
+    pipe = demo.train_demo_pipeline(mp.source, seed=mp.seed, steps=mp.train_steps, batch_size=mp.batch_size,
+                                    lr=mp.lr, channels=mp.channels)
+    t_unet = time.perf_counter() - t0
+    pipe.save_pretrained(out)
+    # the FID features: the same 8x8 digits for both demos, seeded apart from the UNet (model.feature_seed), so
+    # models of different model.seed are measured with the same features
     images, labels = demo.load_digits_tensor()
     t0 = time.perf_counter()
-    unet = demo.train_demo_unet(images, seed=mp.seed, steps=mp.train_steps, batch_size=mp.batch_size,
-                                lr=mp.lr, channels=mp.channels)
-    t_unet = time.perf_counter() - t0
-    DDPMPipeline(unet=unet, scheduler=demo.build_demo_scheduler()).save_pretrained(out)
-    t0 = time.perf_counter()
-    net, acc = demo.train_digit_net(images, labels, seed=mp.seed, epochs=mp.feature_epochs)
+    net, acc = demo.train_digit_net(images, labels, seed=mp.feature_seed, epochs=mp.feature_epochs)
     t_net = time.perf_counter() - t0
     (out / demo.FEATURES_DIR).mkdir()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / demo.FEATURES_DIR / "model.safetensors")
@@ -74,13 +74,13 @@ def run(params: Params, out: Path) -> ModelMetrics:
     mp = params.model
     src = mp.source
     local = None
-    if src != "demo:digits":
+    if src not in DEMO_SOURCES:
         local = Path(src).expanduser() if src.startswith(("/", ".", "~")) else None
         if local is not None:
             check_pipeline_folder(local)  # fail before any work
     torch.manual_seed(mp.seed)
     with atomic_dir(out) as tmp:
-        if src == "demo:digits":
+        if src in DEMO_SOURCES:
             info = _train_demo(mp, tmp)
         else:
             folder = local if local is not None else _snapshot(mp)
@@ -94,7 +94,7 @@ def run(params: Params, out: Path) -> ModelMetrics:
         digest = model_digest(weights)
         # wall-clock timings go to the metrics only: model.json must be the same on every rerun
         facts = {k: v for k, v in info.items() if not k.endswith("_seconds")}
-        write_json(tmp / "model.json", {"source": src, "revision": mp.revision if local is None and src != "demo:digits" else None,
+        write_json(tmp / "model.json", {"source": src, "revision": mp.revision if local is None and src not in DEMO_SOURCES else None,
                                         "model_sha256": digest, "sha256": weights, **facts})
     return ModelMetrics(unet_parameters=n_params, unet_fp32_bytes=unet_bytes, **info)
 

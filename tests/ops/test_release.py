@@ -3,6 +3,7 @@ real sqlite MLflow store (read back with sqlite3)."""
 
 import json
 import math
+import re
 import subprocess
 
 import pytest
@@ -13,45 +14,64 @@ from safetensors.torch import load_file
 from support.projects import BIN, active_runs, clone, db_rows, ops_env, reproduced_project, sh
 from pqd.ops import release, tracking
 from pqd.ops.result import bits_label, model_slug
-from pqd.formats.metrics import EvalProtocol, EvaluateMetrics
+from pqd.formats.metrics import EvalProtocol, EvaluateMetrics, Interval
 from pqd.params import ParamError, ReleaseParams, params_from_dict
 
-S = ReleaseParams(max_fid_delta=1.0, floor_multiple=2.0)
+S = ReleaseParams(delta_fid_fraction=0.1, fid_vs_fp_fraction=0.1, psnr_margin_db=20.0)
 
 
-def evaluation(delta, floor) -> EvaluateMetrics:
-    """Evaluate metrics with the given delta FID and noise floor (the rest is not read by the FID checks)."""
+def evaluation(delta=(0.1, 0.3), fid_vs_fp=(0.02, 0.05), psnr=(40.0, 41.0), fp_fid=5.0, floor=1.0, other=10.0,
+               intervals=True) -> EvaluateMetrics:
+    """Evaluate metrics with the given intervals (lo, hi) and the model's own numbers the checks compare them with:
+    FP FID vs reference, noise floor, PSNR between FP images of other seeds (the rest is not read by the checks)."""
     protocol = EvalProtocol(8, 8, "0..7", "DDIMScheduler", 6, 0.0, "pixel", 0, None, "f", "r", 8, "clean-fid", "torch",
-                            "8-bit weight codes")
-    return EvaluateMetrics(fid_quant_vs_ref=1.0, fid_fp_vs_ref=1.0, delta_fid=delta, fid_quant_vs_fp=0.1,
-                           noise_floor=floor, mse_mean=0.0, psnr_mean=40.0, psnr_median=40.0, psnr_min=30.0,
+                            "8-bit weight codes", "0.95 percentile bootstrap" if intervals else None)
+    ci = (lambda lo_hi: Interval(*lo_hi)) if intervals else (lambda lo_hi: None)
+    return EvaluateMetrics(fid_quant_vs_ref=fp_fid + sum(delta) / 2, fid_fp_vs_ref=fp_fid, delta_fid=sum(delta) / 2,
+                           fid_quant_vs_fp=sum(fid_vs_fp) / 2, noise_floor=floor, mse_mean=0.0,
+                           psnr_mean=sum(psnr) / 2, psnr_median=40.0, psnr_min=30.0, psnr_other_seed_mean=other,
+                           delta_fid_ci=ci(delta), fid_quant_vs_fp_ci=ci(fid_vs_fp), psnr_mean_ci=ci(psnr),
                            protocol=protocol)
 
 
-@pytest.mark.parametrize("delta, floor, passed", [
-    (0.5, 0.5, (True, True)),     # within both
-    (1.0, 0.5, (True, True)),     # limits are inclusive: 1.0 <= 1.0 and 1.0 <= 2 x 0.5
-    (1.5, 1.0, (False, True)),    # above max_fid_delta only
-    (0.9, 0.4, (True, False)),    # above 2 x noise floor only
-    (-3.0, 0.0, (True, True)),    # quantized better than FP passes
+@pytest.mark.parametrize("ev, passed", [
+    (evaluation(), (True, True, True)),                                    # within all three
+    (evaluation(delta=(0.2, 0.5), fid_vs_fp=(0.05, 0.1), psnr=(30.0, 31.0)), (True, True, True)),  # limits inclusive
+    (evaluation(delta=(0.3, 0.51)), (False, True, True)),                   # ΔFID's upper bound above 0.1 x 5.0
+    (evaluation(delta=(0.3, 0.51), fp_fid=5.2), (True, True, True)),        # ... relative to the FP model's FID
+    (evaluation(delta=(-0.4, 0.1)), (True, True, True)),                    # quantized better than FP passes
+    (evaluation(fid_vs_fp=(0.02, 0.11)), (True, False, True)),              # FID vs FP's upper bound above 0.1 x floor
+    (evaluation(fid_vs_fp=(0.02, 0.11), floor=1.2), (True, True, True)),    # ... relative to the noise floor
+    (evaluation(psnr=(29.9, 45.0)), (True, True, False)),                   # PSNR's lower bound below 10 + 20 dB
+    (evaluation(psnr=(29.9, 45.0), other=9.0), (True, True, True)),         # ... relative to other seeds' PSNR
 ])
-def test_fid_checks(delta, floor, passed):
-    checks = release.fid_checks(evaluation(delta, floor), S)
-    assert [c.name for c in checks] == ["max_fid_delta", "noise_floor"]
+def test_quality_checks_judge_intervals_against_the_models_own_numbers(ev, passed):
+    checks = release.quality_checks(ev, S)
+    assert [c.name for c in checks] == ["delta_fid", "fid_vs_fp", "psnr"]
     assert tuple(c.passed for c in checks) == passed
 
 
-@pytest.mark.parametrize("ev", [None, evaluation(math.nan, 1.0), evaluation(1.0, math.inf)])
-def test_fid_checks_fail_without_finite_numbers(ev):
-    assert not any(c.passed for c in release.fid_checks(ev, S))
+def test_quality_checks_judge_the_interval_not_the_point_value():
+    """The same point ΔFID passes with a tight interval and fails with a wide one."""
+    tight, wide = evaluation(delta=(0.3, 0.4)), evaluation(delta=(0.0, 0.7))
+    assert tight.delta_fid == wide.delta_fid
+    assert release.quality_checks(tight, S)[0].passed and not release.quality_checks(wide, S)[0].passed
+
+
+@pytest.mark.parametrize("ev", [None, evaluation(intervals=False), evaluation(floor=math.nan),
+                                evaluation(delta=(0.1, math.inf))])
+def test_quality_checks_fail_without_finite_intervals(ev):
+    checks = release.quality_checks(ev, S)
+    assert not any(c.passed for c in checks)
+    assert all("evaluate.bootstrap" in c.detail for c in checks)
 
 
 def test_gate_summary_names_every_failed_check_in_one_line():
-    report = release.GateReport((release.Check("hashes", True, "ok"), release.Check("max_fid_delta", False, "3 > 2"),
-                                 release.Check("noise_floor", False, "3 > 1")))
+    report = release.GateReport((release.Check("hashes", True, "ok"), release.Check("delta_fid", False, "3 > 2"),
+                                 release.Check("psnr", False, "20 < 30")))
     line = report.summary()
     assert not report.passed and "\n" not in line
-    assert line == "release gate failed: max_fid_delta: 3 > 2; noise_floor: 3 > 1"
+    assert line == "release gate failed: delta_fid: 3 > 2; psnr: 20 < 30"
 
 
 def test_release_params_defaults_section_and_one_line_errors(tmp_path):
@@ -59,13 +79,14 @@ def test_release_params_defaults_section_and_one_line_errors(tmp_path):
     f.write_text("quant: {weight_bits: 8}\n")
     s = release.load_settings(f)
     assert (s.thresholds, s.source) == (ReleaseParams(), "defaults")
-    f.write_text("release: {max_fid_delta: 0.5, floor_multiple: 4}\n")
+    f.write_text("release: {delta_fid_fraction: 0.5, psnr_margin_db: 4}\n")
     s = release.load_settings(f)
-    assert (s.thresholds.max_fid_delta, s.thresholds.floor_multiple, s.source) == (0.5, 4.0, "params.yaml")
-    for text, words in (("release: {max_fid_delta: -1}\n", "release.max_fid_delta = -1 is not allowed"),
-                        ("release: {floor_multiple: 0}\n", "release.floor_multiple = 0 is not allowed"),
-                        ("release: {max_fid_delta: yes}\n", "release.max_fid_delta = True is not allowed"),
-                        ("release: {max_delta: 1}\n", "unknown key release.max_delta")):
+    assert (s.thresholds.delta_fid_fraction, s.thresholds.psnr_margin_db, s.source) == (0.5, 4.0, "params.yaml")
+    for text, words in (("release: {delta_fid_fraction: -1}\n", "release.delta_fid_fraction = -1 is not allowed"),
+                        ("release: {fid_vs_fp_fraction: 0}\n", "release.fid_vs_fp_fraction = 0 is not allowed"),
+                        ("release: {psnr_margin_db: .nan}\n", "release.psnr_margin_db = nan is not allowed"),
+                        ("release: {delta_fid_fraction: yes}\n", "release.delta_fid_fraction = True is not allowed"),
+                        ("release: {max_fid_delta: 1}\n", "unknown key release.max_fid_delta")):
         f.write_text(text)
         with pytest.raises(ParamError, match=words):
             release.load_settings(f)
@@ -118,7 +139,7 @@ def test_failing_gate_registers_nothing_and_names_the_check(project, tamper, che
 
 
 def test_register_promote_and_load_the_production_sampler(project, capsys):
-    rc, out, err = cli(capsys, project, "register", "--max-fid-delta", "1e9", "--floor-multiple", "1e9")
+    rc, out, err = cli(capsys, project, "register")  # the project's own thresholds (OPEN_GATE)
     assert rc == 0, err
     name = "pqd-pipe-w8a8"  # model.source is a folder named 'pipe'; W8A8
     assert registry(project) == ([name], [(name, 1)], {"candidate": 1})
@@ -137,7 +158,7 @@ def test_register_promote_and_load_the_production_sampler(project, capsys):
     assert card.read_text().startswith(f"# {name}") and "## Parameters" in card.read_text()
 
     # registering the same result again: no new version, no new run
-    assert cli(capsys, project, "register", "--max-fid-delta", "1e9", "--floor-multiple", "1e9")[0] == 0
+    assert cli(capsys, project, "register")[0] == 0
     assert registry(project)[1] == [(name, 1)] and len(active_runs(project)) == 1
 
     rc, out, err = cli(capsys, project, "promote")  # the name comes from params.yaml, the version from 'candidate'
@@ -160,16 +181,25 @@ def test_promote_without_a_candidate_is_one_line(project, capsys):
 
 
 def test_gate_check_command_prints_every_check(project, capsys):
-    rc, out, err = cli(capsys, project, "check", "--max-fid-delta", "1e9", "--floor-multiple", "1e9")
+    rc, out, err = cli(capsys, project, "check")
     assert rc == 0, err
-    for name in ("hashes", "lineage", "max_fid_delta", "noise_floor"):
-        assert f"  {name}" in out and "pass" in out
+    for name in ("hashes", "lineage", "committed", "delta_fid", "fid_vs_fp", "psnr", "deployment"):
+        assert re.search(rf"^  {name} +pass ", out, re.M), out
     assert "release gate passed" in out
 
 
+def test_thresholds_on_the_command_line_override_params(project, capsys):
+    """--psnr-margin-db asks for more than the model gives: the psnr check fails, the card would record it."""
+    ev = EvaluateMetrics.read(project / "data/metrics/evaluate.json")
+    margin = ev.psnr_mean_ci.lo - ev.psnr_other_seed_mean + 0.5
+    rc, out, err = cli(capsys, project, "check", "--psnr-margin-db", str(margin))
+    assert rc == 1 and re.search(r"^  psnr +FAIL ", out, re.M) and re.search(r"^  delta_fid +pass ", out, re.M)
+    assert err.startswith("pqd release: release gate failed: psnr: mean PSNR vs FP") and len(err.splitlines()) == 1
+
+
 def test_bad_threshold_on_the_command_line_is_one_line(project, capsys):
-    rc, out, err = cli(capsys, project, "check", "--floor-multiple", "-2")
-    assert rc == 2 and len(err.splitlines()) == 1 and "release.floor_multiple = -2.0 is not allowed" in err
+    rc, out, err = cli(capsys, project, "check", "--fid-vs-fp-fraction", "-2")
+    assert rc == 2 and len(err.splitlines()) == 1 and "release.fid_vs_fp_fraction = -2.0 is not allowed" in err
 
 
 def test_uncommitted_pipeline_state_is_refused_unless_allowed_and_then_stated(project, capsys):
@@ -179,12 +209,11 @@ def test_uncommitted_pipeline_state_is_refused_unless_allowed_and_then_stated(pr
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("grid_size: 9", "grid_size: 4"))
     sh([str(BIN / "dvc"), "repro", "-q"], project)
-    thresholds = ("--max-fid-delta", "1e9", "--floor-multiple", "1e9")
-    rc, out, err = cli(capsys, project, "register", *thresholds)
+    rc, out, err = cli(capsys, project, "register")
     assert rc == 1 and len(err.splitlines()) == 1
     assert "committed:" in err and "commit dvc.lock" in err
     assert registry(project) == ([], [], {})
-    rc, out, err = cli(capsys, project, "register", "--allow-uncommitted", *thresholds)
+    rc, out, err = cli(capsys, project, "register", "--allow-uncommitted")
     assert rc == 0, err
     (name,), _, _ = registry(project)
     tags = dict(db_rows(project, "SELECT key, value FROM model_version_tags WHERE name = ?", name))

@@ -33,6 +33,13 @@ BAD = [
     ({"calibrate": {"weight_range": "max"}}, "calibrate.weight_range = 'max'"),
     ({"evaluate": {"features": "clip"}}, "evaluate.features = 'clip'"),
     ({"device": "tpu"}, "device = 'tpu'"),
+    ({"generate": {"calib_seed_base": 990}}, "generate.calib_seed_base = 990 is not allowed: the calibration seeds "
+                                              "990..1053 overlap the FP sample set a's seeds 0..999"),
+    ({"generate": {"calib_seed_base": 499_999_990}}, "overlap the FP sample set b's seeds 500000000..500000999"),
+    ({"generate": {"calib_seed_base": -1}}, "generate.calib_seed_base = -1"),
+    ({"evaluate": {"bootstrap": 50}}, "evaluate.bootstrap = 50 is not allowed: expected 0 (no intervals) or an integer"),
+    ({"evaluate": {"confidence": 1.0}}, "evaluate.confidence = 1.0"),
+    ({"release": {"delta_fid_fraction": -0.1}}, "release.delta_fid_fraction = -0.1"),
     ({"quant": 8}, "quant = 8"),
 ]
 
@@ -52,6 +59,13 @@ def test_defaults_and_overrides():
     assert isinstance(p, Params)
     assert p.quant.weight_bits == 4 and p.quant.act_bits == 8
     assert p.model.channels == (16, 32)
+
+
+def test_calibration_seeds_may_sit_anywhere_clear_of_the_sample_sets():
+    for base in (1000, 400_000_000, 500_001_000, 1_003_000_000):
+        assert params_from_dict({"generate": {"calib_seed_base": base}}).generate.calib_seed_base == base
+    # fewer evaluation samples leave more room below set b
+    assert params_from_dict({"generate": {"calib_seed_base": 100, "eval_samples": 100}}).generate.calib_seed_base == 100
 
 
 def test_repo_params_yaml_is_valid():

@@ -1,5 +1,6 @@
 """The model stage's non-demo sources fail fast and clearly, and leave existing outputs alone."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,18 @@ def test_local_pipeline_is_snapshotted(tmp_path, tiny_pipeline):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "model" / "model.json").is_file()
+
+
+def test_digits16_demo_is_trained_as_a_16x16_rgb_ddim_pipeline(tmp_path):
+    params = write_params(tmp_path, {"model": {"source": "demo:digits16", "train_steps": 3, "batch_size": 8,
+                                               "channels": [16, 32], "feature_epochs": 1}})
+    r = subprocess.run([sys.executable, "-m", "pqd.stages.model", "--params", str(params), "--out", str(tmp_path / "model"),
+                        "--metrics", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "model/model_index.json").read_text())
+    unet = json.loads((tmp_path / "model/unet/config.json").read_text())
+    assert index["_class_name"] == "DDIMPipeline" and index["scheduler"][1] == "DDIMScheduler"
+    assert (unet["sample_size"], unet["in_channels"], unet["out_channels"]) == (16, 3, 3)
+    assert unet["block_out_channels"] == [16, 32] and unet["down_block_types"][0] == "AttnDownBlock2D"
+    assert json.loads((tmp_path / "model/model.json").read_text())["source"] == "demo:digits16"
+    assert (tmp_path / "model/fid_features/model.safetensors").is_file()  # the digit features, for evaluate

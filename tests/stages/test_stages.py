@@ -23,7 +23,7 @@ def pipeline_run(tmp_path_factory, tiny_pipeline, ts_features):
     """model -> generate -> select -> calibrate -> export -> evaluate on the tiny pipeline, W4A8."""
     d = tmp_path_factory.mktemp("run")
     params = write_params(d, small_params(
-        model={"source": str(tiny_pipeline)}, quant={"weight_bits": 4},
+        model={"source": str(tiny_pipeline)}, quant={"weight_bits": 4}, generate={"calib_seed_base": 7_000_000},
         evaluate={"features": f"torchscript:{ts_features}", "reference": str(d / "data/samples/fp/b")}))
     m = lambda s: ["--params", str(params), "--metrics", str(d / f"data/metrics/{s}.json")]  # noqa: E731
     data = d / "data"
@@ -63,8 +63,10 @@ def test_generate_records_exact_unet_inputs(pipeline_run, tiny_pipeline):
     sched = DDIMScheduler.from_pretrained(tiny_pipeline / "scheduler")
     sched.set_timesteps(6)
     assert shard["t"].tolist() == [float(t) for t in sched.timesteps]  # the raw timesteps, not step indices
-    # step 0 input is the seed's initial noise
+    # the calibration seeds start at generate.calib_seed_base; step 0 input is the seed's initial noise
     from pqd.diffusion.sampling import initial_noise
+    assert shard["seeds"].tolist() == [7_000_000 + i for i in range(4)] and sorted(idx["seed"].unique())[-1] == 7_000_005
+    assert json.loads((traj / "meta.json").read_text())["seed_base"] == 7_000_000
     assert torch.equal(shard["x"][:, 0], initial_noise(shard["seeds"].tolist(), (1, 8, 8)))
     fp = pipeline_run / "data/samples/fp"
     assert len(list((fp / "a").glob("*.png"))) == 12 and len(list((fp / "b").glob("*.png"))) == 12
@@ -154,3 +156,20 @@ def test_evaluate_metrics_and_protocol(pipeline_run):
     fp = load_file(pipeline_run / "data/samples/fp/a.safetensors")["images"]
     mse = ((q - fp) ** 2).flatten(1).mean(1).numpy()  # the same seeds, image by image
     assert len(per) == 12 and np.allclose(per["psnr"], 10 * np.log10(1 / mse), atol=1e-3)
+    assert ev["psnr_mean"] == pytest.approx(per["psnr"].mean(), rel=1e-6)
+
+
+def test_evaluate_records_intervals_and_the_per_image_floor(pipeline_run):
+    """Bootstrap intervals of the paired statistics (200 resamples here), and the mean PSNR between FP images of
+    different seeds computed by hand from the two FP sets."""
+    ev = metrics(pipeline_run, "evaluate")
+    assert "200 resamples of the 12 evaluation seeds" in ev["protocol"]["intervals"]
+    for k in ("fid_quant_vs_ref", "fid_fp_vs_ref", "delta_fid", "fid_quant_vs_fp", "psnr_mean"):
+        lo, hi = ev[f"{k}_ci"]["lo"], ev[f"{k}_ci"]["hi"]
+        assert math.isfinite(lo) and lo <= hi, k
+    assert ev["psnr_mean_ci"]["lo"] <= ev["psnr_mean"] <= ev["psnr_mean_ci"]["hi"]
+    assert ev["delta_fid_ci"]["lo"] <= ev["delta_fid"] <= ev["delta_fid_ci"]["hi"]
+    fp = pipeline_run / "data/samples/fp"
+    a, b = load_file(fp / "a.safetensors")["images"], load_file(fp / "b.safetensors")["images"]
+    mse = ((a.double() - b.double()) ** 2).mean(dim=(1, 2, 3))
+    assert ev["psnr_other_seed_mean"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-5)

@@ -34,7 +34,7 @@ def small_params(**sections) -> dict:
         "generate": {"steps": 6, "calib_seeds": 6, "eval_samples": 12, "batch_size": 8, "shard_size": 4},
         "select": {"num_samples": 16, "mu": 0.5, "sigma": 0.3},
         "calibrate": {"batch_size": 8, "act_samples": 5000, "time_groups": 2, "recon_iters": 8, "recon_batch_size": 8},
-        "evaluate": {"batch_size": 8, "grid_size": 9},
+        "evaluate": {"batch_size": 8, "grid_size": 9, "bootstrap": 200},
     }
     for k, v in sections.items():
         p.setdefault(k, {}).update(v) if isinstance(v, dict) else p.__setitem__(k, v)
@@ -81,12 +81,18 @@ def init_project(dest: Path, overrides: dict) -> Path:
     return dest
 
 
+# release thresholds that any result meets: the operations project's random-weight model has no quality to judge
+# (the gate's quality checks are tested on their own and on the trained demo, tests/e2e/test_release_gate.py)
+OPEN_GATE = {"delta_fid_fraction": 1e9, "fid_vs_fp_fraction": 1e9, "psnr_margin_db": -1e9}
+
+
 def make_project(dest: Path, tiny_pipeline: Path, features: Path) -> Path:
-    """The operations project: the tiny random pipeline, minmax, TorchScript features (not reproduced yet)."""
+    """The operations project: the tiny random pipeline, minmax, TorchScript features, an open release gate
+    (OPEN_GATE; not reproduced yet)."""
     return init_project(dest, small_params(model={"source": str(tiny_pipeline)}, calibrate={"method": "minmax"},
                                            generate={"eval_samples": 8},
                                            evaluate={"features": f"torchscript:{features}",
-                                                     "reference": "data/samples/fp/b"}))
+                                                     "reference": "data/samples/fp/b"}, release=OPEN_GATE))
 
 
 def make_demo_project(dest: Path) -> Path:

@@ -1,0 +1,166 @@
+"""The tables and pictures of ``make bench``: means with intervals per model and row, paired verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from pqd.bench.stats import NO_DIFFERENCE
+
+LABELS = {"fid_vs_fp": "FID vs FP", "delta_fid": "ΔFID", "psnr_db": "PSNR dB", "fid_vs_data": "FID vs data"}
+VERDICT_COLOR = {"better": "#2a9d3a", "worse": "#c0392b", NO_DIFFERENCE: "#7f7f7f"}
+
+
+def _num(v: float, digits: int = 3) -> str:
+    """``digits`` decimals; values too small to show that way in three significant digits."""
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}f}" if v == 0 or abs(v) >= 10 ** (1 - digits) else f"{v:.2e}"
+
+
+def _mean_ci(r: pd.Series, m: str, digits: int = 3) -> str:
+    """'mean [lo, hi]' (t-interval over replicates), or the mean alone with one replicate."""
+    if m not in r or not math.isfinite(r[m]):
+        return "n/a"
+    lo, hi = r.get(f"{m}_lo", math.nan), r.get(f"{m}_hi", math.nan)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return _num(r[m], digits)
+    return f"{_num(r[m], digits)} [{_num(lo, digits)}, {_num(hi, digits)}]"
+
+
+def _boot(r: pd.Series, m: str, digits: int = 3) -> str:
+    lo, hi = r.get(f"{m}_boot_lo", math.nan), r.get(f"{m}_boot_hi", math.nan)
+    return f"[{_num(lo, digits)}, {_num(hi, digits)}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
+
+
+def summary_table(summary: pd.DataFrame) -> str:
+    """One markdown table per model: each metric as mean [t-interval over replicates], and the bootstrap interval
+    over samples (mean of the replicates' bounds) beside FID vs FP, ΔFID and FID vs data."""
+    cols = ["row", "bits", "R", "FID vs FP", "(bootstrap)", "ΔFID", "(bootstrap)", "PSNR dB", "FID vs data",
+            "(bootstrap)", "FP FID vs data", "noise floor", "calib s"]
+    parts = []
+    for model, g in summary.groupby("model", sort=False):
+        lines = [f"**{model}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for _, r in g.iterrows():
+            cells = [r["row"], r["bits"], str(r["n"]), _mean_ci(r, "fid_vs_fp"), _boot(r, "fid_vs_fp"),
+                     _mean_ci(r, "delta_fid"), _boot(r, "delta_fid"), _mean_ci(r, "psnr_db", 2),
+                     _mean_ci(r, "fid_vs_data"), _boot(r, "fid_vs_data"), _mean_ci(r, "fp_fid_vs_data"),
+                     _mean_ci(r, "noise_floor"), _num(r.get("calib_seconds", math.nan), 1)]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def paired_table(paired: pd.DataFrame) -> str:
+    """One markdown table per model: first - second for each compared metric, its interval and the verdict."""
+    if paired.empty:
+        return "(no paired comparisons: run rows that share replicates)"
+    parts = []
+    for model, g in paired.groupby("model", sort=False):
+        lines = [f"**{model}**", "", "| first | second | R | " + " | ".join(
+            f"{LABELS[m]} first - second | verdict" for m in g["metric"].unique()) + " |"]
+        lines.append("|" + "---|" * (3 + 2 * g["metric"].nunique()))
+        for (first, second), h in g.groupby(["first", "second"], sort=False):
+            cells = [first, second, str(int(h["n"].iloc[0]))]
+            for _, r in h.iterrows():
+                ci = (f" [{_num(r['diff_lo'])}, {_num(r['diff_hi'])}]"
+                      if math.isfinite(r["diff_lo"]) and math.isfinite(r["diff_hi"]) else "")
+                cells += [f"{_num(r['diff'])}{ci}", f"**{r['verdict']}**" if r["verdict"] != NO_DIFFERENCE
+                          else r["verdict"]]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def gate_table(summary: pd.DataFrame, thresholds: dict[str, float]) -> str:
+    """Per model and row, the range over replicates of what the release gate's quality checks compare with their
+    thresholds (``thresholds``: release.* of the bench's params), and how many replicates pass all three."""
+    if "gate_delta_fid_fraction_min" not in summary:
+        return "(no intervals recorded: evaluate.bootstrap = 0)"
+    t = thresholds
+    head = ["row", "bits", "R", "ΔFID upper / FP FID", "FID vs FP upper / noise floor",
+            "PSNR lower - other seeds (dB)"]
+    parts = [f"Thresholds: release.delta_fid_fraction {t['delta_fid_fraction']:g}, release.fid_vs_fp_fraction "
+             f"{t['fid_vs_fp_fraction']:g}, release.psnr_margin_db {t['psnr_margin_db']:g}. Each cell: min - max over "
+             "the replicates."]
+    for model, g in summary.groupby("model", sort=False):
+        lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for _, r in g.iterrows():
+            rng = [f"{_num(r[f'{m}_min'])} - {_num(r[f'{m}_max'])}" for m in
+                   ("gate_delta_fid_fraction", "gate_fid_vs_fp_fraction")]
+            rng.append(f"{_num(r['gate_psnr_margin_db_min'], 2)} - {_num(r['gate_psnr_margin_db_max'], 2)}")
+            lines.append("| " + " | ".join([r["row"], r["bits"], str(r["n"]), *rng]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def markdown(summary: pd.DataFrame, paired: pd.DataFrame, confidence: float, times: dict[str, float],
+             complete: bool, thresholds: dict[str, float]) -> str:
+    pct = f"{confidence:.0%}"
+    head = ("" if complete else "**Partial: the bench is still running; the tables hold the replicates done so far.**\n\n")
+    return (head + f"## Methods over replicates (mean [{pct} t-interval over R replicates]; bootstrap: {pct} interval "
+            "over samples, mean of the replicates' bounds)\n\n" + summary_table(summary)
+            + f"\n\n## Paired comparisons (difference within each replicate, mean [{pct} t-interval]; the verdict is "
+            "for the first row: lower FID / ΔFID and higher PSNR are better)\n\n" + paired_table(paired)
+            + "\n\n## What the release gate would see (its statistics of each cell; it passes a result when ΔFID and "
+            "FID vs FP are at most, and the PSNR margin at least, their thresholds)\n\n" + gate_table(summary, thresholds)
+            + "\n\n" + "\n".join(f"- {k}: {v:.0f} s" for k, v in times.items()) + "\n")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_summary(summary: pd.DataFrame, path) -> None:
+    """One row of panels per model (FID vs FP, ΔFID, PSNR), each row of the bench a bar with its t-interval."""
+    plt = _pyplot()
+    models = list(summary["model"].unique())
+    metrics = ("fid_vs_fp", "delta_fid", "psnr_db")
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.6 * len(models)), squeeze=False)
+    for ax_row, model in zip(axes, models):
+        g = summary[summary["model"] == model].reset_index(drop=True)
+        colors = ["#4c72b0" if str(b).startswith(("W8", "W7")) else "#dd8452" for b in g["bits"]]
+        for ax, m in zip(ax_row, metrics):
+            err = [(g[m] - g[f"{m}_lo"]).clip(lower=0).fillna(0), (g[f"{m}_hi"] - g[m]).clip(lower=0).fillna(0)]
+            ax.bar(range(len(g)), g[m], color=colors, yerr=err, capsize=3)
+            if m == "delta_fid":
+                ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks(range(len(g)), [f"{r} {b}" for r, b in zip(g["row"], g["bits"])], rotation=45, ha="right",
+                          fontsize=8)
+            ax.set_title(f"{model}: {LABELS[m]} (mean, interval over replicates)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_paired(paired: pd.DataFrame, path) -> None:
+    """Forest plot of the paired differences: one panel per model and metric, a point and its interval per
+    comparison, coloured by the verdict for the first row."""
+    if paired.empty:
+        return
+    plt = _pyplot()
+    models, metrics = list(paired["model"].unique()), list(paired["metric"].unique())
+    n = paired.groupby("model").size().max() // len(metrics)
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(5.2 * len(metrics), 0.45 * n + 1.6 * len(models)),
+                             squeeze=False)
+    for ax_row, model in zip(axes, models):
+        for ax, m in zip(ax_row, metrics):
+            g = paired[(paired["model"] == model) & (paired["metric"] == m)].reset_index(drop=True)
+            for y, r in g.iterrows():
+                c = VERDICT_COLOR[r["verdict"]]
+                if math.isfinite(r["diff_lo"]):
+                    ax.plot([r["diff_lo"], r["diff_hi"]], [y, y], color=c, lw=2)
+                ax.plot(r["diff"], y, "o", color=c)
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(range(len(g)), [f"{a} - {b}" for a, b in zip(g["first"], g["second"])], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_title(f"{model}: {LABELS[m]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

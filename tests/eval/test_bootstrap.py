@@ -1,0 +1,80 @@
+"""The bootstrap over samples (pqd.eval.bootstrap): its Fréchet distance is clean-fid's, its intervals are those of
+the resampled statistic, and resampling pairs the quantized and FP images of a seed."""
+
+import numpy as np
+import pytest
+from cleanfid.fid import frechet_distance
+from scipy import linalg
+
+from pqd.eval import bootstrap as bs
+
+
+def features(n, d, seed, shift=0.0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + shift
+
+
+@pytest.mark.parametrize("n, d", [(400, 16), (300, 128), (60, 128)])  # the last: rank-deficient covariances
+def test_frechet_is_clean_fids(n, d):
+    a, b = bs.stats(features(n, d, 0)), bs.stats(features(n + 50, d, 1, shift=0.2))
+    assert bs.frechet(a, b) == pytest.approx(frechet_distance(a[0], a[1], b[0], b[1]), rel=1e-6, abs=1e-8)
+    # and the textbook formula with a matrix square root
+    covmean = linalg.sqrtm(a[1] @ b[1]).real
+    textbook = ((a[0] - b[0]) ** 2).sum() + np.trace(a[1] + b[1] - 2 * covmean)
+    assert bs.frechet(a, b) == pytest.approx(textbook, rel=1e-6, abs=1e-8)
+    assert abs(bs.frechet(a, a)) < 1e-6 * np.trace(a[1])  # rounding only, also with singular covariances
+
+
+def test_percentile_interval():
+    values = np.arange(1001, dtype=float)  # 0..1000
+    iv = bs.percentile_interval(values, 0.95)
+    assert (iv.lo, iv.hi) == pytest.approx((25.0, 975.0))
+    assert bs.percentile_interval(values, 0.5).lo == pytest.approx(250.0)
+
+
+def test_resampling_is_seeded_and_with_replacement():
+    a, b = bs.resample_indices(50, 3, seed=7), bs.resample_indices(50, 3, seed=7)
+    assert a.shape == (3, 50) and (a == b).all() and (a != bs.resample_indices(50, 3, seed=8)).any()
+    assert a.min() >= 0 and a.max() < 50 and any(len(set(r)) < 50 for r in a)  # repeats: with replacement
+
+
+def test_mean_psnr_interval_matches_the_normal_theory_interval():
+    """For a mean, the percentile bootstrap agrees with mean +- 1.96 standard errors (large n)."""
+    rng = np.random.default_rng(3)
+    psnr = rng.normal(40.0, 4.0, 2000)
+    f = features(2000, 8, 4)
+    ci = bs.paired_intervals(f, f, bs.stats(f), psnr, resamples=1000, seed=0, confidence=0.95).psnr_mean
+    half = 1.96 * psnr.std(ddof=1) / np.sqrt(len(psnr))
+    assert ci.lo == pytest.approx(psnr.mean() - half, abs=0.06 * half * 2)
+    assert ci.hi == pytest.approx(psnr.mean() + half, abs=0.06 * half * 2)
+
+
+def test_identical_sets_give_zero_intervals_for_the_paired_statistics():
+    """Quantized images equal to the FP images of their seeds: FID(quantized, FP) and ΔFID are 0 on every
+    resample (the pairing is exact), while FID vs the reference still varies."""
+    f, ref = features(200, 16, 5), bs.stats(features(500, 16, 6, shift=0.5))
+    ci = bs.paired_intervals(f, f.copy(), ref, np.full(200, 60.0), resamples=200, seed=1, confidence=0.9)
+    assert abs(ci.fid_quant_vs_fp.lo) < 1e-9 and abs(ci.fid_quant_vs_fp.hi) < 1e-9
+    assert abs(ci.delta_fid.lo) < 1e-9 and abs(ci.delta_fid.hi) < 1e-9
+    assert ci.fid_quant_vs_ref.hi - ci.fid_quant_vs_ref.lo > 0.01
+    assert ci.fid_quant_vs_ref == ci.fid_fp_vs_ref
+
+
+def test_paired_intervals_are_tighter_than_unpaired_ones():
+    """A small per-seed perturbation: the paired ΔFID interval is far narrower than each FID's own interval, and
+    contains the point ΔFID."""
+    f = features(500, 16, 7)
+    q = f + 0.05 * np.random.default_rng(8).standard_normal(f.shape)
+    ref = bs.stats(features(800, 16, 9, shift=0.3))
+    ci = bs.paired_intervals(q, f, ref, np.full(500, 30.0), resamples=300, seed=2, confidence=0.95)
+    delta = bs.frechet(bs.stats(q), ref) - bs.frechet(bs.stats(f), ref)
+    assert ci.delta_fid.lo <= delta <= ci.delta_fid.hi
+    assert ci.delta_fid.hi - ci.delta_fid.lo < 0.2 * (ci.fid_fp_vs_ref.hi - ci.fid_fp_vs_ref.lo)
+    fid_qf = bs.frechet(bs.stats(q), bs.stats(f))
+    assert ci.fid_quant_vs_fp.lo <= fid_qf * 1.5 and ci.fid_quant_vs_fp.hi >= fid_qf * 0.5
+
+
+def test_mismatched_sets_are_refused():
+    with pytest.raises(ValueError, match="differ in size"):
+        bs.paired_intervals(features(10, 4, 0), features(9, 4, 1), bs.stats(features(20, 4, 2)), np.zeros(10),
+                            resamples=100, seed=0, confidence=0.95)
