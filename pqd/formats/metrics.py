@@ -97,10 +97,11 @@ class ModelMetrics(StageMetrics):
 class GenerateMetrics(StageMetrics):
     calib_trajectories: int
     trajectory_inputs: int
-    family: str  # pixel | latent | text
-    prompts: int
+    family: str  # pixel | latent | text | class
+    prompts: int  # prompts (text models) or classes (class-conditional models) the seeds take in turn
     eval_samples: int
     floor_samples: int
+    architecture: str | None = None  # unet | dit | pixart | sd3 (pqd.diffusion.archs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +180,7 @@ class EvalProtocol:
     fid: str
     backend: str
     weight_codes: str  # the export's weight code width and why (quant.reduce_range)
+    architecture: str | None = None  # unet | dit | pixart | sd3 (pqd.diffusion.archs)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import weight_layers
 from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
-from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
+from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.qconfig import quant_config, recon_config
 from pqd.diffusion.sampling import checked_predict
@@ -40,8 +40,8 @@ from pqd.params import Params, integer_codes, resolve_device
 from pqd.stages._cli import stage_main
 
 
-# one calibration batch: x [B, C, H, W], t [B], encoder hidden states [B, L, D] (text models) or None
-Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# one calibration batch: x [B, C, H, W], t [B], the conditioning inputs by name (conditioned models) or None
+Batch = tuple[torch.Tensor, torch.Tensor, "Cond | None"]
 
 
 @torch.no_grad()
@@ -66,8 +66,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     groups = TimeGroups.from_schedule(data.schedule, c.time_groups)
     plan = data.batches(groups, c.batch_size)
     den = load_denoiser(model, device)
-    if den.conditional != (data.embeds is not None):
-        raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} prompt embeddings "
+    if den.conditional != (data.cond is not None):
+        raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
     attention = use_matmul_attention(den.unet) if params.quant.attention else {}
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
@@ -82,7 +82,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
             set_group(plan[i][2])
             xb, tb, cb = fetch(i)
             try:
-                unet_forward(unet, xb, tb, cb)
+                den.call(unet, xb, tb, cb)
             except NumericalError as e:
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
@@ -95,7 +95,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     recon_log: list[dict[str, Any]] = []
     if c.reconstruct:
         t0 = time.perf_counter()
-        runner = lambda m, i: unet_forward(m, *fetch(i))  # noqa: E731
+        runner = lambda m, i: den.call(m, *fetch(i))  # noqa: E731
         units = den.units(list(state))
         # a unit's recordings over the whole set: its inputs + output on batch 0, scaled to every sample
         size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.unet, units, runner).items()}

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from pqd.diffusion import demo
-from pqd.diffusion.pipeline import check_pipeline_folder, check_supported, load_pipeline
+from pqd.diffusion.pipeline import (check_pipeline_folder, check_supported, denoiser_component, denoiser_of,
+                                   load_pipeline)
 from pqd.errors import HubError
 from pqd.formats.files import atomic_dir, write_json
 from pqd.formats.lineage import model_digest, weight_hashes
@@ -89,8 +90,9 @@ def run(params: Params, out: Path) -> ModelMetrics:
             pipe.save_pretrained(tmp, safe_serialization=True)
             info = {}
         weights = weight_hashes(tmp)
-        unet_bytes = sum((tmp / k).stat().st_size for k in weights if k.startswith("unet/"))
-        n_params = sum(p.numel() for p in load_pipeline(tmp).unet.parameters())
+        component = denoiser_component(tmp)
+        unet_bytes = sum((tmp / k).stat().st_size for k in weights if k.startswith(f"{component}/"))
+        n_params = sum(p.numel() for p in denoiser_of(load_pipeline(tmp))[1].parameters())
         digest = model_digest(weights)
         # wall-clock timings go to the metrics only: model.json must be the same on every rerun
         facts = {k: v for k, v in info.items() if not k.endswith("_seconds")}
