@@ -61,7 +61,65 @@ def export_unet(unet: nn.Module, den: Denoiser) -> bytes:
         torch.onnx.export(_Forward(unet, den, names[2:]).eval(), tuple(inputs.values()), buf, dynamo=False,
                           opset_version=OPSET, input_names=names, output_names=["noise"],
                           dynamic_axes={n: {0: "batch"} for n in [*names, "noise"]})
-    return buf.getvalue()
+    model = onnx.load_from_string(buf.getvalue())
+    return fold_static_conditionals(model).SerializeToString() if any(n.op_type == "If" for n in model.graph.node) \
+        else buf.getvalue()
+
+
+def _static_condition(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto], dims: dict[str, list[int | None]]
+                      ) -> bool | None:
+    """The value of an If node's condition when it compares one static dimension with a constant
+    (Equal(Gather(Shape(t), k), c), as the tracer writes ``squeeze(dim)``), else None."""
+    eq = producer.get(node.input[0])
+    if eq is None or eq.op_type != "Equal":
+        return None
+    gather, const = producer.get(eq.input[0]), producer.get(eq.input[1])
+    shape = producer.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
+    index = producer.get(gather.input[1]) if shape is not None else None
+    if shape is None or shape.op_type != "Shape" or any(p is None or p.op_type != "Constant" for p in (index, const)):
+        return None
+    k = int(numpy_helper.to_array(index.attribute[0].t).reshape(-1)[0])
+    dim = dims.get(shape.input[0], [])
+    if not -len(dim) <= k < len(dim) or dim[k] is None:
+        return None
+    return dim[k] == int(numpy_helper.to_array(const.attribute[0].t).reshape(-1)[0])
+
+
+def fold_static_conditionals(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each If node whose condition is a static dimension by the branch it takes.
+
+    The TorchScript tracer writes ``x.squeeze(1)`` on a dimension it could not size (after a reshape with -1 and
+    a dynamic batch) as If(dim == 1, Squeeze, Identity); onnxruntime then refuses the graph, because shape
+    inference, which does know the dimension, finds the untaken Squeeze invalid (diffusers' PixArt transformer)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        taken = _static_condition(node, producer, dims) if node.op_type == "If" else None
+        if taken is None:
+            nodes.append(node)
+            continue
+        branch = next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
+        rename = {o.name: out for o, out in zip(branch.output, node.output)}
+        for sub in branch.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(sub)
+            for i, o in enumerate(copy.output):
+                copy.output[i] = rename.setdefault(o, f"{node.name}/{o}")
+            for i, x in enumerate(copy.input):
+                copy.input[i] = rename.get(x, x)
+            nodes.append(copy)
+    used = {o.name for o in model.graph.output}  # drop what only fed the folded conditions
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if any(o in used for o in node.output):
+            kept.append(node)
+            used |= set(node.input)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+    return model
 
 
 def trace_group(unet: nn.Module, group: int, den: Denoiser) -> onnx.ModelProto:

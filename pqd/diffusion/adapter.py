@@ -133,7 +133,8 @@ class Denoiser:
         if cond is None or uncond is None or guidance_scale == 1.0:
             return self.predict(x, t, cond)
         both = {k: torch.cat([uncond[k].expand_as(v), v]) for k, v in cond.items()}
-        eps_u, eps_c = self.predict(torch.cat([x, x]), t, both).chunk(2)
+        t = torch.as_tensor(t)
+        eps_u, eps_c = self.predict(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, both).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     @torch.no_grad()

@@ -42,7 +42,7 @@ class Architecture:
     component = ""  # the pipeline component holding the denoiser
     classes: tuple[str, ...] = ()
     unit_classes: tuple[str, ...] = ()  # module classes that are reconstruction units
-    cond_names: tuple[str, ...] = ()  # conditioning inputs the call reads, in graph-input order
+    guidance_scale = 1.0  # classifier-free guidance weight of the architecture's published protocol
 
     def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         """One denoiser call: x [B, C, H, W], t scalar or [B], cond by name -> noise prediction [B, C, H, W]."""
@@ -89,7 +89,7 @@ class UNetArch(Architecture):
     name, component = "unet", "unet"
     classes = ("UNet2DModel", "UNet2DConditionModel")
     unit_classes = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D")
-    cond_names = ("encoder_hidden_states",)
+    guidance_scale = 7.5  # Stable Diffusion 1.x (the pipeline's default and the SD papers' FID protocol)
 
     def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         if cond is None:
@@ -148,8 +148,8 @@ class TransformerArch(Architecture):
 class DiTArch(TransformerArch):
     name = "dit"
     classes = ("DiTTransformer2DModel",)
-    cond_names = ("class_labels",)
     final = "proj_out_2"
+    guidance_scale = 1.5  # DiT's FID-50K protocol (Peebles & Xie 2023: FID 2.27 for DiT-XL/2 at 256)
 
     def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         return _noise(model(x, timestep=_batch_t(t, x), class_labels=cond["class_labels"]).sample, x)
@@ -158,7 +158,7 @@ class DiTArch(TransformerArch):
 class PixArtArch(TransformerArch):
     name = "pixart"
     classes = ("PixArtTransformer2DModel",)
-    cond_names = ("encoder_hidden_states", "encoder_attention_mask", "resolution", "aspect_ratio")
+    guidance_scale = 4.5  # PixArt-alpha (the paper's sampling setting and its pipeline's default)
 
     def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         added = {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")}
@@ -170,7 +170,7 @@ class PixArtArch(TransformerArch):
 class SD3Arch(TransformerArch):
     name = "sd3"
     classes = ("SD3Transformer2DModel",)
-    cond_names = ("encoder_hidden_states", "pooled_projections")
+    guidance_scale = 7.0  # SD3 medium (its model card's and pipeline's default)
 
     def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         return model(x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=_batch_t(t, x),

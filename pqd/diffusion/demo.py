@@ -1,4 +1,9 @@
-"""The embedded offline demo: a small DDPM on scikit-learn's 8x8 digits, and a digit classifier for FID.
+"""The embedded offline demos: small denoisers trained on scikit-learn's 8x8 digits, and a digit classifier for FID.
+
+- ``demo:digits``: an unconditional UNet (DDPMPipeline);
+- ``demo:digits-dit``: a class-conditional DiT (DiTTransformer2DModel in a DiTPipeline) on the pixels, patch size
+  2 (16 tokens of 2x2 pixels), trained with 10% of the labels replaced by the null class so that
+  classifier-free guidance works; no autoencoder (the pipeline's ``vae`` is None).
 
 Everything here is deterministic given a seed and needs neither a GPU nor the network: the digits ship
 with scikit-learn. Images stay at their native 8x8, one channel, scaled from 0..16 to [-1, 1].
@@ -18,7 +23,11 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 DEFAULT_CHANNELS = (32, 64, 64)
+DIT_HEAD_DIM = 32  # the demo DiT's attention head width: model.dit_width / 32 heads
+NUM_CLASSES = 10
+LABEL_DROP = 0.1  # share of training labels replaced by the null class (DiT's classifier-free guidance training)
 NUM_TRAIN_TIMESTEPS = 1000
+DEMOS = ("demo:digits", "demo:digits-dit")
 FEATURES_DIR = "fid_features"  # inside the demo's model folder: the digit feature network (evaluate.features)
 
 
@@ -54,6 +63,16 @@ def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_blo
     )
 
 
+def build_demo_dit(width: int = 128, depth: int = 6):
+    """A diffusers ``DiTTransformer2DModel`` for [B, 1, 8, 8] inputs and the 10 digit classes: patch size 2 (16 tokens),
+    ``depth`` blocks of ``width`` channels (heads of 32), adaLN-zero conditioning on the timestep and the class."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(num_attention_heads=width // DIT_HEAD_DIM, attention_head_dim=DIT_HEAD_DIM,
+                                 in_channels=1, out_channels=1, num_layers=depth, sample_size=8, patch_size=2,
+                                 num_embeds_ada_norm=NUM_CLASSES)
+
+
 def build_demo_scheduler(beta_schedule: str = "squaredcos_cap_v2"):
     """The training (and default sampling) scheduler: DDPM, 1000 steps, epsilon prediction."""
     from diffusers import DDPMScheduler
@@ -76,19 +95,41 @@ def train_demo_unet(images: torch.Tensor, *, seed: int, steps: int, batch_size: 
     """Train the demo UNet to predict the noise (epsilon) of DDPM-noised ``images`` [N, 1, 8, 8] in [-1, 1]
     (see :func:`train_unet`)."""
     torch.manual_seed(seed)
-    return train_unet(build_demo_unet(channels, layers_per_block), images, build_demo_scheduler(beta_schedule),
-                      seed=seed, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, progress=progress)
+    return train_denoiser(build_demo_unet(channels, layers_per_block), images, build_demo_scheduler(beta_schedule),
+                          seed=seed, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, progress=progress)
 
 
-def train_unet(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, steps: int, batch_size: int,
-               lr: float, ema_decay: float = 0.995, progress: bool = True, desc: str = "demo UNet") -> nn.Module:
-    """Train ``unet`` (a diffusers UNet2DModel) to predict the noise (epsilon) of ``images`` [N, C, H, W] in
-    [-1, 1] noised by ``scheduler``'s training schedule.
+def train_demo_dit(images: torch.Tensor, labels: torch.Tensor, *, seed: int, steps: int, batch_size: int, lr: float,
+                   width: int = 128, depth: int = 6, progress: bool = True):
+    """Train the demo DiT on ``images`` [N, 1, 8, 8] in [-1, 1] and their ``labels`` int64 [N] (see
+    :func:`train_denoiser`), 10% of the labels dropped to the null class."""
+    torch.manual_seed(seed)
+    return train_denoiser(build_demo_dit(width, depth), images, build_demo_scheduler(), seed=seed, steps=steps,
+                          batch_size=batch_size, lr=lr, labels=labels, progress=progress, desc="demo DiT")
+
+
+def _label_tables(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
+
+
+def train_denoiser(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, steps: int, batch_size: int,
+                   lr: float, ema_decay: float = 0.995, labels: torch.Tensor | None = None, progress: bool = True,
+                   desc: str = "demo UNet") -> nn.Module:
+    """Train ``unet`` (a diffusers UNet2DModel, or a DiTTransformer2DModel with ``labels``) to predict the noise
+    (epsilon) of ``images`` [N, C, H, W] in [-1, 1] noised by ``scheduler``'s training schedule.
 
     AdamW with warmup + cosine learning rate; returns the EMA of the weights (in eval mode, float32, on CPU)
-    when ``ema_decay`` > 0. All randomness (batch order, noise, timesteps) derives from ``seed``; with the
-    model initialised under the same seed, two runs on one machine give bit-identical weights.
+    when ``ema_decay`` > 0. All randomness (batch order, noise, timesteps, dropped labels) derives from ``seed``;
+    with the model initialised under the same seed, two runs on one machine give bit-identical weights.
+    With ``labels`` (int64 [N]), a share LABEL_DROP of each batch's labels is replaced by the null class, the same
+    for every block (diffusers' DiT gives each block its own label table, whose own dropout would drop a label
+    in some blocks and not in others; it is switched off while training).
     """
+    tables = _label_tables(unet)
+    drops = [table.dropout_prob for table in tables]
+    for table in tables:
+        table.dropout_prob = 0.0
+    null = getattr(unet.config, "num_embeds_ada_norm", None)
     unet = unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay > 0 else None
     num_train_timesteps = int(scheduler.config.num_train_timesteps)
@@ -110,7 +151,12 @@ def train_unet(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, s
         t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if labels is None:
+            pred = unet(xt, t).sample
+        else:
+            y = torch.where(torch.rand(len(idx), generator=gen) < LABEL_DROP, null, labels[idx])
+            pred = unet(xt, t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(step, steps, warmup)
         opt.zero_grad(set_to_none=True)
@@ -126,7 +172,10 @@ def train_unet(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, s
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    return (ema if ema is not None else unet).eval()
+    out = (ema if ema is not None else unet).eval()
+    for table, p in zip(_label_tables(out), drops):
+        table.dropout_prob = p
+    return out
 
 
 class DigitNet(nn.Module):

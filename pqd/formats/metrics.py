@@ -132,6 +132,7 @@ class CalibrateMetrics(StageMetrics):
     weight_code_bits: int  # width of the stored weight codes of the body layers: 7 for 8-bit weights as 7-bit codes
     reduce_range: bool  # quant.reduce_range as resolved for the calibrating machine
     integer_codes: str  # why (pqd.params.machine.IntegerCodes.reason)
+    smoothed_layers: int | None = None  # linears balanced by quant.smooth (absent when none)
 
 
 @dataclass(frozen=True)

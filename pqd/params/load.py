@@ -30,7 +30,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _source_ok(v: str) -> bool:
-    return v == "demo:digits" or v.startswith(("/", ".", "~")) or bool(_HUB_ID.match(v))
+    return v in ("demo:digits", "demo:digits-dit") or v.startswith(("/", ".", "~")) or bool(_HUB_ID.match(v))
 
 
 def _features_ok(v: str) -> bool:
@@ -38,13 +38,16 @@ def _features_ok(v: str) -> bool:
 
 
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "model.source": (_source_ok, "'demo:digits', a local folder path, or a hub id like 'google/ddpm-cifar10-32'"),
+    "model.source": (_source_ok, "'demo:digits', 'demo:digits-dit', a local folder path, or a hub id like "
+                                 "'google/ddpm-cifar10-32'"),
     "model.train_steps": (lambda v: v >= 1, "an integer >= 1"),
     "model.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.lr": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "model.channels": (lambda v: 1 <= len(v) <= 4 and all(c >= 8 and c % 8 == 0 for c in v),
                        "1 to 4 channel counts, each a multiple of 8"),
     "model.feature_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "model.dit_width": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (heads of 32 channels)"),
+    "model.dit_depth": (lambda v: v >= 1, "an integer >= 1"),
     "generate.steps": (lambda v: 2 <= v <= 1000, "an integer in [2, 1000]"),
     "generate.eta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "generate.calib_seeds": (lambda v: v >= 1, "an integer >= 1"),
@@ -61,6 +64,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "quant.act_bits": (lambda v: 4 <= v <= 8, "an integer in [4, 8]"),
     "quant.edge_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
     "quant.softmax_bits": (lambda v: 4 <= v <= 16, "an integer in [4, 16]"),
+    "quant.modulation_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
+    "quant.smooth_alpha": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "calibrate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "calibrate.time_groups": (lambda v: v >= 1, "an integer >= 1 (and at most generate.steps)"),
     "calibrate.qdrop_p": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -16,13 +16,15 @@ from typing import Literal
 class ModelParams:
     """Where the full-precision model comes from (``model.*``)."""
 
-    source: str = "demo:digits"  # demo:digits | a local diffusers pipeline folder | a hub id org/name
+    source: str = "demo:digits"  # demo:digits | demo:digits-dit | a local diffusers pipeline folder | a hub id org/name
     revision: str = "main"  # hub revision, only for hub ids
     seed: int = 0
     train_steps: int = 1200  # demo: UNet optimisation steps
     batch_size: int = 128  # demo: UNet training batch
     lr: float = 2e-3  # demo: UNet learning rate
-    channels: tuple[int, ...] = (32, 64, 64)  # demo: UNet block_out_channels
+    channels: tuple[int, ...] = (32, 64, 64)  # demo:digits: UNet block_out_channels
+    dit_width: int = 128  # demo:digits-dit: transformer width (heads of 32 channels)
+    dit_depth: int = 6  # demo:digits-dit: transformer blocks
     feature_epochs: int = 30  # demo: digit feature network epochs
 
 
@@ -38,7 +40,9 @@ class GenerateParams:
     batch_size: int = 250
     shard_size: int = 16  # calibration trajectories per safetensors shard
     prompts: str | None = None  # text-guided models: a file with one prompt per line (seeds take them in turn)
-    guidance_scale: float = 7.5  # text-guided models: classifier-free guidance weight (1 = conditional branch only)
+    # conditioned models: classifier-free guidance weight (1 = conditional branch only); None = the architecture's
+    # protocol weight (pqd.diffusion.archs: SD 1.x 7.5, PixArt 4.5, SD3 7.0, DiT 1.5)
+    guidance_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,10 @@ class QuantParams:
 
     weight_bits: int = 8
     act_bits: int = 8
-    edge_bits: int = 8  # weights of the first/last convolution and the time embedding (never below weight_bits)
+    # weights of the edge layers: a UNet's first/last convolution and time embedding; a transformer's patch
+    # embedding, final projection and timestep/text embeddings (never below weight_bits)
+    edge_bits: int = 8
+    modulation_bits: int = 8  # transformers' adaLN modulation linears (shift/scale/gate; never below weight_bits)
     # quantize each layer's output too (but the last convolution's): integer kernels (onnxruntime's
     # QLinearConv/QLinearMatMul/QGemm) read and write uint8, so this is what the deployed model computes
     outputs: bool = True
@@ -71,6 +78,9 @@ class QuantParams:
     # quantize attention's Q·Kᵀ and softmax·V matmuls too (both operands per tensor, per time group)
     attention: bool = False
     softmax_bits: int = 16  # grid of the softmax output (the first operand of softmax·V) when attention is quantized
+    # balance the input channels of attention and feed-forward linears against their weights (SmoothQuant)
+    smooth: bool = False
+    smooth_alpha: float = 0.5  # share of the activation range moved into the weights
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,19 @@ def check_prompts(params: Params, den: Denoiser) -> list[str] | None:
     return read_prompts(path) if path is not None else None
 
 
+def guidance_scale(params: Params, den: Denoiser) -> float:
+    """``generate.guidance_scale``, or the architecture's protocol weight when it is null."""
+    g = params.generate.guidance_scale
+    return float(den.arch.guidance_scale if g is None else g)
+
+
 def sampling_protocol(params: Params, den: Denoiser, prompts: list[str] | None) -> dict[str, Any]:
     g = params.generate
     sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
     cond = None
     if den.conditional:
         what = {"prompts": prompts} if prompts is not None else {"classes": den.encoder.num_classes}
-        cond = {**what, "guidance_scale": g.guidance_scale, "uncond_row": 0,
+        cond = {**what, "guidance_scale": guidance_scale(params, den), "uncond_row": 0,
                 "prompt_of_seed": "row 1 + (i mod P) for the i-th seed of a set (P prompts, or classes: row 1 + c is "
                                   "class c)"}
     return {"scheduler": type(sched).__name__, "scheduler_config": dict(sched.config), "steps": g.steps, "eta": g.eta,
@@ -118,7 +124,7 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
     prompts = check_prompts(params, den)  # before any sampling
     torch.manual_seed(0)
     proto = sampling_protocol(params, den, prompts)
-    cond = den.conditioning(prompts, [], g.guidance_scale, device) if den.conditional else None
+    cond = den.conditioning(prompts, [], guidance_scale(params, den), device) if den.conditional else None
     with atomic_dir(trajectories) as tmp:
         info = record_trajectories(den, params, tmp, device, cond)
         layout = "x float32 [n, steps, C, H, W]; t float32 [steps]; seeds int64 [n]"

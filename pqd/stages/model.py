@@ -1,8 +1,9 @@
 """model stage: the full-precision pipeline as a diffusers folder + model.json (source, sha256 of weights).
 
 ``demo:digits`` trains the embedded demo (UNet DDPM on sklearn's 8x8 digits, and the digit feature
-network used for the demo's FID); a local folder is loaded and re-saved; a hub id is snapshotted with
-huggingface_hub (online users) and fails at once with a clear message when the hub cannot be reached.
+network used for the demo's FID), ``demo:digits-dit`` its class-conditional DiT twin; a local folder is loaded
+and re-saved; a hub id is snapshotted with huggingface_hub (online users) and fails at once with a clear
+message when the hub cannot be reached.
 """
 
 from __future__ import annotations
@@ -29,14 +30,20 @@ from pqd.stages._cli import stage_main
 
 
 def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
-    from diffusers import DDPMPipeline
+    from diffusers import DDPMPipeline, DiTPipeline
 
     images, labels = demo.load_digits_tensor()
     t0 = time.perf_counter()
-    unet = demo.train_demo_unet(images, seed=mp.seed, steps=mp.train_steps, batch_size=mp.batch_size,
-                                lr=mp.lr, channels=mp.channels)
+    if mp.source == "demo:digits-dit":  # pixel space: no autoencoder
+        dit = demo.train_demo_dit(images, labels, seed=mp.seed, steps=mp.train_steps, batch_size=mp.batch_size,
+                                  lr=mp.lr, width=mp.dit_width, depth=mp.dit_depth)
+        pipe = DiTPipeline(transformer=dit, vae=None, scheduler=demo.build_demo_scheduler())
+    else:
+        unet = demo.train_demo_unet(images, seed=mp.seed, steps=mp.train_steps, batch_size=mp.batch_size,
+                                    lr=mp.lr, channels=mp.channels)
+        pipe = DDPMPipeline(unet=unet, scheduler=demo.build_demo_scheduler())
     t_unet = time.perf_counter() - t0
-    DDPMPipeline(unet=unet, scheduler=demo.build_demo_scheduler()).save_pretrained(out)
+    pipe.save_pretrained(out)
     t0 = time.perf_counter()
     net, acc = demo.train_digit_net(images, labels, seed=mp.seed, epochs=mp.feature_epochs)
     t_net = time.perf_counter() - t0
@@ -75,13 +82,13 @@ def run(params: Params, out: Path) -> ModelMetrics:
     mp = params.model
     src = mp.source
     local = None
-    if src != "demo:digits":
+    if src not in demo.DEMOS:
         local = Path(src).expanduser() if src.startswith(("/", ".", "~")) else None
         if local is not None:
             check_pipeline_folder(local)  # fail before any work
     torch.manual_seed(mp.seed)
     with atomic_dir(out) as tmp:
-        if src == "demo:digits":
+        if src in demo.DEMOS:
             info = _train_demo(mp, tmp)
         else:
             folder = local if local is not None else _snapshot(mp)
@@ -96,7 +103,7 @@ def run(params: Params, out: Path) -> ModelMetrics:
         digest = model_digest(weights)
         # wall-clock timings go to the metrics only: model.json must be the same on every rerun
         facts = {k: v for k, v in info.items() if not k.endswith("_seconds")}
-        write_json(tmp / "model.json", {"source": src, "revision": mp.revision if local is None and src != "demo:digits" else None,
+        write_json(tmp / "model.json", {"source": src, "revision": mp.revision if local is None and src not in demo.DEMOS else None,
                                         "model_sha256": digest, "sha256": weights, **facts})
     return ModelMetrics(unet_parameters=n_params, unet_fp32_bytes=unet_bytes, **info)
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.projects import CODE_BITS_8, small_params, write_params
+from support.projects import CODE_BITS_8, run_stage_mains, small_params, write_params
 from pqd.formats.export import load_quantized_unet
 from pqd.formats.calibset import CalibSet
 from pqd.core.modules import quant_layers
-from pqd.stages import calibrate, evaluate, export, generate, model, select
+from pqd.stages import generate, model
 from support.models import PROMPTS, build_latent_ldm, build_pixel_cifar, build_text_sd
 
 pytestmark = pytest.mark.slow  # all six stages on three model families: make test-fast leaves them out
@@ -38,23 +38,7 @@ def run_family(d: Path, family: str, features: Path, **extra) -> Path:
                 "generate": {"steps": 5, "calib_seeds": 4, "eval_samples": 6, "batch_size": 6, "shard_size": 2},
                 "select": {"num_samples": 8, "shard_size": 5},
                 "calibrate": {"recon_iters": 4, "batch_size": 8}, **extra}
-    params = write_params(d, small_params(**sections))
-    data = d / "data"
-
-    def call(stage, name: str, **paths: Path) -> None:
-        args = ["--params", str(params), "--metrics", str(data / f"metrics/{name}.json")]
-        for k, v in paths.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        assert stage.main(args) == 0, name
-
-    call(model, "model", out=data / "model")
-    call(generate, "generate", model=data / "model", trajectories=data / "trajectories", samples=data / "samples/fp")
-    call(select, "select", trajectories=data / "trajectories", out=data / "calib")
-    call(calibrate, "calibrate", model=data / "model", calib=data / "calib", out=data / "qstate")
-    call(export, "export", model=data / "model", qstate=data / "qstate", out=data / "export")
-    call(evaluate, "evaluate", model=data / "model", export=data / "export", fp_samples=data / "samples/fp",
-         out=data / "samples/quant", grid=data / "metrics/grid.png")
-    return data
+    return run_stage_mains(write_params(d, small_params(**sections)), d / "data")
 
 
 def unet_layers(folder: Path) -> set[str]:
