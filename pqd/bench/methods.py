@@ -23,7 +23,7 @@ import pandas as pd
 from pqd.formats.metrics import PipelineMetrics
 from pqd.params import Params, as_dict, load_params, params_from_dict
 from pqd.params.methods import METHOD_KEYS
-from pqd.stages import calibrate, evaluate, export, select
+from pqd.stages import calibrate, evaluate, export, generate, model, select
 
 ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     *[(m, bits, {"calibrate": {"method": m}}) for bits in (8, 4) for m in ("minmax", "ptq4dm", "qdiffusion", "pqd")],
@@ -38,7 +38,14 @@ ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     # integer codes of 8-bit weights (quant.reduce_range): 7-bit codes against full 8-bit codes, on this CPU
     ("pqd, 7-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": True}}),
     ("pqd, full 8-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": False}}),
+    # channel balancing (quant.smooth, SmoothQuant) against rows 3 and 7; time groups off at W8 (row 10 is W4)
+    ("pqd, quant.smooth", 8, {"calibrate": {"method": "pqd"}, "quant": {"smooth": True}}),
+    ("pqd, quant.smooth", 4, {"calibrate": {"method": "pqd"}, "quant": {"smooth": True}}),
+    ("pqd, G=1", 8, {"calibrate": {"method": "pqd", "time_groups": 1}}),
 ]
+# ``--rows transformer``, the transformer demo's table: W8A8 and W4A8 with the minmax, qdiffusion and pqd presets,
+# PQD without time groups, PQD with channel balancing (python -m pqd.bench --source demo:digits-dit --rows transformer)
+ROW_SETS = {"transformer": (0, 2, 3, 4, 6, 7, 18, 10, 16, 17)}
 
 
 class PeakRSS:
@@ -130,15 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data")
     ap.add_argument("--out", default="data/bench")
-    ap.add_argument("--rows", default="", help="comma-separated row numbers to run (default: all)")
+    ap.add_argument("--rows", default="", help="comma-separated row numbers to run, or a named set: "
+                    f"{', '.join(ROW_SETS)} (default: all)")
+    ap.add_argument("--source", default=None, help="benchmark this model.source instead of the params file's (e.g. "
+                    "demo:digits-dit); its model and generate stages run into --data first when it has no model")
     args = ap.parse_args(argv)
     base = load_params(args.params)
     data, out = Path(args.data), Path(args.out)
+    if args.source:
+        base = params_from_dict({**as_dict(base), "model": {**as_dict(base)["model"], "source": args.source}})
+        if not (data / "model").exists():
+            model.run(base, data / "model")
+            generate.run(base, data / "model", data / "trajectories", data / "samples" / "fp")
     for need in ("model", "trajectories", "samples/fp"):
         if not (data / need).exists():
             print(f"pqd bench: error: {data / need} is missing: run `dvc repro generate` first")
             return 2
-    chosen = [int(i) for i in args.rows.split(",") if i] or list(range(len(ROWS)))
+    chosen = list(ROW_SETS.get(args.rows, ())) or [int(i) for i in args.rows.split(",") if i] or list(range(len(ROWS)))
     results = []
     for i in chosen:
         name, bits, override = ROWS[i]

@@ -17,10 +17,11 @@ legacy ``Transformer2DModel`` that the DiT and PixArt configs still carry):
   (``SD3Transformer2DModel``): 24 MMDiT blocks of width 1536 (24 heads x 64), 128x128x16 latents,
   pooled text projections of 2048, joint attention on 4096-wide text encodings.
 
-The DiT and PixArt configs were checked against diffusers' conversion scripts
-(scripts/convert_dit_to_diffusers.py, convert_pixart_alpha_to_diffusers.py: the same architecture arguments)
-and the SD3 config against several public copies of the hub file; tests/diffusion/test_configs_arch.py builds
-each on the meta device and checks the published parameter counts.
+The DiT and PixArt configs agree with the architecture arguments of diffusers' conversion scripts
+(scripts/convert_dit_to_diffusers.py, convert_pixart_alpha_to_diffusers.py), the SD3 config with public copies
+of the hub file; tests/diffusion/test_archs.py builds each on the meta device and checks its parameter count
+against the checkpoint's (DiT-XL/2 675,129,632 as facebookresearch/DiT counts them; PixArt-XL-2 610,856,096;
+SD3 medium 2,028,328,000).
 """
 
 from __future__ import annotations

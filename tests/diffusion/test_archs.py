@@ -113,3 +113,15 @@ def test_matmul_attention_computes_what_diffusers_computes(which, pixart, sd3):
         got = den.guided(x, t, rows.per_seed(), rows.unconditional(), 2.0)
     assert roles and set(roles.values()) == {"qk", "pv"}
     assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
+def test_flow_matching_models_sample_with_their_own_scheduler():
+    from pqd.diffusion.sampling import make_scheduler
+    from pqd.errors import ParamError
+
+    with pytest.raises(ParamError, match="generate.scheduler = 'ddim' is not allowed for this flow-matching model "
+                                         r"\(FlowMatchEulerDiscreteScheduler\): expected 'keep'"):
+        make_scheduler("ddim", {"num_train_timesteps": 1000, "shift": 3.0}, "FlowMatchEulerDiscreteScheduler")
+    sched = make_scheduler("keep", {"num_train_timesteps": 1000, "shift": 3.0}, "FlowMatchEulerDiscreteScheduler")
+    sched.set_timesteps(4)
+    assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler" and float(sched.timesteps[0]) == 1000.0

@@ -1,5 +1,6 @@
-"""Transformer denoisers through all six stages, deployed in onnxruntime: the DiT demo (class-conditional, pixel
-space, built by the model stage), a PixArt-shaped and an SD3-shaped text-to-image pipeline (tests/support/models.py).
+"""Transformer denoisers through all six stages of a real DVC project (dvc.yaml's commands, dvc.lock), deployed in
+onnxruntime: the DiT demo (class-conditional, pixel space, built by the model stage), a PixArt-shaped and an
+SD3-shaped text-to-image pipeline (tests/support/models.py).
 Checked: both guidance branches calibrated, the transformer blocks reconstructed, the edge and modulation layers on
 their own bits (modulation outputs in float), every conditioning input a graph input, the deployed graphs evaluated."""
 
@@ -12,10 +13,11 @@ from pathlib import Path
 import onnx
 import pandas as pd
 import pytest
+import yaml
 
-from pqd.formats.metrics import CalibrateMetrics, EvaluateMetrics, ExportMetrics, GenerateMetrics
+from pqd.formats.metrics import STAGES, CalibrateMetrics, EvaluateMetrics, ExportMetrics, GenerateMetrics
 from support.models import PROMPTS, build_text_pixart, build_text_sd3, build_torchscript_features
-from support.projects import CODE_BITS_8, run_stage_mains, small_params, write_params
+from support.projects import CODE_BITS_8, init_project, run_stages_in_process, small_params
 
 pytestmark = pytest.mark.slow  # all six stages on three transformers: make test-fast leaves them out
 
@@ -24,9 +26,13 @@ COUNTS = {"generate": {"steps": 5, "calib_seeds": 4, "eval_samples": 6, "batch_s
 
 
 def run(d: Path, sections: dict) -> Path:
+    """A committed DVC project with these params, its stages run in-process and committed (dvc.lock); its data/."""
     merged = {k: {**COUNTS.get(k, {}), **v} for k, v in sections.items()} | {k: v for k, v in COUNTS.items()
                                                                               if k not in sections}
-    return run_stage_mains(write_params(d, small_params(**merged)), d / "data")
+    project = init_project(d / "project", small_params(**merged))
+    run_stages_in_process(project)
+    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == set(STAGES)
+    return project / "data"
 
 
 def text_run(d: Path, build, **extra) -> Path:
@@ -34,8 +40,7 @@ def text_run(d: Path, build, **extra) -> Path:
     features = build_torchscript_features(d / "features.pt")
     gen = {"prompts": str(d / "prompts.txt"), "guidance_scale": 3.0, **extra.pop("generate", {})}
     return run(d, {"model": {"source": str(build(d / "source"))}, "generate": gen,
-                   "evaluate": {"features": f"torchscript:{features}", "reference": str(d / "data/samples/fp/b")},
-                   **extra})
+                   "evaluate": {"features": f"torchscript:{features}", "reference": "data/samples/fp/b"}, **extra})
 
 
 @pytest.fixture(scope="module")
