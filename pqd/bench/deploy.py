@@ -74,8 +74,8 @@ def calibrate(den: Denoiser, weight_bits: int, inputs: list[tuple[torch.Tensor, 
     return fit_qstate(den.unet, forward_all, cfg), groups
 
 
-def float_onnx(unet: nn.Module, sample_shape: tuple[int, ...], path: Path) -> None:
-    path.write_bytes(deploy.export_unet(unet, sample_shape))
+def float_onnx(den: Denoiser, path: Path) -> None:
+    path.write_bytes(deploy.export_unet(den.unet, den))
 
 
 def ort_static_reference(fp_path: Path, sample_shape: tuple[int, ...], out: Path) -> Path:
@@ -109,7 +109,7 @@ def export_dirs(model_dir: Path, den: Denoiser, states: dict[int, tuple[Any, Tim
         d = tmp / f"w{bits}"
         d.mkdir(parents=True)
         write_export(model_dir, den.unet, state, groups, d, float_dtype=torch.float32)
-        deploy.write_onnx(load_quantized_unet(d, verify=False), groups, den.sample_shape, d / deploy.ONNX_DIR)
+        deploy.write_onnx(load_quantized_unet(d, verify=False), groups, den, d / deploy.ONNX_DIR)
         out[bits] = d
     return out
 
@@ -167,7 +167,7 @@ def bench_unet(name: str, den: Denoiser, model_dir: Path | None, batches: list[i
     exports = export_dirs(model_dir or pipeline_folder(den, tmp / f"{name}-pipe"), den, states, tmp / name)
     int8_graph = exports[8] / deploy.ONNX_DIR / deploy.graph_file(0)
     fp_path = tmp / f"{name}-fp32.onnx"
-    float_onnx(den.unet, den.sample_shape, fp_path)
+    float_onnx(den, fp_path)
     s_fp = deploy.open_session(fp_path, threads)
     s_q = deploy.open_session(int8_graph, threads)
     s_ref = deploy.open_session(ort_static_reference(fp_path, den.sample_shape, tmp / f"{name}-ort-static.onnx"), threads)

@@ -59,6 +59,10 @@ ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     # integer codes of 8-bit weights (quant.reduce_range): 7-bit codes against full 8-bit codes, on this CPU
     ("pqd, 7-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": True}}),
     ("pqd, full 8-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": False}}),
+    # channel balancing (quant.smooth, SmoothQuant) against rows 3 and 7; time groups off at W8 (row 10 is W4)
+    ("pqd, quant.smooth", 8, {"calibrate": {"method": "pqd"}, "quant": {"smooth": True}}),
+    ("pqd, quant.smooth", 4, {"calibrate": {"method": "pqd"}, "quant": {"smooth": True}}),
+    ("pqd, G=1", 8, {"calibrate": {"method": "pqd", "time_groups": 1}}),
 ]
 DEFAULT_ROWS = tuple(range(12))  # the methods at W8A8 and W4A8 and the four ablations
 DEFAULT_MODELS = ("demo:digits", "demo:digits16")
@@ -71,11 +75,16 @@ DEMO_BENCH: dict[str, dict[str, dict[str, Any]]] = {
     "demo:digits16": {"model": {"channels": [32, 64], "train_steps": 800, "batch_size": 64},
                       "generate": {"steps": 25}, "export": {"onnx": False},
                       "evaluate": {"reference": "demo:digits16", "backend": "torch"}},
+    "demo:digits-dit": {},
 }
 REPLICATE_SEED_STRIDE = 1_000_000  # replicate k's calibration trajectories start k x this after generate.calib_seed_base
 # the code whose behaviour the cached outputs depend on (params are recorded beside it)
 CODE_PACKAGES = ("core", "deploy", "diffusion", "eval", "formats", "stages")
 KEY_FILE = "bench_key.json"
+# named row sets (``--rows transformer``): the transformer demo's table, W8A8 and W4A8 with the minmax, qdiffusion
+# and pqd presets, PQD without time groups, PQD with channel balancing
+# (python -m pqd.bench --models demo:digits-dit --rows transformer)
+ROW_SETS = {"transformer": (0, 2, 3, 4, 6, 7, 18, 10, 16, 17)}
 
 
 class PeakRSS:
@@ -290,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="data/bench")
-    ap.add_argument("--rows", default="", help="comma-separated row numbers (default: the methods and the ablations, "
-                                               f"{DEFAULT_ROWS[0]}..{DEFAULT_ROWS[-1]})")
+    ap.add_argument("--rows", default="", help="comma-separated row numbers, or a named set: "
+                    f"{', '.join(ROW_SETS)} (default: the methods and the ablations, {DEFAULT_ROWS[0]}..{DEFAULT_ROWS[-1]})")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model.source values")
     ap.add_argument("--replicates", type=int, default=3, help="R: replicates 0..R-1 (default 3)")
     ap.add_argument("-S", "--set", dest="sets", action="append", default=[],
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.replicates < 1:
             raise ParamError(f"bench: --replicates {args.replicates} is not allowed: expected an integer >= 1")
-        rows = [int(i) for i in args.rows.split(",") if i] or list(DEFAULT_ROWS)
+        rows = list(ROW_SETS.get(args.rows, ())) or [int(i) for i in args.rows.split(",") if i] or list(DEFAULT_ROWS)
         bad = [i for i in rows if not 0 <= i < len(ROWS)]
         if bad:
             raise ParamError(f"bench: --rows {bad[0]} is not allowed: expected row numbers 0..{len(ROWS) - 1}")

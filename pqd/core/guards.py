@@ -65,6 +65,16 @@ def check_act_qparams(name: str, what: str, scales: torch.Tensor, zero_points: t
                                  f"{bits}-bit grid: expected values in [{aq.qmin}, {aq.qmax}]")
 
 
+def check_smoothing(name: str, smooth: torch.Tensor, in_features: int) -> None:
+    """Raise NumericalError unless a balanced layer's divisors are usable: one finite number > 0 per input channel."""
+    if smooth.shape != (in_features,):
+        raise NumericalError(f"layer {name}: {smooth.numel()} smoothing factors for {in_features} input channels: "
+                             "expected one per input channel")
+    if not bool(torch.isfinite(smooth).all()) or not bool((smooth > 0).all()):
+        raise NumericalError(f"layer {name}: smoothing factor {_first_bad(smooth)} is not allowed: expected a finite "
+                             "number > 0 per input channel")
+
+
 def _first_bad(x: torch.Tensor) -> float:
     bad = ~torch.isfinite(x) | (x <= 0)
     return float(x[bad][0]) if bool(bad.any()) else float(x.reshape(-1)[0])

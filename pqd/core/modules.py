@@ -6,7 +6,9 @@ a float32 scale per output channel, the bias in float, an activation quantizer f
 output. Output quantizers are what integer kernels need (onnxruntime's QLinearConv/QLinearMatMul take
 uint8 in and give uint8 out): with them, the simulated layer computes what the deployed kernel computes.
 A layer whose input is split in two parts computes two partial products, each with its own output
-quantizer, and adds the bias after them (two integer kernels and a float add when deployed).
+quantizer, and adds the bias after them (two integer kernels and a float add when deployed). A balanced
+(smoothed) linear layer divides its input channels by ``smooth`` before quantizing them; its codes quantize
+weight x smooth (see pqd.core.smooth), so the product is unchanged.
 :class:`MatMul` / :class:`QuantMatMul` are the float and quantized forms of a product of two activations
 (attention's Q·Kᵀ and softmax·V): each operand on its own per-tensor grid, per time group.
 """
@@ -99,6 +101,7 @@ class _QuantWeight:
     weight_scale: torch.Tensor
 
     rounding: AdaRound | None
+    smooth: torch.Tensor | None
 
     def _init_qweight(self, weight_int: torch.Tensor, weight_scale: torch.Tensor, bits: int) -> None:
         self.wqtype = weight_qtype(bits)
@@ -109,12 +112,20 @@ class _QuantWeight:
         self.register_buffer("weight_scale", weight_scale.reshape(-1).to(torch.float32).clone())
         self._w_cache: torch.Tensor | None = None
         self.rounding = None
+        self.register_buffer("smooth", None)  # set by a balanced QuantLinear
+
+    def folded(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float weight that this layer's codes quantize: ``weight`` itself, or weight x smooth (per input
+        channel) when the layer is balanced."""
+        return weight if self.smooth is None else weight * self.smooth.to(weight.device)
 
     def _quantized_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """``op(x, weight, bias)`` with the input, and the output when there is an output quantizer,
         on their integer grids. A split input runs as two partial products, each quantized, plus the bias."""
         b = None if self.bias is None else self.bias.to(x.dtype)
         act, out = self.act, self.out
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
         if act is None or out is None or act.split is None:
             w = self.dequantized_weight().to(x.dtype)
             if act is None:
@@ -178,12 +189,14 @@ class QuantConv2d(_QuantWeight, nn.Module):
 
 class QuantLinear(_QuantWeight, nn.Module):
     def __init__(self, linear: nn.Linear, weight_int: torch.Tensor, weight_scale: torch.Tensor, weight_bits: int,
-                 act: ActQuantizer | None, out: ActQuantizer | None = None) -> None:
+                 act: ActQuantizer | None, out: ActQuantizer | None = None, smooth: torch.Tensor | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if weight_int.shape != linear.weight.shape:
             raise ValueError(f"QuantLinear: codes of shape {tuple(weight_int.shape)} for a weight of {tuple(linear.weight.shape)}")
         self._init_qweight(weight_int, weight_scale, weight_bits)
+        if smooth is not None:  # a buffer: it moves with the layer and traces into ONNX as a constant divisor
+            self.register_buffer("smooth", smooth.reshape(-1).to(torch.float32).clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.act, self.out = act, out
         if act is not None and act.split is not None:

@@ -30,7 +30,9 @@ class ActQDQ(torch.autograd.Function):
     def symbolic(g, x, scale: float, zero_point: int):  # noqa: D102
         s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
         z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+        out = g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+        out.setType(x.type())  # keeps the exporter's shape knowledge (else diffusers' squeeze(1) becomes an If)
+        return out
 
 
 class WeightDQ(torch.autograd.Function):
@@ -45,7 +47,9 @@ class WeightDQ(torch.autograd.Function):
     def symbolic(g, codes, scale):  # noqa: D102
         n = codes.type().sizes()[0]
         z = g.op("Constant", value_t=torch.zeros(n, dtype=torch.int8))
-        return g.op("DequantizeLinear", codes, scale, z, axis_i=0)
+        out = g.op("DequantizeLinear", codes, scale, z, axis_i=0)
+        out.setType(codes.type().with_dtype(torch.float32))
+        return out
 
 
 def act_qdq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

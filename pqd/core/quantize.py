@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from pqd.core.affine import quantize, weight_scales
-from pqd.core.guards import NumericalError, check_act_qparams, check_layer_qparams
+from pqd.core.guards import NumericalError, check_act_qparams, check_layer_qparams, check_smoothing
 from pqd.core.modules import (ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul, matmul_modules, quant_layers,
                               quant_matmuls, quantizable_layers, set_module)
 from pqd.core.observers import ActObserver
 from pqd.core.qtypes import act_qtype, weight_qtype
+from pqd.core.smooth import ChannelMax, smoothing_factors
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class QuantConfig:
     product of a split layer), as integer kernels require. Every :class:`~pqd.core.modules.MatMul` module
     of the model is quantized too (both operands per tensor, per group), its operands at
     ``operand_bits[name]`` = (bits of a, bits of b), or ``act_bits`` for both when not listed.
+    ``smooth`` names linear layers whose input channels are balanced against their weight (SmoothQuant,
+    :mod:`pqd.core.smooth`, with migration strength ``smooth_alpha``).
     """
 
     weight_bits: int = 8
@@ -45,6 +48,8 @@ class QuantConfig:
     splits: dict[str, int] = field(default_factory=dict)
     output_layers: frozenset[str] = frozenset()
     operand_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    smooth: frozenset[str] = frozenset()
+    smooth_alpha: float = 0.5
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
@@ -60,7 +65,8 @@ class LayerQParams:
     weight_int: int8, the weight's shape (codes in the signed ``weight_bits`` grid);
     weight_scale: float32 [out]; act_scale / act_zero_point: float32 [G, P] (G time groups, P = 1, or 2
     when the input is split at channel ``act_split``); out_scale / out_zero_point: the same for the
-    layer's output (partial outputs when split), or None when the output stays in float.
+    layer's output (partial outputs when split), or None when the output stays in float; smooth: float32 [in],
+    the divisor of each input channel of a balanced linear layer (its codes quantize weight x smooth), or None.
     """
 
     kind: str  # "conv2d" | "linear"
@@ -73,6 +79,7 @@ class LayerQParams:
     act_split: int | None = None
     out_scale: torch.Tensor | None = None
     out_zero_point: torch.Tensor | None = None
+    smooth: torch.Tensor | None = None
 
 
 @dataclass
@@ -101,6 +108,24 @@ def weight_layers(state: QState) -> dict[str, LayerQParams]:
 ForwardAll = Callable[[nn.Module, Callable[[int], None]], None]
 
 
+def channel_maxima(model: nn.Module, forward_all: ForwardAll, names: list[str], groups: int) -> dict[str, torch.Tensor]:
+    """Per layer in ``names``, the absolute maximum of each input channel (last dimension) in each time
+    group: float32 [G, C]."""
+    obs = {(n, g): ChannelMax() for n in names for g in range(groups)}
+    current = {"group": 0}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: obs[(n, current["group"])].update(a[0]))
+               for n, m in model.named_modules() if n in names]
+    try:
+        forward_all(model, lambda g: current.__setitem__("group", g))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [k for k, o in obs.items() if o.value is None]
+    if missing:
+        raise RuntimeError(f"smoothing: layer {missing[0][0]} received no input in time group {missing[0][1]}")
+    return {n: torch.stack([obs[(n, g)].value for g in range(groups)]) for n in names}
+
+
 def quantize_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric quantization with nearest rounding -> (codes int8, scale float32 [out])."""
     qt = weight_qtype(bits)
@@ -113,12 +138,18 @@ def quantize_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tens
 def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
                include: Callable[[str], bool] = lambda name: True) -> QState:
     """Observe the inputs of every Conv2d/Linear (for which ``include(name)``) and the operands of every
-    MatMul, and fit all quantizers."""
+    MatMul, and fit all quantizers. Layers in ``config.smooth`` are balanced first (one more pass over the
+    calibration batches for their channel maxima); their inputs are observed divided by the factors."""
     layers = {n: m for n, m in quantizable_layers(model).items() if include(n)}
     matmuls = {n: m for n, m in matmul_modules(model).items() if include(n)}
     if not layers:
         raise ValueError("fit_qstate: the model has no Conv2d or Linear layer to quantize")
     G = config.time_groups
+    smoothed = [n for n in layers if n in config.smooth]
+    if bad := [n for n in smoothed if not isinstance(layers[n], nn.Linear)]:
+        raise ValueError(f"fit_qstate: smoothing is for linear layers, not {bad[0]!r}")
+    maxima = channel_maxima(model, forward_all, smoothed, G) if smoothed else {}
+    factors = {n: smoothing_factors(maxima[n], layers[n].weight, config.smooth_alpha) for n in smoothed}
     parts = {n: 2 if n in config.splits else 1 for n in layers} | {n: 1 for n in matmuls}
     unknown = sorted(set(config.output_layers) - set(layers))
     if unknown:
@@ -148,7 +179,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
             observe(n, 0, "a", x)
             observe(n, 0, "b", args[1])
         elif parts[n] == 1:
-            observe(n, 0, "in", x)
+            observe(n, 0, "in", x / factors[n].to(x.device) if n in factors else x)
         else:
             k = config.splits[n]
             observe(n, 0, "in", x[:, :k])
@@ -188,12 +219,14 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         scales, zps = fitted(name, "in", config.act_bits)
         out_s, out_z = fitted(name, "out", config.act_bits) if "out" in sides[name] else (None, None)
         bits = config.bits_for(name)
-        codes, w_scale = quantize_weight(layer.weight, bits, config.weight_range)
+        smooth = factors.get(name)
+        w = layer.weight if smooth is None else layer.weight * smooth.to(layer.weight.device)
+        codes, w_scale = quantize_weight(w, bits, config.weight_range)
         state[name] = LayerQParams(
             kind="conv2d" if isinstance(layer, nn.Conv2d) else "linear",
             weight_bits=bits, act_bits=config.act_bits, weight_int=codes, weight_scale=w_scale,
             act_scale=scales, act_zero_point=zps, act_split=config.splits.get(name),
-            out_scale=out_s, out_zero_point=out_z)
+            out_scale=out_s, out_zero_point=out_z, smooth=smooth)
     for name in matmuls:
         a_bits, b_bits = config.operand_bits_for(name)
         (a_s, a_z), (b_s, b_z) = fitted(name, "a", a_bits), fitted(name, "b", b_bits)
@@ -222,8 +255,12 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
         act = ActQuantizer(lp.act_bits, lp.act_scale, lp.act_zero_point, split=lp.act_split)
         out = None if lp.out_scale is None else \
             ActQuantizer(lp.act_bits, lp.out_scale, lp.out_zero_point, split=lp.act_split)
-        cls = QuantConv2d if isinstance(float_layer, nn.Conv2d) else QuantLinear
-        q = cls(float_layer, lp.weight_int, lp.weight_scale, lp.weight_bits, act, out)
+        if lp.smooth is not None:
+            check_smoothing(name, lp.smooth, float_layer.weight.shape[-1])
+            q = QuantLinear(float_layer, lp.weight_int, lp.weight_scale, lp.weight_bits, act, out, smooth=lp.smooth)
+        else:
+            cls = QuantConv2d if isinstance(float_layer, nn.Conv2d) else QuantLinear
+            q = cls(float_layer, lp.weight_int, lp.weight_scale, lp.weight_bits, act, out)
         q.to(float_layer.weight.device)
         set_module(model, name, q)
     return model
@@ -239,7 +276,8 @@ def qstate_of(model: nn.Module) -> QState:
             act_bits=act.qtype.bits, weight_int=q.weight_int.detach().clone(), weight_scale=q.weight_scale.detach().clone(),
             act_scale=act.scale.detach().clone(), act_zero_point=act.zero_point.detach().clone(), act_split=act.split,
             out_scale=None if oq is None else oq.scale.detach().clone(),
-            out_zero_point=None if oq is None else oq.zero_point.detach().clone())
+            out_zero_point=None if oq is None else oq.zero_point.detach().clone(),
+            smooth=None if q.smooth is None else q.smooth.detach().clone())
     for name, m in quant_matmuls(model).items():
         out[name] = MatMulQParams(m.qa.qtype.bits, m.qb.qtype.bits, m.qa.scale.detach().clone(),
                                   m.qa.zero_point.detach().clone(), m.qb.scale.detach().clone(),

@@ -87,11 +87,16 @@ def qdrop(module: nn.Module, p: float, generator: torch.Generator) -> Iterator[N
 
 
 def _output(y: Any) -> torch.Tensor:
-    """The tensor a unit returns (diffusers blocks return a tensor, a tuple or an output object)."""
+    """The tensor a unit returns (diffusers blocks return a tensor, a tuple or an output object). A unit that
+    returns several tensors (SD3's joint blocks: the context and the image tokens) is judged on all of them:
+    their rows flattened and concatenated, [B, N1 + N2 + ...]."""
     if isinstance(y, torch.Tensor):
         return y
     if isinstance(y, (tuple, list)):
-        return y[0]
+        parts = [t for t in y if isinstance(t, torch.Tensor)]
+        if not parts:
+            raise TypeError("unit output holds no tensor")
+        return parts[0] if len(parts) == 1 else torch.cat([t.flatten(1) for t in parts], dim=1)
     if hasattr(y, "sample"):
         return y.sample
     raise TypeError(f"unit output of type {type(y).__name__} is not supported")
@@ -280,7 +285,8 @@ def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchR
                                   _capture(fp, unit, run, n, [0] * n, "out", store(unit, "out")), groups)
         q_unit, fp_unit = q.get_submodule(unit), fp.get_submodule(unit)
         layers_rel = quant_layers(q_unit)  # {"": q_unit} when the unit is a single layer
-        weights = {nm: fp_unit.get_submodule(nm).weight.detach() for nm in layers_rel}
+        # the float weights the codes stand for (a balanced layer's codes quantize weight x smooth)
+        weights = {nm: q.folded(fp_unit.get_submodule(nm).weight.detach()) for nm, q in layers_rel.items()}
         entry = reconstruct_unit(q_unit, weights, batches, cfg, gen)
         if not math.isfinite(entry["mse_before"]):
             raise NumericalError(f"reconstruction unit {unit}: the quantized unit's output is non-finite on the "

@@ -19,6 +19,7 @@ import torch
 from pqd.core.timegroups import TimeGroups
 from pqd.deploy.onnx import ONNX_DIR, graph_file
 from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.pipeline import denoiser_component, sample_shape_of
 from pqd.errors import MissingInputError
 from pqd.formats.export import time_groups_of
 from pqd.formats.files import read_json
@@ -55,7 +56,8 @@ def kernel_report(path: Path) -> dict[str, Any]:
 
 
 class OrtDenoiser(Denoiser):
-    """A :class:`Denoiser` whose UNet is the deployed ONNX artifact, run by onnxruntime."""
+    """A :class:`Denoiser` whose network is the deployed ONNX artifact, run by onnxruntime. Its graphs take the
+    conditioning inputs by name, as the torch network does (see pqd.deploy.onnx)."""
 
     def __init__(self, onnx_dir: Path, scheduler_config: dict[str, Any], scheduler_class: str,
                  sample_shape: tuple[int, int, int], time_groups: TimeGroups, threads: int | None = None) -> None:
@@ -68,21 +70,22 @@ class OrtDenoiser(Denoiser):
     def session(self, group: int):
         return self._sessions[group]
 
-    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if cond is not None:
-            raise ValueError("the deployed ONNX graphs take no encoder hidden states: text-guided models are "
-                             "evaluated with evaluate.backend = 'torch'")
+    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: dict[str, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
         tb = t.expand(x.shape[0]) if t.ndim == 0 else t
         feeds = {"sample": x.detach().to(torch.float32).cpu().contiguous().numpy(),
                  "timestep": tb.detach().to(torch.float32).cpu().contiguous().numpy()}
+        for name, v in (cond or {}).items():  # float inputs as float32, integer ones (labels, masks) as int64
+            v = v.detach().to(torch.float32 if v.is_floating_point() else torch.int64)
+            feeds[name] = v.expand(x.shape[0], *v.shape[1:]).cpu().contiguous().numpy()
         (y,) = self.session(group).run(None, feeds)
         return torch.from_numpy(np.ascontiguousarray(y)).to(x.device)
 
 
 def load_ort_denoiser(export_dir: Path, threads: int | None = None, components: Denoiser | None = None) -> OrtDenoiser:
     """The deployed denoiser of an export folder (verify its manifest first: see pqd.formats.export).
-    ``components``: a Denoiser of the same export whose float parts around the UNet (a latent model's
-    decoder) the deployed one uses too."""
+    ``components``: a Denoiser of the same export whose float parts around the network (a latent model's
+    decoder, a conditioned model's text encoders or classes) the deployed one uses too."""
     export_dir = Path(export_dir)
     onnx_dir = export_dir / ONNX_DIR
     groups = time_groups_of(export_dir)
@@ -91,11 +94,10 @@ def load_ort_denoiser(export_dir: Path, threads: int | None = None, components: 
         raise MissingInputError(f"{onnx_dir}/{missing[0]} is missing: the export has no ONNX graph for every "
                                 f"time group (set export.onnx = true and rerun the export stage)")
     index = read_json(export_dir / "model_index.json")
-    cfg = read_json(export_dir / "unet" / "config.json")
-    size = cfg["sample_size"]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    cfg = read_json(export_dir / denoiser_component(export_dir) / "config.json")
     den = OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
-                      (int(cfg["in_channels"]), int(h), int(w)), groups, threads)
+                      sample_shape_of(cfg), groups, threads)
     if components is not None:
-        den.decoder, den.latent_scale = components.decoder, components.latent_scale
+        for part in ("decoder", "latent_scale", "latent_shift", "encoder", "arch"):
+            setattr(den, part, getattr(components, part))
     return den

@@ -1,22 +1,27 @@
 """Architecture knowledge about diffusers models lives here (and only here).
 
-A :class:`Denoiser` wraps the parts of a diffusers pipeline the product needs: the UNet that gets
-quantized, the scheduler config it is sampled with, the shape of its samples and how samples become
-images. Everything else in the product talks to a Denoiser, not to a pipeline class.
+A :class:`Denoiser` wraps the parts of a diffusers pipeline the product needs: the denoiser network that gets
+quantized (a UNet or a transformer, :mod:`pqd.diffusion.archs`), the scheduler config it is sampled with, the
+shape of its samples, how samples become images and, for conditioned models, the encoder of its conditioning
+inputs (:mod:`pqd.diffusion.encoders`). Everything else in the product talks to a Denoiser, not to a pipeline.
 
-Three families are supported:
-- pixel models (``UNet2DModel``, with or without attention blocks: DDPM/DDIM pipelines);
-- latent models: a ``UNet2DModel`` or ``UNet2DConditionModel`` denoising in the latent space of a VQ or KL
-  autoencoder (``vqvae`` / ``vae`` component). The autoencoder's decoder stays in float, outside the
-  quantized part; trajectories, calibration and sampling all happen in latent space;
-- text-guided models (``UNet2DConditionModel`` with a text encoder and tokenizer, Stable Diffusion 1.x
-  style): cross-attention on the prompt's encoder hidden states, classifier-free guidance (the UNet sees
-  the unconditional and the conditional branch of every input).
+Families (by what the denoiser is conditioned on and where it denoises):
+- pixel models (``UNet2DModel``, DDPM/DDIM pipelines);
+- latent models: a UNet or transformer denoising in the latent space of a VQ or KL autoencoder (``vqvae`` /
+  ``vae``). The decoder stays in float, outside the quantized part; trajectories, calibration and sampling all
+  happen in latent space;
+- text-guided models (``UNet2DConditionModel`` of Stable Diffusion 1.x, ``PixArtTransformer2DModel``,
+  ``SD3Transformer2DModel``): the prompt's encodings, classifier-free guidance (the denoiser sees the
+  unconditional and the conditional branch of every input);
+- class-conditional models (``DiTTransformer2DModel``): class labels, guidance over the null class.
+
+A batch's conditioning is a dict of named tensors (``Cond``: encoder_hidden_states, class_labels,
+pooled_projections, ...), the same names the deployed ONNX graphs take as inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,84 +29,77 @@ import torch
 import torch.nn as nn
 
 from pqd.core.timegroups import set_time_group, TimeGroups
-from pqd.diffusion.pipeline import check_supported, decoder_of, load_pipeline, unet_sample_shape
-
-# layers kept at a higher weight precision by default: the first and last convolutions and the
-# time-embedding MLP (small, and errors there reach every block)
-EDGE_LAYER_PREFIXES = ("conv_in", "conv_out", "time_embedding.")
-
-# the units that block reconstruction optimises one at a time; any quantized layer outside them is a unit
-# of its own. Named by class so every UNet built from diffusers' blocks is covered.
-UNIT_CLASSES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D")
+from pqd.diffusion.archs import Architecture, Cond, UNetArch, architecture_of
+from pqd.diffusion.encoders import Encoder, encoder_for
+from pqd.diffusion.pipeline import check_supported, decoder_of, denoiser_of, load_pipeline, sample_shape_of
 
 
-def unet_forward(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-    """One UNet call: x [B, C, H, W], t scalar or [B], cond (encoder hidden states [B, L, D]) or None."""
-    if cond is None:
-        return unet(x, t).sample
-    return unet(x, t, encoder_hidden_states=cond).sample
+def _rows(cond: Cond, idx: torch.Tensor) -> Cond:
+    return {k: v[idx] for k, v in cond.items()}
 
 
 @dataclass
 class Conditioning:
-    """Text conditioning of a set of seeds: prompt embeddings stored once, referenced by index.
+    """The conditioning of a set of seeds: each input stored once per prompt (or class), referenced by row.
 
-    ``embeds``: float32 [P + 1, L, D], row 0 the unconditional (empty) prompt, rows 1..P the prompts;
-    ``prompt_of``: per seed, its row (>= 1); ``guidance_scale``: classifier-free guidance weight
-    (1 = the conditional branch only)."""
+    ``inputs``: by name, tensors [P + 1, ...], row 0 the unconditional input (empty prompt, null class), rows
+    1..P the prompts (classes); ``row_of``: per seed, its row (>= 1); ``guidance_scale``: classifier-free
+    guidance weight (1 = the conditional branch only)."""
 
-    embeds: torch.Tensor
-    prompt_of: list[int]
+    inputs: Cond
+    row_of: list[int]
     guidance_scale: float
 
+    @property
+    def choices(self) -> int:
+        """P: the prompts (classes) the seeds take their rows from."""
+        return len(next(iter(self.inputs.values()))) - 1
+
     def subset(self, start: int, end: int) -> "Conditioning":
-        """The conditioning of seeds start..end-1 (the embeddings are shared, not copied)."""
-        return Conditioning(self.embeds, self.prompt_of[start:end], self.guidance_scale)
+        """The conditioning of seeds start..end-1 (the inputs are shared, not copied)."""
+        return Conditioning(self.inputs, self.row_of[start:end], self.guidance_scale)
 
-    def hidden_states(self) -> torch.Tensor:
-        """Per seed, its prompt's encoder hidden states [N, L, D]."""
-        return self.embeds[torch.tensor(self.prompt_of, dtype=torch.int64)]
+    def per_seed(self, device: str | torch.device = "cpu") -> Cond:
+        """Per seed, its row of every input: tensors [N, ...]."""
+        return {k: v.to(device) for k, v in _rows(self.inputs, torch.tensor(self.row_of, dtype=torch.int64)).items()}
 
-
-@dataclass
-class TextEncoder:
-    """A pipeline's tokenizer + text encoder (kept in float, never quantized)."""
-
-    tokenizer: Any
-    model: nn.Module
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str], device: str = "cpu") -> torch.Tensor:
-        """Prompts -> encoder hidden states float32 [P, L, D] (padded to the tokenizer's max length, as SD 1.x)."""
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        mask = tok.attention_mask.to(device) if getattr(self.model.config, "use_attention_mask", False) else None
-        return self.model(tok.input_ids.to(device), attention_mask=mask)[0].to(torch.float32)
+    def unconditional(self, device: str | torch.device = "cpu") -> Cond:
+        """Row 0 of every input: tensors [1, ...]."""
+        return {k: v[:1].to(device) for k, v in self.inputs.items()}
 
 
 @dataclass
 class Denoiser:
-    unet: nn.Module
+    unet: nn.Module  # the denoiser network, a UNet or a transformer (the name predates transformers)
     scheduler_config: dict[str, Any]
     scheduler_class: str
-    sample_shape: tuple[int, int, int]  # (C, H, W) of the UNet's input (latent shape for latent models)
-    time_groups: TimeGroups | None = None  # set for a quantized UNet with time-aware activations
+    sample_shape: tuple[int, int, int]  # (C, H, W) of the network's input (latent shape for latent models)
+    time_groups: TimeGroups | None = None  # set for a quantized network with time-aware activations
     decoder: nn.Module | None = None  # latent models: the VQ/KL autoencoder, used only to decode (float)
     latent_scale: float = 1.0  # latents are divided by this before decoding (the autoencoder's scaling_factor)
-    text: TextEncoder | None = None  # text-guided models
+    latent_shift: float = 0.0  # ... then shifted by this (the autoencoder's shift_factor: SD3's KL autoencoder)
+    encoder: Encoder | None = None  # conditioned models: prompts (text) or classes -> conditioning inputs
+    arch: Architecture = field(default_factory=UNetArch)
 
     @property
     def conditional(self) -> bool:
-        """True when the UNet takes encoder hidden states (cross-attention on text embeddings)."""
-        return self.text is not None
+        """True when the network takes conditioning inputs (text encodings or class labels)."""
+        return self.encoder is not None
 
     @property
     def family(self) -> str:
-        return "text" if self.conditional else "latent" if self.decoder is not None else "pixel"
+        if self.encoder is not None:
+            return self.encoder.kind
+        return "latent" if self.decoder is not None else "pixel"
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """UNet output (noise prediction) for inputs x [B, C, H, W] at timesteps t (scalar or [B]) with
-        encoder hidden states cond [B, L, D] (text models) or None.
+    def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """``model`` (this denoiser's network, float or quantized) on x [B, C, H, W], t (scalar or [B]) and the
+        conditioning inputs by name -> the noise prediction [B, C, H, W]."""
+        return self.arch.call(model, x, t, cond)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """Network output (noise prediction) for inputs x [B, C, H, W] at timesteps t (scalar or [B]) with the
+        conditioning inputs ``cond`` (each [B, ...]) or None.
 
         With time groups, each sample runs with the activation parameters of its timestep's group
         (a batch that mixes groups is split by group)."""
@@ -116,25 +114,27 @@ class Denoiser:
         out = None
         for g in present:
             idx = (groups == g).nonzero().squeeze(1).to(x.device)
-            y = self.run_group(x[idx], tb[idx], g, None if cond is None else cond[idx])
+            y = self.run_group(x[idx], tb[idx], g, None if cond is None else _rows(cond, idx))
             out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
             out[idx] = y
         return out
 
-    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet on a batch whose timesteps all lie in time group ``group``."""
+    def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: Cond | None = None) -> torch.Tensor:
+        """The network on a batch whose timesteps all lie in time group ``group``."""
         if self.time_groups is not None and self.time_groups.count > 1:
             set_time_group(self.unet, group)
-        return unet_forward(self.unet, x, t, cond)
+        return self.call(self.unet, x, t, cond)
 
-    def guided(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-               uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
-        """Noise prediction with classifier-free guidance: one UNet call on [uncond; cond] (both branches),
-        eps_u + g (eps_c - eps_u). ``uncond`` [1, L, D] or [B, L, D]; without it (or g = 1) only the
+    def guided(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None, uncond: Cond | None = None,
+               guidance_scale: float = 1.0) -> torch.Tensor:
+        """Noise prediction with classifier-free guidance: one call on [uncond; cond] (both branches),
+        eps_u + g (eps_c - eps_u). ``uncond``: each input [1, ...] or [B, ...]; without it (or g = 1) only the
         conditional branch runs."""
         if cond is None or uncond is None or guidance_scale == 1.0:
             return self.predict(x, t, cond)
-        eps_u, eps_c = self.predict(torch.cat([x, x]), t, torch.cat([uncond.expand_as(cond), cond])).chunk(2)
+        both = {k: torch.cat([uncond[k].expand_as(v), v]) for k, v in cond.items()}
+        t = torch.as_tensor(t)
+        eps_u, eps_c = self.predict(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, both).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     @torch.no_grad()
@@ -142,71 +142,71 @@ class Denoiser:
         """Samples [-1, 1] (pixel models) or latents (decoded by the float autoencoder) -> images
         [B, 3 or 1, H, W] float32 in [0, 1]."""
         if self.decoder is not None:
-            x = self.decoder.decode(x.to(next(self.decoder.parameters()).dtype) / self.latent_scale).sample
+            z = x.to(next(self.decoder.parameters()).dtype) / self.latent_scale + self.latent_shift
+            x = self.decoder.decode(z).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
-    def conditioning(self, prompts: list[str], prompt_of: list[int], guidance_scale: float,
+    def conditioning(self, prompts: list[str] | None, row_of: list[int], guidance_scale: float,
                      device: str = "cpu") -> Conditioning:
-        """Encode the empty prompt and ``prompts`` once; ``prompt_of`` gives each seed's row (>= 1)."""
-        if self.text is None:
-            raise ValueError("prompts were given for a model without a text encoder: expected no prompts")
-        return Conditioning(self.text.encode([""] + list(prompts), device).cpu(), list(prompt_of), guidance_scale)
+        """The conditioning rows (the empty prompt and ``prompts``, or the null class and every class) computed
+        once; ``row_of`` gives each seed's row (>= 1)."""
+        if self.encoder is None:
+            raise ValueError("conditioning was asked of an unconditional model: expected no prompts")
+        return Conditioning(self.encoder.rows(prompts, device), list(row_of), guidance_scale)
+
+    def probe_conditioning(self, n: int) -> Cond | None:
+        """Conditioning inputs for n probe or tracing inputs: the classes in turn (class models) or the empty
+        prompt (text models, whose prompts the export stage does not know); None when unconditional."""
+        if self.encoder is None:
+            return None
+        rows = self.encoder.rows(None if self.encoder.kind == "class" else [])
+        k = len(next(iter(rows.values())))
+        return _rows(rows, torch.tensor([(1 + i) % k for i in range(n)], dtype=torch.int64))
+
+    def example_inputs(self, n: int) -> dict[str, torch.Tensor]:
+        """Named inputs of one call on n samples, as a deployed graph takes them: ``sample`` [n, C, H, W],
+        ``timestep`` [n] float32, then the conditioning inputs (float32 or int64)."""
+        return {"sample": torch.zeros(n, *self.sample_shape), "timestep": torch.full((n,), 10.0),
+                **(self.probe_conditioning(n) or {})}
 
     def edge_layers(self, names: list[str]) -> list[str]:
-        return [n for n in names if n == "conv_in" or n == "conv_out" or n.startswith(EDGE_LAYER_PREFIXES)]
+        return self.arch.edge_layers(names)
+
+    def modulation_layers(self, names: list[str]) -> list[str]:
+        return self.arch.modulation_layers(names)
 
     def float_output_layers(self, names: list[str]) -> list[str]:
-        """Layers whose output stays in float when outputs are quantized: the last convolution (the
-        noise prediction itself; an 8-bit grid there would cap the precision of every step)."""
-        return [n for n in names if n == "conv_out"]
+        """Layers whose output stays in float when outputs are quantized (the noise prediction itself, ...)."""
+        return self.arch.float_output_layers(names)
 
     def units(self, layer_names: list[str]) -> list[str]:
-        """Reconstruction units (module order; the reconstruction orders them by a forward pass): block
-        modules (UNIT_CLASSES) containing quantized layers, outermost first, and each remaining layer
-        (conv_in, time embedding, conv_out) alone."""
-        units: list[str] = []
-        for name, m in self.unet.named_modules():
-            if type(m).__name__ in UNIT_CLASSES and not any(name.startswith(u + ".") for u in units):
-                if any(n.startswith(name + ".") for n in layer_names):
-                    units.append(name)
-        covered = [n for n in layer_names if any(n.startswith(u + ".") for u in units)]
-        return units + [n for n in layer_names if n not in covered]
+        """Reconstruction units: blocks containing quantized layers, and each remaining layer alone."""
+        return self.arch.units(self.unet, layer_names)
 
     def skip_splits(self) -> dict[str, int]:
-        """Layers whose input is a skip concatenation [h, skip] in the up path, and the channel count of h
-        (for shortcut splitting): the up blocks' ResNet first convolution and 1x1 shortcut."""
-        unet = self.unet
-        prev = unet.mid_block.resnets[-1].out_channels if unet.mid_block is not None else unet.up_blocks[0].resnets[0].out_channels
-        splits: dict[str, int] = {}
-        for i, block in enumerate(unet.up_blocks):
-            for j, r in enumerate(block.resnets):
-                k = prev if j == 0 else block.resnets[j - 1].out_channels
-                if r.in_channels > k:
-                    splits[f"up_blocks.{i}.resnets.{j}.conv1"] = k
-                    if getattr(r, "conv_shortcut", None) is not None:
-                        splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = k
-            prev = block.resnets[-1].out_channels
-        return splits
+        """Layers whose input is a skip concatenation, and where it splits (UNets' up path)."""
+        return self.arch.skip_splits(self.unet)
+
+    def smooth_layers(self, names: list[str]) -> list[str]:
+        """Linears that channel balancing (quant.smooth) pairs with their input activations."""
+        return self.arch.smooth_layers(self.unet, names)
 
 
 def denoiser_from_pipeline(pipe) -> Denoiser:
-    """The Denoiser of a pixel, latent or text-guided diffusers pipeline (refuses anything else, in one line)."""
+    """The Denoiser of a supported diffusers pipeline (refuses anything else, in one line)."""
     check_supported(pipe)
-    unet = pipe.unet.eval().requires_grad_(False)
+    _, model = denoiser_of(pipe)
+    model.eval().requires_grad_(False)
     decoder = decoder_of(pipe)
     if decoder is not None:
         decoder.eval().requires_grad_(False)
-    text = None
-    if type(unet).__name__ == "UNet2DConditionModel":
-        text = TextEncoder(pipe.tokenizer, pipe.text_encoder.eval().requires_grad_(False))
     scale = float(getattr(decoder.config, "scaling_factor", 1.0) or 1.0) if decoder is not None else 1.0
-    return Denoiser(unet=unet, scheduler_config=dict(pipe.scheduler.config),
-                    scheduler_class=type(pipe.scheduler).__name__, sample_shape=unet_sample_shape(unet),
-                    decoder=decoder, latent_scale=scale, text=text)
+    shift = float(getattr(decoder.config, "shift_factor", 0.0) or 0.0) if decoder is not None else 0.0
+    return Denoiser(unet=model, scheduler_config=dict(pipe.scheduler.config),
+                    scheduler_class=type(pipe.scheduler).__name__, sample_shape=sample_shape_of(model.config),
+                    decoder=decoder, latent_scale=scale, latent_shift=shift, encoder=encoder_for(pipe, model), arch=architecture_of(model))
 
 
 def load_denoiser(folder: str | Path, device: str = "cpu", unet: nn.Module | None = None) -> Denoiser:
-    """The Denoiser of the pipeline in ``folder`` (``unet``: a replacement UNet, see :func:`load_pipeline`)."""
+    """The Denoiser of the pipeline in ``folder`` (``unet``: a replacement network, see :func:`load_pipeline`)."""
     return denoiser_from_pipeline(load_pipeline(folder, device, unet))
-
-

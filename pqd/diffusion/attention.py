@@ -1,4 +1,5 @@
-"""Attention with replaceable matmuls: how the product quantizes Q·Kᵀ and softmax·V of diffusers models.
+"""Attention with replaceable matmuls: how the product quantizes Q·Kᵀ and softmax·V of diffusers models
+(UNets' self- and cross-attention, DiT's and PixArt's attention, SD3's joint attention).
 
 Part of the adapter layer (the only place that knows diffusers' module classes). diffusers computes
 attention in one fused kernel (scaled dot product), which leaves nothing to observe or quantize between
@@ -62,15 +63,53 @@ class MatMulAttention(nn.Module):
         return out / attn.rescale_output_factor
 
 
+class MatMulJointAttention(nn.Module):
+    """SD3's joint attention (diffusers' ``JointAttnProcessor2_0``: the image tokens and the context tokens,
+    each with their own projections, attend over their concatenation) with the same two replaceable matmuls as
+    :class:`MatMulAttention`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk, self.pv = MatMul(), MatMul()
+
+    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
+        batch, heads, n = hidden_states.shape[0], attn.heads, hidden_states.shape[1]
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, heads * d] -> [B, heads, L, d]
+            return x.reshape(batch, x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
+
+        q, k, v = (split_heads(p(hidden_states)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (split_heads(p(encoder_hidden_states)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if getattr(attn, "norm_added_q", None) is not None:
+                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        out = self.pv((self.qk(q, k.transpose(-1, -2)) * attn.scale).softmax(dim=-1), v)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1])
+        context = None
+        if encoder_hidden_states is not None:
+            out, context = out[:, :n], out[:, n:]
+            if not attn.context_pre_only:
+                context = attn.to_add_out(context)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if context is None else (out, context)
+
+
 def use_matmul_attention(unet: nn.Module) -> dict[str, str]:
-    """Give every diffusers ``Attention`` module of ``unet`` a :class:`MatMulAttention` processor (idempotent);
-    returns the names of its matmul modules with their role: ``"qk"`` (Q·Kᵀ) or ``"pv"`` (softmax·V)."""
-    from diffusers.models.attention_processor import Attention
+    """Give every diffusers ``Attention`` module of ``unet`` a processor with replaceable matmuls (idempotent):
+    :class:`MatMulJointAttention` where diffusers uses its joint (SD3) processor, :class:`MatMulAttention`
+    elsewhere; returns the names of the matmul modules with their role: ``"qk"`` (Q·Kᵀ) or ``"pv"`` (softmax·V)."""
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
     roles: dict[str, str] = {}
     for name, m in unet.named_modules():
         if isinstance(m, Attention):
-            if not isinstance(m.processor, MatMulAttention):
+            if isinstance(m.processor, JointAttnProcessor2_0):
+                m.set_processor(MatMulJointAttention())
+            elif not isinstance(m.processor, (MatMulAttention, MatMulJointAttention)):
                 if getattr(m, "added_kv_proj_dim", None) is not None or getattr(m, "only_cross_attention", False):
                     raise ValueError(f"attention module {name}: added key/value projections are not supported for "
                                      "attention matmul quantization: expected quant.attention = false")

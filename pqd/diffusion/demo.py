@@ -1,12 +1,15 @@
 """The embedded offline demos, and a digit classifier for their FID.
 
-Two model sources, trained on the spot from scikit-learn's bundled 8x8 digits (no GPU, no network):
+Three model sources, trained on the spot from scikit-learn's bundled 8x8 digits (no GPU, no network):
 
 - ``demo:digits``: a DDPM UNet on the digits at their native 8x8, one channel, scaled from 0..16 to [-1, 1];
   three levels, one ResNet per level, attention at the lowest resolution, cosine betas, DDPMScheduler.
 - ``demo:digits16``: another architecture on another image format: the digits upsampled to 16x16 RGB with
   coloured strokes (:func:`digits16_tensor`); ResNets two per level, self-attention at the full 16x16
   resolution and in the mid block, head dim 16, linear betas, DDIMScheduler.
+- ``demo:digits-dit``: a class-conditional DiT (DiTTransformer2DModel in a DiTPipeline) on the 8x8 pixels, patch
+  size 2 (16 tokens of 2x2 pixels), trained with 10% of the labels replaced by the null class so that
+  classifier-free guidance works; no autoencoder (the pipeline's ``vae`` is None).
 
 Both are evaluated with the DigitNet features of the same 8x8 digits: the extractor reads an image's channel
 mean at 8x8 (pqd.eval.fid), and a digits16 image's channel mean is exactly its upsampled gray digit.
@@ -27,6 +30,9 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 DEFAULT_CHANNELS = (32, 64, 64)
+DIT_HEAD_DIM = 32  # the demo DiT's attention head width: model.dit_width / 32 heads
+NUM_CLASSES = 10
+LABEL_DROP = 0.1  # share of training labels replaced by the null class (DiT's classifier-free guidance training)
 NUM_TRAIN_TIMESTEPS = 1000
 FEATURES_DIR = "fid_features"  # inside the demo's model folder: the digit feature network (evaluate.features)
 DIGITS16_HUE_SEED = 0  # the stroke colours of demo:digits16 are part of the data set, not of a model's seed
@@ -91,6 +97,16 @@ def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_blo
     )
 
 
+def build_demo_dit(width: int = 128, depth: int = 6):
+    """A diffusers ``DiTTransformer2DModel`` for [B, 1, 8, 8] inputs and the 10 digit classes: patch size 2 (16 tokens),
+    ``depth`` blocks of ``width`` channels (heads of 32), adaLN-zero conditioning on the timestep and the class."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(num_attention_heads=width // DIT_HEAD_DIM, attention_head_dim=DIT_HEAD_DIM,
+                                 in_channels=1, out_channels=1, num_layers=depth, sample_size=8, patch_size=2,
+                                 num_embeds_ada_norm=NUM_CLASSES)
+
+
 def build_demo_scheduler(beta_schedule: str = "squaredcos_cap_v2"):
     """The training (and default sampling) scheduler: DDPM, 1000 steps, epsilon prediction."""
     from diffusers import DDPMScheduler
@@ -122,17 +138,23 @@ def build_digits16_scheduler():
 
 
 def train_demo_pipeline(source: str, *, seed: int, steps: int, batch_size: int, lr: float,
-                        channels: tuple[int, ...], progress: bool = True):
-    """Train the UNet of demo ``source`` on :func:`demo_images` and return its diffusers pipeline
-    (DDPMPipeline for 'demo:digits', DDIMPipeline for 'demo:digits16')."""
-    from diffusers import DDIMPipeline, DDPMPipeline
+                        channels: tuple[int, ...], dit_width: int = 128, dit_depth: int = 6, progress: bool = True):
+    """Train the denoiser of demo ``source`` on :func:`demo_images` and return its diffusers pipeline
+    (DDPMPipeline for 'demo:digits', DDIMPipeline for 'demo:digits16', DiTPipeline without an autoencoder for
+    'demo:digits-dit')."""
+    from diffusers import DDIMPipeline, DDPMPipeline, DiTPipeline
 
     if source == "demo:digits16":
         torch.manual_seed(seed)
         sched = build_digits16_scheduler()
-        unet = train_unet(build_digits16_unet(channels), demo_images(source), sched, seed=seed, steps=steps,
-                          batch_size=batch_size, lr=lr, progress=progress, desc="demo:digits16 UNet")
+        unet = train_denoiser(build_digits16_unet(channels), demo_images(source), sched, seed=seed, steps=steps,
+                              batch_size=batch_size, lr=lr, progress=progress, desc="demo:digits16 UNet")
         return DDIMPipeline(unet=unet, scheduler=sched)
+    if source == "demo:digits-dit":  # pixel space: no autoencoder
+        images, labels = load_digits_tensor()
+        dit = train_demo_dit(images, labels, seed=seed, steps=steps, batch_size=batch_size, lr=lr, width=dit_width,
+                             depth=dit_depth, progress=progress)
+        return DiTPipeline(transformer=dit, vae=None, scheduler=build_demo_scheduler())
     unet = train_demo_unet(demo_images(source), seed=seed, steps=steps, batch_size=batch_size, lr=lr,
                            channels=channels, progress=progress)
     return DDPMPipeline(unet=unet, scheduler=build_demo_scheduler())
@@ -150,21 +172,43 @@ def train_demo_unet(images: torch.Tensor, *, seed: int, steps: int, batch_size: 
                     channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1,
                     ema_decay: float = 0.995, beta_schedule: str = "squaredcos_cap_v2", progress: bool = True):
     """Train the demo UNet to predict the noise (epsilon) of DDPM-noised ``images`` [N, 1, 8, 8] in [-1, 1]
-    (see :func:`train_unet`)."""
+    (see :func:`train_denoiser`)."""
     torch.manual_seed(seed)
-    return train_unet(build_demo_unet(channels, layers_per_block), images, build_demo_scheduler(beta_schedule),
-                      seed=seed, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, progress=progress)
+    return train_denoiser(build_demo_unet(channels, layers_per_block), images, build_demo_scheduler(beta_schedule),
+                          seed=seed, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, progress=progress)
 
 
-def train_unet(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, steps: int, batch_size: int,
-               lr: float, ema_decay: float = 0.995, progress: bool = True, desc: str = "demo UNet") -> nn.Module:
-    """Train ``unet`` (a diffusers UNet2DModel) to predict the noise (epsilon) of ``images`` [N, C, H, W] in
-    [-1, 1] noised by ``scheduler``'s training schedule.
+def train_demo_dit(images: torch.Tensor, labels: torch.Tensor, *, seed: int, steps: int, batch_size: int, lr: float,
+                   width: int = 128, depth: int = 6, progress: bool = True):
+    """Train the demo DiT on ``images`` [N, 1, 8, 8] in [-1, 1] and their ``labels`` int64 [N] (see
+    :func:`train_denoiser`), 10% of the labels dropped to the null class."""
+    torch.manual_seed(seed)
+    return train_denoiser(build_demo_dit(width, depth), images, build_demo_scheduler(), seed=seed, steps=steps,
+                          batch_size=batch_size, lr=lr, labels=labels, progress=progress, desc="demo DiT")
+
+
+def _label_tables(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
+
+
+def train_denoiser(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, steps: int, batch_size: int,
+                   lr: float, ema_decay: float = 0.995, labels: torch.Tensor | None = None, progress: bool = True,
+                   desc: str = "demo UNet") -> nn.Module:
+    """Train ``unet`` (a diffusers UNet2DModel, or a DiTTransformer2DModel with ``labels``) to predict the noise
+    (epsilon) of ``images`` [N, C, H, W] in [-1, 1] noised by ``scheduler``'s training schedule.
 
     AdamW with warmup + cosine learning rate; returns the EMA of the weights (in eval mode, float32, on CPU)
-    when ``ema_decay`` > 0. All randomness (batch order, noise, timesteps) derives from ``seed``; with the
-    model initialised under the same seed, two runs on one machine give bit-identical weights.
+    when ``ema_decay`` > 0. All randomness (batch order, noise, timesteps, dropped labels) derives from ``seed``;
+    with the model initialised under the same seed, two runs on one machine give bit-identical weights.
+    With ``labels`` (int64 [N]), a share LABEL_DROP of each batch's labels is replaced by the null class, the same
+    for every block (diffusers' DiT gives each block its own label table, whose own dropout would drop a label
+    in some blocks and not in others; it is switched off while training).
     """
+    tables = _label_tables(unet)
+    drops = [table.dropout_prob for table in tables]
+    for table in tables:
+        table.dropout_prob = 0.0
+    null = getattr(unet.config, "num_embeds_ada_norm", None)
     unet = unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay > 0 else None
     num_train_timesteps = int(scheduler.config.num_train_timesteps)
@@ -186,7 +230,12 @@ def train_unet(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, s
         t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if labels is None:
+            pred = unet(xt, t).sample
+        else:
+            y = torch.where(torch.rand(len(idx), generator=gen) < LABEL_DROP, null, labels[idx])
+            pred = unet(xt, t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(step, steps, warmup)
         opt.zero_grad(set_to_none=True)
@@ -202,7 +251,10 @@ def train_unet(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, s
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    return (ema if ema is not None else unet).eval()
+    out = (ema if ema is not None else unet).eval()
+    for table, p in zip(_label_tables(out), drops):
+        table.dropout_prob = p
+    return out
 
 
 class DigitNet(nn.Module):

@@ -2,10 +2,14 @@
 
 The light half of the adapter layer: what the model stage needs to snapshot and check a pipeline,
 without the quantization core (the Denoiser that the later stages work with is :mod:`pqd.diffusion.adapter`).
+
+A pipeline's denoiser is its ``unet`` (UNet2DModel, UNet2DConditionModel) or its ``transformer``
+(DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel): the *component* that gets quantized.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +18,36 @@ import torch.nn as nn
 
 from pqd.errors import ModelFolderError
 
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# the pipeline component holding the denoiser, and the diffusers classes supported in it
+DENOISER_CLASSES: dict[str, tuple[str, ...]] = {
+    "unet": ("UNet2DModel", "UNet2DConditionModel"),
+    "transformer": ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel"),
+}
+UNET_CLASSES = DENOISER_CLASSES["unet"]
+SUPPORTED = tuple(c for classes in DENOISER_CLASSES.values() for c in classes)
 # pipeline attributes holding the autoencoder of a latent pipeline (LDMPipeline: vqvae; StableDiffusion: vae)
 DECODER_ATTRS = ("vqvae", "vae")
+# the text encoders (and their tokenizers) each text-conditioned denoiser class needs in its pipeline
+TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "UNet2DConditionModel": ("text_encoder", "tokenizer"),
+    "PixArtTransformer2DModel": ("text_encoder", "tokenizer"),
+    "SD3Transformer2DModel": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+
+
+def denoiser_component(folder: str | Path) -> str:
+    """The component folder of a pipeline folder's denoiser: ``unet`` or ``transformer`` (from model_index.json)."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    found = [c for c in DENOISER_CLASSES if c in index and index[c] and index[c][0] is not None]
+    if not found:
+        raise ModelFolderError(f"model folder {folder} has neither a unet nor a transformer component: expected a "
+                               f"pipeline whose denoiser is one of {', '.join(SUPPORTED)}")
+    return found[0]
 
 
 def check_pipeline_folder(folder: str | Path) -> Path:
-    """Raise ModelFolderError unless ``folder`` looks like a diffusers pipeline (model_index.json + unet/)."""
+    """Raise ModelFolderError unless ``folder`` looks like a diffusers pipeline (model_index.json + its
+    denoiser's config: unet/ or transformer/)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist: expected a diffusers pipeline folder")
@@ -28,18 +55,23 @@ def check_pipeline_folder(folder: str | Path) -> Path:
         raise ModelFolderError(
             f"model folder {folder} is not a diffusers pipeline: model_index.json is missing "
             "(expected the save_pretrained layout)")
-    if not (folder / "unet" / "config.json").is_file():
-        raise ModelFolderError(f"model folder {folder} has no unet/config.json: only UNet pipelines are supported")
+    component = denoiser_component(folder)
+    if not (folder / component / "config.json").is_file():
+        raise ModelFolderError(f"model folder {folder} has no {component}/config.json: expected the denoiser's config")
     return folder
 
 
-def load_pipeline(folder: str | Path, device: str = "cpu", unet: nn.Module | None = None):
-    """Load a diffusers pipeline from a local folder (float32, eval mode); ``unet`` replaces the folder's UNet
-    (an export folder: the quantized UNet, with every other component loaded from the folder)."""
+def load_pipeline(folder: str | Path, device: str = "cpu", denoiser: nn.Module | None = None):
+    """Load a diffusers pipeline from a local folder (float32, eval mode); ``denoiser`` replaces the folder's
+    UNet or transformer (an export folder: the quantized one, every other component loaded from the folder).
+    Components saved as null (a pixel-space DiT has no autoencoder) load as None."""
     from diffusers import DiffusionPipeline
 
     folder = check_pipeline_folder(folder)
-    extra = {} if unet is None else {"unet": unet}
+    index = json.loads((folder / "model_index.json").read_text())
+    extra: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
+    if denoiser is not None:
+        extra[denoiser_component(folder)] = denoiser
     try:
         pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, **extra)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -48,20 +80,32 @@ def load_pipeline(folder: str | Path, device: str = "cpu", unet: nn.Module | Non
     return pipe.to(device)
 
 
+def denoiser_of(pipe: Any) -> tuple[str, nn.Module]:
+    """(component name, module) of the pipeline's denoiser; ModelFolderError when it has none we support."""
+    for component, classes in DENOISER_CLASSES.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        if type(model).__name__ not in classes:
+            raise ModelFolderError(f"{component} class {type(model).__name__} is not supported: expected one of "
+                                   f"{', '.join(SUPPORTED)}")
+        return component, model
+    raise ModelFolderError(f"pipeline {type(pipe).__name__} has neither a unet nor a transformer: expected a "
+                           f"pipeline whose denoiser is one of {', '.join(SUPPORTED)}")
+
+
 def check_supported(pipe: Any) -> None:
-    """Raise ModelFolderError (one line) unless the pipeline is a pixel, latent or text-guided UNet pipeline."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise ModelFolderError(f"pipeline {type(pipe).__name__} has no unet: only UNet pipelines are supported")
-    if type(unet).__name__ not in UNET_CLASSES:
-        raise ModelFolderError(f"UNet class {type(unet).__name__} is not supported: expected one of {', '.join(UNET_CLASSES)}")
-    if type(unet).__name__ == "UNet2DConditionModel":
-        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
-            raise ModelFolderError(f"pipeline {type(pipe).__name__}: its UNet2DConditionModel needs a text_encoder and a "
-                                   "tokenizer component: expected a text-guided pipeline (Stable Diffusion 1.x style)")
-        if getattr(unet.config, "addition_embed_type", None) is not None:
-            raise ModelFolderError(f"UNet2DConditionModel with addition_embed_type = {unet.config.addition_embed_type!r} "
-                                   "(SDXL-style extra conditioning) is not supported: expected none")
+    """Raise ModelFolderError (one line) unless the pipeline's denoiser is one the product supports, with the
+    components it needs (the text encoders of a text-conditioned model)."""
+    _, model = denoiser_of(pipe)
+    name = type(model).__name__
+    needed = TEXT_COMPONENTS.get(name, ())
+    if missing := [c for c in needed if getattr(pipe, c, None) is None]:
+        raise ModelFolderError(f"pipeline {type(pipe).__name__}: its {name} needs a {missing[0]} component: expected "
+                               f"{', '.join(needed)} (a text-to-image pipeline)")
+    if name == "UNet2DConditionModel" and getattr(model.config, "addition_embed_type", None) is not None:
+        raise ModelFolderError(f"UNet2DConditionModel with addition_embed_type = {model.config.addition_embed_type!r} "
+                               "(SDXL-style extra conditioning) is not supported: expected none")
 
 
 def decoder_of(pipe: Any) -> nn.Module | None:
@@ -69,18 +113,24 @@ def decoder_of(pipe: Any) -> nn.Module | None:
     return next((getattr(pipe, a) for a in DECODER_ATTRS if getattr(pipe, a, None) is not None), None)
 
 
-def unet_sample_shape(unet: nn.Module) -> tuple[int, int, int]:
-    cfg = unet.config
-    size = cfg.sample_size
+def sample_shape_of(config: Any) -> tuple[int, int, int]:
+    """(C, H, W) of the denoiser's input, from its config (a dict or a diffusers FrozenDict)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    size = get("sample_size")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(cfg.in_channels), int(h), int(w))
+    return (int(get("in_channels")), int(h), int(w))
 
 
-def unet_from_config(config: dict[str, Any]) -> nn.Module:
-    """A freshly initialised UNet of the class named in a saved config (weights loaded by the caller)."""
+def denoiser_from_config(config: dict[str, Any]) -> nn.Module:
+    """A freshly initialised denoiser of the class named in a saved config (weights loaded by the caller).
+    Hub configs of DiT and PixArt name the legacy ``Transformer2DModel``, which diffusers remaps by norm type."""
     import diffusers
 
     name = config.get("_class_name")
-    if name not in UNET_CLASSES:
-        raise ModelFolderError(f"UNet class {name!r} is not supported: expected one of {', '.join(UNET_CLASSES)}")
-    return getattr(diffusers, name).from_config(config)
+    if name not in SUPPORTED and name != "Transformer2DModel":
+        raise ModelFolderError(f"denoiser class {name!r} is not supported: expected one of {', '.join(SUPPORTED)}")
+    model = getattr(diffusers, name).from_config(config)
+    if type(model).__name__ not in SUPPORTED:
+        raise ModelFolderError(f"denoiser class {type(model).__name__} is not supported: expected one of "
+                               f"{', '.join(SUPPORTED)}")
+    return model

@@ -1,7 +1,8 @@
 """How the product quantizes a denoiser: the core's configs built from params and the adapter's knowledge.
 
 The one place that turns ``quant.*`` / ``calibrate.*`` and a :class:`~pqd.diffusion.adapter.Denoiser`
-(its edge layers, skip splits, float-output layers and attention matmuls) into a
+(its edge and modulation layers, skip splits, float-output layers, attention matmuls and the linears it
+balances) into a
 :class:`~pqd.core.QuantConfig` and a :class:`~pqd.core.reconstruct.ReconConfig`: the calibrate stage and
 the benchmarks call it alike.
 """
@@ -30,6 +31,7 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
     names = list(quantizable_layers(den.unet))
     q = params.quant
     edge = {n: code_bits(max(q.edge_bits, q.weight_bits), reduce) for n in den.edge_layers(names)}
+    edge |= {n: code_bits(max(q.modulation_bits, q.weight_bits), reduce) for n in den.modulation_layers(names)}
     c = params.calibrate
     float_out = set(den.float_output_layers(names))
     return QuantConfig(weight_bits=code_bits(q.weight_bits, reduce), act_bits=q.act_bits,
@@ -38,7 +40,9 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
                        splits=den.skip_splits() if c.split_shortcut else {},
                        output_layers=frozenset(n for n in names if n not in float_out) if q.outputs else frozenset(),
                        operand_bits={n: (q.softmax_bits if role == "pv" else q.act_bits, q.act_bits)
-                                     for n, role in (attention or {}).items()})
+                                     for n, role in (attention or {}).items()},
+                       smooth=frozenset(den.smooth_layers(names)) if q.smooth else frozenset(),
+                       smooth_alpha=q.smooth_alpha)
 
 
 def recon_config(params: Params) -> ReconConfig:

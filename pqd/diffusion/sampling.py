@@ -1,4 +1,4 @@
-"""The denoising loop, written out: explicit per-seed randomness, optional recording of UNet inputs."""
+"""The denoising loop, written out: explicit per-seed randomness, optional recording of the network's inputs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 from pqd.core.guards import NumericalError, locate_nonfinite
 from pqd.diffusion.adapter import Conditioning, Denoiser
+from pqd.errors import ParamError
 
-# called at every step with (step index, timestep value the UNet received, UNet input [B, C, H, W])
+# called at every step with (step index, timestep value the network received, its input [B, C, H, W])
 Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 SCHEDULERS = ("ddim", "ddpm", "keep")
@@ -23,6 +24,9 @@ def make_scheduler(kind: str, config: dict[str, Any], source_class: str):
     name = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "keep": source_class}.get(kind)
     if name is None:
         raise ValueError(f"scheduler {kind!r} is not allowed: expected one of {', '.join(SCHEDULERS)}")
+    if source_class.startswith("FlowMatch") and kind != "keep":  # a velocity model under a noise-prediction sampler
+        raise ParamError(f"params: generate.scheduler = {kind!r} is not allowed for this flow-matching model "
+                         f"({source_class}): expected 'keep'")
     return getattr(diffusers, name).from_config(config)
 
 
@@ -57,30 +61,31 @@ def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float
     """Sample one image per seed; returns images [N, C, H, W] float32 in [0, 1] (on CPU).
 
     Noise at every stochastic step also comes from per-seed generators, so a sample depends only on
-    its seed, never on the batch it was drawn in. ``record`` sees each batch's UNet inputs (x before the
-    classifier-free-guidance doubling). Text models need ``cond`` (one prompt row per seed).
+    its seed, never on the batch it was drawn in. ``record`` sees each batch's network inputs (x before the
+    classifier-free-guidance doubling). Conditioned models need ``cond`` (one prompt or class row per seed).
     """
     if den.conditional != (cond is not None):
-        raise ValueError(f"a {den.family} model samples {'with' if den.conditional else 'without'} prompts")
+        raise ValueError(f"a {den.family} model samples {'with' if den.conditional else 'without'} conditioning")
     out = []
     starts = range(0, len(seeds), batch_size)
     with tqdm(total=len(starts) * steps, desc=desc, disable=not progress, unit="step") as bar:  # closed on errors too
         for start in starts:
             batch_seeds = seeds[start:start + batch_size]
-            emb = uncond = None
+            rows = uncond = None
             if cond is not None:
-                emb = cond.subset(start, start + len(batch_seeds)).hidden_states().to(device)
-                uncond = cond.embeds[:1].to(device)
+                rows = cond.subset(start, start + len(batch_seeds)).per_seed(device)
+                uncond = cond.unconditional(device)
             scale = cond.guidance_scale if cond is not None else 1.0
             scheduler.set_timesteps(steps, device=device)
-            x = initial_noise(batch_seeds, den.sample_shape).to(device) * scheduler.init_noise_sigma
+            # flow-matching schedulers (SD3) neither scale the noise nor the model input
+            x = initial_noise(batch_seeds, den.sample_shape).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
             gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in batch_seeds]
             for i, t in enumerate(scheduler.timesteps):
-                x_in = scheduler.scale_model_input(x, t)
+                x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
                 if record is not None:
                     record(i, t, x_in)
                 eps = checked_predict(den, x_in, t, f"sampling step {i}",
-                                      run=lambda x_in=x_in, t=t: den.guided(x_in, t, emb, uncond, scale))
+                                      run=lambda x_in=x_in, t=t: den.guided(x_in, t, rows, uncond, scale))
                 kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
                 x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
                 bar.update(1)

@@ -1,8 +1,9 @@
 """The calibration set on disk (``calib/``): written by select in shards, streamed by calibrate.
 
-Layout: ``shard-NNNNN.safetensors`` with x float32 [n, C, H, W] (the UNet's input), t float32 [n] (the
-timestep it received) and, for text models, prompt int64 [n] (a row of ``prompts.safetensors``'s embeds
-[P + 1, L, D]; row 0 is the unconditional prompt). Samples are ordered by decreasing t, so a time group
+Layout: ``shard-NNNNN.safetensors`` with x float32 [n, C, H, W] (the denoiser's input), t float32 [n] (the
+timestep it received) and, for conditioned models, prompt int64 [n] (a row of every conditioning input in
+``prompts.safetensors``: encoder_hidden_states [P + 1, L, D], class_labels [P + 1], ...; row 0 is the
+unconditional input: the empty prompt or the null class). Samples are ordered by decreasing t, so a time group
 is one contiguous run of samples and a batch never needs more than the shards it spans. ``meta.json``
 lists the shards; only the rows of the batch in use are ever read (memory stays bounded for any set size).
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pqd.core.timegroups import TimeGroups
 from pqd.errors import InputError, MissingInputError, NumericalError, ParamError
@@ -48,17 +49,17 @@ class CalibWriter:
         self.shards.append({"file": name, "count": len(self._buf)})
         self._buf = []
 
-    def close(self, meta: dict[str, Any], embeds: torch.Tensor | None = None) -> None:
-        """Write the last shard, the prompt embeddings (text models) and meta.json."""
+    def close(self, meta: dict[str, Any], cond: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the last shard, the conditioning rows (conditioned models) and meta.json."""
         self._flush()
-        if embeds is not None:
-            save_file({"embeds": embeds.contiguous()}, self.folder / PROMPTS)
+        if cond is not None:
+            save_file({k: v.contiguous() for k, v in cond.items()}, self.folder / PROMPTS)
         write_json(self.folder / "meta.json", {**meta, "shards": self.shards,
                                                "num_samples": sum(s["count"] for s in self.shards)})
 
 
 class CalibSet:
-    """Read side: per-sample timesteps and prompt rows in memory (small); inputs read batch by batch."""
+    """Read side: per-sample timesteps and conditioning rows in memory (small); inputs read batch by batch."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -85,7 +86,8 @@ class CalibSet:
             self.shards.append((path, int(s["count"])))
         self.t = torch.cat(ts)
         self.prompt = torch.cat(prompts) if prompts else None
-        self.embeds = load_file(self.folder / PROMPTS)["embeds"] if self.prompt is not None else None
+        # conditioning inputs by name, each [P + 1, ...] (conditioned models only)
+        self.cond = load_tensors(self.folder / PROMPTS) if self.prompt is not None else None
         self._starts = torch.tensor([0] + [n for _, n in self.shards]).cumsum(0).tolist()
 
     def __len__(self) -> int:
@@ -95,8 +97,9 @@ class CalibSet:
     def schedule(self) -> list[float]:
         return list(self.meta["schedule_timesteps"])
 
-    def load(self, start: int, end: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Samples start..end-1: (x [B, C, H, W], t [B], encoder hidden states [B, L, D] or None), on device."""
+    def load(self, start: int, end: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor,
+                                                                        dict[str, torch.Tensor] | None]:
+        """Samples start..end-1: (x [B, C, H, W], t [B], conditioning inputs by name [B, ...] or None), on device."""
         parts = []
         for (path, _), s0, s1 in zip(self.shards, self._starts[:-1], self._starts[1:]):
             lo, hi = max(start, s0), min(end, s1)
@@ -104,7 +107,8 @@ class CalibSet:
                 with safe_open(path, framework="pt") as f:
                     parts.append(f.get_slice("x")[lo - s0:hi - s0])
         x = torch.cat(parts).to(device)
-        cond = None if self.prompt is None else self.embeds[self.prompt[start:end]].to(device)
+        rows = None if self.prompt is None else self.prompt[start:end]
+        cond = None if rows is None else {k: v[rows].to(device) for k, v in self.cond.items()}
         return x, self.t[start:end].to(device), cond
 
     def batches(self, groups: TimeGroups, size: int) -> list[tuple[int, int, int]]:

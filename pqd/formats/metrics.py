@@ -115,11 +115,12 @@ class ParallelRun:
 class GenerateMetrics(StageMetrics):
     calib_trajectories: int
     trajectory_inputs: int
-    family: str  # pixel | latent | text
-    prompts: int
+    family: str  # pixel | latent | text | class
+    prompts: int  # prompts (text models) or classes (class-conditional models) the seeds take in turn
     eval_samples: int
     floor_samples: int
     parallel: ParallelRun | None = None
+    architecture: str | None = None  # unet | dit | pixart | sd3 (pqd.diffusion.archs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +151,7 @@ class CalibrateMetrics(StageMetrics):
     weight_code_bits: int  # width of the stored weight codes of the body layers: 7 for 8-bit weights as 7-bit codes
     reduce_range: bool  # quant.reduce_range as resolved for the calibrating machine
     integer_codes: str  # why (pqd.params.machine.IntegerCodes.reason)
+    smoothed_layers: int | None = None  # linears balanced by quant.smooth (absent when none)
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ class EvalProtocol:
     weight_codes: str  # the export's weight code width and why (quant.reduce_range)
     parallel: ParallelRun | None = None  # where the quantized samples were drawn
     intervals: str | None = None  # how the *_ci intervals were computed (evaluate.bootstrap); None: none were
+    architecture: str | None = None  # unet | dit | pixart | sd3 (pqd.diffusion.archs)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,8 @@ the same per-layer map and the same tensor names:
 - the tensors, per weight layer L: ``L.qweight`` (int8 codes, or uint8 with two 4-bit codes per byte when
   weight_bits <= 4), ``L.weight_scale`` float32 [out], ``L.act_scale`` / ``L.act_zero_point`` float32
   [G, P] (G time groups, P = 2 when the input is split), ``L.out_scale`` / ``L.out_zero_point`` (same
-  shapes) when the output is quantized; per attention matmul M: ``M.a_scale``, ``M.a_zero_point``,
+  shapes) when the output is quantized, ``L.smooth`` float32 [in] when the layer's input channels are
+  balanced (its codes quantize weight x smooth; the input is divided by it); per attention matmul M: ``M.a_scale``, ``M.a_zero_point``,
   ``M.b_scale``, ``M.b_zero_point`` float32 [G, 1]. The export stores the float UNet tensors beside them.
 """
 
@@ -49,12 +50,16 @@ def _encode_layer(name: str, lp: LayerQParams) -> tuple[dict[str, torch.Tensor],
     tensors |= {f"{name}.{k}": _f32(getattr(lp, k)) for k in _LAYER_TENSORS}
     if lp.out_scale is not None:
         tensors |= {f"{name}.{k}": _f32(getattr(lp, k)) for k in _OUT_TENSORS}
+    if lp.smooth is not None:
+        tensors[f"{name}.smooth"] = _f32(lp.smooth)
     entry = {"kind": lp.kind, "shape": list(codes.shape), "weight_bits": lp.weight_bits,
              "weight_granularity": "per_output_channel", "weight_symmetric": True,
              "weight_storage": _storage(lp.weight_bits), "act_bits": lp.act_bits,
              "act_granularity": "per_tensor", "act_symmetric": False,
              "act_time_groups": int(lp.act_scale.shape[0]), "act_split": lp.act_split,
              "output_quantized": lp.out_scale is not None}
+    if lp.smooth is not None:  # written only for balanced layers (quant.smooth)
+        entry["act_smooth"] = True
     return tensors, entry
 
 
@@ -71,8 +76,9 @@ def _decode_layer(name: str, info: dict[str, Any], tensors: dict[str, torch.Tens
     numel = int(torch.Size(shape).numel())
     codes = unpack_int4(raw, numel).reshape(shape) if info["weight_storage"] == "int4_packed" else raw.reshape(shape)
     out = {k: tensors.pop(f"{name}.{k}") for k in _OUT_TENSORS} if info.get("output_quantized") else {}
+    smooth = tensors.pop(f"{name}.smooth") if info.get("act_smooth") else None
     return LayerQParams(kind=info["kind"], weight_bits=int(info["weight_bits"]), act_bits=int(info["act_bits"]),
-                        act_split=info.get("act_split"), weight_int=codes.to(torch.int8),
+                        act_split=info.get("act_split"), weight_int=codes.to(torch.int8), smooth=smooth,
                         **{k: tensors.pop(f"{name}.{k}") for k in _LAYER_TENSORS}, **out)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pqd import deploy
-from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.adapter import Conditioning, Denoiser
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
 from pqd.errors import ParamError
 from pqd.formats.export import load_denoiser_from_export
@@ -22,7 +22,8 @@ from pqd.formats.export import load_denoiser_from_export
 
 @dataclass
 class Sampler:
-    """A released quantized model ready to sample: the export's UNet + the evaluation's scheduler."""
+    """A released quantized model ready to sample: the export's denoiser + the evaluation's scheduler (and prompts
+    or classes, for conditioned models)."""
 
     denoiser: Denoiser  # the deployed ONNX graphs (onnxruntime) when the export has them, else the torch model
     protocol: dict[str, Any]  # scheduler class and config, steps, eta (the FP samples' meta.json)
@@ -38,10 +39,16 @@ class Sampler:
         return cls(den, json.loads(Path(protocol_file).read_text()), device)
 
     def sample(self, seeds: list[int], steps: int | None = None, batch_size: int = 64) -> torch.Tensor:
-        """One image per seed, float32 [N, C, H, W] in [0, 1]; same seeds give the evaluation's images."""
+        """One image per seed, float32 [N, C, H, W] in [0, 1]; same seeds give the evaluation's images (a
+        conditioned model's seed s takes the protocol's prompt, or class, s mod P, as the evaluation's did)."""
         n = int(steps or self.protocol["steps"])
         if n < 1:
             raise ParamError(f"steps = {steps!r} is not allowed: expected an integer >= 1")
-        return sample(self.denoiser, scheduler_from_protocol(self.protocol), [int(s) for s in seeds], steps=n,
+        seeds = [int(s) for s in seeds]
+        cond = None
+        if pc := self.protocol.get("conditioning"):
+            rows = self.denoiser.conditioning(pc.get("prompts"), [], float(pc["guidance_scale"]), self.device)
+            cond = Conditioning(rows.inputs, [1 + s % rows.choices for s in seeds], rows.guidance_scale)
+        return sample(self.denoiser, scheduler_from_protocol(self.protocol), seeds, steps=n,
                       eta=float(self.protocol.get("eta", 0.0)), batch_size=batch_size, device=self.device,
-                      progress=False)
+                      progress=False, cond=cond)

@@ -41,7 +41,7 @@ def _features_ok(v: str) -> bool:
 
 
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "model.source": (_source_ok, "'demo:digits', 'demo:digits16', a local folder path, or a hub id like "
+    "model.source": (_source_ok, "'demo:digits', 'demo:digits16', 'demo:digits-dit', a local folder path, or a hub id like "
                                  "'google/ddpm-cifar10-32'"),
     "model.train_steps": (lambda v: v >= 1, "an integer >= 1"),
     "model.batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -49,6 +49,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.channels": (lambda v: 1 <= len(v) <= 4 and all(c >= 8 and c % 8 == 0 for c in v),
                        "1 to 4 channel counts, each a multiple of 8"),
     "model.feature_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "model.dit_width": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (heads of 32 channels)"),
+    "model.dit_depth": (lambda v: v >= 1, "an integer >= 1"),
     "generate.steps": (lambda v: 2 <= v <= 1000, "an integer in [2, 1000]"),
     "generate.eta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "generate.calib_seeds": (lambda v: v >= 1, "an integer >= 1"),
@@ -66,6 +68,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "quant.act_bits": (lambda v: 4 <= v <= 8, "an integer in [4, 8]"),
     "quant.edge_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
     "quant.softmax_bits": (lambda v: 4 <= v <= 16, "an integer in [4, 16]"),
+    "quant.modulation_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
+    "quant.smooth_alpha": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "calibrate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "calibrate.time_groups": (lambda v: v >= 1, "an integer >= 1 (and at most generate.steps)"),
     "calibrate.qdrop_p": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -324,7 +328,7 @@ def check_paths(p: Params, produced: tuple[str, ...] = ()) -> None:
     ref = p.evaluate.reference
     if ref not in DEMO_SOURCES:
         kind = "file" if ref.endswith(".npz") else "folder"
-        checks.append(("evaluate.reference", ref, kind, "'demo:digits', 'demo:digits16', a folder of images, or a .npz "
+        checks.append(("evaluate.reference", ref, kind, "'demo:digits', 'demo:digits16', 'demo:digits-dit', a folder of images, or a .npz "
                                                         "with mu and sigma"))
     if p.generate.prompts is not None:
         checks.append(("generate.prompts", p.generate.prompts, "file", "a file with one prompt per line"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # the embedded demos (pqd.diffusion.demo): model sources trained on the spot, and FID reference sets
-DEMO_SOURCES = ("demo:digits", "demo:digits16")
+DEMO_SOURCES = ("demo:digits", "demo:digits16", "demo:digits-dit")
 # first seeds of the FP sample sets: a (the evaluation seeds) and b (the noise floor's); the calibration
 # trajectories start at generate.calib_seed_base, which must stay clear of both
 SAMPLE_SEED_BASE = {"a": 0, "b": 500_000_000}
@@ -20,13 +20,15 @@ SAMPLE_SEED_BASE = {"a": 0, "b": 500_000_000}
 class ModelParams:
     """Where the full-precision model comes from (``model.*``)."""
 
-    source: str = "demo:digits"  # demo:digits | demo:digits16 | a local diffusers pipeline folder | a hub id org/name
+    source: str = "demo:digits"  # demo:digits | demo:digits16 | demo:digits-dit | a local pipeline folder | a hub id org/name
     revision: str = "main"  # hub revision, only for hub ids
     seed: int = 0  # demo: UNet initialisation and training
     train_steps: int = 1200  # demo: UNet optimisation steps
     batch_size: int = 128  # demo: UNet training batch
     lr: float = 2e-3  # demo: UNet learning rate
-    channels: tuple[int, ...] = (32, 64, 64)  # demo: UNet block_out_channels
+    channels: tuple[int, ...] = (32, 64, 64)  # demo:digits: UNet block_out_channels
+    dit_width: int = 128  # demo:digits-dit: transformer width (heads of 32 channels)
+    dit_depth: int = 6  # demo:digits-dit: transformer blocks
     feature_epochs: int = 30  # demo: digit feature network epochs
     feature_seed: int = 0  # demo: digit feature network training (kept apart from seed: same features for every model)
 
@@ -44,7 +46,9 @@ class GenerateParams:
     batch_size: int = 250
     shard_size: int = 16  # calibration trajectories per safetensors shard
     prompts: str | None = None  # text-guided models: a file with one prompt per line (seeds take them in turn)
-    guidance_scale: float = 7.5  # text-guided models: classifier-free guidance weight (1 = conditional branch only)
+    # conditioned models: classifier-free guidance weight (1 = conditional branch only); None = the architecture's
+    # protocol weight (pqd.diffusion.archs: SD 1.x 7.5, PixArt 4.5, SD3 7.0, DiT 1.5)
+    guidance_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,10 @@ class QuantParams:
 
     weight_bits: int = 8
     act_bits: int = 8
-    edge_bits: int = 8  # weights of the first/last convolution and the time embedding (never below weight_bits)
+    # weights of the edge layers: a UNet's first/last convolution and time embedding; a transformer's patch
+    # embedding, final projection and timestep/text embeddings (never below weight_bits)
+    edge_bits: int = 8
+    modulation_bits: int = 8  # transformers' adaLN modulation linears (shift/scale/gate; never below weight_bits)
     # quantize each layer's output too (but the last convolution's): integer kernels (onnxruntime's
     # QLinearConv/QLinearMatMul/QGemm) read and write uint8, so this is what the deployed model computes
     outputs: bool = True
@@ -77,6 +84,9 @@ class QuantParams:
     # quantize attention's Q·Kᵀ and softmax·V matmuls too (both operands per tensor, per time group)
     attention: bool = False
     softmax_bits: int = 16  # grid of the softmax output (the first operand of softmax·V) when attention is quantized
+    # balance the input channels of attention and feed-forward linears against their weights (SmoothQuant)
+    smooth: bool = False
+    smooth_alpha: float = 0.5  # share of the activation range moved into the weights
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 One code path for every method (``calibrate.method`` presets, see pqd.params.methods):
 1. weights per output channel, symmetric (min-max or MSE-searched clipping); each Conv2d/Linear input
    per tensor, asymmetric, with its own parameters for each of G contiguous time groups (and for each
-   half of a skip concatenation when ``split_shortcut``), fitted on that group's calibration inputs;
+   half of a skip concatenation when ``split_shortcut``), fitted on that group's calibration inputs
+   (with ``quant.smooth``, attention and feed-forward linears are channel-balanced first);
 2. optionally block reconstruction (AdaRound, LSQ, QDrop) unit by unit against the FP UNet.
 Writes the quantizer state, the time-group thresholds, per-layer errors and the reconstruction log.
 """
@@ -26,7 +27,7 @@ from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import weight_layers
 from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
-from pqd.diffusion.adapter import Denoiser, load_denoiser, unet_forward
+from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.qconfig import quant_config, recon_config
 from pqd.diffusion.sampling import checked_predict
@@ -40,8 +41,8 @@ from pqd.params import Params, integer_codes, resolve_device
 from pqd.stages._cli import stage_main
 
 
-# one calibration batch: x [B, C, H, W], t [B], encoder hidden states [B, L, D] (text models) or None
-Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# one calibration batch: x [B, C, H, W], t [B], the conditioning inputs by name (conditioned models) or None
+Batch = tuple[torch.Tensor, torch.Tensor, "Cond | None"]
 
 
 @torch.no_grad()
@@ -66,8 +67,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     groups = TimeGroups.from_schedule(data.schedule, c.time_groups)
     plan = data.batches(groups, c.batch_size)
     den = load_denoiser(model, device)
-    if den.conditional != (data.embeds is not None):
-        raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} prompt embeddings "
+    if den.conditional != (data.cond is not None):
+        raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
     attention = use_matmul_attention(den.unet) if params.quant.attention else {}
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
@@ -82,7 +83,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
             set_group(plan[i][2])
             xb, tb, cb = fetch(i)
             try:
-                unet_forward(unet, xb, tb, cb)
+                den.call(unet, xb, tb, cb)
             except NumericalError as e:
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
@@ -95,7 +96,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     recon_log: list[dict[str, Any]] = []
     if c.reconstruct:
         t0 = time.perf_counter()
-        runner = lambda m, i: unet_forward(m, *fetch(i))  # noqa: E731
+        runner = lambda m, i: den.call(m, *fetch(i))  # noqa: E731
         units = den.units(list(state))
         # a unit's recordings over the whole set: its inputs + output on batch 0, scaled to every sample
         size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.unet, units, runner).items()}
@@ -118,6 +119,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     rows = []
     for name, lp in weighted.items():
         w = floats[name].weight.detach().float().cpu()
+        w = w if lp.smooth is None else w * lp.smooth  # a balanced layer's codes stand for weight x smooth
         wq = dequantize(lp.weight_int, lp.weight_scale, torch.zeros_like(lp.weight_scale), axis=0)
         rows.append({"layer": name, "kind": lp.kind, "weight_bits": lp.weight_bits,
                      "weight_rel_mse": float((w - wq).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12)),
@@ -127,16 +129,18 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         qcodec.write(tmp, qcodec.STATE_TENSORS, state, groups, trailer={
             "method": c.method, "integer_codes": codes.as_dict(),
             "config": {k: v for k, v in vars(cfg).items()
-                       if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits")},
+                       if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits", "smooth")},
             "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
             "float_output_layers": sorted(set(weighted) - cfg.output_layers),
-            "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention}})
+            "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention},
+            "smoothed_layers": sorted(cfg.smooth)})
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
     return CalibrateMetrics(method=c.method, layers=len(weighted), output_quantized_layers=len(cfg.output_layers),
-                            attention_matmuls=len(attention), calib_samples=len(data), time_groups=groups.count,
+                            attention_matmuls=len(attention), smoothed_layers=len(cfg.smooth) or None,
+                            calib_samples=len(data), time_groups=groups.count,
                             unet_output_mse=mse, fit_seconds=round(t_fit, 2), reconstruction_seconds=round(t_recon, 2),
                             reconstructed_units=len(recon_log), units_improved=len(improved),
                             units_recorded_on_disk=on_disk, weight_rel_mse_mean=float(errs["weight_rel_mse"].mean()),

@@ -74,9 +74,9 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     manifest = read_json(export / "manifest.json")
     headline = "deployed" if ev.backend == "onnxruntime" else "simulated"
     cond = None
-    if proto.get("conditioning"):  # the FP samples' prompts, encoded by the export's own (float) text encoder
+    if proto.get("conditioning"):  # the FP samples' prompts (encoded by the export's own float text encoders) or classes
         pc = proto["conditioning"]
-        cond = qden.conditioning(pc["prompts"], fp["prompt"].tolist(), float(pc["guidance_scale"]), device)
+        cond = qden.conditioning(pc.get("prompts"), fp["prompt"].tolist(), float(pc["guidance_scale"]), device)
     ref = ModelRef(quantized_models, (str(export.resolve()), ev.backend), device, folder_stamp(export))
     with open_pool(params.parallel, "evaluate") as pool, atomic_dir(out) as tmp:
         folders = {headline: tmp / "images"}
@@ -122,7 +122,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     protocol = EvalProtocol(
         num_samples=len(seeds), floor_samples=len(feats["floor"]), seeds=f"{seeds[0]}..{seeds[-1]}",
         scheduler=proto["scheduler"], steps=int(proto["steps"]), eta=float(proto["eta"]), family=qden.family,
-        prompts=len(proto["conditioning"]["prompts"]) if cond is not None else 0,
+        prompts=cond.choices if cond is not None else 0, architecture=qden.arch.name,
         guidance_scale=cond.guidance_scale if cond is not None else None, features=extractor.name,
         reference=ref_desc, reference_images=ref_n, fid="clean-fid frechet_distance",
         backend="onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"

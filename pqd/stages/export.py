@@ -19,10 +19,10 @@ from pqd.core.modules import quant_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.core.quantize import weight_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
+from pqd.diffusion.pipeline import denoiser_component
 from pqd.diffusion.sampling import initial_noise
-from pqd.errors import ParamError
 from pqd.formats import qstate as qcodec
-from pqd.formats.export import (QWEIGHTS, load_denoiser_from_export, load_quantized_unet, write_export,
+from pqd.formats.export import (load_denoiser_from_export, load_quantized_unet, quantized_weights_file, write_export,
                                 write_manifest)
 from pqd.formats.files import atomic_dir, read_json
 from pqd.formats.lineage import git_commit
@@ -50,10 +50,11 @@ def probe_timesteps(groups: TimeGroups, num_train_timesteps: int) -> list[float]
 def check_onnx(fp: Denoiser, q: Denoiser, ort: Denoiser, n: int = 4) -> tuple[OnnxGroupCheck, ...]:
     """Deviation of the onnxruntime artifact from the torch model per time group, against the quantization error."""
     report = []
+    cond = fp.probe_conditioning(n)  # conditioned models: the classes in turn, or the empty prompt
     for g, t in enumerate(probe_timesteps(q.time_groups, int(q.scheduler_config.get("num_train_timesteps", 1000)))):
         x = initial_noise(list(range(n)), q.sample_shape)
         tt = torch.full((n,), t)
-        y_fp, y_q, y_ort = fp.predict(x, tt), q.predict(x, tt), ort.predict(x, tt)
+        y_fp, y_q, y_ort = fp.predict(x, tt, cond), q.predict(x, tt, cond), ort.predict(x, tt, cond)
         rel = float((y_ort - y_q).norm() / (y_q - y_fp).norm().clamp_min(1e-12))
         report.append(OnnxGroupCheck(g, t, float((y_ort - y_q).abs().max()), rel))
     return tuple(report)
@@ -78,9 +79,6 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
     state, groups, _, qmap = qcodec.read(qstate, qcodec.STATE_TENSORS)
     codes = qmap.get("integer_codes") or {}
     den = load_denoiser(model)
-    if params.export.onnx and den.conditional:
-        raise ParamError("params: export.onnx = true is not allowed for a text-guided model (the ONNX graphs take no "
-                         "encoder hidden states yet): expected export.onnx = false and evaluate.backend = 'torch'")
     source = read_json(model / "model.json")
     extra = {"source_model": {"source": source["source"], "model_sha256": source["model_sha256"]},
              "params": as_dict(params), "git": dataclasses.asdict(git_commit()), "integer_codes": codes}
@@ -88,8 +86,7 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
     with atomic_dir(out) as tmp:
         info = write_export(model, den.unet, state, groups, tmp, float_dtype=getattr(torch, params.export.float_dtype))
         if params.export.onnx:  # traced from what the loader rebuilds: the graphs ship what was exported
-            onnx_info = deploy.write_onnx(load_quantized_unet(tmp, verify=False), groups, den.sample_shape,
-                                          tmp / deploy.ONNX_DIR)
+            onnx_info = deploy.write_onnx(load_quantized_unet(tmp, verify=False), groups, den, tmp / deploy.ONNX_DIR)
         info["files"] = write_manifest(tmp, extra)
         # the loader must rebuild exactly these integer weights before the export is accepted
         qden = load_denoiser_from_export(tmp)
@@ -103,8 +100,8 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
             if warning := deviation_warning(checks, codes):
                 print(warning, file=sys.stderr)
             onnx_info["onnx_kernels"] = deploy.kernel_report(tmp / deploy.ONNX_DIR / deploy.graph_file(0))
-    fp_bytes = sum(p.stat().st_size for p in (model / "unet").glob("*.safetensors"))
-    q_bytes = (out / QWEIGHTS).stat().st_size
+    fp_bytes = sum(p.stat().st_size for p in (model / denoiser_component(model)).glob("*.safetensors"))
+    q_bytes = quantized_weights_file(out).stat().st_size
     w4 = sum(1 for lp in weight_layers(state).values() if lp.weight_bits <= 4)
     return ExportMetrics(**info, fp32_unet_bytes=fp_bytes, export_unet_bytes=q_bytes,
                          size_ratio=round(fp_bytes / q_bytes, 3), packed_int4_layers=w4, **onnx_info)

@@ -1,12 +1,14 @@
 """generate stage: FP trajectories for the calibration seeds and FP samples for the evaluation seeds.
 
-Trajectories record, at every step of the inference scheduler, the UNet's exact inputs: the scaled
-sample x_t (latents for latent models) and the timestep value the UNet receives. They are stored in
+Trajectories record, at every step of the inference scheduler, the denoiser's exact inputs: the scaled
+sample x_t (latents for latent models) and the timestep value it receives. They are stored in
 safetensors shards of ``generate.shard_size`` seeds (x: float32 [n, S, C, H, W], t: float32 [S],
-seeds: int64 [n], and for text models prompt: int64 [n]) with ``index.parquet`` (one row per seed and
-step) and ``meta.json``. Text models: seed i takes prompt i mod P of ``generate.prompts``; every prompt's
-encoder hidden states are stored once in ``prompts.safetensors`` (embeds [P + 1, L, D], row 0 the
-unconditional prompt) and referenced by row, so disk grows with the prompts, not with seeds x steps.
+seeds: int64 [n], and for conditioned models prompt: int64 [n], the seed's conditioning row) with
+``index.parquet`` (one row per seed and step) and ``meta.json``. Text models: seed i takes prompt i mod P of
+``generate.prompts``; class-conditional models: seed i takes class i mod K (every class in turn). Every
+prompt's (class's) conditioning inputs are stored once in ``prompts.safetensors`` (by input name, e.g.
+encoder_hidden_states [P + 1, L, D] or class_labels [K + 1], row 0 the unconditional input) and referenced
+by row, so disk grows with the prompts, not with seeds x steps.
 FP samples: set ``a`` (the evaluation seeds, compared image by image with the quantized model) and a
 disjoint set ``b`` of the same size (only for the FID noise floor), as PNGs plus float tensors.
 """
@@ -42,33 +44,43 @@ def seeds(kind: str, n: int, params: Params) -> list[int]:
 
 def check_prompts(params: Params, den: Denoiser) -> list[str] | None:
     """The prompts of a text model (``generate.prompts``); an error for a text model without them, or
-    prompts for a model that takes none."""
+    prompts for a model that takes none (class-conditional models take every class in turn)."""
     path = params.generate.prompts
-    if den.conditional and path is None:
+    text = den.family == "text"
+    if text and path is None:
         raise ParamError("params: generate.prompts = None is not allowed for this text-guided model: "
                          "expected a file with one prompt per line")
-    if not den.conditional and path is not None:
+    if not text and path is not None:
         raise ParamError(f"params: generate.prompts = {path!r} is not allowed for this {den.family} model "
                          "(it takes no text): expected null")
     return read_prompts(path) if path is not None else None
 
 
+def guidance_scale(params: Params, den: Denoiser) -> float:
+    """``generate.guidance_scale``, or the architecture's protocol weight when it is null."""
+    g = params.generate.guidance_scale
+    return float(den.arch.guidance_scale if g is None else g)
+
+
 def sampling_protocol(params: Params, den: Denoiser, prompts: list[str] | None) -> dict[str, Any]:
     g = params.generate
     sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
-    cond = None if prompts is None else {"prompts": prompts, "guidance_scale": g.guidance_scale,
-                                         "prompt_of_seed": "prompt row 1 + (i mod P) for the i-th seed of a set",
-                                         "uncond_row": 0}
+    cond = None
+    if den.conditional:
+        what = {"prompts": prompts} if prompts is not None else {"classes": den.encoder.num_classes}
+        cond = {**what, "guidance_scale": guidance_scale(params, den), "uncond_row": 0,
+                "prompt_of_seed": "row 1 + (i mod P) for the i-th seed of a set (P prompts, or classes: row 1 + c is "
+                                  "class c)"}
     return {"scheduler": type(sched).__name__, "scheduler_config": dict(sched.config), "steps": g.steps, "eta": g.eta,
-            "sample_shape": list(den.sample_shape), "family": den.family, "conditioning": cond}
+            "sample_shape": list(den.sample_shape), "family": den.family, "architecture": den.arch.name,
+            "conditioning": cond}
 
 
 def prompt_rows(n: int, cond: Conditioning | None) -> Conditioning | None:
     """The conditioning of the first n seeds of a set: seed i takes prompt row 1 + (i mod P)."""
     if cond is None:
         return None
-    p = len(cond.embeds) - 1
-    return Conditioning(cond.embeds, [1 + i % p for i in range(n)], cond.guidance_scale)
+    return Conditioning(cond.inputs, [1 + i % cond.choices for i in range(n)], cond.guidance_scale)
 
 
 def fp_model(model: str, device: str) -> dict[str, Denoiser]:
@@ -86,7 +98,7 @@ class ShardRange:
     scheduler: Any
     steps: int
     eta: float
-    prompt_of: list[int] | None
+    row_of: list[int] | None  # each seed's row of the conditioning inputs (w.shared)
     guidance_scale: float
 
 
@@ -101,18 +113,18 @@ def record_shard(w: Worker, job: ShardRange) -> list[dict[str, Any]]:
         if len(ts) < job.steps:
             ts.append(float(t))
 
-    cond = None if job.prompt_of is None else Conditioning(w.shared, job.prompt_of, job.guidance_scale)
+    cond = None if job.row_of is None else Conditioning(w.shared, job.row_of, job.guidance_scale)
     sample(w.model["fp"], copy.deepcopy(job.scheduler), job.seeds, steps=job.steps, eta=job.eta,
            batch_size=len(job.seeds), device=w.device, record=rec, progress=False, cond=cond)
     name = f"shard-{job.index:05d}.safetensors"
     tensors = {"x": torch.stack(xs, dim=1).contiguous(), "t": torch.tensor(ts, dtype=torch.float32),
                "seeds": torch.tensor(job.seeds, dtype=torch.int64)}  # x: [n, S, C, H, W]
     if cond is not None:
-        tensors["prompt"] = torch.tensor(cond.prompt_of, dtype=torch.int64)
+        tensors["prompt"] = torch.tensor(cond.row_of, dtype=torch.int64)
     save_file(tensors, Path(job.out) / name)
     rows = []
     for r, s in enumerate(job.seeds):
-        prompt = {} if cond is None else {"prompt": cond.prompt_of[r]}
+        prompt = {} if cond is None else {"prompt": cond.row_of[r]}
         rows += [{"seed": s, "step": i, "u": i / (job.steps - 1), "t": t, "shard": name, "row": r, **prompt}
                  for i, t in enumerate(ts)]
     return rows
@@ -125,15 +137,15 @@ def record_trajectories(pool: Pool, ref: ModelRef, den: Denoiser, params: Params
     calib = seeds("calib", g.calib_seeds, params)
     cond = prompt_rows(len(calib), cond)
     sched = make_scheduler(g.scheduler, den.scheduler_config, den.scheduler_class)
-    jobs = [ShardRange(i, calib[a:b], str(out), sched, g.steps, g.eta, None if cond is None else cond.prompt_of[a:b],
+    jobs = [ShardRange(i, calib[a:b], str(out), sched, g.steps, g.eta, None if cond is None else cond.row_of[a:b],
                        cond.guidance_scale if cond else 1.0) for i, (a, b) in enumerate(ranges(calib, g.shard_size))]
     parts = map_ranges(pool, record_shard, ref, jobs, scratch=out / SCRATCH, desc="trajectories", local_model={"fp": den},
-                       shared=None if cond is None else cond.embeds, unit="traj")
+                       shared=None if cond is None else cond.inputs, unit="traj")
     rows = [row for part in parts for row in part]
     check_complete(out, [f"shard-{j.index:05d}.safetensors" for j in jobs])
     pd.DataFrame(rows).to_parquet(out / "index.parquet", index=False)
     if cond is not None:
-        save_file({"embeds": cond.embeds.contiguous()}, out / PROMPTS)
+        save_file({k: v.contiguous() for k, v in cond.inputs.items()}, out / PROMPTS)
     return {"calib_trajectories": len(calib), "trajectory_inputs": len(rows)}, len(jobs)
 
 
@@ -144,14 +156,15 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
     prompts = check_prompts(params, den)  # before any sampling
     torch.manual_seed(0)
     proto = sampling_protocol(params, den, prompts)
-    cond = None if prompts is None else den.conditioning(prompts, [], g.guidance_scale, device)
+    cond = den.conditioning(prompts, [], guidance_scale(params, den), device) if den.conditional else None
     ref = ModelRef(fp_model, (str(model.resolve()),), device, folder_stamp(model))
     with open_pool(params.parallel, "generate") as pool:
         with atomic_dir(trajectories) as tmp:
             info, n_ranges = record_trajectories(pool, ref, den, params, tmp, cond)
             layout = "x float32 [n, steps, C, H, W]; t float32 [steps]; seeds int64 [n]"
             if cond is not None:
-                layout += f"; prompt int64 [n] (row of {PROMPTS} embeds [P + 1, L, D], row 0 unconditional)"
+                shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in cond.inputs.items())
+                layout += f"; prompt int64 [n] (the row of every input in {PROMPTS}: {shapes}; row 0 unconditional)"
             write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": g.calib_seed_base,
                                            "count": g.calib_seeds, "layout": layout})
         with atomic_dir(samples) as tmp:
@@ -164,13 +177,14 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
                 n_ranges += n
                 tensors = {"images": imgs["fp"].contiguous(), "seeds": torch.tensor(sd, dtype=torch.int64)}
                 if set_cond is not None:
-                    tensors["prompt"] = torch.tensor(set_cond.prompt_of, dtype=torch.int64)
+                    tensors["prompt"] = torch.tensor(set_cond.row_of, dtype=torch.int64)
                 save_file(tensors, tmp / f"{kind}.safetensors")
             write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SAMPLE_SEED_BASE[k], "count": g.eval_samples}
                                                               for k in ("a", "b")}})
         run_info = pool.record(n_ranges)
-    return GenerateMetrics(**info, family=den.family, prompts=len(prompts or []), eval_samples=g.eval_samples,
-                           floor_samples=g.eval_samples, parallel=run_info)
+    return GenerateMetrics(**info, family=den.family, prompts=cond.choices if cond is not None else 0,
+                           eval_samples=g.eval_samples, architecture=den.arch.name, floor_samples=g.eval_samples,
+                           parallel=run_info)
 
 
 def main(argv: list[str] | None = None) -> int:

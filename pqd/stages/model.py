@@ -1,7 +1,8 @@
 """model stage: the full-precision pipeline as a diffusers folder + model.json (source, sha256 of weights).
 
 ``demo:digits`` and ``demo:digits16`` train an embedded demo (a UNet on sklearn's digits, 8x8 gray or 16x16
-RGB, and the digit feature network used for the demos' FID); a local folder is loaded and re-saved; a hub id is snapshotted with
+RGB), ``demo:digits-dit`` a class-conditional DiT on the 8x8 digits, each with the digit feature network used
+for the demos' FID; a local folder is loaded and re-saved; a hub id is snapshotted with
 huggingface_hub (online users) and fails at once with a clear message when the hub cannot be reached.
 """
 
@@ -18,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from pqd.diffusion import demo
-from pqd.diffusion.pipeline import check_pipeline_folder, check_supported, load_pipeline
+from pqd.diffusion.pipeline import (check_pipeline_folder, check_supported, denoiser_component, denoiser_of,
+                                   load_pipeline)
 from pqd.errors import HubError
 from pqd.formats.files import atomic_dir, write_json
 from pqd.formats.lineage import model_digest, weight_hashes
@@ -30,7 +32,8 @@ from pqd.stages._cli import stage_main
 def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     pipe = demo.train_demo_pipeline(mp.source, seed=mp.seed, steps=mp.train_steps, batch_size=mp.batch_size,
-                                    lr=mp.lr, channels=mp.channels)
+                                    lr=mp.lr, channels=mp.channels, dit_width=mp.dit_width,
+                                    dit_depth=mp.dit_depth)
     t_unet = time.perf_counter() - t0
     pipe.save_pretrained(out)
     # the FID features: the same 8x8 digits for both demos, seeded apart from the UNet (model.feature_seed), so
@@ -89,8 +92,9 @@ def run(params: Params, out: Path) -> ModelMetrics:
             pipe.save_pretrained(tmp, safe_serialization=True)
             info = {}
         weights = weight_hashes(tmp)
-        unet_bytes = sum((tmp / k).stat().st_size for k in weights if k.startswith("unet/"))
-        n_params = sum(p.numel() for p in load_pipeline(tmp).unet.parameters())
+        component = denoiser_component(tmp)
+        unet_bytes = sum((tmp / k).stat().st_size for k in weights if k.startswith(f"{component}/"))
+        n_params = sum(p.numel() for p in denoiser_of(load_pipeline(tmp))[1].parameters())
         digest = model_digest(weights)
         # wall-clock timings go to the metrics only: model.json must be the same on every rerun
         facts = {k: v for k, v in info.items() if not k.endswith("_seconds")}

@@ -242,21 +242,21 @@ def check_complete(folder: Path, names: list[str]) -> None:
 @dataclass(frozen=True)
 class SampleRange:
     """Seeds of one batch, sampled by each named denoiser of the model into its PNG folder. Text models:
-    ``prompt_of`` holds each seed's prompt row in the shared embeddings."""
+    ``row_of`` holds each seed's row of the shared conditioning inputs."""
 
     seeds: list[int]
     folders: dict[str, str]
     scheduler: Any  # a diffusers scheduler as built for the stage (each range samples with its own copy)
     steps: int
     eta: float
-    prompt_of: list[int] | None
+    row_of: list[int] | None
     guidance_scale: float
 
 
 def sample_range(w: Worker, job: SampleRange) -> dict[str, torch.Tensor]:
     """Sample ``job.seeds`` with every denoiser named in ``job.folders``, write their PNGs, return the images
-    {name: float32 [n, C, H, W]}. ``w.shared``: the prompt embeddings [P + 1, L, D] of a text model."""
-    cond = None if job.prompt_of is None else Conditioning(w.shared, job.prompt_of, job.guidance_scale)
+    {name: float32 [n, C, H, W]}. ``w.shared``: the conditioning inputs by name ([P + 1, ...]) of a conditioned model."""
+    cond = None if job.row_of is None else Conditioning(w.shared, job.row_of, job.guidance_scale)
     out = {}
     for name, folder in job.folders.items():
         if name not in w.model:
@@ -275,10 +275,10 @@ def sample_sets(pool: Pool, ref: ModelRef, local_model: dict[str, Any], seeds: l
     ``batch_size``; returns the images {name: [N, C, H, W]} in seed order and the number of ranges."""
     spans = ranges(seeds, batch_size)
     jobs = [SampleRange(seeds[a:b], {k: str(v) for k, v in folders.items()}, scheduler, steps, eta,
-                        None if cond is None else cond.prompt_of[a:b], cond.guidance_scale if cond else 1.0)
+                        None if cond is None else cond.row_of[a:b], cond.guidance_scale if cond else 1.0)
             for a, b in spans]
     parts = map_ranges(pool, sample_range, ref, jobs, scratch=scratch, desc=desc, local_model=local_model,
-                       shared=None if cond is None else cond.embeds)
+                       shared=None if cond is None else cond.inputs)
     for folder in folders.values():
         check_complete(folder, png_names(seeds))
     return {k: torch.cat([p[k] for p in parts]) for k in folders}, len(spans)

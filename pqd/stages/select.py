@@ -5,8 +5,9 @@ noisiest step), from a Gaussian N(mu, sigma) truncated to [0, 1] (``gaussian``) 
 more samples than there are trajectories. Samples: at each drawn step, ``kcenter`` picks the candidates
 that cover the step's inputs best (greedy k-center on a pooled feature of x_t), ``random`` picks at random,
 ``first`` takes the lowest seeds. ``index.parquet`` records every chosen input and why it was chosen.
-Text models with classifier-free guidance: every chosen input enters the calibration set twice, with its
-prompt (branch ``cond``) and with the unconditional prompt (``uncond``), as the UNet sees it at inference.
+Conditioned models with classifier-free guidance: every chosen input enters the calibration set twice, with its
+prompt or class (branch ``cond``) and with the unconditional one (``uncond``: the empty prompt, the null class),
+as the denoiser sees it at inference.
 The set is written in shards of ``select.shard_size`` inputs (format: pqd.formats.calibset).
 """
 
@@ -20,7 +21,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pqd.errors import InputError, ParamError
@@ -126,7 +126,7 @@ def run(params: Params, trajectories: Path, out: Path) -> SelectMetrics:
             rows_by_step[s] += [(int(seeds[r]), shard, r, float(t[s]), prompt[r]) for r in range(len(seeds))]
         del x, tensors
 
-    # classifier-free guidance: the UNet sees every input twice, with the prompt and with the empty prompt
+    # classifier-free guidance: the denoiser sees every input twice, with its condition and the unconditional one
     branches = [("cond", None)] + ([("uncond", 0)] if cond is not None and cond["guidance_scale"] > 1 else [])
     records = []
     for s in chosen_steps:  # increasing step = decreasing t: each time group is a contiguous run (pqd.formats.calibset)
@@ -151,11 +151,11 @@ def run(params: Params, trajectories: Path, out: Path) -> SelectMetrics:
         pd.DataFrame({"step": np.arange(steps), "u": u, "probability": p, "count": counts}).to_csv(
             tmp / "steps.csv", index=False)
         schedule = index.drop_duplicates("step").sort_values("step")["t"].tolist()
-        embeds = load_file(trajectories / PROMPTS)["embeds"] if cond is not None else None
+        rows = load_tensors(trajectories / PROMPTS) if cond is not None else None
         writer.close({"schedule_timesteps": schedule, "timesteps": sp.timesteps, "mu": sp.mu, "sigma": sp.sigma,
                       "rule": sp.rule, "drawn_inputs": sp.num_samples,
                       "conditioning": None if cond is None else {"guidance_scale": cond["guidance_scale"],
-                                                                 "branches": [b for b, _ in branches]}}, embeds)
+                                                                 "branches": [b for b, _ in branches]}}, rows)
     return SelectMetrics(calib_samples=len(records), drawn_inputs=sp.num_samples, branches=len(branches),
                          distinct_steps=len(chosen_steps), mean_u=round(float(np.mean([r["u"] for r in records])), 4))
 

@@ -48,7 +48,7 @@ def artifact(tmp_path_factory, tiny_pipeline):
     out = tmp_path_factory.mktemp("deploy") / "export"
     out.mkdir()
     write_export(tiny_pipeline, den.unet, state, GROUPS, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_unet(out, verify=False), GROUPS, den.sample_shape, out / deploy.ONNX_DIR)
+    deploy.write_onnx(load_quantized_unet(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
     write_manifest(out, {})
     return den, state, out
 
@@ -187,7 +187,7 @@ def test_w4_graph_holds_the_4bit_grid_in_int8(tiny_pipeline, tmp_path):
     den = load_denoiser(tiny_pipeline)
     state = calibrated(den, 4)
     q = apply_qstate(copy.deepcopy(den.unet), state)
-    deploy.write_onnx(q, GROUPS, den.sample_shape, tmp_path)
+    deploy.write_onnx(q, GROUPS, den, tmp_path)
     full = onnx.load(str(tmp_path / deploy.graph_file(0)))
     codes = [onnx.numpy_helper.to_array(t) for t in full.graph.initializer if t.name.endswith("weight_int")]
     assert codes and all(c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7 for c in codes)

@@ -20,7 +20,7 @@ from pqd.core.affine import fake_quantize
 from pqd.core.modules import MatMul, QuantMatMul
 from pqd.core.qtypes import act_qtype
 from pqd.core.quantize import MatMulQParams
-from pqd.diffusion.adapter import load_denoiser, unet_forward
+from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
 from support.models import build_pixel_cifar, build_text_sd
 
@@ -68,11 +68,11 @@ def test_matmul_attention_computes_what_diffusers_computes(tmp_path: Path, build
     den = load_denoiser(build(tmp_path / "pipe"))
     x = torch.randn(3, *den.sample_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([90, 40, 3])
-    cond = den.text.encode(["a photo of a cat", "a small blue bird", ""]) if den.conditional else None
+    cond = den.conditioning(["a photo of a cat", "a small blue bird"], [1, 2, 0], 1.0).per_seed() if den.conditional else None
     with torch.no_grad():
-        ref = unet_forward(den.unet, x, t, cond)
+        ref = den.call(den.unet, x, t, cond)
         roles = use_matmul_attention(den.unet)
-        got = unet_forward(den.unet, x, t, cond)
+        got = den.call(den.unet, x, t, cond)
     assert roles and set(roles.values()) == {"qk", "pv"}
     if den.conditional:
         assert "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.qk" in roles  # cross-attention

@@ -1,5 +1,6 @@
 """The one QState codec (pqd.formats.qstate): what is written is read back exactly, for every kind of entry."""
 
+import dataclasses
 import json
 
 import pytest
@@ -30,6 +31,7 @@ def state():
     return {"conv_in": layer("conv2d", (8, 3, 3, 3), 8, out=True),
             "up.conv1": layer("conv2d", (8, 16, 3, 3), 4, split=12, out=True, seed=1),
             "odd.linear": layer("linear", (5, 7), 3, seed=2),  # 35 codes: an odd count packs with a pad nibble
+            "ff.proj": dataclasses.replace(layer("linear", (4, 6), 8, seed=4), smooth=torch.rand(6, generator=g) + 0.5),
             "attn.processor.qk": MatMulQParams(8, 8, *(torch.rand(2, 1, generator=g) for _ in range(4)))}
 
 
@@ -43,11 +45,13 @@ def test_round_trip_is_exact(state, tmp_path):
     for name, lp in state.items():
         got = back[name]
         assert type(got) is type(lp)
-        for f in ("weight_int", "weight_scale", "act_scale", "act_zero_point", "out_scale", "out_zero_point",
+        for f in ("weight_int", "weight_scale", "act_scale", "act_zero_point", "out_scale", "out_zero_point", "smooth",
                   "a_scale", "a_zero_point", "b_scale", "b_zero_point"):
             a, b = getattr(lp, f, None), getattr(got, f, None)
             assert (a is None and b is None) or torch.equal(a, b), (name, f)
     assert back["up.conv1"].act_split == 12 and back["odd.linear"].out_scale is None
+    assert back["ff.proj"].smooth is not None and back["odd.linear"].smooth is None
+    assert [n for n, e in qmap["layers"].items() if e.get("act_smooth")] == ["ff.proj"]  # balanced layers only
 
 
 def test_4_bit_weights_are_stored_two_per_byte(state, tmp_path):

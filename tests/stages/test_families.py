@@ -13,16 +13,17 @@ import json
 import math
 from pathlib import Path
 
+import onnx
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.projects import CODE_BITS_8, small_params, write_params
+from support.projects import CODE_BITS_8, run_stage_mains, small_params, write_params
 from pqd.formats.export import load_quantized_unet
 from pqd.formats.calibset import CalibSet
 from pqd.core.modules import quant_layers
-from pqd.stages import calibrate, evaluate, export, generate, model, select
+from pqd.stages import generate, model
 from support.models import PROMPTS, build_latent_ldm, build_pixel_cifar, build_text_sd
 
 pytestmark = pytest.mark.slow  # all six stages on three model families: make test-fast leaves them out
@@ -37,23 +38,7 @@ def run_family(d: Path, family: str, features: Path, **extra) -> Path:
                 "generate": {"steps": 5, "calib_seeds": 4, "eval_samples": 6, "batch_size": 6, "shard_size": 2},
                 "select": {"num_samples": 8, "shard_size": 5},
                 "calibrate": {"recon_iters": 4, "batch_size": 8}, **extra}
-    params = write_params(d, small_params(**sections))
-    data = d / "data"
-
-    def call(stage, name: str, **paths: Path) -> None:
-        args = ["--params", str(params), "--metrics", str(data / f"metrics/{name}.json")]
-        for k, v in paths.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        assert stage.main(args) == 0, name
-
-    call(model, "model", out=data / "model")
-    call(generate, "generate", model=data / "model", trajectories=data / "trajectories", samples=data / "samples/fp")
-    call(select, "select", trajectories=data / "trajectories", out=data / "calib")
-    call(calibrate, "calibrate", model=data / "model", calib=data / "calib", out=data / "qstate")
-    call(export, "export", model=data / "model", qstate=data / "qstate", out=data / "export")
-    call(evaluate, "evaluate", model=data / "model", export=data / "export", fp_samples=data / "samples/fp",
-         out=data / "samples/quant", grid=data / "metrics/grid.png")
-    return data
+    return run_stage_mains(write_params(d, small_params(**sections)), d / "data")
 
 
 def unet_layers(folder: Path) -> set[str]:
@@ -96,8 +81,7 @@ def text(tmp_path_factory, ts_features):
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
     return run_family(d, "text", ts_features, quant={"weight_bits": 4, "attention": True, "softmax_bits": 8}, generate={
         "steps": 5, "calib_seeds": 4, "eval_samples": 6, "batch_size": 6, "shard_size": 2,
-        "prompts": str(d / "prompts.txt"), "guidance_scale": 3.0}, export={"onnx": False},
-        evaluate={"features": f"torchscript:{ts_features}", "reference": str(d / "data/samples/fp/b"), "backend": "torch"})
+        "prompts": str(d / "prompts.txt"), "guidance_scale": 3.0})
 
 
 def test_pixel_cifar_with_attention(pixel):
@@ -141,7 +125,7 @@ def test_text_records_conditioning_once_and_both_branches(text):
     traj = text / "trajectories"
     meta = json.loads((traj / "meta.json").read_text())
     assert meta["conditioning"]["prompts"] == PROMPTS and meta["conditioning"]["guidance_scale"] == 3.0
-    embeds = load_file(traj / "prompts.safetensors")["embeds"]
+    embeds = load_file(traj / "prompts.safetensors")["encoder_hidden_states"]
     assert embeds.shape == (len(PROMPTS) + 1, 12, 16)  # the empty prompt + each prompt, stored once
     idx = pd.read_parquet(traj / "index.parquet")
     assert sorted(idx.drop_duplicates("seed")["prompt"]) == [1, 1, 2, 3]  # seeds take the prompts in turn
@@ -159,6 +143,7 @@ def test_text_records_conditioning_once_and_both_branches(text):
     assert (calib[calib["branch"] == "cond"]["prompt"] >= 1).all()
     data = CalibSet(text / "calib")
     x, t, cond = data.load(0, len(data))
+    cond = cond["encoder_hidden_states"]
     assert cond.shape == (16, 12, 16) and torch.equal(cond[torch.tensor(calib["branch"].eq("uncond").to_numpy())][0], embeds[0])
 
     layers = set(quant_layers(load_quantized_unet(text / "export")))
@@ -170,6 +155,12 @@ def test_text_records_conditioning_once_and_both_branches(text):
     assert any(f.startswith("text_encoder/") for f in export_files) and any(f.startswith("tokenizer/") for f in export_files)
     ev = metrics(text, "evaluate")["protocol"]
     assert ev["family"] == "text" and ev["prompts"] == 3 and ev["guidance_scale"] == 3.0
+    # deployed: the ONNX graphs take the prompt's encoder hidden states, and evaluate runs them in onnxruntime
+    graph = onnx.load(str(text / "export/onnx/unet.g0.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["sample", "timestep", "encoder_hidden_states"]
+    assert ev["backend"].startswith("onnxruntime")
+    ev = metrics(text, "evaluate")
+    assert math.isfinite(ev["fid_deployed_vs_simulated"]) and ev["psnr_deployed_vs_simulated_median"] > 10
 
 
 @pytest.mark.parametrize("prompts, expected", [

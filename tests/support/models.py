@@ -5,7 +5,8 @@ feature network, and the three families:
   and one ResNet per level;
 - latent: an LDM (LDMPipeline: VQModel + UNet2DModel), denoising 8x8 latents of 16x16 images;
 - text: a Stable-Diffusion-1.x-style pipeline (AutoencoderKL + UNet2DConditionModel with cross-attention +
-  CLIPTextModel + a CLIPTokenizer built from a local vocabulary).
+  CLIPTextModel + a CLIPTokenizer built from a local vocabulary);
+- transformers: PixArt-alpha- and SD3-shaped pipelines (their real architectures' configs at tiny widths).
 """
 
 from __future__ import annotations
@@ -118,6 +119,65 @@ def build_text_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _tiny_vae(latent_channels: int, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=16, **extra)
+
+
+def build_text_pixart(folder: Path, seed: int = 0) -> Path:
+    """A PixArt-alpha-shaped pipeline (PixArtAlphaPipeline): PixArtTransformer2DModel with the PixArt-XL-2 layout
+    (adaLN-single, cross-attention on T5 encodings, caption projection, learned variance: 8 output channels for 4
+    latent ones) at tiny widths, a tiny T5 encoder (tokenized by a local CLIP vocabulary) and a KL autoencoder."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    from pqd.diffusion.configs import PIXART_XL_2_512
+
+    vocab_file, merges_file = write_clip_vocab(folder.parent / "clip-vocab")
+    tok = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=12)
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok.get_vocab()), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                 num_heads=2, relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id))
+    transformer = PixArtTransformer2DModel.from_config({**PIXART_XL_2_512, "num_layers": 2, "num_attention_heads": 2,
+                                                        "attention_head_dim": 8, "cross_attention_dim": 16,
+                                                        "caption_channels": 16, "sample_size": 8})
+    PixArtAlphaPipeline(tokenizer=tok, text_encoder=t5, vae=_tiny_vae(4), transformer=transformer,
+                        scheduler=DDIMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+def build_text_sd3(folder: Path, seed: int = 0) -> Path:
+    """An SD3-shaped pipeline (StableDiffusion3Pipeline): SD3Transformer2DModel (MMDiT joint attention, pooled text
+    projections, the last block context-pre-only) at tiny widths, two tiny CLIP text encoders with projections (no
+    T5: diffusers then feeds zeros for its part, as SD3 allows), a KL autoencoder with SD3's shift and scale, and
+    SD3's flow-matching Euler scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from pqd.diffusion.configs import SD3_MEDIUM, SD3_MEDIUM_SCHEDULER
+
+    vocab_file, merges_file = write_clip_vocab(folder.parent / "clip-vocab")
+    tok = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=12)
+    vocab = tok.get_vocab()
+    torch.manual_seed(seed)
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, projection_dim=width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=12, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])) for width in (8, 16)]
+    transformer = SD3Transformer2DModel.from_config({
+        **SD3_MEDIUM, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4,
+        "out_channels": 4, "sample_size": 8, "pos_embed_max_size": 8, "joint_attention_dim": 24,
+        "caption_projection_dim": 16, "pooled_projection_dim": 24})
+    vae = _tiny_vae(4, scaling_factor=1.5305, shift_factor=0.0609)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_MEDIUM_SCHEDULER),
+                             vae=vae, text_encoder=clips[0], tokenizer=tok, text_encoder_2=clips[1], tokenizer_2=tok,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
+    return folder
+
+
 def blob_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     """``n`` smooth random RGB images [n, 3, size, size] in [0, 1]: 4x4 random colours, bilinearly upsampled."""
     g = torch.Generator().manual_seed(seed)
@@ -134,7 +194,7 @@ def build_second_model(folder: Path, seed: int = 0, train_steps: int = 80) -> Pa
     perturbation into a different image, which no quantized model could follow)."""
     from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
-    from pqd.diffusion.demo import train_unet
+    from pqd.diffusion.demo import train_denoiser
 
     torch.manual_seed(seed)
     unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=2,
@@ -142,7 +202,7 @@ def build_second_model(folder: Path, seed: int = 0, train_steps: int = 80) -> Pa
                        norm_num_groups=8, attention_head_dim=16)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               clip_sample=True, set_alpha_to_one=False)
-    unet = train_unet(unet, blob_images(2048, seed=seed + 1) * 2 - 1, scheduler, seed=seed, steps=train_steps,
+    unet = train_denoiser(unet, blob_images(2048, seed=seed + 1) * 2 - 1, scheduler, seed=seed, steps=train_steps,
                       batch_size=32, lr=2e-3, progress=False)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder

@@ -130,6 +130,28 @@ def run_stages_in_process(project: Path, stages: tuple[str, ...] | None = None) 
     sh([str(BIN / "dvc"), "commit", "-f", "-q"], project)
 
 
+def run_stage_mains(params: Path, data: Path) -> Path:
+    """The six stages through their command-line ``main`` (as dvc.yaml calls them) with ``params`` and outputs
+    under ``data`` (no DVC); returns ``data``."""
+    stages = {s: importlib.import_module(f"pqd.stages.{s}") for s in
+              ("model", "generate", "select", "calibrate", "export", "evaluate")}
+
+    def call(name: str, **paths: Path) -> None:
+        args = ["--params", str(params), "--metrics", str(data / f"metrics/{name}.json")]
+        for k, v in paths.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        assert stages[name].main(args) == 0, name
+
+    call("model", out=data / "model")
+    call("generate", model=data / "model", trajectories=data / "trajectories", samples=data / "samples/fp")
+    call("select", trajectories=data / "trajectories", out=data / "calib")
+    call("calibrate", model=data / "model", calib=data / "calib", out=data / "qstate")
+    call("export", model=data / "model", qstate=data / "qstate", out=data / "export")
+    call("evaluate", model=data / "model", export=data / "export", fp_samples=data / "samples/fp",
+         out=data / "samples/quant", grid=data / "metrics/grid.png")
+    return data
+
+
 def reproduced_project(tmp_path_factory, tiny_pipeline: Path, features: Path) -> Path:
     """The committed project with a complete result, built once per session (clone it to change it)."""
     key = str(tmp_path_factory.getbasetemp())
