@@ -268,6 +268,20 @@ class QuantMatMul(nn.Module):
         return torch.matmul(self.qa(a), self.qb(b))
 
 
+class Site(nn.Module):
+    """A point between layers where an activation can be put on an integer grid: the glue between integer
+    kernels (the output of a residual add, a skip concatenation, a sigmoid, ...). This float form is the
+    identity; calibration observes what passes through it and quantization replaces it by a
+    :class:`QuantSite`. Where sites sit is the adapter's knowledge (pqd.diffusion.glue)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class QuantSite(ActQuantizer):
+    """A :class:`Site` on its unsigned per-tensor grid, per time group (scale and zero point [G, 1])."""
+
+
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 QuantLayer = QuantConv2d | QuantLinear
 
@@ -288,6 +302,15 @@ def matmul_modules(model: nn.Module) -> dict[str, MatMul]:
 
 def quant_matmuls(model: nn.Module) -> dict[str, QuantMatMul]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantMatMul)}
+
+
+def sites(model: nn.Module) -> dict[str, Site]:
+    """Every float :class:`Site` of ``model`` by qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Site)}
+
+
+def quant_sites(model: nn.Module) -> dict[str, QuantSite]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantSite)}
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -33,6 +33,7 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
+import onnxscript.optimizer
 from onnxscript import opset18 as op
 
 import pqd.core.onnx_qdq  # noqa: F401 (registers the pqd:: operators the translations below refer to)
@@ -68,8 +69,7 @@ def export_graph(module: nn.Module, args: Sequence[torch.Tensor], input_names: l
                  output_names: list[str]) -> onnx.ModelProto:
     """``module(*args)`` as an ONNX graph (opset ``OPSET``, dimension 0 of every input and output dynamic), traced
     by torch.export with pqd's quantization operators translated to QuantizeLinear/DequantizeLinear. Parameters
-    and buffers become initializers named by their qualified names. Not optimised here: onnxruntime folds
-    constants and fuses when it loads the graph, and pqd needs the initializer names intact."""
+    and buffers become initializers named by their qualified names (kept: constant folding only, see below)."""
     batch = torch.export.Dim.DYNAMIC  # not Dim("batch"): diffusers branches on batch >= 64 (a no-op for ONNX)
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # tracer notes about diffusers' shape checks
@@ -77,6 +77,10 @@ def export_graph(module: nn.Module, args: Sequence[torch.Tensor], input_names: l
                                     opset_version=OPSET, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=tuple({0: batch} for _ in args),
                                     custom_translation_table=TRANSLATIONS)
+    # fold what is constant (casts and expansions of parameters) but nothing else: onnxscript's full optimizer
+    # would also merge equal initializers and nodes, and pqd needs every initializer under its own name
+    onnxscript.optimizer.fold_constants(program.model)
+    onnxscript.optimizer.remove_unused_nodes(program.model)
     return _tidy(program.model_proto)
 
 

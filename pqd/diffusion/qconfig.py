@@ -1,7 +1,7 @@
 """How the product quantizes a denoiser: the core's configs built from params and the adapter's knowledge.
 
 The one place that turns ``quant.*`` / ``calibrate.*`` and a :class:`~pqd.diffusion.adapter.Denoiser`
-(its edge layers, skip splits, float-output layers and attention matmuls) into a
+(its edge layers, skip splits, float-output layers, attention matmuls and glue sites) into a
 :class:`~pqd.core.QuantConfig` and a :class:`~pqd.core.reconstruct.ReconConfig`: the calibrate stage and
 the benchmarks call it alike.
 """
@@ -12,6 +12,7 @@ from pqd.core.quantize import QuantConfig
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig
 from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.glue import glue_sites, install_sites
 from pqd.params import Params
 from pqd.params.machine import IntegerCodes, integer_codes
 
@@ -39,6 +40,12 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
                        output_layers=frozenset(n for n in names if n not in float_out) if q.outputs else frozenset(),
                        operand_bits={n: (q.softmax_bits if role == "pv" else q.act_bits, q.act_bits)
                                      for n, role in (attention or {}).items()})
+
+
+def install_glue(params: Params, den: Denoiser) -> list[str]:
+    """Give ``den``'s network the glue sites of quant.glue (float until a qstate is applied); returns their names."""
+    return install_sites(den.unet, glue_sites(den.unet, params.quant.glue, den.skip_splits(),
+                                              bool(params.calibrate.split_shortcut)))
 
 
 def recon_config(params: Params) -> ReconConfig:

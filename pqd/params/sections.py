@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# glue between integer kernels that quant.glue can put on integer grids (pqd.diffusion.glue says where each sits)
+GLUE_KINDS = ("residual", "temb", "silu", "concat", "attention")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class QuantParams:
     # quantize attention's Q·Kᵀ and softmax·V matmuls too (both operands per tensor, per time group)
     attention: bool = False
     softmax_bits: int = 16  # grid of the softmax output (the first operand of softmax·V) when attention is quantized
+    # glue between integer kernels quantized too, per time group, so that onnxruntime runs it as integer kernels:
+    # any of GLUE_KINDS (residual adds, the time-embedding add, SiLU as sigmoid·mul, skip concatenations,
+    # attention's residual add)
+    glue: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
