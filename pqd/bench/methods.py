@@ -38,6 +38,17 @@ ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     # integer codes of 8-bit weights (quant.reduce_range): 7-bit codes against full 8-bit codes, on this CPU
     ("pqd, 7-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": True}}),
     ("pqd, full 8-bit weight codes", 8, {"calibrate": {"method": "pqd"}, "quant": {"reduce_range": False}}),
+    # glue between integer kernels (quant.glue): each kind alone, then together (compare with row 3); a
+    # concatenation is one tensor on one grid, so its rows turn the shortcut split off, and so does their baseline
+    *[(f"pqd, glue {k}", 8, {"calibrate": {"method": "pqd"}, "quant": {"glue": [k]}})
+      for k in ("residual", "temb", "silu", "attention")],
+    ("pqd, glue residual+temb+silu+attention", 8,
+     {"calibrate": {"method": "pqd"}, "quant": {"glue": ["residual", "temb", "silu", "attention"]}}),
+    ("pqd, no shortcut split", 8, {"calibrate": {"method": "pqd", "split_shortcut": False}}),
+    ("pqd, no shortcut split, glue concat", 8,
+     {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": ["concat"]}}),
+    ("pqd, no shortcut split, all glue", 8, {"calibrate": {"method": "pqd", "split_shortcut": False},
+                                            "quant": {"glue": ["residual", "temb", "silu", "concat", "attention"]}}),
 ]
 
 
