@@ -63,6 +63,17 @@ ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     ("pqd, quant.smooth", 8, {"calibrate": {"method": "pqd"}, "quant": {"smooth": True}}),
     ("pqd, quant.smooth", 4, {"calibrate": {"method": "pqd"}, "quant": {"smooth": True}}),
     ("pqd, G=1", 8, {"calibrate": {"method": "pqd", "time_groups": 1}}),
+    # glue between integer kernels (quant.glue): each kind alone, then together (compare with row 3); a
+    # concatenation is one tensor on one grid, so its rows turn the shortcut split off, and so does their baseline
+    *[(f"pqd, glue {k}", 8, {"calibrate": {"method": "pqd"}, "quant": {"glue": [k]}})
+      for k in ("residual", "temb", "silu", "attention")],
+    ("pqd, glue residual+temb+silu+attention", 8,
+     {"calibrate": {"method": "pqd"}, "quant": {"glue": ["residual", "temb", "silu", "attention"]}}),
+    ("pqd, no shortcut split", 8, {"calibrate": {"method": "pqd", "split_shortcut": False}}),
+    ("pqd, no shortcut split, glue concat", 8,
+     {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": ["concat"]}}),
+    ("pqd, no shortcut split, all glue", 8, {"calibrate": {"method": "pqd", "split_shortcut": False},
+                                            "quant": {"glue": ["residual", "temb", "silu", "concat", "attention"]}}),
 ]
 DEFAULT_ROWS = tuple(range(12))  # the methods at W8A8 and W4A8 and the four ablations
 DEFAULT_MODELS = ("demo:digits", "demo:digits16")
@@ -84,7 +95,8 @@ KEY_FILE = "bench_key.json"
 # named row sets (``--rows transformer``): the transformer demo's table, W8A8 and W4A8 with the minmax, qdiffusion
 # and pqd presets, PQD without time groups, PQD with channel balancing
 # (python -m pqd.bench --models demo:digits-dit --rows transformer)
-ROW_SETS = {"transformer": (0, 2, 3, 4, 6, 7, 18, 10, 16, 17)}
+# ``--rows glue``: PQD W8A8 (row 3) against each kind of quantized glue (quant.glue), and the shortcut split
+ROW_SETS = {"transformer": (0, 2, 3, 4, 6, 7, 18, 10, 16, 17), "glue": (3, *range(19, 27))}
 
 
 class PeakRSS:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from pqd.core.adaround import AdaRound
 from pqd.core.affine import dequantize, fake_quantize, fake_quantize_ste
-from pqd.core.onnx_qdq import WeightDQ, act_qdq
+from pqd.core.onnx_qdq import act_qdq, weight_dq
 from pqd.core.qtypes import QType, act_qtype, weight_qtype
 from pqd.core.timegroups import TimeGrouped, set_time_group  # noqa: F401 (re-exported)
 
@@ -38,8 +38,9 @@ class ActQuantizer(TimeGrouped, nn.Module):
     no gradient otherwise. ``drop_prob`` > 0 (set only during reconstruction) keeps each element in
     float with that probability (QDrop), drawn from ``drop_generator`` (a seeded torch.Generator on the
     input's device, so reconstruction reruns are bit-identical; never the global RNG). ``onnx`` = True (set
-    only while tracing for ONNX export) computes the same values through ops that export as
-    QuantizeLinear/DequantizeLinear.
+    only while tracing for ONNX export, see :func:`set_onnx_mode`) computes the same values with the current
+    group's parameters held in buffers ``onnx_scale<p>`` / ``onnx_zero_point<p>``, through the operator that
+    exports as QuantizeLinear/DequantizeLinear (8-bit grids) or as the float arithmetic (wider grids).
     """
 
     def __init__(self, bits: int, scale: torch.Tensor, zero_point: torch.Tensor, split: int | None = None) -> None:
@@ -62,12 +63,26 @@ class ActQuantizer(TimeGrouped, nn.Module):
     def num_groups(self) -> int:
         return int(self.scale.shape[0])
 
+    def freeze_for_onnx(self, on: bool) -> None:
+        """Hold the current group's parameters in buffers, the constants of a traced graph (``on``), or drop them."""
+        self.onnx = on
+        for p in range(self.scale.shape[1]):
+            for name in (f"onnx_scale{p}", f"onnx_zero_point{p}"):
+                self._buffers.pop(name, None)
+            if on:
+                z = self.zero_point[self.group, p].detach()
+                self.register_buffer(f"onnx_scale{p}", self.scale[self.group, p].detach().clone(), persistent=False)
+                self.register_buffer(f"onnx_zero_point{p}", z.to(torch.uint8 if self.qtype.bits == 8 else torch.float32),
+                                     persistent=False)
+
     def _fq(self, x: torch.Tensor, part: int) -> torch.Tensor:
-        s, z = self.scale[self.group, part], self.zero_point[self.group, part]
-        if self.onnx and self.qtype.bits <= 8:  # wider grids (softmax outputs) trace as the float arithmetic below
-            if self.qtype.bits != 8:
+        if self.onnx:
+            if self.qtype.bits < 8:
                 raise ValueError(f"ONNX export needs 8-bit activations, not {self.qtype.bits}-bit: set quant.act_bits = 8")
-            return act_qdq(x, s, z)
+            s, z = getattr(self, f"onnx_scale{part}"), getattr(self, f"onnx_zero_point{part}")
+            # wider grids (softmax outputs) have no integer kernel: they trace as the float arithmetic
+            return act_qdq(x, s, z) if self.qtype.bits == 8 else fake_quantize(x, s, z, self.qtype)
+        s, z = self.scale[self.group, part], self.zero_point[self.group, part]
         if self.scale.requires_grad:
             n = max(1, x[0].numel())
             g = 1.0 / math.sqrt(n * self.qtype.qmax)  # LSQ gradient scale
@@ -113,36 +128,74 @@ class _QuantWeight:
         self._w_cache: torch.Tensor | None = None
         self.rounding = None
         self.register_buffer("smooth", None)  # set by a balanced QuantLinear
+        self.onnx = False
 
     def folded(self, weight: torch.Tensor) -> torch.Tensor:
         """The float weight that this layer's codes quantize: ``weight`` itself, or weight x smooth (per input
         channel) when the layer is balanced."""
         return weight if self.smooth is None else weight * self.smooth.to(weight.device)
 
+    def _split(self) -> int | None:
+        return None if self.act is None or self.out is None else self.act.split
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The bias as the layer adds it (current time group)."""
+        if self.onnx:
+            return getattr(self, "onnx_bias", None)
+        if self.bias is None:
+            return None
+        b, act = self.bias.to(dtype), self.act
+        if act is not None and self.out is not None and act.split is None:
+            # an integer kernel adds the bias as int32 on the accumulator's grid
+            step = act.scale[act.group, 0].detach() * self.weight_scale
+            b = torch.round(b / step) * step
+        return b
+
+    def freeze_for_onnx(self, on: bool) -> None:
+        """Hold what a traced graph needs of the current group in buffers (``on``) or drop them: ``onnx_bias``,
+        the weight's zero points ``onnx_weight_zero_point`` (int8 zeros [out]) and, for a split input, the two
+        parts' codes ``onnx_codes0`` / ``onnx_codes1`` (so each part is an int8 initializer of its own)."""
+        for name in ("onnx_bias", "onnx_weight_zero_point", "onnx_codes0", "onnx_codes1", "onnx_zero_bias"):
+            self._buffers.pop(name, None)
+        self.onnx = False
+        if not on:
+            return
+        b = self._bias(torch.float32)
+        if b is not None:
+            self.register_buffer("onnx_bias", b.detach().clone(), persistent=False)
+        zeros = torch.zeros(self.weight_int.shape[0], dtype=torch.int8, device=self.weight_int.device)
+        self.register_buffer("onnx_weight_zero_point", zeros, persistent=False)
+        k = self._split()
+        if k is not None:
+            self.register_buffer("onnx_codes0", self.weight_int[:, :k].contiguous(), persistent=False)
+            self.register_buffer("onnx_codes1", self.weight_int[:, k:].contiguous(), persistent=False)
+            # the partial products have no bias; a zero one keeps the exporter from building one at run time
+            self.register_buffer("onnx_zero_bias", torch.zeros(zeros.shape, device=zeros.device), persistent=False)
+        self.onnx = True
+
     def _quantized_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """``op(x, weight, bias)`` with the input, and the output when there is an output quantizer,
         on their integer grids. A split input runs as two partial products, each quantized, plus the bias."""
-        b = None if self.bias is None else self.bias.to(x.dtype)
+        b = self._bias(x.dtype)
         act, out = self.act, self.out
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
-        if act is None or out is None or act.split is None:
+        k = self._split()
+        if k is None:
             w = self.dequantized_weight().to(x.dtype)
             if act is None:
                 return op(x, w, b)
             if out is None:
                 return op(act(x), w, b)
-            if b is not None:  # an integer kernel adds the bias as int32 on the accumulator's grid
-                step = act.scale[act.group, 0].detach() * self.weight_scale
-                b = torch.round(b / step) * step
             return out.part(op(act.part(x, 0), w, b), 0)
-        k = act.split
-        if act.onnx:  # slice the int8 codes, not the float weight, so each part keeps its own DequantizeLinear
-            w0, w1 = (WeightDQ.apply(c, self.weight_scale) for c in (self.weight_int[:, :k], self.weight_int[:, k:]))
+        zero = None
+        if self.onnx:  # each part's int8 codes keep their own DequantizeLinear
+            w0, w1 = (weight_dq(c, self.weight_scale, self.onnx_weight_zero_point) for c in (self.onnx_codes0, self.onnx_codes1))
+            zero = self.onnx_zero_bias
         else:
             w = self.dequantized_weight().to(x.dtype)
             w0, w1 = w[:, :k], w[:, k:]
-        y = out.part(op(act.part(x[:, :k], 0), w0, None), 0) + out.part(op(act.part(x[:, k:], 1), w1, None), 1)
+        y = out.part(op(act.part(x[:, :k], 0), w0, zero), 0) + out.part(op(act.part(x[:, k:], 1), w1, zero), 1)
         return y if b is None else y + b.reshape(-1, 1, 1)  # splits exist only for convolutions
 
     def set_codes(self, codes: torch.Tensor) -> None:
@@ -154,8 +207,8 @@ class _QuantWeight:
         """float32 weight = weight_int * weight_scale (per output channel); soft weights while learning rounding."""
         if self.rounding is not None:
             return self.rounding.soft_weight()
-        if self.act is not None and self.act.onnx:  # the codes stay an int8 tensor in the traced graph
-            return WeightDQ.apply(self.weight_int, self.weight_scale)
+        if self.onnx:  # the codes stay an int8 tensor in the traced graph
+            return weight_dq(self.weight_int, self.weight_scale, self.onnx_weight_zero_point)
         if self._w_cache is None or self._w_cache.device != self.weight_int.device:
             self._w_cache = dequantize(self.weight_int, self.weight_scale, torch.zeros_like(self.weight_scale), axis=0)
         return self._w_cache
@@ -228,6 +281,20 @@ class QuantMatMul(nn.Module):
         return torch.matmul(self.qa(a), self.qb(b))
 
 
+class Site(nn.Module):
+    """A point between layers where an activation can be put on an integer grid: the glue between integer
+    kernels (the output of a residual add, a skip concatenation, a sigmoid, ...). This float form is the
+    identity; calibration observes what passes through it and quantization replaces it by a
+    :class:`QuantSite`. Where sites sit is the adapter's knowledge (pqd.diffusion.glue)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class QuantSite(ActQuantizer):
+    """A :class:`Site` on its unsigned per-tensor grid, per time group (scale and zero point [G, 1])."""
+
+
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 QuantLayer = QuantConv2d | QuantLinear
 
@@ -250,6 +317,15 @@ def quant_matmuls(model: nn.Module) -> dict[str, QuantMatMul]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantMatMul)}
 
 
+def sites(model: nn.Module) -> dict[str, Site]:
+    """Every float :class:`Site` of ``model`` by qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Site)}
+
+
+def quant_sites(model: nn.Module) -> dict[str, QuantSite]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantSite)}
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -257,10 +333,21 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def set_onnx_mode(model: nn.Module, on: bool) -> None:
-    """Trace-for-ONNX mode of every activation quantizer (see :class:`ActQuantizer`)."""
+    """Trace-for-ONNX mode of every quantizer and quantized layer: with ``on``, the current time group's
+    parameters are held in buffers named ``onnx_*`` (see :func:`onnx_values`) that a traced graph reads as
+    named constants; the computed values do not change. Call it again after switching the time group."""
     for m in model.modules():
         if isinstance(m, ActQuantizer):
-            m.onnx = on
+            m.freeze_for_onnx(on)
+    for m in model.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            m.freeze_for_onnx(on)
+
+
+def onnx_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers that :func:`set_onnx_mode` holds, by qualified name: everything of a traced graph that
+    depends on the time group."""
+    return {n: b for n, b in model.named_buffers() if n.rpartition(".")[2].startswith("onnx_")}
 
 
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:

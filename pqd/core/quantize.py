@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from pqd.core.affine import quantize, weight_scales
 from pqd.core.guards import NumericalError, check_act_qparams, check_layer_qparams, check_smoothing
-from pqd.core.modules import (ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul, matmul_modules, quant_layers,
-                              quant_matmuls, quantizable_layers, set_module)
+from pqd.core.modules import (ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul, QuantSite, matmul_modules,
+                              quant_layers, quant_matmuls, quant_sites, quantizable_layers, set_module, sites)
 from pqd.core.observers import ActObserver
 from pqd.core.qtypes import act_qtype, weight_qtype
 from pqd.core.smooth import ChannelMax, smoothing_factors
@@ -33,7 +33,8 @@ class QuantConfig:
     ``output_layers`` names the layers whose outputs are quantized too (per group, and per partial
     product of a split layer), as integer kernels require. Every :class:`~pqd.core.modules.MatMul` module
     of the model is quantized too (both operands per tensor, per group), its operands at
-    ``operand_bits[name]`` = (bits of a, bits of b), or ``act_bits`` for both when not listed.
+    ``operand_bits[name]`` = (bits of a, bits of b), or ``act_bits`` for both when not listed; so is every
+    :class:`~pqd.core.modules.Site` (glue between layers), at ``act_bits``.
     ``smooth`` names linear layers whose input channels are balanced against their weight (SmoothQuant,
     :mod:`pqd.core.smooth`, with migration strength ``smooth_alpha``).
     """
@@ -97,7 +98,18 @@ class MatMulQParams:
     TENSORS: ClassVar[tuple[str, ...]] = ("a_scale", "a_zero_point", "b_scale", "b_zero_point")
 
 
-QState = dict[str, "LayerQParams | MatMulQParams"]
+@dataclass
+class SiteQParams:
+    """One glue site's quantizer parameters: scale / zero_point float32 [G, 1] on the unsigned ``bits`` grid."""
+
+    bits: int
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    kind: str = "site"
+    TENSORS: ClassVar[tuple[str, ...]] = ("scale", "zero_point")
+
+
+QState = dict[str, "LayerQParams | MatMulQParams | SiteQParams"]
 
 
 def weight_layers(state: QState) -> dict[str, LayerQParams]:
@@ -137,11 +149,13 @@ def quantize_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tens
 @torch.no_grad()
 def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
                include: Callable[[str], bool] = lambda name: True) -> QState:
-    """Observe the inputs of every Conv2d/Linear (for which ``include(name)``) and the operands of every
-    MatMul, and fit all quantizers. Layers in ``config.smooth`` are balanced first (one more pass over the
-    calibration batches for their channel maxima); their inputs are observed divided by the factors."""
+    """Observe the inputs of every Conv2d/Linear (for which ``include(name)``), the operands of every
+    MatMul and what passes every Site, and fit all quantizers. Layers in ``config.smooth`` are balanced first
+    (one more pass over the calibration batches for their channel maxima); their inputs are observed divided by
+    the factors."""
     layers = {n: m for n, m in quantizable_layers(model).items() if include(n)}
     matmuls = {n: m for n, m in matmul_modules(model).items() if include(n)}
+    glue = {n: m for n, m in sites(model).items() if include(n)}
     if not layers:
         raise ValueError("fit_qstate: the model has no Conv2d or Linear layer to quantize")
     G = config.time_groups
@@ -150,11 +164,12 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         raise ValueError(f"fit_qstate: smoothing is for linear layers, not {bad[0]!r}")
     maxima = channel_maxima(model, forward_all, smoothed, G) if smoothed else {}
     factors = {n: smoothing_factors(maxima[n], layers[n].weight, config.smooth_alpha) for n in smoothed}
-    parts = {n: 2 if n in config.splits else 1 for n in layers} | {n: 1 for n in matmuls}
+    parts = {n: 2 if n in config.splits else 1 for n in layers} | {n: 1 for n in (*matmuls, *glue)}
     unknown = sorted(set(config.output_layers) - set(layers))
     if unknown:
         raise ValueError(f"fit_qstate: output layer {unknown[0]!r} is not a quantized layer of the model")
-    sides = {n: ("in", "out") if n in config.output_layers else ("in",) for n in layers} | {n: ("a", "b") for n in matmuls}
+    sides = {n: ("in", "out") if n in config.output_layers else ("in",) for n in layers} | \
+        {n: ("a", "b") for n in matmuls} | {n: ("in",) for n in glue}
     obs = {(n, g, p, side): ActObserver(config.act_samples, seed=2 * i + (side in ("out", "b")))
            for i, n in enumerate(sides) for g in range(G) for p in range(parts[n]) for side in sides[n]}
     current = {"group": 0}
@@ -175,7 +190,9 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
 
     def hook(_m: nn.Module, args: tuple, n: str) -> None:
         x = args[0]
-        if n in matmuls:
+        if n in glue:
+            observe(n, 0, "in", x)
+        elif n in matmuls:
             observe(n, 0, "a", x)
             observe(n, 0, "b", args[1])
         elif parts[n] == 1:
@@ -193,7 +210,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
             observe(n, 0, "out", m._conv_forward(x[:, :k], m.weight[:, :k], None))
             observe(n, 1, "out", m._conv_forward(x[:, k:], m.weight[:, k:], None))
 
-    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in (layers | matmuls).items()]
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in (layers | matmuls | glue).items()]
     handles += [m.register_forward_hook(lambda m, a, y, n=n: out_hook(m, a, y, n))
                 for n, m in layers.items() if n in config.output_layers]
     try:
@@ -231,6 +248,8 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         a_bits, b_bits = config.operand_bits_for(name)
         (a_s, a_z), (b_s, b_z) = fitted(name, "a", a_bits), fitted(name, "b", b_bits)
         state[name] = MatMulQParams(a_bits, b_bits, a_s, a_z, b_s, b_z)
+    for name in glue:
+        state[name] = SiteQParams(config.act_bits, *fitted(name, "in", config.act_bits))
     return state
 
 
@@ -238,7 +257,15 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
     """Replace each float layer named in ``state`` by its quantized twin (in place); returns model."""
     layers = quantizable_layers(model)
     matmuls = matmul_modules(model)
+    glue = sites(model)
     for name, lp in state.items():
+        if isinstance(lp, SiteQParams):
+            if name not in glue:
+                raise KeyError(f"apply_qstate: the model has no Site module named {name!r}")
+            check_act_qparams(name, "glue", lp.scale, lp.zero_point, lp.bits)
+            device = next(model.parameters()).device
+            set_module(model, name, QuantSite(lp.bits, lp.scale, lp.zero_point).to(device))
+            continue
         if isinstance(lp, MatMulQParams):
             if name not in matmuls:
                 raise KeyError(f"apply_qstate: the model has no MatMul module named {name!r}")
@@ -282,4 +309,6 @@ def qstate_of(model: nn.Module) -> QState:
         out[name] = MatMulQParams(m.qa.qtype.bits, m.qb.qtype.bits, m.qa.scale.detach().clone(),
                                   m.qa.zero_point.detach().clone(), m.qb.scale.detach().clone(),
                                   m.qb.zero_point.detach().clone())
+    for name, q in quant_sites(model).items():
+        out[name] = SiteQParams(q.qtype.bits, q.scale.detach().clone(), q.zero_point.detach().clone())
     return out

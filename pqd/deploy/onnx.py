@@ -10,33 +10,97 @@ denoiser takes, by name: ``sample`` [B, C, H, W], ``timestep`` [B] and the condi
 models (``encoder_hidden_states``, ``class_labels``, ``pooled_projections``, ``encoder_attention_mask``, ...;
 see :meth:`pqd.diffusion.adapter.Denoiser.example_inputs`); its output is ``noise``.
 
+The graphs come from the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, :func:`export_graph`,
+the one place that calls it): pqd's two quantization operators are translated into standard
+QuantizeLinear/DequantizeLinear nodes by onnxscript functions (``TRANSLATIONS``). The network is traced once;
+everything that depends on the time group lives in initializers named after the buffers that hold it
+(``*.onnx_*``, see pqd.core.modules.set_onnx_mode), so each group's graph is the traced one with those values.
+
 :mod:`pqd.deploy.runtime` runs them.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
 import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
+import onnxscript.optimizer
+from onnxscript import opset18 as op
 
+import pqd.core.onnx_qdq  # noqa: F401 (registers the pqd:: operators the translations below refer to)
+from pqd.core.modules import onnx_values, set_onnx_mode
 from pqd.core.timegroups import set_time_group, TimeGroups
-from pqd.core.modules import set_onnx_mode
 from pqd.diffusion.adapter import Denoiser
 
 ONNX_DIR = "onnx"
 WEIGHTS_FILE = "weights.bin"
-OPSET = 17
+OPSET = 18
 _ALIGN = 64
 _INLINE_MAX = 64  # initializers smaller than this (scalars, per-group constants) stay in the graph
+
+
 def graph_file(group: int) -> str:
     return f"unet.g{group}.onnx"
+
+
+def _act_qdq(x, scale, zero_point):
+    """pqd::act_qdq: x on the uint8 grid of (scale [], zero_point [])."""
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+
+def _weight_dq(codes, scale, zero_point):
+    """pqd::weight_dq: int8 codes [out, ...] dequantized per output channel."""
+    return op.DequantizeLinear(codes, scale, zero_point, axis=0)
+
+
+TRANSLATIONS = {torch.ops.pqd.act_qdq.default: _act_qdq, torch.ops.pqd.weight_dq.default: _weight_dq}
+
+
+def export_graph(module: nn.Module, args: Sequence[torch.Tensor], input_names: list[str],
+                 output_names: list[str]) -> onnx.ModelProto:
+    """``module(*args)`` as an ONNX graph (opset ``OPSET``, dimension 0 of every input and output dynamic), traced
+    by torch.export with pqd's quantization operators translated to QuantizeLinear/DequantizeLinear. Parameters
+    and buffers become initializers named by their qualified names (kept: constant folding only, see below)."""
+    batch = torch.export.Dim.DYNAMIC  # not Dim("batch"): diffusers branches on batch >= 64 (a no-op for ONNX)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # tracer notes about diffusers' shape checks
+        program = torch.onnx.export(module.eval(), tuple(args), dynamo=True, optimize=False, verbose=False,
+                                    opset_version=OPSET, input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=tuple({0: batch} for _ in args),
+                                    custom_translation_table=TRANSLATIONS)
+    # fold what is constant (casts and expansions of parameters) but nothing else: onnxscript's full optimizer
+    # would also merge equal initializers and nodes, and pqd needs every initializer under its own name
+    onnxscript.optimizer.fold_constants(program.model)
+    onnxscript.optimizer.remove_unused_nodes(program.model)
+    return _tidy(program.model_proto)
+
+
+def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name the dynamic batch dimension ``batch``; drop the exporter's per-node metadata (stack traces with local paths, FX nodes: the bulk of the file, and
+    not reproducible across machines), keeping each node's module in its name (``unet.down_blocks.0.resnets.0
+    .conv1/node_conv2d_3``) so that profiles and kernel reports read by module."""
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the exporter's name for it
+    for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in v.type.tensor_type.shape.dim:
+            if batch and d.dim_param == batch:
+                d.dim_param = "batch"
+    for n in model.graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]") or "[]")[:-1]  # modules, then the op
+        if scopes and scopes[-1]:
+            n.name = f"{scopes[-1]}/{n.name}"
+        del n.metadata_props[:]
+        n.doc_string = ""
+    return model
 
 
 class _Forward(nn.Module):
@@ -50,87 +114,53 @@ class _Forward(nn.Module):
         return self.call(self.unet, sample, timestep, dict(zip(self.cond_names, cond)) or None)
 
 
+def _trace(unet: nn.Module, den: Denoiser) -> tuple[onnx.ModelProto, nn.Module]:
+    inputs = den.example_inputs(2)
+    names = list(inputs)
+    wrapper = _Forward(unet, den, names[2:])
+    return export_graph(wrapper, tuple(inputs.values()), names, ["noise"]), wrapper
+
+
 def export_unet(unet: nn.Module, den: Denoiser) -> bytes:
     """``unet`` (``den``'s network, float or quantized, as it is set) as ONNX bytes: the named inputs of
     ``den.example_inputs`` (sample, timestep, conditioning), output ``noise``, dynamic batch."""
-    inputs = den.example_inputs(2)
-    names = list(inputs)
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts and our constant scales
-        torch.onnx.export(_Forward(unet, den, names[2:]).eval(), tuple(inputs.values()), buf, dynamo=False,
-                          opset_version=OPSET, input_names=names, output_names=["noise"],
-                          dynamic_axes={n: {0: "batch"} for n in [*names, "noise"]})
-    model = onnx.load_from_string(buf.getvalue())
-    return fold_static_conditionals(model).SerializeToString() if any(n.op_type == "If" for n in model.graph.node) \
-        else buf.getvalue()
-
-
-def _static_condition(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto], dims: dict[str, list[int | None]]
-                      ) -> bool | None:
-    """The value of an If node's condition when it compares one static dimension with a constant
-    (Equal(Gather(Shape(t), k), c), as the tracer writes ``squeeze(dim)``), else None."""
-    eq = producer.get(node.input[0])
-    if eq is None or eq.op_type != "Equal":
-        return None
-    gather, const = producer.get(eq.input[0]), producer.get(eq.input[1])
-    shape = producer.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
-    index = producer.get(gather.input[1]) if shape is not None else None
-    if shape is None or shape.op_type != "Shape" or any(p is None or p.op_type != "Constant" for p in (index, const)):
-        return None
-    k = int(numpy_helper.to_array(index.attribute[0].t).reshape(-1)[0])
-    dim = dims.get(shape.input[0], [])
-    if not -len(dim) <= k < len(dim) or dim[k] is None:
-        return None
-    return dim[k] == int(numpy_helper.to_array(const.attribute[0].t).reshape(-1)[0])
-
-
-def fold_static_conditionals(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace each If node whose condition is a static dimension by the branch it takes.
-
-    The TorchScript tracer writes ``x.squeeze(1)`` on a dimension it could not size (after a reshape with -1 and
-    a dynamic batch) as If(dim == 1, Squeeze, Identity); onnxruntime then refuses the graph, because shape
-    inference, which does know the dimension, finds the untaken Squeeze invalid (diffusers' PixArt transformer)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        taken = _static_condition(node, producer, dims) if node.op_type == "If" else None
-        if taken is None:
-            nodes.append(node)
-            continue
-        branch = next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
-        rename = {o.name: out for o, out in zip(branch.output, node.output)}
-        for sub in branch.node:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(sub)
-            for i, o in enumerate(copy.output):
-                copy.output[i] = rename.setdefault(o, f"{node.name}/{o}")
-            for i, x in enumerate(copy.input):
-                copy.input[i] = rename.get(x, x)
-            nodes.append(copy)
-    used = {o.name for o in model.graph.output}  # drop what only fed the folded conditions
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(nodes):
-        if any(o in used for o in node.output):
-            kept.append(node)
-            used |= set(node.input)
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(kept))
-    return model
+    return _trace(unet, den)[0].SerializeToString()
 
 
 def trace_group(unet: nn.Module, group: int, den: Denoiser) -> onnx.ModelProto:
     """The ONNX graph of the quantized ``unet`` with the activation parameters of time group ``group``."""
-    set_time_group(unet, group)
+    return _traced_groups(unet, [group], den)[0]
+
+
+def _traced_groups(unet: nn.Module, groups: list[int], den: Denoiser) -> list[onnx.ModelProto]:
+    """The graphs of time groups ``groups``: the network is traced once (first group), and each graph holds its
+    group's values of the group-dependent initializers (``*.onnx_*``: activation parameters, biases on the
+    accumulator grid). Only those differ between the graphs."""
+    set_time_group(unet, groups[0])
     set_onnx_mode(unet, True)
     try:
-        return onnx.load_from_string(export_unet(unet, den))
+        base, wrapper = _trace(unet, den)
+        values = []
+        for g in groups:
+            set_time_group(unet, g)
+            set_onnx_mode(unet, True)
+            values.append({n: v.detach().cpu().numpy().copy() for n, v in onnx_values(wrapper).items()})
     finally:
         set_onnx_mode(unet, False)
         set_time_group(unet, 0)
+    inits = {t.name for t in base.graph.initializer}
+    missing = sorted(n for n in values[0] if n not in inits and any((v[n] != values[0][n]).any() for v in values))
+    if missing:  # a bug: a group-dependent value that the graph does not hold under its name
+        raise RuntimeError(f"ONNX export: the traced graph has no initializer {missing[0]}")
+    models = []
+    for v in values:
+        m = onnx.ModelProto()
+        m.CopyFrom(base)
+        for t in m.graph.initializer:
+            if t.name in v:
+                t.CopyFrom(numpy_helper.from_array(v[t.name], t.name))
+        models.append(m)
+    return models
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> bytes:
@@ -153,7 +183,7 @@ def write_onnx(unet: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path)
     to weights.bin, stored once by content (the groups' graphs share weights, biases and norms, whatever
     names the tracer gave the tensors it folded). ``den`` says how the network is called (its inputs)."""
     folder.mkdir(parents=True, exist_ok=True)
-    models = [trace_group(unet, g, den) for g in range(groups.count)]
+    models = _traced_groups(unet, list(range(groups.count)), den)
     blobs: dict[bytes, tuple[int, int]] = {}
     with open(folder / WEIGHTS_FILE, "wb") as f:
         for m in models:
@@ -172,7 +202,8 @@ def write_onnx(unet: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path)
         m.producer_name = "pqd"
         m.doc_string = f"PQD quantized {type(unet).__name__}, time group {g} of {groups.count}"
         onnx.save(m, folder / graph_file(g))
-    int8 = [t for t in models[0].graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    codes = {n.input[0] for n in models[0].graph.node if n.op_type == "DequantizeLinear"}
+    int8 = [t for t in models[0].graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name in codes]
     return {"onnx_graphs": groups.count, "onnx_int8_initializers": len(int8),
             "onnx_shared_bytes": (folder / WEIGHTS_FILE).stat().st_size,
             "onnx_graph_bytes": sum((folder / graph_file(g)).stat().st_size for g in range(groups.count))}

@@ -24,10 +24,13 @@ from pqd.errors import MissingInputError
 from pqd.formats.export import time_groups_of
 from pqd.formats.files import read_json
 
-# onnxruntime kernels that compute in integer arithmetic, and the float ones a quantized layer may fall back to
+# onnxruntime kernels that compute in integer arithmetic (layers, then glue between them: quant.glue), and the float
+# ones a quantized layer may fall back to, then the float glue
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-                "DynamicQuantizeMatMul", "QAttention")
-FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+                "DynamicQuantizeMatMul", "QAttention",
+                "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat", "QLinearSoftmax")
+FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
+                 "Add", "Mul", "Sigmoid", "QuickGelu", "Concat", "Softmax")
 
 
 def session_options(threads: int | None = None, optimized_path: Path | None = None):

@@ -1,8 +1,8 @@
 """How the product quantizes a denoiser: the core's configs built from params and the adapter's knowledge.
 
 The one place that turns ``quant.*`` / ``calibrate.*`` and a :class:`~pqd.diffusion.adapter.Denoiser`
-(its edge and modulation layers, skip splits, float-output layers, attention matmuls and the linears it
-balances) into a
+(its edge and modulation layers, skip splits, float-output layers, attention matmuls, the linears it
+balances and glue sites) into a
 :class:`~pqd.core.QuantConfig` and a :class:`~pqd.core.reconstruct.ReconConfig`: the calibrate stage and
 the benchmarks call it alike.
 """
@@ -13,6 +13,7 @@ from pqd.core.quantize import QuantConfig
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig
 from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.glue import glue_sites, install_sites
 from pqd.params import Params
 from pqd.params.machine import IntegerCodes, integer_codes
 
@@ -43,6 +44,12 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
                                      for n, role in (attention or {}).items()},
                        smooth=frozenset(den.smooth_layers(names)) if q.smooth else frozenset(),
                        smooth_alpha=q.smooth_alpha)
+
+
+def install_glue(params: Params, den: Denoiser) -> list[str]:
+    """Give ``den``'s network the glue sites of quant.glue (float until a qstate is applied); returns their names."""
+    return install_sites(den.unet, glue_sites(den.unet, params.quant.glue, den.skip_splits(),
+                                              bool(params.calibrate.split_shortcut)))
 
 
 def recon_config(params: Params) -> ReconConfig:

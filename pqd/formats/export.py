@@ -27,9 +27,10 @@ import torch.nn as nn
 
 from pqd.core.quantize import apply_qstate, QState
 from pqd.core.timegroups import set_time_group, TimeGroups
-from pqd.core.quantize import MatMulQParams, weight_layers
+from pqd.core.quantize import MatMulQParams, SiteQParams, weight_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
+from pqd.diffusion.glue import install_sites
 from pqd.diffusion.demo import FEATURES_DIR
 from pqd.diffusion.pipeline import denoiser_component, denoiser_from_config
 from pqd.diffusion.pipeline import load_pipeline as load_pipeline_folder
@@ -125,6 +126,7 @@ def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: boo
                             f"{extra})")
     if any(isinstance(lp, MatMulQParams) for lp in state.values()):  # quantized attention matmuls
         use_matmul_attention(unet)
+    install_sites(unet, [n for n, lp in state.items() if isinstance(lp, SiteQParams)])  # quant.glue
     apply_qstate(unet, state)
     return unet.to(device).eval().requires_grad_(False)
 

@@ -139,6 +139,7 @@ class CalibrateMetrics(StageMetrics):
     output_quantized_layers: int
     attention_matmuls: int
     calib_samples: int
+    glue_sites: int = 0  # quant.glue: activations between integer kernels on integer grids
     time_groups: int
     unet_output_mse: float
     fit_seconds: float

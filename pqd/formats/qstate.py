@@ -10,8 +10,9 @@ the same per-layer map and the same tensor names:
   weight_bits <= 4), ``L.weight_scale`` float32 [out], ``L.act_scale`` / ``L.act_zero_point`` float32
   [G, P] (G time groups, P = 2 when the input is split), ``L.out_scale`` / ``L.out_zero_point`` (same
   shapes) when the output is quantized, ``L.smooth`` float32 [in] when the layer's input channels are
-  balanced (its codes quantize weight x smooth; the input is divided by it); per attention matmul M: ``M.a_scale``, ``M.a_zero_point``,
-  ``M.b_scale``, ``M.b_zero_point`` float32 [G, 1]. The export stores the float UNet tensors beside them.
+  balanced (its codes quantize weight x smooth; the input is divided by it); per attention matmul M: ``M.a_scale``,
+  ``M.a_zero_point``, ``M.b_scale``, ``M.b_zero_point`` float32 [G, 1]; per glue site S (``kind: "site"``,
+  quant.glue): ``S.scale``, ``S.zero_point`` float32 [G, 1]. The export stores the float UNet tensors beside them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from pqd.core.packing import pack_int4, unpack_int4
 from pqd.core.quantize import LayerQParams, QState
 from pqd.core.timegroups import TimeGroups
-from pqd.core.quantize import MatMulQParams
+from pqd.core.quantize import MatMulQParams, SiteQParams
 from pqd.errors import ArtifactError
 from pqd.formats.files import load_tensors, read_json, write_json
 
@@ -70,6 +71,13 @@ def _encode_matmul(name: str, mp: MatMulQParams) -> tuple[dict[str, torch.Tensor
     return tensors, entry
 
 
+def _encode_site(name: str, sp: SiteQParams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {f"{name}.{k}": _f32(getattr(sp, k)) for k in SiteQParams.TENSORS}
+    entry = {"kind": "site", "act_bits": sp.bits, "act_granularity": "per_tensor", "act_symmetric": False,
+             "act_time_groups": int(sp.scale.shape[0])}
+    return tensors, entry
+
+
 def _decode_layer(name: str, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerQParams:
     raw = tensors.pop(f"{name}.qweight")
     shape = tuple(info["shape"])
@@ -87,10 +95,14 @@ def _decode_matmul(name: str, info: dict[str, Any], tensors: dict[str, torch.Ten
                          *(tensors.pop(f"{name}.{k}") for k in MatMulQParams.TENSORS))
 
 
+def _decode_site(name: str, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SiteQParams:
+    return SiteQParams(int(info["act_bits"]), *(tensors.pop(f"{name}.{k}") for k in SiteQParams.TENSORS))
+
+
 _ENCODERS: dict[type, Callable[[str, Any], tuple[dict[str, torch.Tensor], dict[str, Any]]]] = {
-    LayerQParams: _encode_layer, MatMulQParams: _encode_matmul}
+    LayerQParams: _encode_layer, MatMulQParams: _encode_matmul, SiteQParams: _encode_site}
 _DECODERS: dict[str, Callable[[str, dict[str, Any], dict[str, torch.Tensor]], Any]] = {
-    "conv2d": _decode_layer, "linear": _decode_layer, "matmul": _decode_matmul}
+    "conv2d": _decode_layer, "linear": _decode_layer, "matmul": _decode_matmul, "site": _decode_site}
 
 
 def encode(state: QState) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:

@@ -20,7 +20,7 @@ import yaml
 
 from pqd.errors import ParamError
 from pqd.params.methods import METHOD_KEYS, PRESETS
-from pqd.params.sections import DEMO_SOURCES, SAMPLE_SEED_BASE, Params
+from pqd.params.sections import DEMO_SOURCES, GLUE_KINDS, SAMPLE_SEED_BASE, Params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +70,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "quant.softmax_bits": (lambda v: 4 <= v <= 16, "an integer in [4, 16]"),
     "quant.modulation_bits": (lambda v: 2 <= v <= 8, "an integer in [2, 8]"),
     "quant.smooth_alpha": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "quant.glue": (lambda v: set(v) <= set(GLUE_KINDS) and len(set(v)) == len(v),
+                   f"a list of distinct kinds from {', '.join(GLUE_KINDS)}"),
     "calibrate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "calibrate.time_groups": (lambda v: v >= 1, "an integer >= 1 (and at most generate.steps)"),
     "calibrate.qdrop_p": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -196,6 +198,10 @@ def _check_across(p: Params) -> None:
     if p.export.onnx and p.quant.attention and p.quant.softmax_bits < 8:
         raise ParamError(f"params: quant.softmax_bits = {p.quant.softmax_bits} is not allowed with export.onnx = true: "
                          "expected 8..16 (integer kernels take 8-bit operands; wider grids run as float arithmetic)")
+    if "concat" in p.quant.glue and p.calibrate.split_shortcut:
+        raise ParamError("params: quant.glue = ['concat', ...] is not allowed with calibrate.split_shortcut = true (the "
+                         "split layers quantize the concatenation's two parts themselves): expected "
+                         "calibrate.split_shortcut = false or no 'concat'")
     if p.evaluate.backend == "onnxruntime" and not p.export.onnx:
         raise ParamError("params: evaluate.backend = 'onnxruntime' is not allowed with export.onnx = false: "
                          "expected export.onnx = true or evaluate.backend = 'torch'")

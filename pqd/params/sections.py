@@ -15,6 +15,9 @@ DEMO_SOURCES = ("demo:digits", "demo:digits16", "demo:digits-dit")
 # first seeds of the FP sample sets: a (the evaluation seeds) and b (the noise floor's); the calibration
 # trajectories start at generate.calib_seed_base, which must stay clear of both
 SAMPLE_SEED_BASE = {"a": 0, "b": 500_000_000}
+# glue between integer kernels that quant.glue can put on integer grids (pqd.diffusion.glue says where each sits)
+GLUE_KINDS = ("residual", "temb", "silu", "concat", "attention")
+
 
 @dataclass(frozen=True)
 class ModelParams:
@@ -87,6 +90,10 @@ class QuantParams:
     # balance the input channels of attention and feed-forward linears against their weights (SmoothQuant)
     smooth: bool = False
     smooth_alpha: float = 0.5  # share of the activation range moved into the weights
+    # glue between integer kernels quantized too, per time group, so that onnxruntime runs it as integer kernels:
+    # any of GLUE_KINDS (residual adds, the time-embedding add, SiLU as sigmoid·mul, skip concatenations,
+    # attention's residual add)
+    glue: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

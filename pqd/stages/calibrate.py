@@ -29,7 +29,7 @@ from pqd.core.quantize import weight_layers
 from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
-from pqd.diffusion.qconfig import quant_config, recon_config
+from pqd.diffusion.qconfig import install_glue, quant_config, recon_config
 from pqd.diffusion.sampling import checked_predict
 from pqd.errors import InputError, NumericalError
 from pqd.formats import qstate as qcodec
@@ -71,6 +71,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
     attention = use_matmul_attention(den.unet) if params.quant.attention else {}
+    glue = install_glue(params, den)  # quant.glue: sites between the integer kernels
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
     cfg = quant_config(params, den, attention, codes)
 
@@ -133,14 +134,15 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
             "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
             "float_output_layers": sorted(set(weighted) - cfg.output_layers),
             "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention},
-            "smoothed_layers": sorted(cfg.smooth)})
+            "smoothed_layers": sorted(cfg.smooth),
+            "glue": {"kinds": list(params.quant.glue), "sites": len(glue)}})
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
     return CalibrateMetrics(method=c.method, layers=len(weighted), output_quantized_layers=len(cfg.output_layers),
                             attention_matmuls=len(attention), smoothed_layers=len(cfg.smooth) or None,
-                            calib_samples=len(data), time_groups=groups.count,
+                            glue_sites=len(glue), calib_samples=len(data), time_groups=groups.count,
                             unet_output_mse=mse, fit_seconds=round(t_fit, 2), reconstruction_seconds=round(t_recon, 2),
                             reconstructed_units=len(recon_log), units_improved=len(improved),
                             units_recorded_on_disk=on_disk, weight_rel_mse_mean=float(errs["weight_rel_mse"].mean()),

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pqd.core.quantize import LayerQParams, MatMulQParams
+from pqd.core.quantize import LayerQParams, MatMulQParams, SiteQParams
 from pqd.core.timegroups import TimeGroups
 from pqd.errors import ArtifactError
 from pqd.formats import qstate as qcodec
@@ -32,7 +32,9 @@ def state():
             "up.conv1": layer("conv2d", (8, 16, 3, 3), 4, split=12, out=True, seed=1),
             "odd.linear": layer("linear", (5, 7), 3, seed=2),  # 35 codes: an odd count packs with a pad nibble
             "ff.proj": dataclasses.replace(layer("linear", (4, 6), 8, seed=4), smooth=torch.rand(6, generator=g) + 0.5),
-            "attn.processor.qk": MatMulQParams(8, 8, *(torch.rand(2, 1, generator=g) for _ in range(4)))}
+            "attn.processor.qk": MatMulQParams(8, 8, *(torch.rand(2, 1, generator=g) for _ in range(4))),
+            "down.resnets.0.glue_residual": SiteQParams(8, torch.rand(2, 1, generator=g) + 0.01,
+                                                        torch.randint(0, 256, (2, 1), generator=g).float())}
 
 
 def test_round_trip_is_exact(state, tmp_path):
@@ -46,9 +48,9 @@ def test_round_trip_is_exact(state, tmp_path):
         got = back[name]
         assert type(got) is type(lp)
         for f in ("weight_int", "weight_scale", "act_scale", "act_zero_point", "out_scale", "out_zero_point", "smooth",
-                  "a_scale", "a_zero_point", "b_scale", "b_zero_point"):
+                  "a_scale", "a_zero_point", "b_scale", "b_zero_point", "scale", "zero_point", "bits"):
             a, b = getattr(lp, f, None), getattr(got, f, None)
-            assert (a is None and b is None) or torch.equal(a, b), (name, f)
+            assert (a is None and b is None) or (a == b if isinstance(a, int) else torch.equal(a, b)), (name, f)
     assert back["up.conv1"].act_split == 12 and back["odd.linear"].out_scale is None
     assert back["ff.proj"].smooth is not None and back["odd.linear"].smooth is None
     assert [n for n, e in qmap["layers"].items() if e.get("act_smooth")] == ["ff.proj"]  # balanced layers only
@@ -69,7 +71,7 @@ def test_unknown_kind_missing_tensor_and_future_version_are_one_line_errors(stat
     qmap = json.loads((tmp_path / qcodec.QMAP).read_text())
     tensors, _ = qcodec.encode(state)
     bad = {**qmap["layers"], "x": {"kind": "conv3d"}}
-    with pytest.raises(ArtifactError, match=r"layer x has kind 'conv3d': expected one of conv2d, linear, matmul"):
+    with pytest.raises(ArtifactError, match=r"layer x has kind 'conv3d': expected one of conv2d, linear, matmul, site"):
         qcodec.decode(dict(tensors), bad, "here")
     with pytest.raises(ArtifactError, match=r"here: tensor conv_in.act_scale for layer conv_in is missing"):
         qcodec.decode({k: v for k, v in tensors.items() if k != "conv_in.act_scale"}, qmap["layers"], "here")

@@ -16,6 +16,10 @@ BAD = [
     ({"quant": {"softmax_bits": 32}}, "quant.softmax_bits = 32"),
     ({"quant": {"attention": True, "softmax_bits": 6}}, "quant.softmax_bits = 6 is not allowed with export.onnx = true"),
     ({"quant": {"attention": "yes"}}, "quant.attention = 'yes'"),
+    ({"quant": {"glue": ["residual", "gelu"]}}, "quant.glue = ['residual', 'gelu']"),
+    ({"quant": {"glue": ["temb", "temb"]}}, "quant.glue = ['temb', 'temb']"),
+    ({"quant": {"glue": "residual"}}, "quant.glue = 'residual'"),
+    ({"quant": {"glue": ["concat"]}}, "quant.glue = ['concat', ...] is not allowed with calibrate.split_shortcut = true"),
     ({"select": {"sigma": 0}}, "select.sigma = 0"),
     ({"select": {"sigma": -0.1}}, "select.sigma = -0.1"),
     ({"select": {"mu": 1.5}}, "select.mu = 1.5"),
@@ -66,6 +70,14 @@ def test_calibration_seeds_may_sit_anywhere_clear_of_the_sample_sets():
         assert params_from_dict({"generate": {"calib_seed_base": base}}).generate.calib_seed_base == base
     # fewer evaluation samples leave more room below set b
     assert params_from_dict({"generate": {"calib_seed_base": 100, "eval_samples": 100}}).generate.calib_seed_base == 100
+
+
+def test_glue_kinds_and_concat_without_split():
+    p = params_from_dict({"quant": {"glue": ["silu", "residual"]}})
+    assert p.quant.glue == ("silu", "residual")
+    p = params_from_dict({"quant": {"glue": ["concat"]}, "calibrate": {"split_shortcut": False}})
+    assert p.quant.glue == ("concat",) and p.calibrate.split_shortcut is False
+    assert params_from_dict({"quant": {"glue": ["concat"]}, "calibrate": {"method": "ptq4dm"}}).calibrate.split_shortcut is False
 
 
 def test_repo_params_yaml_is_valid():
