@@ -83,7 +83,7 @@ DEFAULT_MODELS = ("demo:digits", "demo:digits16")
 # agree with the simulation (tests/e2e/test_second_model.py)
 DEMO_BENCH: dict[str, dict[str, dict[str, Any]]] = {
     "demo:digits": {},
-    "demo:digits16": {"model": {"channels": [32, 64], "train_steps": 800, "batch_size": 64},
+    "demo:digits16": {"model": {"channels": [32, 64], "train_steps": 400, "batch_size": 64},
                       "generate": {"steps": 25}, "export": {"onnx": False},
                       "evaluate": {"reference": "demo:digits16", "backend": "torch"}},
     "demo:digits-dit": {},
