@@ -47,7 +47,8 @@ BENCH_REPLICATES ?= 3
 bench: setup check-params
 	$(BIN)/python -m pqd.bench --replicates $(BENCH_REPLICATES)
 
-# UNet latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs), demo and CIFAR-10-config UNets
+# denoiser latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs, with and without quantized glue)
+# against onnxruntime's quantize_static; demo and CIFAR-10-config UNets and the DiT demo (made here unless --dit-model)
 bench-deploy: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro model
 	$(BIN)/python -m pqd.bench.deploy

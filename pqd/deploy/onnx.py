@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import inspect
 import io
 import warnings
 from pathlib import Path
@@ -75,13 +76,25 @@ def export_graph(module: nn.Module, args: Sequence[torch.Tensor], input_names: l
         warnings.simplefilter("ignore")  # tracer notes about diffusers' shape checks
         program = torch.onnx.export(module.eval(), tuple(args), dynamo=True, optimize=False, verbose=False,
                                     opset_version=OPSET, input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=tuple({0: batch} for _ in args),
+                                    dynamic_shapes=_batch_dims(module, len(args), batch),
                                     custom_translation_table=TRANSLATIONS)
     # fold what is constant (casts and expansions of parameters) but nothing else: onnxscript's full optimizer
     # would also merge equal initializers and nodes, and pqd needs every initializer under its own name
     onnxscript.optimizer.fold_constants(program.model)
     onnxscript.optimizer.remove_unused_nodes(program.model)
     return _tidy(program.model_proto)
+
+
+def _batch_dims(module: nn.Module, n: int, batch: Any) -> tuple:
+    """Dimension 0 of each of ``n`` positional inputs dynamic, in the structure of ``module.forward``'s signature:
+    torch.export takes the inputs gathered by a ``*args`` parameter (the conditioning of :class:`_Forward`) as one
+    tuple, whose dynamic shapes must be a tuple too."""
+    params = inspect.signature(module.forward).parameters.values()
+    named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    dims: list[Any] = [{0: batch} for _ in range(min(named, n))]
+    if n > named and any(p.kind == p.VAR_POSITIONAL for p in params):
+        dims.append(tuple({0: batch} for _ in range(n - named)))
+    return tuple(dims)
 
 
 def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:

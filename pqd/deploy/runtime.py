@@ -58,6 +58,20 @@ def kernel_report(path: Path) -> dict[str, Any]:
             "float": {k: v for k, v in sorted(ops.items()) if k in FLOAT_KERNELS}}
 
 
+def ort_feeds(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """The feeds of one call of a deployed (or float) graph: ``sample`` x [B, C, H, W] and ``timestep`` [B] (a scalar
+    t expanded) as float32, and each conditioning input expanded to the batch, float ones as float32, integer ones
+    (labels, masks) as int64."""
+    t = torch.as_tensor(t)
+    tb = t.expand(x.shape[0]) if t.ndim == 0 else t
+    feeds = {"sample": x.detach().to(torch.float32).cpu().contiguous().numpy(),
+             "timestep": tb.detach().to(torch.float32).cpu().contiguous().numpy()}
+    for name, v in (cond or {}).items():
+        v = v.detach().to(torch.float32 if v.is_floating_point() else torch.int64)
+        feeds[name] = v.expand(x.shape[0], *v.shape[1:]).cpu().contiguous().numpy()
+    return feeds
+
+
 class OrtDenoiser(Denoiser):
     """A :class:`Denoiser` whose network is the deployed ONNX artifact, run by onnxruntime. Its graphs take the
     conditioning inputs by name, as the torch network does (see pqd.deploy.onnx)."""
@@ -75,13 +89,7 @@ class OrtDenoiser(Denoiser):
 
     def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: dict[str, torch.Tensor] | None = None
                   ) -> torch.Tensor:
-        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
-        feeds = {"sample": x.detach().to(torch.float32).cpu().contiguous().numpy(),
-                 "timestep": tb.detach().to(torch.float32).cpu().contiguous().numpy()}
-        for name, v in (cond or {}).items():  # float inputs as float32, integer ones (labels, masks) as int64
-            v = v.detach().to(torch.float32 if v.is_floating_point() else torch.int64)
-            feeds[name] = v.expand(x.shape[0], *v.shape[1:]).cpu().contiguous().numpy()
-        (y,) = self.session(group).run(None, feeds)
+        (y,) = self.session(group).run(None, ort_feeds(x, t, cond))
         return torch.from_numpy(np.ascontiguousarray(y)).to(x.device)
 
 

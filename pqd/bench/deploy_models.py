@@ -1,0 +1,210 @@
+"""What ``make bench-deploy`` times (:mod:`pqd.bench.deploy`): the denoisers, their calibrations and their graphs.
+
+Three denoisers: the demo UNet (``data/model``, trained), a UNet with the google/ddpm-cifar10-32 config (35.7M
+parameters, random weights: speed does not depend on the values) and the transformer demo, ``demo:digits-dit`` (a
+class-conditional DiT: the model stage's folder, or one made here with the demo's settings, trained for a given
+number of steps or with random weights). Each is calibrated the product's way on the inputs of its own DDIM
+trajectories (the calibrate stage's :func:`~pqd.diffusion.qconfig.quant_config` with the PQD preset: 4 time groups,
+MSE ranges, split skips, quantized outputs; a conditioned model sees both branches of classifier-free guidance, as
+when it samples), with the integer weight codes this machine's kernels compute exactly (``quant.reduce_range:
+auto``, :mod:`pqd.params.machine`), optionally with glue between the integer kernels (``quant.glue``, installed
+before fitting as the calibrate stage does), and written by the product's exporter (export folder, then the ONNX
+graphs traced from what the loader rebuilds). The yardstick is onnxruntime's own ``quantize_static`` of the float
+graph, with ``reduce_range`` by the same machine rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pqd import deploy
+from pqd.core.quantize import QState, fit_qstate, weight_layers
+from pqd.core.timegroups import TimeGroups
+from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
+from pqd.diffusion.configs import cifar10_ddpm_pipeline
+from pqd.diffusion.demo import train_demo_pipeline
+from pqd.diffusion.glue import glue_sites
+from pqd.diffusion.qconfig import install_glue, quant_config
+from pqd.diffusion.sampling import make_scheduler, sample
+from pqd.formats.export import load_quantized_unet, quantized_weights_file, write_export
+from pqd.params import IntegerCodes, Params, params_from_dict
+from pqd.params.sections import GLUE_KINDS
+from pqd.stages.generate import guidance_scale, prompt_rows
+
+GROUPS = 4
+STEPS = 20
+DIT_SOURCE = "demo:digits-dit"
+# the '+ glue' backends: glue kinds and calibrate.split_shortcut (see glue_variants)
+GLUE = "onnxruntime int8 + glue"
+GLUE_NO_SPLIT = "onnxruntime int8 + all glue, no split"
+GLUE_CHOICES = {"both": (GLUE, GLUE_NO_SPLIT), "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,), "none": ()}
+
+
+@dataclass
+class BenchModel:
+    name: str  # in the tables: demo, cifar10-ddpm, dit
+    den: Denoiser
+    folder: Path  # its pipeline folder (the exporter copies every other component from it)
+    weights: str  # where its weights come from
+
+
+def demo_model(folder: Path) -> BenchModel:
+    return BenchModel("demo", load_denoiser(folder), folder, f"trained, {folder}")
+
+
+def cifar_model(tmp: Path, seed: int = 0) -> BenchModel:
+    folder = tmp / "cifar10-ddpm-pipe"
+    cifar10_ddpm_pipeline(seed).save_pretrained(folder)
+    return BenchModel("cifar10-ddpm", load_denoiser(folder), folder, "random weights")
+
+
+def demo_dit_params() -> Params:
+    """params.yaml's defaults with ``model.source: demo:digits-dit`` (the demo DiT's width, depth, training)."""
+    return params_from_dict({"model": {"source": DIT_SOURCE}})
+
+
+def dit_model(folder: Path | None, train_steps: int, tmp: Path) -> BenchModel:
+    """The transformer demo: the model stage's pipeline folder, else a DiT with the demo's architecture and training
+    settings (model.*) trained here for ``train_steps`` steps (0: its random initial weights)."""
+    if folder is not None:
+        return BenchModel("dit", load_denoiser(folder), folder, f"trained, {folder}")
+    mp = demo_dit_params().model
+    folder = tmp / "dit-pipe"
+    train_demo_pipeline(DIT_SOURCE, seed=mp.seed, steps=train_steps, batch_size=mp.batch_size, lr=mp.lr,
+                        channels=mp.channels, dit_width=mp.dit_width, dit_depth=mp.dit_depth).save_pretrained(folder)
+    how = f"trained here for {train_steps} steps" if train_steps else "random weights"
+    return BenchModel("dit", load_denoiser(folder), folder,
+                      f"{DIT_SOURCE} architecture (width {mp.dit_width}, depth {mp.dit_depth}), {how}")
+
+
+def bench_params(weight_bits: int, glue: tuple[str, ...] = (), split: bool = True) -> Params:
+    """The PQD preset with ``weight_bits``-bit weights, glue kinds ``glue`` and calibrate.split_shortcut ``split``;
+    quant.reduce_range stays at its default, auto (the caller resolves it once: pqd.params.integer_codes)."""
+    return params_from_dict({"quant": {"weight_bits": weight_bits, "glue": list(glue)},
+                             "calibrate": {"method": "pqd", "act_samples": 20_000, "time_groups": GROUPS,
+                                           "split_shortcut": split}})
+
+
+def glue_variants(den: Denoiser, choice: str = "both") -> dict[str, tuple[tuple[str, ...], bool]]:
+    """The '+ glue' backends of ``den`` (of those ``choice`` names, see GLUE_CHOICES) -> (glue kinds,
+    calibrate.split_shortcut): every kind but 'concat' with the skip concatenations split, and, where the network
+    has skip concatenations, every kind with the split off. A variant that puts no site in the network (a DiT's
+    blocks have none of these points) is left out."""
+    splits = den.skip_splits()
+    variants = {GLUE: (tuple(k for k in GLUE_KINDS if k != "concat"), True)}
+    if splits:
+        variants[GLUE_NO_SPLIT] = (GLUE_KINDS, False)
+    return {name: v for name, v in variants.items()
+            if name in GLUE_CHOICES[choice] and glue_sites(den.unet, v[0], splits, v[1])}
+
+
+@dataclass
+class CalibInputs:
+    """The network inputs of the calibration trajectories: per step (x [N, C, H, W], t), the time groups and, for
+    conditioned models, the seeds' conditioning rows [N, ...], the unconditional row [1, ...] and the guidance."""
+
+    steps: list[tuple[torch.Tensor, float]]
+    groups: TimeGroups
+    rows: Cond | None = None
+    uncond: Cond | None = None
+    guidance_scale: float = 1.0
+
+
+def trajectory_inputs(den: Denoiser, seeds: int) -> CalibInputs:
+    """The inputs of ``seeds`` DDIM trajectories of ``STEPS`` steps (conditioned models: seed i takes class or
+    prompt row 1 + i mod P and the architecture's guidance, as the generate stage does), ``GROUPS`` time groups."""
+    cond = prompt_rows(seeds, den.conditioning(None, [], guidance_scale(params_from_dict({}), den))) \
+        if den.conditional else None
+    steps: list[tuple[torch.Tensor, float]] = []
+    sched = make_scheduler("ddim", den.scheduler_config, den.scheduler_class)
+    sample(den, sched, list(range(seeds)), steps=STEPS, batch_size=seeds, cond=cond,
+           record=lambda i, t, x: steps.append((x.clone(), float(t))), desc="calibration trajectories")
+    groups = TimeGroups.from_schedule([t for _, t in steps], GROUPS)
+    if cond is None:
+        return CalibInputs(steps, groups)
+    return CalibInputs(steps, groups, cond.per_seed(), cond.unconditional(), cond.guidance_scale)
+
+
+def calibrate(den: Denoiser, params: Params, calib: CalibInputs, codes: IntegerCodes
+              ) -> tuple[nn.Module, QState, int]:
+    """A copy of ``den``'s network with the glue sites of ``params`` (quant.glue) installed, and its quantizer state
+    fitted the product's way on every step of ``calib`` with the integer ``codes``, without reconstruction (speed
+    does not depend on it); and the number of glue sites."""
+    work = dataclasses.replace(den, unet=copy.deepcopy(den.unet), time_groups=None)
+    sites = install_glue(params, work)
+    cfg = quant_config(params, work, codes=codes)
+    bits = params.quant.weight_bits
+
+    @torch.no_grad()
+    def forward_all(net: nn.Module, set_group) -> None:
+        view = dataclasses.replace(work, unet=net)
+        for x, t in tqdm(calib.steps, desc=f"observing (W{bits}{', glue' if sites else ''})"):
+            set_group(int(calib.groups.group_of(t)))
+            view.guided(x, torch.tensor(t), calib.rows, calib.uncond, calib.guidance_scale)
+
+    return work.unet, fit_qstate(work.unet, forward_all, cfg), len(sites)
+
+
+def weights_label(bits: int, state: QState) -> str:
+    """'W8', or 'W8 (7-bit codes)' when the stored codes of the body layers are narrower than ``bits``."""
+    code = Counter(lp.weight_bits for lp in weight_layers(state).values()).most_common(1)[0][0]
+    return f"W{bits}" if code == bits else f"W{bits} ({code}-bit codes)"
+
+
+def export(model: BenchModel, net: nn.Module, state: QState, groups: TimeGroups, out: Path) -> Path:
+    """The calibration written the product's way: export folder, then ONNX traced from what the loader rebuilds."""
+    out.mkdir(parents=True)
+    write_export(model.folder, net, state, groups, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_unet(out, verify=False), groups, model.den, out / deploy.ONNX_DIR)
+    return out
+
+
+def float_onnx(den: Denoiser, path: Path) -> Path:
+    """The float network's graph: the same named inputs as the deployed ones (sample, timestep, conditioning)."""
+    path.write_bytes(deploy.export_unet(den.unet, den))
+    return path
+
+
+class _Feeds(CalibrationDataReader):
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def ort_static_reference(fp_path: Path, calib: CalibInputs, out: Path, reduce_range: bool, batches: int = 4) -> Path:
+    """onnxruntime's own static QDQ quantization of the float graph (u8 activations, s8 per-channel weights, 7-bit
+    with ``reduce_range``, every op it supports in int8), calibrated on ``batches`` steps spread over the calibration
+    trajectories (conditional branch): not a PQD artifact, a yardstick for what integer kernels give on this CPU."""
+    picked = calib.steps[::max(1, len(calib.steps) // batches)][:batches]
+    reader = _Feeds([deploy.ort_feeds(x, torch.tensor(t), calib.rows) for x, t in picked])
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp_path), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range)
+    return out
+
+
+def sizes(den: Denoiser, exports: dict[str, Path], tmp: Path) -> dict[str, int]:
+    """Bytes of the fp32 network (safetensors) and of each export's quantized safetensors and ONNX files, by label."""
+    fp = tmp / "fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in den.unet.state_dict().items()}, fp)
+    out = {"fp32 safetensors": fp.stat().st_size}
+    for label, d in exports.items():
+        out[f"{label} export safetensors"] = quantized_weights_file(d).stat().st_size
+        onnx_files = list((d / deploy.ONNX_DIR).iterdir())
+        out[f"{label} ONNX (weights.bin + {len(onnx_files) - 1} graphs)"] = sum(p.stat().st_size for p in onnx_files)
+    return out
