@@ -43,6 +43,11 @@ def clone(root: Path, dest: Path) -> Path:
             shutil.copy2(root / rel, dest / rel)
     cache = run_dvc(root, ["cache", "dir"]).output.strip().splitlines()[-1]
     run_dvc(dest, ["cache", "dir", "--local", cache])
+    # the outputs dvc.lock names that the shared cache holds, in place (linked where the file system allows):
+    # without them every stage would look changed here, and a stage whose run-cache entry is missing (a cache
+    # filled by `dvc pull`, which does not fetch the run cache) would be recomputed
+    run_dvc(dest, ["config", "--local", "cache.type", "reflink,hardlink,copy"])
+    run_dvc(dest, ["checkout", "--allow-missing"])
     return dest
 
 
