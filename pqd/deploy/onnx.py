@@ -12,7 +12,10 @@ see :meth:`pqd.diffusion.adapter.Denoiser.example_inputs`); its output is ``nois
 
 The graphs come from the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, :func:`export_graph`,
 the one place that calls it): pqd's two quantization operators are translated into standard
-QuantizeLinear/DequantizeLinear nodes by onnxscript functions (``TRANSLATIONS``). The network is traced once;
+QuantizeLinear/DequantizeLinear nodes by onnxscript functions (``TRANSLATIONS``, which also translate
+``aten::squeeze.dim`` of a dimension that is not 1 as the no-op it is). The traced wrapper states that every input
+has the sample's batch, so that the batch is one symbol (PixArt reshapes its text mask with the text's batch and
+the sample's, which torch.export cannot relate otherwise). The network is traced once;
 everything that depends on the time group lives in initializers named after the buffers that hold it
 (``*.onnx_*``, see pqd.core.modules.set_onnx_mode), so each group's graph is the traced one with those values.
 
@@ -63,7 +66,17 @@ def _weight_dq(codes, scale, zero_point):
     return op.DequantizeLinear(codes, scale, zero_point, axis=0)
 
 
-TRANSLATIONS = {torch.ops.pqd.act_qdq.default: _act_qdq, torch.ops.pqd.weight_dq.default: _weight_dq}
+def _squeeze_dim(x, dim: int):
+    """aten::squeeze.dim as torch computes it: a no-op where dimension ``dim`` is not 1 (torchlib's translation
+    emits Squeeze regardless, which onnxruntime refuses: PixArt's ``squeeze(1)`` of its [B, tokens, C] output)."""
+    shape = x.shape
+    if shape is not None and (len(shape) == 0 or (isinstance(shape[dim], int) and shape[dim] != 1)):
+        return op.Identity(x)
+    return op.Squeeze(x, [dim])
+
+
+TRANSLATIONS = {torch.ops.pqd.act_qdq.default: _act_qdq, torch.ops.pqd.weight_dq.default: _weight_dq,
+                torch.ops.aten.squeeze.dim: _squeeze_dim}
 
 
 def export_graph(module: nn.Module, args: Sequence[torch.Tensor], input_names: list[str],
@@ -124,6 +137,8 @@ class _Forward(nn.Module):
         self.unet, self.call, self.cond_names = unet, den.call, cond_names
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        for x in (timestep, *cond):  # one batch: torch.export gives each input's dimension 0 its own symbol
+            torch._check(x.shape[0] == sample.shape[0])
         return self.call(self.unet, sample, timestep, dict(zip(self.cond_names, cond)) or None)
 
 

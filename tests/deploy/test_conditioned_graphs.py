@@ -86,7 +86,7 @@ def test_text_transformer_graphs_take_the_prompt_encodings(tmp_path, build, inpu
     den = load_denoiser(build(tmp_path / "pipe"))
     model = onnx.load_from_string(deploy.export_unet(den.unet, den))
     assert [i.name for i in model.graph.input] == inputs
-    assert not [n for n in model.graph.node if n.op_type == "If"]  # PixArt's squeeze(1) folded (see fold_static_conditionals)
+    assert not [n for n in model.graph.node if n.op_type == "If"]  # PixArt's squeeze(1): no If, an Identity (onnx._squeeze_dim)
     rows = den.conditioning(PROMPTS, [1, 2, 3, 0], 3.0)
     cond = rows.per_seed()
     x = torch.randn(4, *den.sample_shape, generator=torch.Generator().manual_seed(0))
