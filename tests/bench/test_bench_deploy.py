@@ -39,6 +39,7 @@ def test_glue_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit
     assert glue_variants(load_denoiser(tiny_dit)) == {}
 
 
+@pytest.mark.slow  # about a minute: three calibrations and exports, four timed backends
 def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
     rows, md = run_bench(tmp_path, "--only", "demo", "--model", str(tiny_pipeline), "--glue", "split")
     assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8, GLUE,

@@ -112,7 +112,7 @@ CASES = [
     ("unknown-method", "calibrate", set_param("calibrate.method", "gptq"),
      ["calibrate.method = 'gptq'", "one of 'minmax', 'ptq4dm', 'qdiffusion', 'pqd'"]),
     ("unknown-source", "model", set_param("model.source", "s3://bucket/unet"),
-     ["model.source = 's3://bucket/unet'", "expected 'demo:digits', 'demo:digits16', a local folder path, or a hub id"]),
+     ["model.source = 's3://bucket/unet'", "expected 'demo:digits', 'demo:digits16', 'demo:digits-dit', a local folder path, or a hub id"]),
     ("negative-num-samples", "select", set_param("select.num_samples", -3), ["select.num_samples = -3", "expected an integer >= 1"]),
     ("negative-eval-samples", "generate", set_param("generate.eval_samples", -1), ["generate.eval_samples = -1", ">= 2"]),
     ("zero-calib-seeds", "generate", set_param("generate.calib_seeds", 0), ["generate.calib_seeds = 0", ">= 1"]),
