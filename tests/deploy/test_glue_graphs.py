@@ -5,12 +5,12 @@ import torch
 import pytest
 
 from pqd import deploy
-from pqd.core.modules import quantizable_layers
-from pqd.core.quantize import QuantConfig, SiteQParams, fit_qstate, qstate_of
+from pqd.core.quantize import SiteQParams, qstate_of
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.glue import GLUE_KINDS, glue_sites, install_sites
 from pqd.formats.export import load_denoiser_from_export, load_quantized_unet, write_export, write_manifest
+from support.models import fit_two_groups
 
 GROUPS = TimeGroups((50.0,))
 
@@ -20,19 +20,7 @@ def glued(tmp_path_factory, tiny_pipeline):
     """Every glue kind, 2 time groups with very different input ranges, outputs quantized, no split."""
     den = load_denoiser(tiny_pipeline)
     names = install_sites(den.unet, glue_sites(den.unet, GLUE_KINDS, den.skip_splits(), split=False))
-    g = torch.Generator().manual_seed(0)
-    xs = {0: torch.randn(8, *den.sample_shape, generator=g) * 2, 1: torch.randn(8, *den.sample_shape, generator=g) * 0.5}
-    ts = {0: torch.full((8,), 80.0), 1: torch.full((8,), 20.0)}
-
-    def forward_all(m, set_group):
-        for k in (0, 1):
-            set_group(k)
-            m(xs[k], ts[k])
-
-    layers = list(quantizable_layers(den.unet))
-    cfg = QuantConfig(weight_bits=8, time_groups=2,
-                      output_layers=frozenset(n for n in layers if n not in den.float_output_layers(layers)))
-    state = fit_qstate(den.unet, forward_all, cfg)
+    state = fit_two_groups(den)
     out = tmp_path_factory.mktemp("glue") / "export"
     out.mkdir()
     write_export(tiny_pipeline, den.unet, state, GROUPS, out, float_dtype=torch.float32)

@@ -13,27 +13,15 @@ from pqd.formats.export import load_denoiser_from_export, load_quantized_unet, w
 from pqd.core.modules import quant_layers
 from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
 from pqd.core.timegroups import TimeGroups
-from pqd.core.modules import quantizable_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
+from support.models import fit_two_groups
 
 GROUPS = TimeGroups((50.0,))  # group 0: t > 50, group 1: t < 50
 
 
 def calibrated(den: Denoiser, weight_bits: int):
     """A state with 2 time groups (very different input ranges), split skip inputs and quantized outputs."""
-    g = torch.Generator().manual_seed(0)
-    xs = {0: torch.randn(8, *den.sample_shape, generator=g) * 2, 1: torch.randn(8, *den.sample_shape, generator=g) * 0.5}
-    ts = {0: torch.full((8,), 80.0), 1: torch.full((8,), 20.0)}
-
-    def forward_all(m, set_group):
-        for k in (0, 1):
-            set_group(k)
-            m(xs[k], ts[k])
-
-    names = list(quantizable_layers(den.unet))
-    cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=den.skip_splits(),
-                      output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
-    return fit_qstate(den.unet, forward_all, cfg)
+    return fit_two_groups(den, weight_bits, den.skip_splits())
 
 
 # on this tiny random UNet the deployed graph deviates from the simulation by a small share of the quantization

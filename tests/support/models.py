@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pqd.core.modules import quantizable_layers
+from pqd.core.quantize import QuantConfig, fit_qstate
 from pqd.diffusion.configs import CIFAR10_DDPM_UNET
 
 
@@ -216,3 +218,21 @@ def write_reference_images(folder: Path, n: int = 256, size: int = 16, seed: int
     for i, im in enumerate((blob_images(n, size, seed) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
         Image.fromarray(im).save(folder / f"{i:04d}.png")
     return folder
+
+
+def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = None):
+    """A qstate of ``den``'s network fitted over 2 time groups with very different input ranges (group 0: t = 80,
+    inputs x 2; group 1: t = 20, inputs x 0.5), every layer's output quantized but the float-output layers'."""
+    g = torch.Generator().manual_seed(0)
+    xs = {0: torch.randn(8, *den.sample_shape, generator=g) * 2, 1: torch.randn(8, *den.sample_shape, generator=g) * 0.5}
+    ts = {0: torch.full((8,), 80.0), 1: torch.full((8,), 20.0)}
+
+    def forward_all(m, set_group):
+        for k in (0, 1):
+            set_group(k)
+            m(xs[k], ts[k])
+
+    names = list(quantizable_layers(den.unet))
+    cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=splits or {},
+                      output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
+    return fit_qstate(den.unet, forward_all, cfg)
