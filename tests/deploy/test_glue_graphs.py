@@ -9,8 +9,8 @@ from pqd.core.quantize import SiteQParams, qstate_of
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.glue import GLUE_KINDS, glue_sites, install_sites
-from pqd.formats.export import load_denoiser_from_export, load_quantized_unet, write_export, write_manifest
-from support.models import fit_two_groups
+from pqd.formats.export import load_quantized_unet, write_export, write_manifest
+from support.models import fit_two_groups, fp_simulated_deployed
 
 GROUPS = TimeGroups((50.0,))
 
@@ -41,11 +41,7 @@ def test_sites_are_calibrated_per_group_and_ship_in_the_export(glued):
 
 def test_deployed_graph_matches_the_torch_model(glued):
     den, _, _, out = glued
-    qden, ort = load_denoiser_from_export(out), deploy.load_ort_denoiser(out)
-    x = torch.randn(6, *den.sample_shape, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([90.0, 70.0, 55.0, 40.0, 20.0, 5.0])  # both groups in one batch
-    with torch.no_grad():
-        y_fp, y_q, y_ort = den.predict(x, t), qden.predict(x, t), ort.predict(x, t)
+    y_fp, y_q, y_ort = fp_simulated_deployed(den, out)  # both time groups in one batch
     quant_error = (y_q - y_fp).norm()
     assert quant_error > 0
     assert (y_ort - y_q).norm() <= 0.25 * quant_error  # the bound of tests/deploy/test_onnx_graphs.py

@@ -14,7 +14,7 @@ from pqd.core.modules import quant_layers
 from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import Denoiser, load_denoiser
-from support.models import fit_two_groups
+from support.models import fit_two_groups, fp_simulated_deployed
 
 GROUPS = TimeGroups((50.0,))  # group 0: t > 50, group 1: t < 50
 
@@ -44,11 +44,7 @@ def artifact(tmp_path_factory, tiny_pipeline):
 def test_onnx_int8_matches_the_torch_fake_quant_model(artifact):
     """Both compute the same integer arithmetic; the deviation must stay far below the quantization error."""
     den, _, out = artifact
-    qden, ort = load_denoiser_from_export(out), deploy.load_ort_denoiser(out)
-    x = torch.randn(6, *den.sample_shape, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([90.0, 70.0, 55.0, 40.0, 20.0, 5.0])  # both groups in one batch
-    with torch.no_grad():
-        y_fp, y_q, y_ort = den.predict(x, t), qden.predict(x, t), ort.predict(x, t)
+    y_fp, y_q, y_ort = fp_simulated_deployed(den, out)  # both time groups in one batch
     quant_error = (y_q - y_fp).norm()
     assert quant_error > 0
     assert (y_ort - y_q).norm() <= AGREEMENT * quant_error

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from pqd import deploy
 from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import QuantConfig, fit_qstate
 from pqd.diffusion.configs import CIFAR10_DDPM_UNET
+from pqd.formats.export import load_denoiser_from_export
 
 
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
@@ -236,3 +238,13 @@ def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = No
     cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=splits or {},
                       output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
     return fit_qstate(den.unet, forward_all, cfg)
+
+
+def fp_simulated_deployed(den, export: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The noise predicted by ``den`` (FP), the export's simulated model and its ONNX graphs in onnxruntime, on one
+    batch whose timesteps fall in both groups of :func:`fit_two_groups`."""
+    qden, ort = load_denoiser_from_export(export), deploy.load_ort_denoiser(export)
+    x = torch.randn(6, *den.sample_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([90.0, 70.0, 55.0, 40.0, 20.0, 5.0])
+    with torch.no_grad():
+        return den.predict(x, t), qden.predict(x, t), ort.predict(x, t)
