@@ -9,6 +9,8 @@ that load from other processes hits every backend alike:
     torch fp32 eager | torch bf16 autocast | onnxruntime fp32 | onnxruntime int8 (the artifact, glue in float)
     | onnxruntime int8 + glue (quant.glue: every kind that applies, skips split)
     | onnxruntime int8 + all glue, no split (calibrate.split_shortcut: false; networks with skip concatenations)
+    | onnxruntime int8 + attention matmuls (quant.attention, softmax output on 8 bits; networks with attention)
+    | onnxruntime int8 + glue + attention matmuls (both; networks with glue points and attention)
 
 and, as a yardstick for what integer kernels give on the CPU at hand, onnxruntime's own static quantization of
 the float graph (everything it can put in int8, ``reduce_range`` as this CPU needs: not a PQD model), at batch 1
@@ -32,9 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pqd import deploy
-from pqd.bench.deploy_models import (GLUE_CHOICES, BenchModel, bench_params, calibrate, cifar_model, demo_dit_params,
-                                     demo_model, dit_model, export, float_onnx, glue_variants, ort_static_reference,
-                                     sizes, trajectory_inputs, weights_label)
+from pqd.bench.deploy_models import (GLUE, GLUE_NO_SPLIT, VARIANT_CHOICES, BenchModel, bench_params, calibrate, cifar_model,
+                                     demo_dit_params, demo_model, describe, dit_model, export, float_onnx,
+                                     ort_static_reference, sizes, trajectory_inputs, variants, weights_label)
 from pqd.params import IntegerCodes, integer_codes, params_from_dict
 
 INT8 = "onnxruntime int8"
@@ -78,10 +80,10 @@ def build_graphs(m: BenchModel, a: argparse.Namespace, codes: IntegerCodes, work
         exports[weights_label(bits, state)] = export(m, net, state, calib.groups, work / f"w{bits}")
     graphs = {INT8: work / "w8" / deploy.ONNX_DIR / deploy.graph_file(0)}
     glue: dict[str, str] = {}
-    for i, (backend, (kinds, split)) in enumerate(glue_variants(m.den, a.glue).items()):
-        net, state, n = calibrate(m.den, bench_params(8, kinds, split), calib, codes)
-        graphs[backend] = export(m, net, state, calib.groups, work / f"glue{i}") / deploy.ONNX_DIR / deploy.graph_file(0)
-        glue[backend] = f"quant.glue {', '.join(kinds)}; split_shortcut {str(split).lower()}; {n} sites"
+    for i, (backend, v) in enumerate(variants(m.den, a.variants).items()):
+        net, state, n = calibrate(m.den, bench_params(8, v), calib, codes)
+        graphs[backend] = export(m, net, state, calib.groups, work / f"v{i}") / deploy.ONNX_DIR / deploy.graph_file(0)
+        glue[backend] = describe(v, n)
     fp_path = float_onnx(m.den, work / "fp32.onnx")
     graphs[REFERENCE] = ort_static_reference(fp_path, calib, work / "ort-static.onnx", codes.reduce_range)
     return graphs, exports, glue, fp_path
@@ -165,7 +167,7 @@ def table(rows: list[dict[str, Any]], extra: list[dict[str, Any]], threads: int,
         for backend, k in e["kernels"].items():
             what = e["glue"].get(backend, "glue in float" if backend == INT8 else "onnxruntime's own quantization")
             lines.append(f"| {backend} | {what} | {_counts(k['int8'])} | {_counts(k['float'])} |")
-        if not e["glue"]:
+        if not any(k in (GLUE, GLUE_NO_SPLIT) for k in e["glue"]):
             lines += ["", "No glue backend: quant.glue puts no site in this network (its kinds are points of UNet "
                           "ResNet and attention blocks)."]
         lines += ["", "| file | bytes | fp32 / file |", "|---|---:|---:|"]
@@ -190,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--calib-seeds", type=int, default=8)
     ap.add_argument("--only", choices=["demo", "cifar10", "dit"], default=None)
-    ap.add_argument("--glue", choices=list(GLUE_CHOICES), default="both",
-                    help="which '+ glue' backends to time: with the skips split, all glue with the split off, both, none")
+    ap.add_argument("--variants", choices=list(VARIANT_CHOICES), default="all",
+                    help="which PQD graphs beyond the plain int8 one to time: glue (with the skips split: split, all glue "
+                         "with the split off: nosplit, both: glue), attention matmuls (alone and with glue: attention), "
+                         "all, none")
     ap.add_argument("--max-call-s", type=float, default=5.0,
                     help="a backend slower than this and 20x the fastest per call is timed once and not run at larger batches")
     a = ap.parse_args(argv)

@@ -33,6 +33,7 @@ from pqd import deploy
 from pqd.core.quantize import QState, fit_qstate, weight_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
+from pqd.diffusion.attention import attention_modules, use_matmul_attention
 from pqd.diffusion.configs import cifar10_ddpm_pipeline
 from pqd.diffusion.demo import train_demo_pipeline
 from pqd.diffusion.glue import glue_sites
@@ -46,10 +47,24 @@ from pqd.stages.generate import guidance_scale, prompt_rows
 GROUPS = 4
 STEPS = 20
 DIT_SOURCE = "demo:digits-dit"
-# the '+ glue' backends: glue kinds and calibrate.split_shortcut (see glue_variants)
+# the PQD graphs beyond the plain int8 one (see variants): glue between the integer kernels (quant.glue, with the
+# skips split or not) and attention's two matmuls on integer kernels (quant.attention, softmax output on 8 bits)
 GLUE = "onnxruntime int8 + glue"
 GLUE_NO_SPLIT = "onnxruntime int8 + all glue, no split"
-GLUE_CHOICES = {"both": (GLUE, GLUE_NO_SPLIT), "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,), "none": ()}
+ATTENTION = "onnxruntime int8 + attention matmuls"
+GLUE_ATTENTION = "onnxruntime int8 + glue + attention matmuls"
+VARIANT_CHOICES = {"all": (GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION), "glue": (GLUE, GLUE_NO_SPLIT),
+                   "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,), "attention": (ATTENTION, GLUE_ATTENTION), "none": ()}
+ATTENTION_SOFTMAX_BITS = 8  # integer kernels take 8-bit operands; the 16-bit default keeps softmax·V in float
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A PQD int8 graph beyond the plain one: glue kinds, calibrate.split_shortcut, quant.attention."""
+
+    glue: tuple[str, ...] = ()
+    split: bool = True
+    attention: bool = False
 
 
 @dataclass
@@ -89,25 +104,39 @@ def dit_model(folder: Path | None, train_steps: int, tmp: Path) -> BenchModel:
                       f"{DIT_SOURCE} architecture (width {mp.dit_width}, depth {mp.dit_depth}), {how}")
 
 
-def bench_params(weight_bits: int, glue: tuple[str, ...] = (), split: bool = True) -> Params:
-    """The PQD preset with ``weight_bits``-bit weights, glue kinds ``glue`` and calibrate.split_shortcut ``split``;
-    quant.reduce_range stays at its default, auto (the caller resolves it once: pqd.params.integer_codes)."""
-    return params_from_dict({"quant": {"weight_bits": weight_bits, "glue": list(glue)},
+def bench_params(weight_bits: int, v: Variant = Variant()) -> Params:
+    """The PQD preset with ``weight_bits``-bit weights and the glue, split and attention of ``v``; quant.reduce_range
+    stays at its default, auto (the caller resolves it once: pqd.params.integer_codes)."""
+    attention = {"attention": True, "softmax_bits": ATTENTION_SOFTMAX_BITS} if v.attention else {}
+    return params_from_dict({"quant": {"weight_bits": weight_bits, "glue": list(v.glue), **attention},
                              "calibrate": {"method": "pqd", "act_samples": 20_000, "time_groups": GROUPS,
-                                           "split_shortcut": split}})
+                                           "split_shortcut": v.split}})
 
 
-def glue_variants(den: Denoiser, choice: str = "both") -> dict[str, tuple[tuple[str, ...], bool]]:
-    """The '+ glue' backends of ``den`` (of those ``choice`` names, see GLUE_CHOICES) -> (glue kinds,
-    calibrate.split_shortcut): every kind but 'concat' with the skip concatenations split, and, where the network
-    has skip concatenations, every kind with the split off. A variant that puts no site in the network (a DiT's
-    blocks have none of these points) is left out."""
+def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
+    """The PQD graphs beyond the plain int8 one for ``den`` (of those ``choice`` names, see VARIANT_CHOICES): every
+    glue kind but 'concat' with the skip concatenations split; where the network has skip concatenations, every kind
+    with the split off; attention's matmuls on integer kernels, alone and with the first glue. A variant that
+    changes nothing in the network (a DiT's blocks have no glue points) is left out."""
     splits = den.skip_splits()
-    variants = {GLUE: (tuple(k for k in GLUE_KINDS if k != "concat"), True)}
-    if splits:
-        variants[GLUE_NO_SPLIT] = (GLUE_KINDS, False)
-    return {name: v for name, v in variants.items()
-            if name in GLUE_CHOICES[choice] and glue_sites(den.unet, v[0], splits, v[1])}
+    glue = Variant(tuple(k for k in GLUE_KINDS if k != "concat"), True)
+    has_glue = bool(glue_sites(den.unet, glue.glue, splits, True))
+    has_attention = bool(attention_modules(den.unet))
+    out = {GLUE: glue} if has_glue else {}
+    if has_glue and splits:
+        out[GLUE_NO_SPLIT] = Variant(GLUE_KINDS, False)
+    if has_attention:
+        out[ATTENTION] = Variant(attention=True)
+        if has_glue:
+            out[GLUE_ATTENTION] = dataclasses.replace(glue, attention=True)
+    return {name: v for name, v in out.items() if name in VARIANT_CHOICES[choice]}
+
+
+def describe(v: Variant, sites: int) -> str:
+    parts = [f"quant.glue {', '.join(v.glue)}; split_shortcut {str(v.split).lower()}; {sites} sites"] if v.glue else []
+    if v.attention:
+        parts.append(f"quant.attention, softmax_bits {ATTENTION_SOFTMAX_BITS}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -144,7 +173,8 @@ def calibrate(den: Denoiser, params: Params, calib: CalibInputs, codes: IntegerC
     does not depend on it); and the number of glue sites."""
     work = dataclasses.replace(den, unet=copy.deepcopy(den.unet), time_groups=None)
     sites = install_glue(params, work)
-    cfg = quant_config(params, work, codes=codes)
+    attention = use_matmul_attention(work.unet) if params.quant.attention else {}
+    cfg = quant_config(params, work, attention, codes)
     bits = params.quant.weight_bits
 
     @torch.no_grad()

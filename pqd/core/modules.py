@@ -256,6 +256,16 @@ class QuantLinear(_QuantWeight, nn.Module):
             raise ValueError("QuantLinear: split inputs are for convolutions over skip concatenations")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx and self.act is not None:
+            # shapes chosen for onnxruntime's QDQ fusions (the arithmetic is the same): a quantized output is traced
+            # as a 2-D Gemm whose Q follows it directly -> QGemm with an int8 output (a [B, L, C] linear is a MatMul
+            # plus a bias Add, which stays in float with its Q); a float output as a MatMul -> MatMulIntegerToFloat
+            # (a Gemm with a float output stays in float with its weight dequantized at every call)
+            if self.out is not None and x.ndim > 2:
+                y = self._quantized_forward(x.reshape(-1, x.shape[-1]), F.linear)
+                return y.reshape(*x.shape[:-1], y.shape[-1])
+            if self.out is None and x.ndim == 2:
+                return self._quantized_forward(x.unsqueeze(1), F.linear).squeeze(1)
         return self._quantized_forward(x, F.linear)
 
 

@@ -98,6 +98,13 @@ class MatMulJointAttention(nn.Module):
         return out if context is None else (out, context)
 
 
+def attention_modules(unet: nn.Module) -> list[str]:
+    """The names of ``unet``'s diffusers ``Attention`` modules (what quant.attention acts on)."""
+    from diffusers.models.attention_processor import Attention
+
+    return [name for name, m in unet.named_modules() if isinstance(m, Attention)]
+
+
 def use_matmul_attention(unet: nn.Module) -> dict[str, str]:
     """Give every diffusers ``Attention`` module of ``unet`` a processor with replaceable matmuls (idempotent):
     :class:`MatMulJointAttention` where diffusers uses its joint (SD3) processor, :class:`MatMulAttention`

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiTPipeline
 
 from pqd.bench import deploy as bench
-from pqd.bench.deploy_models import GLUE, GLUE_NO_SPLIT, glue_variants
+from pqd.bench.deploy_models import ATTENTION, GLUE, GLUE_ATTENTION, GLUE_NO_SPLIT, variants
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.demo import build_demo_dit, build_demo_scheduler
 from pqd.params import integer_codes, params_from_dict
@@ -33,15 +33,15 @@ def run_bench(tmp_path, *argv: str) -> tuple[pd.DataFrame, str]:
     return pd.read_csv(out / "deploy.csv"), (out / "deploy.md").read_text()
 
 
-def test_glue_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
-    assert list(glue_variants(load_denoiser(tiny_pipeline))) == [GLUE, GLUE_NO_SPLIT]
-    assert list(glue_variants(load_denoiser(tiny_pipeline), "split")) == [GLUE]
-    assert glue_variants(load_denoiser(tiny_dit)) == {}
+def test_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
+    assert list(variants(load_denoiser(tiny_pipeline))) == [GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION]
+    assert list(variants(load_denoiser(tiny_pipeline), "split")) == [GLUE]
+    assert list(variants(load_denoiser(tiny_dit))) == [ATTENTION]  # a DiT has attention but no glue points
 
 
 @pytest.mark.slow  # about a minute: three calibrations and exports, four timed backends
 def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
-    rows, md = run_bench(tmp_path, "--only", "demo", "--model", str(tiny_pipeline), "--glue", "split")
+    rows, md = run_bench(tmp_path, "--only", "demo", "--model", str(tiny_pipeline), "--variants", "split")
     assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8, GLUE,
                                  bench.REFERENCE}
     codes = integer_codes(params_from_dict({}))
@@ -55,9 +55,12 @@ def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
     assert "QLinearAdd" in glue_row and "sites" in glue_row
 
 
-def test_dit_is_fed_its_class_labels(tiny_dit, tmp_path):
+def test_dit_is_fed_its_class_labels_and_its_attention_runs_on_integer_kernels(tiny_dit, tmp_path):
     rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit))
-    assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8,
+    assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8, ATTENTION,
                                  bench.REFERENCE}
     assert rows.ms_per_call.notna().all()
     assert "batch 2: PQD int8 / quantize_static = **" in md and "No glue backend" in md
+    assert "batch 2: PQD int8 + attention matmuls / quantize_static = **" in md
+    plain, attention = (next(ln for ln in md.splitlines() if ln.startswith(f"| {b} |")) for b in (bench.INT8, ATTENTION))
+    assert "QLinearMatMul" not in plain and "QLinearMatMul" in attention and "softmax_bits 8" in attention
