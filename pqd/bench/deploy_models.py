@@ -116,7 +116,7 @@ def bench_params(weight_bits: int, v: Variant = Variant()) -> Params:
 def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
     """The PQD graphs beyond the plain int8 one for ``den`` (of those ``choice`` names, see VARIANT_CHOICES): every
     glue kind but 'concat' with the skip concatenations split; where the network has skip concatenations, every kind
-    with the split off; attention's matmuls on integer kernels, alone and with the first glue. A variant that
+    with the split off; attention's matmuls on integer kernels, alone and with the most glue. A variant that
     changes nothing in the network (a DiT's blocks have no glue points) is left out."""
     splits = den.skip_splits()
     glue = Variant(tuple(k for k in GLUE_KINDS if k != "concat"), True)
@@ -127,8 +127,8 @@ def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
         out[GLUE_NO_SPLIT] = Variant(GLUE_KINDS, False)
     if has_attention:
         out[ATTENTION] = Variant(attention=True)
-        if has_glue:
-            out[GLUE_ATTENTION] = dataclasses.replace(glue, attention=True)
+        if has_glue:  # with the most glue: every kind with the split off where the network has skip concatenations
+            out[GLUE_ATTENTION] = dataclasses.replace(out.get(GLUE_NO_SPLIT, glue), attention=True)
     return {name: v for name, v in out.items() if name in VARIANT_CHOICES[choice]}
 
 
