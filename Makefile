@@ -47,11 +47,13 @@ BENCH_REPLICATES ?= 3
 bench: setup check-params
 	$(BIN)/python -m pqd.bench --replicates $(BENCH_REPLICATES)
 
-# denoiser latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs, with and without quantized glue)
-# against onnxruntime's quantize_static; demo and CIFAR-10-config UNets and the DiT demo (made here unless --dit-model)
+# denoiser latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs, with and without quantized glue
+# and attention matmuls) against onnxruntime's quantize_static; demo and CIFAR-10-config UNets and the DiT demo
+# (made here unless BENCH_DEPLOY_ARGS="--dit-model <a demo:digits-dit pipeline folder>")
+BENCH_DEPLOY_ARGS ?=
 bench-deploy: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro model
-	$(BIN)/python -m pqd.bench.deploy
+	$(BIN)/python -m pqd.bench.deploy $(BENCH_DEPLOY_ARGS)
 
 # peak RSS of calibrate on a full-size CIFAR-10 DDPM UNet (random weights), 1024 calibration inputs
 bench-memory: setup
