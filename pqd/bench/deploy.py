@@ -93,8 +93,9 @@ def bench_model(m: BenchModel, a: argparse.Namespace, batches: list[int], codes:
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     den, work = m.den, tmp / m.name
     graphs, exports, glue, fp_path = build_graphs(m, a, codes, work)
-    sessions = {"onnxruntime fp32": deploy.open_session(fp_path, a.threads),
-                **{k: deploy.open_session(p, a.threads) for k, p in graphs.items()}}
+    # no spinning: interleaved in one process, a session's spinning pool would take the cores from the next backend
+    sessions = {"onnxruntime fp32": deploy.open_session(fp_path, a.threads, spinning=False),
+                **{k: deploy.open_session(p, a.threads, spinning=False) for k, p in graphs.items()}}
     rows: list[dict[str, Any]] = []
     too_slow: dict[str, str] = {}  # backends not run at larger batches
     for b in sorted(batches):
@@ -152,7 +153,9 @@ def table(rows: list[dict[str, Any]], extra: list[dict[str, Any]], threads: int,
              f"CPU: {codes.machine}; int8 dot-product flags (`{CPUINFO_GREP}`): {flags}. PQD weight codes: "
              f"{'7-bit (reduce_range)' if codes.reduce_range else 'full 8-bit'} ({codes.reason}); onnxruntime "
              f"quantize_static yardstick: reduce_range={codes.reduce_range} (the same rule).", "",
-             f"One process, {threads} threads (torch and onnxruntime), median of interleaved rounds after warm-up. "
+             f"One process, {threads} threads (torch and onnxruntime; onnxruntime's threads sleep between calls "
+             "rather than spin, so that no session takes the cores from the next), median of interleaved rounds "
+             "after warm-up. "
              "`int8 speedup` = backend time / onnxruntime int8 time (> 1: the PQD int8 graph without glue is faster).",
              "", "| model | batch | backend | ms / call | ms / image | int8 speedup | measured |",
              "|---|---:|---|---:|---:|---:|---|"]

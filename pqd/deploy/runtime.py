@@ -33,19 +33,24 @@ FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gem
                  "Add", "Mul", "Sigmoid", "QuickGelu", "Gelu", "FastGelu", "Concat", "Softmax")
 
 
-def session_options(threads: int | None = None, optimized_path: Path | None = None):
+def session_options(threads: int | None = None, optimized_path: Path | None = None, spinning: bool = True):
+    """``spinning=False``: the session's worker threads sleep between calls instead of spinning (several sessions
+    timed in turn in one process, where a spinning pool would take the cores from the next one)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return so
 
 
-def open_session(path: Path, threads: int | None = None):
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+def open_session(path: Path, threads: int | None = None, spinning: bool = True):
+    return ort.InferenceSession(str(path), session_options(threads, spinning=spinning),
+                                providers=["CPUExecutionProvider"])
 
 
 def kernel_report(path: Path) -> dict[str, Any]:
