@@ -33,11 +33,11 @@ from pqd import deploy
 from pqd.core.quantize import QState, fit_qstate, weight_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
-from pqd.diffusion.attention import attention_modules, use_matmul_attention
+from pqd.diffusion.attention import attention_modules
 from pqd.diffusion.configs import cifar10_ddpm_pipeline
 from pqd.diffusion.demo import train_demo_pipeline
 from pqd.diffusion.glue import glue_sites
-from pqd.diffusion.qconfig import install_glue, quant_config
+from pqd.diffusion.qconfig import install_attention, install_glue, quant_config
 from pqd.diffusion.sampling import make_scheduler, sample
 from pqd.formats.export import load_quantized_unet, quantized_weights_file, write_export
 from pqd.params import IntegerCodes, Params, params_from_dict
@@ -173,7 +173,7 @@ def calibrate(den: Denoiser, params: Params, calib: CalibInputs, codes: IntegerC
     does not depend on it); and the number of glue sites."""
     work = dataclasses.replace(den, unet=copy.deepcopy(den.unet), time_groups=None)
     sites = install_glue(params, work)
-    attention = use_matmul_attention(work.unet) if params.quant.attention else {}
+    attention = install_attention(params, work)
     cfg = quant_config(params, work, attention, codes)
     bits = params.quant.weight_bits
 

@@ -13,6 +13,7 @@ from pqd.core.quantize import QuantConfig
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig
 from pqd.diffusion.adapter import Denoiser
+from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.glue import glue_sites, install_sites
 from pqd.params import Params
 from pqd.params.machine import IntegerCodes, integer_codes
@@ -50,6 +51,12 @@ def install_glue(params: Params, den: Denoiser) -> list[str]:
     """Give ``den``'s network the glue sites of quant.glue (float until a qstate is applied); returns their names."""
     return install_sites(den.unet, glue_sites(den.unet, params.quant.glue, den.skip_splits(),
                                               bool(params.calibrate.split_shortcut)))
+
+
+def install_attention(params: Params, den: Denoiser) -> dict[str, str]:
+    """Give ``den``'s attention modules replaceable matmuls where quant.attention is set; returns the matmul modules
+    by role (what :func:`quant_config` takes as ``attention``), empty when it is not."""
+    return use_matmul_attention(den.unet) if params.quant.attention else {}
 
 
 def recon_config(params: Params) -> ReconConfig:

@@ -28,8 +28,7 @@ from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import weight_layers
 from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
-from pqd.diffusion.attention import use_matmul_attention
-from pqd.diffusion.qconfig import install_glue, quant_config, recon_config
+from pqd.diffusion.qconfig import install_attention, install_glue, quant_config, recon_config
 from pqd.diffusion.sampling import checked_predict
 from pqd.errors import InputError, NumericalError
 from pqd.formats import qstate as qcodec
@@ -70,7 +69,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     if den.conditional != (data.cond is not None):
         raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
-    attention = use_matmul_attention(den.unet) if params.quant.attention else {}
+    attention = install_attention(params, den)  # quant.attention: replaceable attention matmuls
     glue = install_glue(params, den)  # quant.glue: sites between the integer kernels
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
     cfg = quant_config(params, den, attention, codes)
