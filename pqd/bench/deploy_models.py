@@ -37,7 +37,8 @@ from pqd.diffusion.attention import attention_modules
 from pqd.diffusion.configs import cifar10_ddpm_pipeline
 from pqd.diffusion.demo import train_demo_pipeline
 from pqd.diffusion.glue import glue_sites
-from pqd.diffusion.qconfig import install_attention, install_glue, quant_config
+from pqd.core.sharing import share_qparams
+from pqd.diffusion.qconfig import install_attention, install_glue, quant_config, shared_groups
 from pqd.diffusion.sampling import make_scheduler, sample
 from pqd.formats.export import load_quantized_unet, quantized_weights_file, write_export
 from pqd.params import IntegerCodes, Params, params_from_dict
@@ -53,18 +54,25 @@ GLUE = "onnxruntime int8 + glue"
 GLUE_NO_SPLIT = "onnxruntime int8 + all glue, no split"
 ATTENTION = "onnxruntime int8 + attention matmuls"
 GLUE_ATTENTION = "onnxruntime int8 + glue + attention matmuls"
-VARIANT_CHOICES = {"all": (GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION), "glue": (GLUE, GLUE_NO_SPLIT),
-                   "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,), "attention": (ATTENTION, GLUE_ATTENTION), "none": ()}
+# ... and with one grid per tensor (quant.share_grids)
+ATTENTION_SHARED = "onnxruntime int8 + attention matmuls + shared grids"
+GLUE_ATTENTION_SHARED = "onnxruntime int8 + glue + attention matmuls + shared grids"
+_SHARED = (ATTENTION_SHARED, GLUE_ATTENTION_SHARED)
+VARIANT_CHOICES = {"all": (GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, *_SHARED), "glue": (GLUE, GLUE_NO_SPLIT),
+                   "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,), "attention": (ATTENTION, GLUE_ATTENTION, *_SHARED),
+                   "shared": _SHARED, "none": ()}
 ATTENTION_SOFTMAX_BITS = 8  # integer kernels take 8-bit operands; the 16-bit default keeps softmax·V in float
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A PQD int8 graph beyond the plain one: glue kinds, calibrate.split_shortcut, quant.attention."""
+    """A PQD int8 graph beyond the plain one: glue kinds, calibrate.split_shortcut, quant.attention,
+    quant.share_grids."""
 
     glue: tuple[str, ...] = ()
     split: bool = True
     attention: bool = False
+    share: bool = False
 
 
 @dataclass
@@ -108,7 +116,8 @@ def bench_params(weight_bits: int, v: Variant = Variant()) -> Params:
     """The PQD preset with ``weight_bits``-bit weights and the glue, split and attention of ``v``; quant.reduce_range
     stays at its default, auto (the caller resolves it once: pqd.params.integer_codes)."""
     attention = {"attention": True, "softmax_bits": ATTENTION_SOFTMAX_BITS} if v.attention else {}
-    return params_from_dict({"quant": {"weight_bits": weight_bits, "glue": list(v.glue), **attention},
+    return params_from_dict({"quant": {"weight_bits": weight_bits, "glue": list(v.glue), "share_grids": v.share,
+                                       **attention},
                              "calibrate": {"method": "pqd", "act_samples": 20_000, "time_groups": GROUPS,
                                            "split_shortcut": v.split}})
 
@@ -116,8 +125,9 @@ def bench_params(weight_bits: int, v: Variant = Variant()) -> Params:
 def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
     """The PQD graphs beyond the plain int8 one for ``den`` (of those ``choice`` names, see VARIANT_CHOICES): every
     glue kind but 'concat' with the skip concatenations split; where the network has skip concatenations, every kind
-    with the split off; attention's matmuls on integer kernels, alone and with the most glue. A variant that
-    changes nothing in the network (a DiT's blocks have no glue points) is left out."""
+    with the split off; attention's matmuls on integer kernels, alone and with the most glue; the most of those with
+    one grid per tensor (quant.share_grids). A variant that changes nothing in the network (a DiT's blocks have no
+    glue points) is left out."""
     splits = den.skip_splits()
     glue = Variant(tuple(k for k in GLUE_KINDS if k != "concat"), True)
     has_glue = bool(glue_sites(den.unet, glue.glue, splits, True))
@@ -129,6 +139,9 @@ def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
         out[ATTENTION] = Variant(attention=True)
         if has_glue:  # with the most glue: every kind with the split off where the network has skip concatenations
             out[GLUE_ATTENTION] = dataclasses.replace(out.get(GLUE_NO_SPLIT, glue), attention=True)
+            out[GLUE_ATTENTION_SHARED] = dataclasses.replace(out[GLUE_ATTENTION], share=True)
+        else:
+            out[ATTENTION_SHARED] = dataclasses.replace(out[ATTENTION], share=True)
     return {name: v for name, v in out.items() if name in VARIANT_CHOICES[choice]}
 
 
@@ -136,6 +149,8 @@ def describe(v: Variant, sites: int) -> str:
     parts = [f"quant.glue {', '.join(v.glue)}; split_shortcut {str(v.split).lower()}; {sites} sites"] if v.glue else []
     if v.attention:
         parts.append(f"quant.attention, softmax_bits {ATTENTION_SOFTMAX_BITS}")
+    if v.share:
+        parts.append("quant.share_grids")
     return "; ".join(parts)
 
 
@@ -177,14 +192,18 @@ def calibrate(den: Denoiser, params: Params, calib: CalibInputs, codes: IntegerC
     cfg = quant_config(params, work, attention, codes)
     bits = params.quant.weight_bits
 
+    def step(net: nn.Module, x: torch.Tensor, t: float) -> None:
+        dataclasses.replace(work, unet=net).guided(x, torch.tensor(t), calib.rows, calib.uncond, calib.guidance_scale)
+
     @torch.no_grad()
     def forward_all(net: nn.Module, set_group) -> None:
-        view = dataclasses.replace(work, unet=net)
         for x, t in tqdm(calib.steps, desc=f"observing (W{bits}{', glue' if sites else ''})"):
             set_group(int(calib.groups.group_of(t)))
-            view.guided(x, torch.tensor(t), calib.rows, calib.uncond, calib.guidance_scale)
+            step(net, x, t)
 
-    return work.unet, fit_qstate(work.unet, forward_all, cfg), len(sites)
+    shared = shared_groups(params, work, cfg, lambda net: step(net, *calib.steps[0]))
+    state, _ = share_qparams(fit_qstate(work.unet, forward_all, cfg), shared)
+    return work.unet, state, len(sites)
 
 
 def weights_label(bits: int, state: QState) -> str:

@@ -46,6 +46,10 @@ from pqd.params import Params, as_dict, load_params, params_from_dict
 from pqd.params.methods import METHOD_KEYS, METHODS
 from pqd.stages import calibrate, evaluate, export, generate, model, select
 
+SHARED = ", shared grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
+_ALL_GLUE_ATTENTION = {"calibrate": {"method": "pqd", "split_shortcut": False},
+                       "quant": {"glue": ["residual", "temb", "silu", "concat", "attention"], "attention": True,
+                                 "softmax_bits": 8}}
 ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     *[(m, bits, {"calibrate": {"method": m}}) for bits in (8, 4) for m in METHODS],
     ("pqd, uniform steps", 4, {"calibrate": {"method": "pqd"}, "select": {"timesteps": "uniform"}}),
@@ -74,6 +78,13 @@ ROWS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
      {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": ["concat"]}}),
     ("pqd, no shortcut split, all glue", 8, {"calibrate": {"method": "pqd", "split_shortcut": False},
                                             "quant": {"glue": ["residual", "temb", "silu", "concat", "attention"]}}),
+    # one grid per tensor (quant.share_grids) on the deployment benchmark's fastest graphs: the most glue with
+    # attention's matmuls on 8 bits, without and with it (UNets); attention's matmuls with it (transformers, row 13)
+    ("pqd, no shortcut split, all glue, attention matmuls", 8, _ALL_GLUE_ATTENTION),
+    ("pqd, no shortcut split, all glue, attention matmuls, shared grids", 8,
+     {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True}}),
+    ("pqd, attention matmuls, softmax 8-bit, shared grids", 8,
+     {"calibrate": {"method": "pqd"}, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
 ]
 DEFAULT_ROWS = tuple(range(12))  # the methods at W8A8 and W4A8 and the four ablations
 DEFAULT_MODELS = ("demo:digits", "demo:digits16")
@@ -96,7 +107,9 @@ KEY_FILE = "bench_key.json"
 # and pqd presets, PQD without time groups, PQD with channel balancing
 # (python -m pqd.bench --models demo:digits-dit --rows transformer)
 # ``--rows glue``: PQD W8A8 (row 3) against each kind of quantized glue (quant.glue), and the shortcut split
-ROW_SETS = {"transformer": (0, 2, 3, 4, 6, 7, 18, 10, 16, 17), "glue": (3, *range(19, 27))}
+# ``--rows shared``: one grid per tensor against the same quantization without it, on a UNet (rows 27, 28) and on
+# a transformer (rows 13, 29)
+ROW_SETS = {"transformer": (0, 2, 3, 4, 6, 7, 18, 10, 16, 17), "glue": (3, *range(19, 27)), "shared": (3, 27, 28, 13, 29)}
 
 
 class PeakRSS:
@@ -275,10 +288,13 @@ def run_row(p: Params, fp: Path, out: Path) -> dict[str, Any]:
 
 def comparison_pairs(rows: list[int]) -> list[tuple[str, str]]:
     """(first, second) row keys compared: PQD against each preset at the same bits, every 'pqd, ...' variant
-    against PQD at its bits."""
+    against PQD at its bits, and a row with shared grids against the same row without."""
     keys = {row_key(i) for i in rows}
     pairs = [(f"w{b}-pqd", f"w{b}-{m}") for b in (8, 4) for m in METHODS if m != "pqd"]
     pairs += [(row_key(i), f"w{ROWS[i][1]}-pqd") for i in rows if ROWS[i][0].startswith("pqd, ")]
+    named = {(name, bits): j for j, (name, bits, _) in enumerate(ROWS)}
+    pairs += [(row_key(i), row_key(named[(ROWS[i][0].removesuffix(SHARED), ROWS[i][1])])) for i in rows
+              if ROWS[i][0].endswith(SHARED) and (ROWS[i][0].removesuffix(SHARED), ROWS[i][1]) in named]
     return [(a, b) for a, b in pairs if a in keys and b in keys]
 
 

@@ -144,7 +144,8 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
     if cfg.lsq:
         for a in aqs:
             a.scale.requires_grad_(True)
-        params.append({"params": [a.scale for a in aqs], "lr": cfg.lr_act})
+        # quantizers of one tensor hold one step (pqd.core.sharing): each parameter once
+        params.append({"params": list({id(a.scale): a.scale for a in aqs}.values()), "lr": cfg.lr_act})
     opt = torch.optim.Adam(params)
     rec_loss = torch.tensor(0.0)
     # QDrop's masks come from a generator on the unit's device, seeded from ``generator``

@@ -43,6 +43,7 @@ from onnxscript import opset20 as op
 import pqd.core.onnx_qdq  # noqa: F401 (registers the pqd:: operators the translations below refer to)
 from pqd.core.modules import onnx_values, set_onnx_mode
 from pqd.core.timegroups import set_time_group, TimeGroups
+from pqd.deploy.rewrite import rewrite
 from pqd.diffusion.adapter import Denoiser
 
 ONNX_DIR = "onnx"
@@ -180,6 +181,7 @@ def _traced_groups(unet: nn.Module, groups: list[int], den: Denoiser) -> list[on
     missing = sorted(n for n in values[0] if n not in inits and any((v[n] != values[0][n]).any() for v in values))
     if missing:  # a bug: a group-dependent value that the graph does not hold under its name
         raise RuntimeError(f"ONNX export: the traced graph has no initializer {missing[0]}")
+    rewrite(base, values)
     models = []
     for v in values:
         m = onnx.ModelProto()

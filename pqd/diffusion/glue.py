@@ -68,6 +68,21 @@ def glue_sites(model: nn.Module, kinds: tuple[str, ...] | list[str], concat_inpu
     return names
 
 
+def resampling_convs(model: nn.Module) -> dict[str, str]:
+    """The convolutions of diffusers' down- and upsamplers that read their block's input through an operation that
+    keeps every value on its grid, by name, with the block's name: zero padding (Downsample2D with padding 0 pads
+    right and bottom by hand) or nearest-neighbour upsampling (Upsample2D)."""
+    out, named = {}, {id(m): n for n, m in model.named_modules()}  # a module held under two names is listed under one
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        conv = getattr(m, "conv", None)
+        if not isinstance(conv, nn.Conv2d) or getattr(m, "norm", None) is not None or not getattr(m, "use_conv", False):
+            continue
+        if kind == "Downsample2D" or (kind == "Upsample2D" and not m.use_conv_transpose and m.interpolate):
+            out[named[id(conv)]] = name
+    return out
+
+
 def install_sites(model: nn.Module, names: list[str]) -> list[str]:
     """Give ``model`` the float sites ``names`` (see :func:`glue_sites`; the names a calibrated state holds),
     with the forward passes that route activations through them. Idempotent; returns ``names``."""

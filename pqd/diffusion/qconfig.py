@@ -9,12 +9,17 @@ the benchmarks call it alike.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch.nn as nn
+
 from pqd.core.quantize import QuantConfig
+from pqd.core.sharing import Group, shared_inputs
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig
 from pqd.diffusion.adapter import Denoiser
 from pqd.diffusion.attention import use_matmul_attention
-from pqd.diffusion.glue import glue_sites, install_sites
+from pqd.diffusion.glue import glue_sites, install_sites, resampling_convs
 from pqd.params import Params
 from pqd.params.machine import IntegerCodes, integer_codes
 
@@ -51,6 +56,17 @@ def install_glue(params: Params, den: Denoiser) -> list[str]:
     """Give ``den``'s network the glue sites of quant.glue (float until a qstate is applied); returns their names."""
     return install_sites(den.unet, glue_sites(den.unet, params.quant.glue, den.skip_splits(),
                                               bool(params.calibrate.split_shortcut)))
+
+
+def shared_groups(params: Params, den: Denoiser, cfg: QuantConfig, run_once: Callable[[nn.Module], object]
+                  ) -> tuple[Group, ...]:
+    """The quantizers of ``den``'s network (layer inputs and outputs, matmul operands, glue sites) that see one
+    tensor in ``run_once`` (a forward pass) and share its grid under quant.share_grids (none when it is off);
+    layers whose input ``cfg`` splits keep their own."""
+    if not params.quant.share_grids:
+        return ()
+    return shared_inputs(den.unet, run_once, exclude=cfg.splits, outputs=cfg.output_layers,
+                         through=resampling_convs(den.unet))
 
 
 def install_attention(params: Params, den: Denoiser) -> dict[str, str]:

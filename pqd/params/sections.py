@@ -94,6 +94,9 @@ class QuantParams:
     # any of GLUE_KINDS (residual adds, the time-embedding add, SiLU as sigmoid·mul, skip concatenations,
     # attention's residual add)
     glue: tuple[str, ...] = ()
+    # layers (and glue sites) that read the same tensor share one input grid: one QuantizeLinear of it in the
+    # deployed graph, as onnxruntime's own quantizer has (pqd.core.sharing)
+    share_grids: bool = False
 
 
 @dataclass(frozen=True)

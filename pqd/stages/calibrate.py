@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from pqd.core.affine import dequantize
 from pqd.core.quantize import apply_qstate, fit_qstate, qstate_of
+from pqd.core.sharing import share_qparams, tie_quantizers
 from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import weight_layers
 from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
-from pqd.diffusion.qconfig import install_attention, install_glue, quant_config, recon_config
+from pqd.diffusion.qconfig import install_attention, install_glue, quant_config, recon_config, shared_groups
 from pqd.diffusion.sampling import checked_predict
 from pqd.errors import InputError, NumericalError
 from pqd.formats import qstate as qcodec
@@ -88,11 +89,13 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
     t0 = time.perf_counter()
-    state = fit_qstate(den.unet, forward_all, cfg)
+    shared = shared_groups(params, den, cfg, lambda m: den.call(m, *fetch(0)))  # quant.share_grids
+    state, shared = share_qparams(fit_qstate(den.unet, forward_all, cfg), shared)
     t_fit = time.perf_counter() - t0
     qden = copy.deepcopy(den)
     qden.time_groups = groups
     apply_qstate(qden.unet, state)
+    tie_quantizers(qden.unet, shared)  # reconstruction learns each shared grid once
     recon_log: list[dict[str, Any]] = []
     if c.reconstruct:
         t0 = time.perf_counter()
@@ -134,7 +137,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
             "float_output_layers": sorted(set(weighted) - cfg.output_layers),
             "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention},
             "smoothed_layers": sorted(cfg.smooth),
-            "glue": {"kinds": list(params.quant.glue), "sites": len(glue)}})
+            "glue": {"kinds": list(params.quant.glue), "sites": len(glue)},
+            "shared_grids": [list(g) for g in shared]})
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from support.projects import CODE_BITS_8, small_params, write_params
+from pqd.params import params_from_dict
 from pqd.formats import qstate as qcodec
 from pqd.formats.export import load_quantized_unet
 from pqd.core.modules import quant_layers
@@ -103,6 +104,30 @@ def test_calibrate_and_export_are_4bit_packed(pipeline_run):
     assert packed.numel() == (math.prod(layers["mid_block.resnets.0.conv1"]["shape"]) + 1) // 2  # two codes per byte
     # whole-file ratio of this 8/16-channel UNet: per-layer scales and the safetensors header weigh a lot here
     assert metrics(pipeline_run, "export")["size_ratio"] > 2.5
+
+
+def test_calibrate_with_shared_grids_reconstructs_one_grid_per_tensor(pipeline_run, tiny_pipeline):
+    """quant.share_grids: the calibrate stage records the groups, reconstruction learns each shared grid once, and
+    the written state holds one grid per group."""
+    params = params_from_dict(small_params(model={"source": str(tiny_pipeline)}, quant={
+        "share_grids": True, "attention": True, "softmax_bits": 8, "glue": ["concat", "residual"]},
+        calibrate={"split_shortcut": False}))
+    out = pipeline_run / "data/qstate-shared"
+    m = calibrate.run(params, pipeline_run / "data/model", pipeline_run / "data/calib", out)
+    assert m.reconstructed_units > 0 and m.units_improved > 0
+    state, _, _, trailer = qcodec.read(out, qcodec.STATE_TENSORS)
+    groups = trailer["shared_grids"]
+    fields = {"in": ("act_scale", "act_zero_point"), "out": ("out_scale", "out_zero_point"),
+              "a": ("a_scale", "a_zero_point"), "b": ("b_scale", "b_zero_point")}
+    roles = {r for g in groups for _, r in g[1:]}
+    assert {"in", "a", "b"} <= roles  # query/key/value inputs, projections feeding the attention matmuls
+    for (lead, side), *members in groups:
+        lp = state[lead]
+        want = (lp.scale, lp.zero_point) if lp.kind == "site" else tuple(getattr(lp, f) for f in fields[side])
+        assert not torch.equal(want[0][0], want[0][1])  # still one grid per time group
+        for name, role in members:
+            got = tuple(getattr(state[name], f) for f in fields[role])
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_export_reload_is_bit_identical(pipeline_run):

@@ -1,0 +1,232 @@
+"""Exact rewrites of a traced quantized graph: the same values, in the shapes onnxruntime runs fastest.
+
+torch.export traces what the network computes, node by node; onnxruntime's fusions then look for given patterns
+(DequantizeLinear -> Conv -> QuantizeLinear becomes QLinearConv, and so on). What a trace leaves that they miss,
+each rewrite here turns into a shape they take, without changing a value: zero padding folded into the convolution
+that reads it, per-tensor QuantizeLinear moved above a Transpose/Reshape (uint8 moved instead of float), equal
+quantizers of one value merged (quant.share_grids gives them equal parameters under their own names), a group
+norm's affine as one BatchNormalization node, and what no node reads any more removed. :func:`rewrite` applies them
+all; pqd.deploy.onnx calls it on every traced quantized graph (the float graph, onnxruntime's own quantizer's
+input in the deploy benchmark, is left as traced). tests/deploy/test_onnx_rewrites.py checks each on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> Any:
+    """The value of ``name`` where a Constant node or an initializer of ``graph`` holds it, else None."""
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name and n.attribute[0].name == "value":
+            return numpy_helper.to_array(n.attribute[0].t)
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    return None
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _only(readers: dict[str, list[onnx.NodeProto]], name: str, op_type: str) -> onnx.NodeProto | None:
+    """The one node that reads ``name`` (as its first input) if it is an ``op_type``."""
+    r = readers.get(name, [])
+    return r[0] if len(r) == 1 and r[0].op_type == op_type and r[0].input[0] == name else None
+
+
+def _forget_shapes(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Drop the recorded shapes of values a rewrite changed (onnxruntime infers them again)."""
+    for v in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(v)
+
+
+def fold_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Zero padding of a quantized convolution's input folded into the convolution (``pads``): Pad(x, 0) ->
+    QuantizeLinear -> DequantizeLinear -> Conv becomes QuantizeLinear -> DequantizeLinear -> Conv(pads), which
+    onnxruntime runs as one QLinearConv instead of a float Pad before it (diffusers' downsamplers pad right and
+    bottom by hand). The same values: a zero is on every activation grid (integer zero point), and Conv pads
+    with zeros as the Pad did."""
+    g = model.graph
+    readers = _readers(g)
+    dead = []
+    for pad in [n for n in g.node if n.op_type == "Pad"]:
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = _constant(g, pad.input[1]) if len(pad.input) > 1 else None
+        value = _constant(g, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0
+        q = _only(readers, pad.output[0], "QuantizeLinear")
+        dq = q and _only(readers, q.output[0], "DequantizeLinear")
+        conv = dq and _only(readers, dq.output[0], "Conv")
+        if (mode != b"constant" or pads is None or value is None or float(value) != 0 or len(pads) != 8
+                or (pads[:2] != 0).any() or (pads[4:6] != 0).any() or (pads < 0).any() or conv is None
+                or (len(pad.input) > 3 and pad.input[3])
+                or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute)):
+            continue
+        have = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
+        spatial = [int(pads[2]), int(pads[3]), int(pads[6]), int(pads[7])]  # H begin, W begin, H end, W end
+        for a in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(a)
+        conv.attribute.append(onnx.helper.make_attribute("pads", [h + p for h, p in zip(have, spatial)]))
+        q.input[0] = pad.input[0]
+        _forget_shapes(g, {q.output[0], dq.output[0]})
+        dead.append(pad)
+    for n in dead:
+        g.node.remove(n)
+    return model
+
+
+_LAYOUT = ("Transpose", "Reshape")  # ops that move elements without changing them
+
+
+def quantize_before_layout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A per-tensor QuantizeLinear moved above the Transpose/Reshape it follows (x -> Transpose -> Q becomes x ->
+    Q -> Transpose), so that the layout change moves uint8 codes instead of floats (a quarter of the bytes), as
+    in onnxruntime's own quantized graphs. The same values: quantizing each element on one grid commutes with
+    moving it."""
+    g = model.graph
+    moved = True
+    while moved:
+        moved = False
+        readers = _readers(g)
+        producer = {o: n for n in g.node for o in n.output}
+        for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
+            t = producer.get(q.input[0])
+            if t is None or t.op_type not in _LAYOUT or _only(readers, t.output[0], "QuantizeLinear") is not q:
+                continue
+            scale = _constant(g, q.input[1])
+            if scale is None or scale.size != 1:
+                continue
+            x, y, z = t.input[0], t.output[0], q.output[0]  # x -> t -> y -> q -> z  becomes  x -> q -> y -> t -> z
+            q.input[0], q.output[0], t.input[0], t.output[0] = x, y, y, z
+            nodes = list(g.node)
+            nodes.remove(q)
+            nodes.insert(nodes.index(t), q)
+            del g.node[:]
+            g.node.extend(nodes)
+            _forget_shapes(g, {y, z})
+            moved = True
+            break
+    return model
+
+
+def _float_constant(graph: onnx.GraphProto, name: str, producer: dict[str, onnx.NodeProto]) -> Any:
+    """The float32 value of ``name`` if it is a constant, or a CastLike of one to float32 (how torch.export casts
+    parameters to the activation's type), else None."""
+    n = producer.get(name)
+    if n is not None and n.op_type == "CastLike":
+        name = n.input[0]
+    value = _constant(graph, name)
+    return value if value is not None and value.dtype == np.float32 else None
+
+
+def affine_as_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A group norm's per-channel affine (InstanceNormalization -> Reshape -> Mul(weight) -> Add(bias), how torch
+    exports ``group_norm``) as one BatchNormalization node with mean 0, variance 1 and epsilon 0: one pass over
+    the activation instead of two, the same values (x * weight + bias, per channel)."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    readers = _readers(g)
+    done = []
+    for mul in [n for n in g.node if n.op_type == "Mul"]:
+        src = producer.get(mul.input[0])
+        inorm = src and src.op_type == "Reshape" and producer.get(src.input[0])
+        # the bias is cast like the product (a CastLike reads it for its type only)
+        adds = [r for r in readers.get(mul.output[0], []) if not (r.op_type == "CastLike" and r.input[0] != mul.output[0])]
+        add = adds[0] if len(adds) == 1 and adds[0].op_type == "Add" and adds[0].input[0] == mul.output[0] else None
+        if not inorm or inorm.op_type != "InstanceNormalization" or add is None:
+            continue
+        weight = _float_constant(g, mul.input[1], producer)
+        bias = _float_constant(g, add.input[1], producer)
+        if weight is None or bias is None or weight.ndim != 3 or weight.shape[1:] != (1, 1) \
+                or bias.shape != weight.shape:
+            continue
+        c = weight.shape[0]
+        names = [f"{mul.name}/bn_{k}" for k in ("scale", "bias", "mean", "var")]
+        for k, v in zip(names, (weight.reshape(c), bias.reshape(c), np.zeros(c, np.float32), np.ones(c, np.float32))):
+            g.initializer.append(numpy_helper.from_array(v, k))
+        bn = onnx.helper.make_node("BatchNormalization", [mul.input[0], *names], [add.output[0]], epsilon=0.0,
+                                   name=f"{mul.name}/affine")
+        done.append((mul, add, bn))
+    for mul, add, bn in done:
+        nodes = list(g.node)
+        at = nodes.index(mul)
+        nodes[at] = bn
+        nodes.remove(add)
+        del g.node[:]
+        g.node.extend(nodes)
+    return model
+
+
+def drop_unused(model: onnx.ModelProto) -> None:
+    """Remove the nodes (Constant, CastLike) and initializers that no node reads any more after the rewrites."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        dead = [n for n in g.node if n.op_type in ("Constant", "CastLike") and not set(n.output) & used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+
+
+def rewrite(model: onnx.ModelProto, values: list[dict[str, Any]]) -> None:
+    """The exact rewrites of a traced quantized graph (in place), each computing the same values in a shape
+    onnxruntime runs faster: zero padding into the convolution, equal quantizers of one value merged, quantizers
+    above layout changes, group norms' affine as one node, then what no node reads removed."""
+    fold_pads(model)
+    merge_equal_quantizers(model, values)
+    quantize_before_layout(model)
+    affine_as_batchnorm(model)
+    drop_unused(model)
+
+
+def merge_equal_quantizers(model: onnx.ModelProto, values: list[dict[str, Any]]) -> None:
+    """One QuantizeLinear per value and grid: nodes that quantize the same value with equal scale and zero point in
+    every time group's graph (``values``: each group's group-dependent initializers) are merged into the first, in
+    place. Quantizers that share a grid (quant.share_grids) hold it under their own names, which onnxruntime's own
+    merging of equal nodes does not see through."""
+    g = model.graph
+    held = {t.name: t for t in g.initializer}
+
+    def value_key(name: str) -> bytes | None:
+        if name in values[0]:
+            return b"".join(v[name].tobytes() for v in values)
+        return numpy_helper.to_array(held[name]).tobytes() if name in held else None
+
+    first: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    dead = []
+    for n in g.node:
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3:
+            continue
+        params = tuple(value_key(i) for i in n.input[1:])
+        if any(p is None for p in params):
+            continue
+        key = (n.input[0], *params, *sorted(a.SerializeToString() for a in n.attribute))
+        if key in first:
+            renamed[n.output[0]] = first[key]
+            dead.append(n)
+        else:
+            first[key] = n.output[0]
+    for n in dead:
+        g.node.remove(n)
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in renamed:
+                n.input[i] = renamed[name]
+    for o in g.output:
+        if o.name in renamed:
+            raise RuntimeError(f"ONNX export: graph output {o.name} is a merged quantizer's")
+    _forget_shapes(g, set(renamed))
