@@ -30,7 +30,7 @@ INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvI
                 "DynamicQuantizeMatMul", "QAttention",
                 "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat", "QLinearSoftmax")
 FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
-                 "Add", "Mul", "Sigmoid", "QuickGelu", "Gelu", "FastGelu", "Concat", "Softmax")
+                 "Add", "Mul", "BatchNormalization", "Sigmoid", "QuickGelu", "Gelu", "FastGelu", "Concat", "Softmax")
 
 
 def session_options(threads: int | None = None, optimized_path: Path | None = None, spinning: bool = True):
