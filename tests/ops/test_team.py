@@ -81,8 +81,10 @@ def test_a_scheduled_flow_run_against_the_team_prefect_server(servers, project, 
     t, _ = servers
     env = ops_env(PREFECT_API_URL=t.prefect_api, PREFECT_HOME=str(tmp_path / "prefect"),
                   MLFLOW_TRACKING_URI=t.mlflow_uri, PREFECT_RUNNER_POLL_FREQUENCY="5")
-    done = served_benchmark_run(project, t.prefect_api, env, tmp_path / "serve.log")
-    assert pg_rows(t, "prefect", "SELECT state_type FROM flow_run WHERE id = %s", done["id"]) == [("COMPLETED",)]
+    def stored(run: dict) -> None:  # in PostgreSQL, read while the runner serves (see served_benchmark_run)
+        assert pg_rows(t, "prefect", "SELECT state_type FROM flow_run WHERE id = %s", run["id"]) == [("COMPLETED",)]
+
+    served_benchmark_run(project, t.prefect_api, env, tmp_path / "serve.log", while_serving=stored)
     finished = pg_rows(t, "mlflow", "SELECT e.name FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
                                     "JOIN tags g ON g.run_uuid = r.run_uuid WHERE g.key = 'pqd.kind' "
                                     "AND g.value = 'benchmark' AND r.status = 'FINISHED'")

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from support.projects import BIN, ROOT
 
@@ -32,10 +33,13 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def served_benchmark_run(project: Path, api_url: str, env: dict[str, str], log: Path) -> dict:
+def served_benchmark_run(project: Path, api_url: str, env: dict[str, str], log: Path,
+                         while_serving: Callable[[dict], None] = lambda run: None) -> dict:
     """Serve the benchmark deployment against the Prefect API at ``api_url`` with a cron schedule every 10 s
     (a seconds field keeps the test short; the default is nightly) until one scheduled run completes; checks the
-    deployment and returns that flow run."""
+    deployment, calls ``while_serving(run)`` and returns that flow run. Checks of the run's stored state belong in
+    ``while_serving``: a runner that shuts down cancels every flow run whose process it still tracks, and the
+    process of a run that has just reported COMPLETED may still be exiting (its state then reads CANCELLED)."""
     serve = subprocess.Popen([str(BIN / "python"), "-m", "flows.benchmark", "serve", "--root", str(project),
                               "--cron", "* * * * * */10", "--stage", "select"], cwd=ROOT, env=env,
                              stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -51,6 +55,7 @@ def served_benchmark_run(project: Path, api_url: str, env: dict[str, str], log: 
         assert deployment["name"] == "pqd-benchmark-nightly"
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["* * * * * */10"]
         assert completed[0]["parameters"]["root"] == str(project)
+        while_serving(completed[0])
         return completed[0]
     finally:
         stop(serve)
