@@ -10,7 +10,8 @@ import torch
 from diffusers import DiTPipeline
 
 from pqd.bench import deploy as bench
-from pqd.bench.deploy_models import ATTENTION, GLUE, GLUE_ATTENTION, GLUE_NO_SPLIT, variants
+from pqd.bench.deploy_models import (ATTENTION, ATTENTION_SHARED, GLUE, GLUE_ATTENTION, GLUE_ATTENTION_SHARED,
+                                     GLUE_NO_SPLIT, variants)
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.demo import build_demo_dit, build_demo_scheduler
 from pqd.params import integer_codes, params_from_dict
@@ -34,9 +35,11 @@ def run_bench(tmp_path, *argv: str) -> tuple[pd.DataFrame, str]:
 
 
 def test_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
-    assert list(variants(load_denoiser(tiny_pipeline))) == [GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION]
-    assert list(variants(load_denoiser(tiny_pipeline), "split")) == [GLUE]
-    assert list(variants(load_denoiser(tiny_dit))) == [ATTENTION]  # a DiT has attention but no glue points
+    unet, dit = load_denoiser(tiny_pipeline), load_denoiser(tiny_dit)
+    assert list(variants(unet)) == [GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, GLUE_ATTENTION_SHARED]
+    assert list(variants(unet, "split")) == [GLUE]
+    assert list(variants(dit)) == [ATTENTION, ATTENTION_SHARED]  # a DiT has attention but no glue points
+    assert variants(unet, "shared")[GLUE_ATTENTION_SHARED].share and variants(dit, "shared")[ATTENTION_SHARED].share
 
 
 @pytest.mark.slow  # about a minute: three calibrations and exports, four timed backends
@@ -58,9 +61,10 @@ def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
 def test_dit_is_fed_its_class_labels_and_its_attention_runs_on_integer_kernels(tiny_dit, tmp_path):
     rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit))
     assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8, ATTENTION,
-                                 bench.REFERENCE}
+                                 ATTENTION_SHARED, bench.REFERENCE}
     assert rows.ms_per_call.notna().all()
     assert "batch 2: PQD int8 / quantize_static = **" in md and "No glue backend" in md
     assert "batch 2: PQD int8 + attention matmuls / quantize_static = **" in md
     plain, attention = (next(ln for ln in md.splitlines() if ln.startswith(f"| {b} |")) for b in (bench.INT8, ATTENTION))
     assert "QLinearMatMul" not in plain and "QLinearMatMul" in attention and "softmax_bits 8" in attention
+    assert "batch 2: PQD int8 + attention matmuls + shared grids / quantize_static = **" in md
