@@ -58,8 +58,9 @@ def shared(tmp_path_factory, tiny_pipeline):
     state = fit_two_groups(den)
     sharing, applied = share_qparams(state, groups)
     tmp = tmp_path_factory.mktemp("shared")
-    return den, groups, applied, sharing, _export(den, tiny_pipeline, sharing, tmp / "shared"), \
-        _export(den, tiny_pipeline, state, tmp / "own")
+    own = copy.deepcopy(den.unet)  # without shared grids: group 0's graph only, for its node counts
+    onnx.save(deploy.trace_group(apply_qstate(own, state), 0, den), tmp / "own.onnx")
+    return den, groups, applied, sharing, _export(den, tiny_pipeline, sharing, tmp / "shared"), tmp / "own.onnx"
 
 
 def test_the_quantizers_of_one_tensor_are_found(shared):
@@ -101,20 +102,20 @@ def test_deployed_graph_matches_the_torch_model(shared):
     assert (y_ort - y_q).norm() <= 0.25 * quant_error  # the bound of tests/deploy/test_onnx_graphs.py
 
 
-def _runtime_nodes(folder, tmp_path, name):
+def _runtime_nodes(graph, tmp_path, name):
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
-    ort.InferenceSession(str(folder / deploy.ONNX_DIR / deploy.graph_file(0)), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
 
 
 def test_one_quantize_node_per_shared_tensor(shared, tmp_path):
     den, _, _, _, out, own = shared
-    with_sharing, without = _runtime_nodes(out, tmp_path, "shared"), _runtime_nodes(own, tmp_path, "own")
+    graph = out / deploy.ONNX_DIR / deploy.graph_file(0)
+    with_sharing, without = _runtime_nodes(graph, tmp_path, "shared"), _runtime_nodes(own, tmp_path, "own")
     attentions = sum(type(m).__name__ == "Attention" for m in den.unet.modules())
     # at least: key and value quantize the states query quantizes (one QuantizeLinear, merged), and each such
     # projection's output is the matmul operand as it is (no DequantizeLinear -> QuantizeLinear between)
     assert without["QuantizeLinear"] - with_sharing["QuantizeLinear"] >= 2 * attentions
     assert without["DequantizeLinear"] - with_sharing["DequantizeLinear"] >= 2 * attentions
-    assert deploy.kernel_report(out / deploy.ONNX_DIR / deploy.graph_file(0))["int8"] == \
-        deploy.kernel_report(own / deploy.ONNX_DIR / deploy.graph_file(0))["int8"]
+    assert deploy.kernel_report(graph)["int8"] == deploy.kernel_report(own)["int8"]
