@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 check-params: setup
-	$(BIN)/python -m pqd.params params.yaml
+	$(BIN)/python -m pqd.stages.preflight params.yaml
 
 run: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

@@ -33,7 +33,10 @@ from safetensors.torch import load_file
 from pqd.diffusion.demo import FEATURES_DIR, DigitNet, reference_uint8
 from pqd.errors import FeatureError
 from pqd.eval.bootstrap import stats
+from pqd.eval.reference import check_image_folder, check_npz, reference_images
 from pqd.params import DEMO_SOURCES
+
+INCEPTION_DIM = 2048  # clean-fid's Inception-V3 features: its pool3 layer
 
 
 @dataclass
@@ -41,6 +44,25 @@ class Extractor:
     name: str  # recorded in the protocol
     fn: Callable[[torch.Tensor], torch.Tensor]  # [B, 3, H, W] float in [0, 255] -> [B, D]
     fn_resize: Callable[[np.ndarray], np.ndarray] | None  # clean-fid resizer; None = clean-fid's 299x299 'clean'
+    dim: int | None  # D when the network fixes it; None for a TorchScript network (D shows on its first image)
+
+
+def feature_size(spec: str) -> int | None:
+    """D of extractor ``spec`` (``evaluate.features``) before anything is built: the digit network's feature size
+    as the model stage trains it, Inception's 2048; None for a TorchScript network."""
+    if spec == "demo:digits":
+        return DigitNet().feature_dim
+    return INCEPTION_DIM if spec == "inception" or spec.startswith("inception:") else None
+
+
+def probe_size(ex: Extractor, images: str | Path) -> int:
+    """D of ``ex``: its ``dim``, else the length of its features of the first image clean-fid reads under ``images``."""
+    if ex.dim is not None:
+        return ex.dim
+    first = reference_images(images)[:1]
+    feats = cfid.get_files_features(first, model=ex.fn, num_workers=0, batch_size=1, device=torch.device("cpu"),
+                                    mode="clean", custom_fn_resize=ex.fn_resize, verbose=False)
+    return int(np.asarray(feats).shape[1])
 
 
 def _digit_extractor(model_dir: Path) -> Extractor:
@@ -67,7 +89,7 @@ def _digit_extractor(model_dir: Path) -> Extractor:
         clean-fid's 'clean' resizer (PIL bicubic with antialiasing, per channel, in float)."""
         return (img if img.shape[:2] == (8, 8) else clean_8x8(img)).astype(np.float32)
 
-    return Extractor("demo:digits (DigitNet penultimate features)", fn, resize)
+    return Extractor("demo:digits (DigitNet penultimate features)", fn, resize, net.feature_dim)
 
 
 def _inception_extractor(local: str | None, device: str) -> Extractor:
@@ -101,7 +123,7 @@ def _inception_extractor(local: str | None, device: str) -> Extractor:
         with torch.no_grad():
             return model(x.to(device))
 
-    return Extractor("clean-fid Inception-V3 (pool3, 2048-d, clean resize)", fn, None)
+    return Extractor(f"clean-fid Inception-V3 (pool3, {INCEPTION_DIM}-d, clean resize)", fn, None, INCEPTION_DIM)
 
 
 def _torchscript_extractor(path_str: str, device: str) -> Extractor:
@@ -122,7 +144,7 @@ def _torchscript_extractor(path_str: str, device: str) -> Extractor:
     def resize(img: np.ndarray) -> np.ndarray:
         return img.astype(np.float32)
 
-    return Extractor(f"torchscript:{path.name}", fn, resize)
+    return Extractor(f"torchscript:{path.name}", fn, resize, None)
 
 
 def build_extractor(spec: str, model_dir: str | Path, device: str = "cpu") -> Extractor:
@@ -165,9 +187,10 @@ def write_demo_reference(folder: str | Path, source: str = "demo:digits") -> int
     return len(imgs)
 
 
-def reference_stats(spec: str, ex: Extractor, batch_size: int = 256,
-                    device: str = "cpu") -> tuple[tuple[np.ndarray, np.ndarray], str, int]:
-    """(mu, sigma), a description and the image count of the reference set ``evaluate.reference``."""
+def reference_stats(spec: str, ex: Extractor, batch_size: int = 256, device: str = "cpu",
+                    dim: int | None = None) -> tuple[tuple[np.ndarray, np.ndarray], str, int]:
+    """(mu, sigma), a description and the image count of the reference set ``evaluate.reference``; a .npz must hold
+    statistics of D = ``dim`` features (default ``ex.dim``; see :func:`probe_size`), a folder readable images."""
     if spec in DEMO_SOURCES:
         with tempfile.TemporaryDirectory() as tmp:
             n = write_demo_reference(tmp, spec)
@@ -175,14 +198,12 @@ def reference_stats(spec: str, ex: Extractor, batch_size: int = 256,
             return stats(folder_features(tmp, ex, batch_size, device)), f"sklearn digits ({n:,} images, {what})", n
     path = Path(spec).expanduser()
     if path.suffix == ".npz":
-        if not path.is_file():
-            raise FeatureError(f"evaluate.reference = {spec!r}: file not found")
+        check_npz(spec, ex.dim if dim is None else dim)
         with np.load(path, allow_pickle=False) as z:
-            if "mu" not in z or "sigma" not in z:
-                raise FeatureError(f"evaluate.reference = {spec!r}: expected arrays 'mu' and 'sigma' in the .npz")
             return (z["mu"], z["sigma"]), f"precomputed statistics {path.name}", int(z["n"]) if "n" in z else -1
     if not path.is_dir():
         raise FeatureError(f"evaluate.reference = {spec!r} is not allowed: expected 'demo:digits', 'demo:digits16', "
                            "a folder of images or a .npz with mu and sigma")
+    check_image_folder(spec)
     feats = folder_features(path, ex, batch_size, device)
     return stats(feats), f"folder {path}", len(feats)

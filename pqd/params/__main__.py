@@ -1,7 +1,8 @@
-"""``python -m pqd.params [params.yaml]``: validate every key and every path it names, in one line.
+"""``python -m pqd.params [params.yaml]``: validate every key, every path it names and the device, in one line.
 
 Paths a pipeline stage makes (the ``outs`` of dvc.yaml next to the params file) are accepted before
-they exist. Exit status 0 when valid, 2 with one line naming the key otherwise.
+they exist. Exit status 0 when valid, 2 with one line naming the key otherwise. ``make run`` runs
+``python -m pqd.stages.preflight``, which adds the checks that need the eval layer (the reference set).
 """
 
 from __future__ import annotations
@@ -9,26 +10,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
 from pqd.errors import ParamError
-from pqd.params.load import check_paths, load_params
-
-
-def pipeline_outputs(dvc_yaml: Path) -> tuple[str, ...]:
-    """Every ``outs`` path of the stages in ``dvc_yaml`` (none when there is no such file)."""
-    if not dvc_yaml.is_file():
-        return ()
-    stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
-    outs = [o if isinstance(o, str) else next(iter(o)) for st in stages.values() for o in st.get("outs", [])]
-    return tuple(outs)
+from pqd.params.load import check_params_file
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0] if argv else "params.yaml")
     try:
-        check_paths(load_params(path), pipeline_outputs(path.parent / "dvc.yaml"))
+        check_params_file(path)
     except ParamError as e:
         print(f"pqd: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pqd.errors import ParamError
+from pqd.params.machine import resolve_device
 from pqd.params.methods import METHOD_KEYS, PRESETS
 from pqd.params.sections import DEMO_SOURCES, GLUE_KINDS, SAMPLE_SEED_BASE, Params
 
@@ -347,3 +348,23 @@ def check_paths(p: Params, produced: tuple[str, ...] = ()) -> None:
             and not (Path(src).expanduser() / "model_index.json").is_file():
         raise ParamError(f"params: model.source = {src!r} is not allowed: the folder has no model_index.json; expected "
                          "a diffusers pipeline folder (save_pretrained layout)")
+
+
+def pipeline_outputs(dvc_yaml: Path) -> tuple[str, ...]:
+    """Every ``outs`` path of the stages in ``dvc_yaml`` (none when there is no such file)."""
+    if not dvc_yaml.is_file():
+        return ()
+    stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    outs = [o if isinstance(o, str) else next(iter(o)) for st in stages.values() for o in st.get("outs", [])]
+    return tuple(outs)
+
+
+def check_params_file(path: str | Path) -> Params:
+    """The params file at ``path``, with every key valid, every path it names present (or an ``outs`` of the dvc.yaml
+    beside it: a stage makes it) and its device usable on this machine; a ParamError otherwise. Everything about
+    params that can be known before the first stage (``python -m pqd.params``)."""
+    path = Path(path)
+    p = load_params(path)
+    check_paths(p, pipeline_outputs(path.parent / "dvc.yaml"))
+    resolve_device(p)
+    return p

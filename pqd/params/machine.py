@@ -80,11 +80,13 @@ def integer_codes(p: Params, machine: str | None = None, cpuinfo: str | None = N
 
 
 def resolve_device(p: Params) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is an error."""
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is an error (checked before the first stage by
+    :func:`pqd.params.load.check_params_file`, and again by each stage that uses the device)."""
     import torch  # this module is imported by params, which stays free of torch until a device is needed
 
     if p.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if p.device == "cuda" and not torch.cuda.is_available():
-        raise ParamError("params: device = 'cuda' is not allowed here: no CUDA device is visible; use 'auto' or 'cpu'")
+        raise ParamError("params: device = 'cuda' is not allowed here: torch.cuda.is_available() is False on this "
+                         "machine; expected 'cpu' or 'auto' (the GPU when there is one)")
     return p.device

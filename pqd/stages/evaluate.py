@@ -65,7 +65,8 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     device = resolve_device(params)
     # everything that can fail fast is checked before sampling
     extractor = fid.build_extractor(ev.features, model, device)
-    ref_stats, ref_desc, ref_n = fid.reference_stats(ev.reference, extractor, ev.batch_size, device)
+    ref_stats, ref_desc, ref_n = fid.reference_stats(ev.reference, extractor, ev.batch_size, device,
+                                                     fid.probe_size(extractor, fp_samples / "a"))
     proto = read_json(fp_samples / "meta.json")
     fp = load_tensors(fp_samples / "a.safetensors")
     seeds = [int(s) for s in fp["seeds"]]

@@ -1,10 +1,12 @@
-"""`python -m pqd.params` checks every path named in params before any stage runs; params.yaml with a key
-written twice is refused; quant.reduce_range resolves from the CPU's flags."""
+"""`python -m pqd.params` checks every path named in params and the device before any stage runs; params.yaml with
+a key written twice is refused; quant.reduce_range resolves from the CPU's flags."""
 
 import pytest
+import torch
 
 from pqd.errors import ParamError
 from pqd.params import check_paths, load_params, params_from_dict
+from pqd.params.load import check_params_file
 from pqd.params.__main__ import main as params_main
 from pqd.params.machine import cpu_vnni_flags, integer_codes
 
@@ -66,3 +68,19 @@ def test_reduce_range_auto_follows_the_cpu():
     assert integer_codes(params_from_dict({"quant": {"reduce_range": False}}), "x86_64", CPUINFO_AVX2).reduce_range is False
     with pytest.raises(ParamError, match=r"quant.reduce_range = 1 is not allowed: expected one of 'auto', True, False"):
         params_from_dict({"quant": {"reduce_range": 1}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_params_command_refuses_cuda_on_a_machine_without_it(tmp_path, capsys):
+    """device: cuda fails with the other params (make run's first step), not in the generate stage."""
+    f = tmp_path / "params.yaml"
+    f.write_text("device: cuda\n")
+    with pytest.raises(ParamError, match=r"^params: device = 'cuda' is not allowed here: torch.cuda.is_available\(\) is False"):
+        check_params_file(f)
+    assert params_main([str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("pqd: error: params: device = 'cuda' is not allowed here: torch.cuda.is_available() is False on this "
+                   "machine; expected 'cpu' or 'auto' (the GPU when there is one)")
+    for device in ("cpu", "auto"):
+        f.write_text(f"device: {device}\n")
+        assert check_params_file(f).device == device

@@ -88,6 +88,26 @@ def not_a_pipeline(d: Path) -> None:
     set_param("model.source", str(d / "notpipe"))(d)
 
 
+def reference_folder(files: dict[str, bytes]):
+    """evaluate.reference set to a new folder holding ``files`` (name -> bytes)."""
+    def mutate(d: Path) -> None:
+        (d / "refs").mkdir()
+        for name, content in files.items():
+            (d / "refs" / name).write_bytes(content)
+        set_param("evaluate.reference", "refs")(d)
+    return mutate
+
+
+def reference_npz(**arrays):
+    """evaluate.reference set to a new stats.npz holding ``arrays``."""
+    def mutate(d: Path) -> None:
+        import numpy as np
+
+        np.savez(d / "stats.npz", **arrays)
+        set_param("evaluate.reference", "stats.npz")(d)
+    return mutate
+
+
 def nan_in_calibration_set(d: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -96,6 +116,23 @@ def nan_in_calibration_set(d: Path) -> None:
     t["x"][3, 0, 2, 2] = float("nan")
     save_file(t, f)
 
+
+# bad evaluate.reference values: (id, damage, words of the evaluate stage's error (TorchScript features of 6 values),
+# words of the pre-flight check's error with the default demo:digits features (128 values))
+NO_IMAGES = "evaluate.reference = 'refs' is not allowed: the folder holds 0 images clean-fid reads"
+REFERENCE_CASES = [
+    ("empty-folder", reference_folder({}), [NO_IMAGES + "; expected", "a folder of at least 2 images"], [NO_IMAGES + "; expected"]),
+    ("no-image-file", reference_folder({"notes.txt": b"my images"}), [NO_IMAGES + " (and 1 other file: notes.txt)"],
+     [NO_IMAGES + " (and 1 other file: notes.txt)"]),
+    ("file-not-an-image", reference_folder({"a.png": b"not a png", "b.png": b"nor this"}),
+     ["'refs' is not allowed: a.png, one of the 2 image files found, is not an image PIL can open"],
+     ["a.png, one of the 2 image files found, is not an image PIL can open"]),
+    ("npz-without-mu", reference_npz(sigma=[[1.0]]), ["'stats.npz' is not allowed: it holds no mu; expected arrays 'mu' [D]"],
+     ["'stats.npz' is not allowed: it holds no mu"]),
+    ("npz-wrong-size", reference_npz(mu=[0.0] * 5, sigma=[[0.0] * 5] * 5),
+     ["'stats.npz' is not allowed: mu has shape [5] and sigma [5, 5]", "the extractor's feature size D = 6"],
+     ["'stats.npz' is not allowed: mu has shape [5] and sigma [5, 5]", "the extractor's feature size D = 128"]),
+]
 
 # (id, stage to run, damage, words the one-line error must contain)
 CASES = [
@@ -149,6 +186,7 @@ CASES = [
     ("calibration-set-nan", "calibrate", nan_in_calibration_set,
      ["data/calib/shard-00000.safetensors: calibration input 3 (timestep", "has non-finite values", "expected finite"]),
     ("qstate-not-json", "export", write("data/qstate/qmap.json", "{not json"), ["data/qstate/qmap.json: not valid JSON"]),
+    *[(f"reference-{case}", "evaluate", damage, words) for case, damage, words, _ in REFERENCE_CASES],
 ]
 
 
@@ -232,3 +270,56 @@ def test_export_that_overflows_stops_evaluate_naming_layer_and_step(result, tmp_
     assert rc == 2 and last.startswith("pqd evaluate: error: non-finite UNet output at sampling step 0 (timestep ")
     assert "first produced by layer mid_block.resnets.0.norm2" in last
     assert snapshot(d) == before
+
+
+def fresh_project(d: Path) -> Path:
+    """The committed project before its first stage: params.yaml and dvc.yaml, no data."""
+    d.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy2(ROOT / name, d / name)
+    return d
+
+
+NO_CUDA = "params: device = 'cuda' is not allowed here: torch.cuda.is_available() is False on this machine; expected 'cpu' or 'auto'"
+PREFLIGHT = [(f"reference-{case}", damage, words) for case, damage, _, words in REFERENCE_CASES] + [
+    ("device-cuda", set_param("device", "cuda"), [NO_CUDA])]
+
+
+@pytest.mark.parametrize("damage, words", [c[1:] for c in PREFLIGHT], ids=[c[0] for c in PREFLIGHT])
+def test_preflight_refuses_before_the_first_stage(tmp_path, capsys, damage, words):
+    """``make run``'s first step (python -m pqd.stages.preflight) stops a bad reference set or an unusable device in one
+    line, before any stage has run, and writes nothing."""
+    import torch
+
+    from pqd.stages.preflight import main as preflight
+
+    if words == [NO_CUDA] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    d = fresh_project(tmp_path / "p")
+    damage(d)
+    before = snapshot(d)
+    with _cwd(d):
+        rc = preflight(["params.yaml"])
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("pqd: error: ")
+    for w in words:
+        assert w in err
+    assert snapshot(d) == before
+
+
+def test_preflight_counts_the_reference_images_and_is_what_make_runs_first(tmp_path, capsys):
+    from PIL import Image
+
+    from pqd.stages.preflight import main as preflight
+
+    d = fresh_project(tmp_path / "p")
+    (d / "refs/sub").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(d / "refs/sub" / f"{i}.png")
+    set_param("evaluate.reference", "refs")(d)
+    with _cwd(d):
+        assert preflight(["params.yaml"]) == 0
+    assert "reference refs (3 images)" in capsys.readouterr().out
+    recipe = (ROOT / "Makefile").read_text().split("\ncheck-params:", 1)[1].split("\n\n", 1)[0]
+    assert "python -m pqd.stages.preflight params.yaml" in recipe
