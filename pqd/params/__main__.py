@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
-from pqd.errors import ParamError
+from pqd.errors import PqdError, one_line
 from pqd.params.load import check_params_file
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_command(argv: list[str] | None, check: Callable[[Path], str]) -> int:
+    """A check command: ``check(params file)`` says what it found; a PqdError is one line and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0] if argv else "params.yaml")
     try:
-        check_params_file(path)
-    except ParamError as e:
-        print(f"pqd: error: {e}", file=sys.stderr)
+        found = check(path)
+    except PqdError as e:
+        print(f"pqd: error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(f"pqd: {path} is valid")
+    print(f"pqd: {path} is valid{found}")
     return 0
+
+
+def _check(path: Path) -> str:
+    check_params_file(path)
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    return check_command(argv, _check)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ the same check before it samples. Exit status 0 when all is well, 2 with one lin
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from pqd.errors import PqdError, one_line
 from pqd.eval import fid, reference
 from pqd.params import DEMO_SOURCES, Params
+from pqd.params.__main__ import check_command
 from pqd.params.load import check_params_file
 
 
@@ -35,15 +34,7 @@ def check_reference(p: Params) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    path = Path(argv[0] if argv else "params.yaml")
-    try:
-        found = check_reference(check_params_file(path))
-    except PqdError as e:
-        print(f"pqd: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"pqd: {path} is valid; {found}")
-    return 0
+    return check_command(argv, lambda path: "; " + check_reference(check_params_file(path)))
 
 
 if __name__ == "__main__":
