@@ -4,18 +4,17 @@ Three denoisers: the demo UNet (``data/model``, trained), a UNet with the google
 parameters, random weights: speed does not depend on the values) and the transformer demo, ``demo:digits-dit`` (a
 class-conditional DiT: the model stage's folder, or one made here with the demo's settings, trained for a given
 number of steps or with random weights). Each is calibrated the product's way on the inputs of its own DDIM
-trajectories (the calibrate stage's :func:`~pqd.diffusion.qconfig.quant_config` with the PQD preset: 4 time groups,
-MSE ranges, split skips, quantized outputs; a conditioned model sees both branches of classifier-free guidance, as
-when it samples), with the integer weight codes this machine's kernels compute exactly (``quant.reduce_range:
-auto``, :mod:`pqd.params.machine`), optionally with glue between the integer kernels (``quant.glue``, installed
-before fitting as the calibrate stage does), and written by the product's exporter (export folder, then the ONNX
-graphs traced from what the loader rebuilds). The yardstick is onnxruntime's own ``quantize_static`` of the float
-graph, with ``reduce_range`` by the same machine rule.
+trajectories (the calibrate stage's recipe, :func:`~pqd.diffusion.qconfig.calibrate_network`, with the PQD preset: 4
+time groups, MSE ranges, split skips, quantized outputs; a conditioned model sees both branches of classifier-free
+guidance, as when it samples), with the integer weight codes this machine's kernels compute exactly
+(``quant.reduce_range: auto``, :mod:`pqd.params.machine`), optionally with glue between the integer kernels
+(``quant.glue``) and attention's matmuls on integer kernels (``quant.attention``), and written by the product's
+exporter (export folder, then the ONNX graphs traced from what the loader rebuilds). The yardstick is onnxruntime's
+own ``quantize_static`` of the float graph, with ``reduce_range`` by the same machine rule.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
@@ -30,15 +29,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pqd import deploy
-from pqd.core.quantize import QState, fit_qstate, weight_layers
+from pqd.core.quantize import QState, weight_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
 from pqd.diffusion.attention import attention_modules
 from pqd.diffusion.configs import cifar10_ddpm_pipeline
 from pqd.diffusion.demo import train_demo_pipeline
 from pqd.diffusion.glue import glue_sites
-from pqd.core.sharing import share_qparams
-from pqd.diffusion.qconfig import install_attention, install_glue, quant_config, shared_groups
+from pqd.diffusion.qconfig import calibrate_network
 from pqd.diffusion.sampling import make_scheduler, sample
 from pqd.formats.export import load_quantized_unet, quantized_weights_file, write_export
 from pqd.params import IntegerCodes, Params, params_from_dict
@@ -183,27 +181,24 @@ def trajectory_inputs(den: Denoiser, seeds: int) -> CalibInputs:
 
 def calibrate(den: Denoiser, params: Params, calib: CalibInputs, codes: IntegerCodes
               ) -> tuple[nn.Module, QState, int]:
-    """A copy of ``den``'s network with the glue sites of ``params`` (quant.glue) installed, and its quantizer state
-    fitted the product's way on every step of ``calib`` with the integer ``codes``, without reconstruction (speed
-    does not depend on it); and the number of glue sites."""
-    work = dataclasses.replace(den, unet=copy.deepcopy(den.unet), time_groups=None)
-    sites = install_glue(params, work)
-    attention = install_attention(params, work)
-    cfg = quant_config(params, work, attention, codes)
+    """A copy of ``den``'s network with the attention matmuls and glue sites of ``params`` installed (float), and its
+    quantizer state fitted the product's way (:func:`~pqd.diffusion.qconfig.calibrate_network`) on every step of
+    ``calib`` with the integer ``codes``, without reconstruction (speed does not depend on it); and the number of
+    glue sites."""
     bits = params.quant.weight_bits
 
     def step(net: nn.Module, x: torch.Tensor, t: float) -> None:
-        dataclasses.replace(work, unet=net).guided(x, torch.tensor(t), calib.rows, calib.uncond, calib.guidance_scale)
+        dataclasses.replace(den, unet=net, time_groups=None).guided(x, torch.tensor(t), calib.rows, calib.uncond,
+                                                                    calib.guidance_scale)
 
     @torch.no_grad()
     def forward_all(net: nn.Module, set_group) -> None:
-        for x, t in tqdm(calib.steps, desc=f"observing (W{bits}{', glue' if sites else ''})"):
+        for x, t in tqdm(calib.steps, desc=f"observing (W{bits}{', glue' if params.quant.glue else ''})"):
             set_group(int(calib.groups.group_of(t)))
             step(net, x, t)
 
-    shared = shared_groups(params, work, cfg, lambda net: step(net, *calib.steps[0]))
-    state, _ = share_qparams(fit_qstate(work.unet, forward_all, cfg), shared)
-    return work.unet, state, len(sites)
+    fit = calibrate_network(params, den, codes, forward_all, lambda net: step(net, *calib.steps[0]))
+    return fit.net, fit.state, len(fit.glue)
 
 
 def weights_label(bits: int, state: QState) -> str:

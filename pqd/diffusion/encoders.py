@@ -61,16 +61,13 @@ _TEXT_ROWS = {"UNet2DConditionModel": _sd_rows, "PixArtTransformer2DModel": _pix
 class PromptEncoder:
     """Text-conditioned models: the pipeline's text encoders, through its own ``encode_prompt``.
 
-    It holds the pipeline (its tokenizers and encoders are what it uses); a deep copy of a Denoiser shares it,
-    since nothing here is ever quantized or changed."""
+    It holds the pipeline (its tokenizers and encoders are what it uses); nothing here is ever quantized or
+    changed."""
 
     kind = "text"
 
     def __init__(self, pipe: Any, denoiser_class: str) -> None:
         self.pipe, self._rows = pipe, _TEXT_ROWS[denoiser_class]
-
-    def __deepcopy__(self, memo: dict) -> "PromptEncoder":
-        return self
 
     @torch.no_grad()
     def rows(self, prompts: list[str] | None, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -3,18 +3,21 @@
 The one place that turns ``quant.*`` / ``calibrate.*`` and a :class:`~pqd.diffusion.adapter.Denoiser`
 (its edge and modulation layers, skip splits, float-output layers, attention matmuls, the linears it
 balances and glue sites) into a
-:class:`~pqd.core.QuantConfig` and a :class:`~pqd.core.reconstruct.ReconConfig`: the calibrate stage and
-the benchmarks call it alike.
+:class:`~pqd.core.QuantConfig` and a :class:`~pqd.core.reconstruct.ReconConfig`, and the one calibration recipe
+(:func:`calibrate_network`): the calibrate stage and the benchmarks call it alike.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
 
-from pqd.core.quantize import QuantConfig
-from pqd.core.sharing import Group, shared_inputs
+from pqd.core.quantize import ForwardAll, QState, QuantConfig, apply_qstate, fit_qstate
+from pqd.core.sharing import Group, share_qparams, shared_inputs, tie_quantizers
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import ReconConfig
 from pqd.diffusion.adapter import Denoiser
@@ -73,6 +76,46 @@ def install_attention(params: Params, den: Denoiser) -> dict[str, str]:
     """Give ``den``'s attention modules replaceable matmuls where quant.attention is set; returns the matmul modules
     by role (what :func:`quant_config` takes as ``attention``), empty when it is not."""
     return use_matmul_attention(den.unet) if params.quant.attention else {}
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate_network` fitted. ``net``: a copy of the denoiser's network with the attention matmuls
+    and glue sites installed, still float (what calibration observed: the float network the exporter writes and
+    reconstruction matches); its quantizer ``state`` (the shared grids agreed), the ``config`` it was fitted with,
+    the ``shared`` groups (as :func:`~pqd.core.sharing.share_qparams` returned them), the glue site names and the
+    attention matmul modules by role."""
+
+    net: nn.Module
+    state: QState
+    config: QuantConfig
+    shared: tuple[Group, ...]
+    glue: list[str]
+    attention: dict[str, str]
+
+    def quantized(self) -> nn.Module:
+        """A copy of ``net`` with ``state`` applied and each shared grid on one quantizer (what reconstruction
+        learns)."""
+        q = apply_qstate(copy.deepcopy(self.net), self.state)
+        tie_quantizers(q, self.shared)
+        return q
+
+
+def calibrate_network(params: Params, den: Denoiser, codes: IntegerCodes, forward_all: ForwardAll,
+                      run_once: Callable[[nn.Module], object]) -> Calibration:
+    """The product's calibration recipe (without reconstruction) for ``den``'s network under ``params`` with the
+    integer ``codes``. On a copy of the network (``den`` and its other components, autoencoder and encoders, are
+    left as they are): attention's matmuls (quant.attention), then the glue sites (quant.glue), in the export
+    loader's order; the QuantConfig; the quantizers that read one tensor (quant.share_grids, found in ``run_once``,
+    one forward pass of the network it is given); every quantizer fitted over ``forward_all`` (the calibration set,
+    see :func:`~pqd.core.quantize.fit_qstate`), then the shared grids agreed."""
+    work = dataclasses.replace(den, unet=copy.deepcopy(den.unet))
+    attention = install_attention(params, work)
+    glue = install_glue(params, work)
+    cfg = quant_config(params, work, attention, codes)
+    shared = shared_groups(params, work, cfg, run_once)
+    state, shared = share_qparams(fit_qstate(work.unet, forward_all, cfg), shared)
+    return Calibration(work.unet, state, cfg, shared, glue, attention)
 
 
 def recon_config(params: Params) -> ReconConfig:

@@ -11,7 +11,7 @@ Writes the quantizer state, the time-group thresholds, per-layer errors and the 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -22,14 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pqd.core.affine import dequantize
-from pqd.core.quantize import apply_qstate, fit_qstate, qstate_of
-from pqd.core.sharing import share_qparams, tie_quantizers
+from pqd.core.quantize import qstate_of, weight_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quantizable_layers
-from pqd.core.quantize import weight_layers
 from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
-from pqd.diffusion.qconfig import install_attention, install_glue, quant_config, recon_config, shared_groups
+from pqd.diffusion.qconfig import calibrate_network, recon_config
 from pqd.diffusion.sampling import checked_predict
 from pqd.errors import InputError, NumericalError
 from pqd.formats import qstate as qcodec
@@ -70,10 +68,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     if den.conditional != (data.cond is not None):
         raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
-    attention = install_attention(params, den)  # quant.attention: replaceable attention matmuls
-    glue = install_glue(params, den)  # quant.glue: sites between the integer kernels
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
-    cfg = quant_config(params, den, attention, codes)
 
     def fetch(i: int) -> Batch:
         """Calibration batch i, read from the shards on disk (never the whole set in memory)."""
@@ -89,13 +84,12 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
     t0 = time.perf_counter()
-    shared = shared_groups(params, den, cfg, lambda m: den.call(m, *fetch(0)))  # quant.share_grids
-    state, shared = share_qparams(fit_qstate(den.unet, forward_all, cfg), shared)
+    fit = calibrate_network(params, den, codes, forward_all, lambda m: den.call(m, *fetch(0)))
     t_fit = time.perf_counter() - t0
-    qden = copy.deepcopy(den)
-    qden.time_groups = groups
-    apply_qstate(qden.unet, state)
-    tie_quantizers(qden.unet, shared)  # reconstruction learns each shared grid once
+    # the float reference from here on: the network as calibration observed it (attention matmuls, glue sites)
+    den = dataclasses.replace(den, unet=fit.net)
+    qden = dataclasses.replace(den, unet=fit.quantized(), time_groups=groups)
+    state, cfg, attention, glue, shared = fit.state, fit.config, fit.attention, fit.glue, fit.shared
     recon_log: list[dict[str, Any]] = []
     if c.reconstruct:
         t0 = time.perf_counter()
