@@ -4,7 +4,8 @@ The light half of the adapter layer: what the model stage needs to snapshot and 
 without the quantization core (the Denoiser that the later stages work with is :mod:`pqd.diffusion.adapter`).
 
 A pipeline's denoiser is its ``unet`` (UNet2DModel, UNet2DConditionModel) or its ``transformer``
-(DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel): the *component* that gets quantized.
+(DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel): the *component* that gets quantized
+(that table, and which component folder holds the denoiser, are the folder layout: :mod:`pqd.formats.pipefolder`).
 """
 
 from __future__ import annotations
