@@ -7,7 +7,7 @@
 """
 
 from pqd.deploy import load_ort_denoiser
-from pqd.formats.export import load_pipeline
+from pqd.diffusion.quantized import load_pipeline
 from pqd.ops.serving import Sampler
 from pqd.ops.tracking import load_sampler
 

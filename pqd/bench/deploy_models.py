@@ -38,7 +38,8 @@ from pqd.diffusion.demo import train_demo_pipeline
 from pqd.diffusion.glue import glue_sites
 from pqd.diffusion.qconfig import calibrate_network
 from pqd.diffusion.sampling import make_scheduler, sample
-from pqd.formats.export import load_quantized_unet, quantized_weights_file, write_export
+from pqd.diffusion.quantized import load_quantized_unet
+from pqd.formats.export import quantized_weights_file, write_export
 from pqd.params import IntegerCodes, Params, params_from_dict
 from pqd.params.sections import GLUE_KINDS
 from pqd.stages.generate import guidance_scale, prompt_rows

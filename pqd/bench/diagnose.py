@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from pqd.diffusion.adapter import load_denoiser
 from pqd.formats import qstate as qcodec
-from pqd.formats.export import load_denoiser_from_export
+from pqd.diffusion.quantized import load_denoiser_from_export
 from pqd.formats.files import load_tensors
 
 PER_STEP_SEEDS = 16  # calibration trajectories whose every step is measured (the first shards')

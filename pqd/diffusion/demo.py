@@ -29,12 +29,13 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
+from pqd.formats.pipefolder import FEATURES_DIR  # the demo model folder's feature network (evaluate.features)
+
 DEFAULT_CHANNELS = (32, 64, 64)
 DIT_HEAD_DIM = 32  # the demo DiT's attention head width: model.dit_width / 32 heads
 NUM_CLASSES = 10
 LABEL_DROP = 0.1  # share of training labels replaced by the null class (DiT's classifier-free guidance training)
 NUM_TRAIN_TIMESTEPS = 1000
-FEATURES_DIR = "fid_features"  # inside the demo's model folder: the digit feature network (evaluate.features)
 DIGITS16_HUE_SEED = 0  # the stroke colours of demo:digits16 are part of the data set, not of a model's seed
 
 

@@ -4,7 +4,8 @@ The light half of the adapter layer: what the model stage needs to snapshot and 
 without the quantization core (the Denoiser that the later stages work with is :mod:`pqd.diffusion.adapter`).
 
 A pipeline's denoiser is its ``unet`` (UNet2DModel, UNet2DConditionModel) or its ``transformer``
-(DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel): the *component* that gets quantized.
+(DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel): the *component* that gets quantized
+(that table, and which component folder holds the denoiser, are the folder layout: :mod:`pqd.formats.pipefolder`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,9 @@ import torch
 import torch.nn as nn
 
 from pqd.errors import ModelFolderError
+from pqd.formats.pipefolder import DENOISER_CLASSES, SUPPORTED, denoiser_component
 
-# the pipeline component holding the denoiser, and the diffusers classes supported in it
-DENOISER_CLASSES: dict[str, tuple[str, ...]] = {
-    "unet": ("UNet2DModel", "UNet2DConditionModel"),
-    "transformer": ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel"),
-}
 UNET_CLASSES = DENOISER_CLASSES["unet"]
-SUPPORTED = tuple(c for classes in DENOISER_CLASSES.values() for c in classes)
 # pipeline attributes holding the autoencoder of a latent pipeline (LDMPipeline: vqvae; StableDiffusion: vae)
 DECODER_ATTRS = ("vqvae", "vae")
 # the text encoders (and their tokenizers) each text-conditioned denoiser class needs in its pipeline
@@ -33,16 +29,6 @@ TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
     "PixArtTransformer2DModel": ("text_encoder", "tokenizer"),
     "SD3Transformer2DModel": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
 }
-
-
-def denoiser_component(folder: str | Path) -> str:
-    """The component folder of a pipeline folder's denoiser: ``unet`` or ``transformer`` (from model_index.json)."""
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    found = [c for c in DENOISER_CLASSES if c in index and index[c] and index[c][0] is not None]
-    if not found:
-        raise ModelFolderError(f"model folder {folder} has neither a unet nor a transformer component: expected a "
-                               f"pipeline whose denoiser is one of {', '.join(SUPPORTED)}")
-    return found[0]
 
 
 def check_pipeline_folder(folder: str | Path) -> Path:

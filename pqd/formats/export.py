@@ -1,4 +1,4 @@
-"""The export folder: a pipeline folder whose denoiser is quantized, sealed by a manifest, and its loader.
+"""The export folder: a pipeline folder whose denoiser is quantized, sealed by a manifest.
 
 Layout (format_version 1); ``<d>`` is the denoiser's component, ``unet`` or ``transformer``::
 
@@ -12,8 +12,8 @@ Layout (format_version 1); ``<d>`` is the denoiser's component, ``unet`` or ``tr
                                        weights), see pqd.deploy; absent when not exported
     manifest.json                      sha256 of every other file, source model hash, params, git commit
 
-``load_quantized_unet`` rebuilds the quantized denoiser from the folder alone, refusing any file whose
-hash disagrees with the manifest.
+The loaders (the quantized network, a Denoiser, the diffusers pipeline) are in :mod:`pqd.diffusion.quantized`;
+they rebuild the quantized denoiser from the folder alone, refusing any file whose hash disagrees with the manifest.
 """
 
 from __future__ import annotations
@@ -25,19 +25,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pqd.core.quantize import apply_qstate, QState
-from pqd.core.timegroups import set_time_group, TimeGroups
-from pqd.core.quantize import MatMulQParams, SiteQParams, weight_layers
-from pqd.diffusion.adapter import Denoiser, load_denoiser
-from pqd.diffusion.attention import use_matmul_attention
-from pqd.diffusion.glue import install_sites
-from pqd.diffusion.demo import FEATURES_DIR
-from pqd.diffusion.pipeline import denoiser_component, denoiser_from_config
-from pqd.diffusion.pipeline import load_pipeline as load_pipeline_folder
+from pqd.core.quantize import QState
+from pqd.core.timegroups import TimeGroups
+from pqd.core.quantize import weight_layers
 from pqd.errors import ArtifactError
 from pqd.formats import qstate as qcodec
 from pqd.formats.files import read_json, write_json
 from pqd.formats.lineage import hash_tree, sha256_file
+from pqd.formats.pipefolder import FEATURES_DIR, denoiser_component
 
 FORMAT_VERSION = qcodec.FORMAT_VERSION
 QWEIGHTS = "unet/quantized.safetensors"  # a UNet's; see quantized_weights_file
@@ -102,67 +97,3 @@ def verify_manifest(export_dir: Path) -> dict[str, Any]:
 
 def time_groups_of(export_dir: Path) -> TimeGroups:
     return qcodec.time_groups(qcodec.read_qmap(export_dir))
-
-
-def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: bool = True) -> nn.Module:
-    """Rebuild the quantized denoiser (UNet or transformer) from an export folder alone (float32 compute,
-    integer weights).
-
-    Time-aware activation parameters come with it; select the group with ``set_time_group`` or sample
-    through :func:`load_denoiser_from_export`, which does it from the timestep."""
-    export_dir = Path(export_dir)
-    if verify:
-        verify_manifest(export_dir)
-    component = denoiser_component(export_dir)
-    weights = f"{component}/{QUANTIZED}"
-    state, _, floats, _ = qcodec.read(export_dir, weights)
-    unet = denoiser_from_config(read_json(export_dir / component / "config.json"))
-    missing, unexpected = unet.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
-                                                for k, v in floats.items()}, strict=False)
-    expected_missing = {f"{n}.weight" for n in weight_layers(state)}
-    if unexpected or set(missing) != expected_missing:
-        extra = sorted(set(missing) - expected_missing)[:1] or sorted(unexpected)[:1]
-        raise ArtifactError(f"{export_dir}/{weights}: tensors do not match the {component} config (first mismatch: "
-                            f"{extra})")
-    if any(isinstance(lp, MatMulQParams) for lp in state.values()):  # quantized attention matmuls
-        use_matmul_attention(unet)
-    install_sites(unet, [n for n, lp in state.items() if isinstance(lp, SiteQParams)])  # quant.glue
-    apply_qstate(unet, state)
-    return unet.to(device).eval().requires_grad_(False)
-
-
-def load_denoiser_from_export(export_dir: str | Path, device: str = "cpu") -> Denoiser:
-    """A Denoiser around the quantized network, with every other pipeline component (scheduler config, and the
-    float autoencoder / text encoders of latent and text models) loaded from the export folder."""
-    export_dir = Path(export_dir)
-    den = load_denoiser(export_dir, device, unet=load_quantized_unet(export_dir, device))
-    den.time_groups = time_groups_of(export_dir)
-    return den
-
-
-def select_group_by_timestep(unet: nn.Module, groups: TimeGroups) -> None:
-    """Make ``unet(sample, timestep, ...)`` pick the time group's activation parameters from the timestep itself,
-    so code that knows nothing about time groups (a diffusers pipeline's ``__call__``) samples correctly."""
-    if groups.count == 1:
-        return
-
-    def pick(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        present = groups.group_of(torch.as_tensor(t).detach().float().cpu()).unique()
-        if len(present) != 1:
-            raise ValueError(f"a batch with timesteps from {len(present)} time groups: call the UNet once per group "
-                             "(pqd's Denoiser.predict splits such batches)")
-        set_time_group(module, int(present[0]))
-
-    unet.register_forward_pre_hook(pick, with_kwargs=True)
-
-
-def load_pipeline(export_dir: str | Path, device: str = "cpu"):
-    """The export as a diffusers ``DiffusionPipeline`` whose UNet (transformer) is the quantized one: ``pipe(...)``
-    samples with the calibrated integer weights and time-aware activation parameters. Every file is verified
-    first. (A pixel-space DiT pipeline, like the DiT demo's, has no autoencoder: its own ``__call__`` cannot
-    decode; sample it with :class:`pqd.ops.serving.Sampler`.)"""
-    export_dir = Path(export_dir)
-    unet = load_quantized_unet(export_dir, device)
-    select_group_by_timestep(unet, time_groups_of(export_dir))
-    return load_pipeline_folder(export_dir, device, unet)

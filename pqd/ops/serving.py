@@ -17,7 +17,7 @@ from pqd import deploy
 from pqd.diffusion.adapter import Conditioning, Denoiser
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
 from pqd.errors import ParamError
-from pqd.formats.export import load_denoiser_from_export
+from pqd.diffusion.quantized import load_denoiser_from_export
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pqd.errors import NumericalError
 from pqd.eval import fid
 from pqd.eval.bootstrap import paired_intervals, stats
 from pqd.eval.metrics import per_image_mse, psnr
-from pqd.formats.export import load_denoiser_from_export
+from pqd.diffusion.quantized import load_denoiser_from_export
 from pqd.formats.files import atomic_dir, load_tensors, read_json
 from pqd.formats.images import side_by_side
 from pqd.formats.metrics import EvalProtocol, EvaluateMetrics

@@ -22,8 +22,8 @@ from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.pipeline import denoiser_component
 from pqd.diffusion.sampling import initial_noise
 from pqd.formats import qstate as qcodec
-from pqd.formats.export import (load_denoiser_from_export, load_quantized_unet, quantized_weights_file, write_export,
-                                write_manifest)
+from pqd.diffusion.quantized import load_denoiser_from_export, load_quantized_unet
+from pqd.formats.export import quantized_weights_file, write_export, write_manifest
 from pqd.formats.files import atomic_dir, read_json
 from pqd.formats.lineage import git_commit
 from pqd.formats.metrics import ExportMetrics, OnnxGroupCheck

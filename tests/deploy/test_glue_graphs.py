@@ -9,7 +9,8 @@ from pqd.core.quantize import SiteQParams, qstate_of
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.glue import GLUE_KINDS, glue_sites, install_sites
-from pqd.formats.export import load_quantized_unet, write_export, write_manifest
+from pqd.diffusion.quantized import load_quantized_unet
+from pqd.formats.export import write_export, write_manifest
 from support.models import fit_two_groups, fp_simulated_deployed
 
 GROUPS = TimeGroups((50.0,))

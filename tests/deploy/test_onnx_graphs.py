@@ -9,7 +9,8 @@ import torch
 
 from pqd import deploy
 from pqd.api import load_pipeline
-from pqd.formats.export import load_denoiser_from_export, load_quantized_unet, write_export, write_manifest
+from pqd.diffusion.quantized import load_denoiser_from_export, load_quantized_unet
+from pqd.formats.export import write_export, write_manifest
 from pqd.core.modules import quant_layers
 from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
 from pqd.core.timegroups import TimeGroups

@@ -7,7 +7,8 @@ def test_export_keeps_time_groups_and_switches_by_timestep(tmp_path, tiny_pipeli
     """Fit 2 time groups, export, load: the deployed UNet picks the group from the timestep."""
     import copy
 
-    from pqd.formats.export import load_denoiser_from_export, write_export, write_manifest
+    from pqd.diffusion.quantized import load_denoiser_from_export
+    from pqd.formats.export import write_export, write_manifest
     from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
     from pqd.core.timegroups import set_time_group, TimeGroups
     from pqd.diffusion.adapter import load_denoiser

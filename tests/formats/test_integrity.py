@@ -14,7 +14,7 @@ import pytest
 
 from support.projects import ROOT, reproduced_project
 from pqd.errors import ArtifactError
-from pqd.formats.export import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_unet
 from pqd.diffusion.pipeline import ModelFolderError, load_pipeline
 from pqd.formats.lineage import sha256_file
 from pqd.formats import qstate as qcodec

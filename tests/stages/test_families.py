@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from support.projects import CODE_BITS_8, run_stage_mains, small_params, write_params
-from pqd.formats.export import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_unet
 from pqd.formats.calibset import CalibSet
 from pqd.core.modules import quant_layers
 from pqd.stages import generate, model

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from support.projects import CODE_BITS_8, small_params, write_params
 from pqd.params import params_from_dict
 from pqd.formats import qstate as qcodec
-from pqd.formats.export import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_unet
 from pqd.core.modules import quant_layers
 from pqd.stages import calibrate, evaluate, export, generate, model, select
 

@@ -20,7 +20,7 @@ from pqd import deploy
 from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import QuantConfig, fit_qstate
 from pqd.diffusion.configs import CIFAR10_DDPM_UNET
-from pqd.formats.export import load_denoiser_from_export
+from pqd.diffusion.quantized import load_denoiser_from_export
 
 
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
