@@ -7,7 +7,9 @@ import sys
 import time
 
 import pytest
+import torch
 
+from pqd.stages import model
 from support.projects import write_params
 
 
@@ -52,12 +54,18 @@ def test_local_pipeline_is_snapshotted(tmp_path, tiny_pipeline):
     assert (tmp_path / "model" / "model.json").is_file()
 
 
-def test_digits16_demo_is_trained_as_a_16x16_rgb_ddim_pipeline(tmp_path):
+def test_digits16_demo_is_trained_as_a_16x16_rgb_ddim_pipeline_the_same_bytes_twice(tmp_path):
     params = write_params(tmp_path, {"model": {"source": "demo:digits16", "train_steps": 3, "batch_size": 8,
                                                "channels": [16, 32], "feature_epochs": 1}})
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this process's torch threads
     r = subprocess.run([sys.executable, "-m", "pqd.stages.model", "--params", str(params), "--out", str(tmp_path / "model"),
-                        "--metrics", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=300)
+                        "--metrics", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
+    # trained again (in this process): the same weights and digit features, bit for bit
+    assert model.main(["--params", str(params), "--out", str(tmp_path / "again"), "--metrics", str(tmp_path / "a.json")]) == 0
+    weights = lambda folder: {p.relative_to(folder).as_posix(): p.read_bytes()  # noqa: E731
+                              for p in folder.rglob("*.safetensors")}
+    assert len(weights(tmp_path / "model")) == 2 and weights(tmp_path / "again") == weights(tmp_path / "model")
     index = json.loads((tmp_path / "model/model_index.json").read_text())
     unet = json.loads((tmp_path / "model/unet/config.json").read_text())
     assert index["_class_name"] == "DDIMPipeline" and index["scheduler"][1] == "DDIMScheduler"
