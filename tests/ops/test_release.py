@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from support.projects import BIN, active_runs, clone, db_rows, ops_env, reproduced_project, sh
+from support.projects import (BIN, active_runs, clone, db_rows, ops_env, reproduced_project,
+                              run_stages_in_process)
 from pqd.ops import release, tracking
 from pqd.ops.result import bits_label, model_slug
 from pqd.formats.metrics import EvalProtocol, EvaluateMetrics, Interval
@@ -208,7 +209,7 @@ def test_uncommitted_pipeline_state_is_refused_unless_allowed_and_then_stated(pr
     --allow-uncommitted registers it, and the tags and the model card say so."""
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("grid_size: 9", "grid_size: 4"))
-    sh([str(BIN / "dvc"), "repro", "-q"], project)
+    run_stages_in_process(project, ("evaluate",))  # as `dvc repro` would: the stage, then dvc.lock
     rc, out, err = cli(capsys, project, "register")
     assert rc == 1 and len(err.splitlines()) == 1
     assert "committed:" in err and "commit dvc.lock" in err

@@ -22,7 +22,7 @@ def servers():
     t = team.Team(str(folder / "team"), str(folder / "artifacts"), str(team.find_pg_bin()), free_port(), free_port(),
                   free_port())
     loop = os.environ.get("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS")
-    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"  # scheduled runs within seconds, not a minute
+    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "1"  # scheduled runs within seconds, not a minute
     try:
         pids = team.up(t)
         yield t, pids
@@ -80,7 +80,7 @@ def test_a_tracked_result_and_a_release_land_in_postgres(servers, project):
 def test_a_scheduled_flow_run_against_the_team_prefect_server(servers, project, tmp_path):
     t, _ = servers
     env = ops_env(PREFECT_API_URL=t.prefect_api, PREFECT_HOME=str(tmp_path / "prefect"),
-                  MLFLOW_TRACKING_URI=t.mlflow_uri, PREFECT_RUNNER_POLL_FREQUENCY="5")
+                  MLFLOW_TRACKING_URI=t.mlflow_uri, PREFECT_RUNNER_POLL_FREQUENCY="1")
     def stored(run: dict) -> None:  # in PostgreSQL, read while the runner serves (see served_benchmark_run)
         assert pg_rows(t, "prefect", "SELECT state_type FROM flow_run WHERE id = %s", run["id"]) == [("COMPLETED",)]
 
