@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import yaml
 
+from pqd.errors import command
 from pqd.formats.lineage import dvc_dir_md5, git_commit
 from pqd.params import ParallelParams, apply_overrides
 from pqd.stages.parallel import ModelRef, Worker, map_ranges, open_pool
@@ -145,6 +146,7 @@ def _md(rows: list[dict[str, Any]]) -> str:
                      + ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows])
 
 
+@command("bench-parallel")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.bench.parallel", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/bench/parallel.md")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pqd.errors import InputError, PqdError, one_line
+from pqd.errors import InputError, PqdError, command
 from pqd.formats.lineage import dvc_dir_md5, md5_file
 
 BIN = Path(sys.executable).parent
@@ -126,6 +126,7 @@ def check_pulled(dest: Path, tags: dict[str, str]) -> tuple[bool, str]:
     return True, f"{len(recorded)} outputs pulled from {tags.get(REMOTE_TAG)} match the release's hashes"
 
 
+@command("pqd remote")
 def main(argv: list[str] | None = None) -> int:
     """``python -m pqd.ops.remote set <url> | push | pull | show [--root DIR]``."""
     ap = argparse.ArgumentParser(prog="python -m pqd.ops.remote", description=__doc__.splitlines()[0])
@@ -135,26 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=DEFAULT_NAME)
     args = ap.parse_args(argv)
     root = Path(args.root)
-    try:
-        if args.command == "set":
-            if not args.url:
-                raise InputError("make remote: REMOTE is empty: expected a local path or s3://bucket/path")
-            r = set_remote(root, args.url, args.name)
-            print(f"pqd remote: default remote {r.name} = {r.url} (in .dvc/config: commit it to share it)")
-            return 0
-        remote = default_remote(root)
-        if remote is None:
-            raise InputError("this project has no default DVC remote: run make remote REMOTE=<path or s3://...> first")
-        if args.command == "show":
-            print(f"pqd remote: {remote.name} = {remote.url}")
-            return 0
-        out = _dvc(root, [args.command, "--run-cache"], f"make {args.command}")
-        print(out.strip().splitlines()[-1] if out.strip() else f"{args.command}: nothing to do")
-        print(f"pqd remote: {args.command} {'to' if args.command == 'push' else 'from'} {remote.name} ({remote.url}) done")
+    if args.command == "set":
+        if not args.url:
+            raise InputError("make remote: REMOTE is empty: expected a local path or s3://bucket/path")
+        r = set_remote(root, args.url, args.name)
+        print(f"pqd remote: default remote {r.name} = {r.url} (in .dvc/config: commit it to share it)")
         return 0
-    except PqdError as e:
-        print(f"pqd remote: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    remote = default_remote(root)
+    if remote is None:
+        raise InputError("this project has no default DVC remote: run make remote REMOTE=<path or s3://...> first")
+    if args.command == "show":
+        print(f"pqd remote: {remote.name} = {remote.url}")
+        return 0
+    out = _dvc(root, [args.command, "--run-cache"], f"make {args.command}")
+    print(out.strip().splitlines()[-1] if out.strip() else f"{args.command}: nothing to do")
+    print(f"pqd remote: {args.command} {'to' if args.command == 'push' else 'from'} {remote.name} ({remote.url}) done")
+    return 0
 
 
 if __name__ == "__main__":

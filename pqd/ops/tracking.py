@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 import urllib.error
@@ -35,7 +34,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
-from pqd.errors import PqdError, TrackingError, one_line
+from pqd.errors import PqdError, TrackingError, command
 from pqd.formats.lineage import canonical_json, sha256_text
 from pqd.ops.result import (BENCH_DIR, fingerprint, flat_metrics, flat_params, lineage_tags, model_slug,
                              read_result)
@@ -349,6 +348,7 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+@command("pqd tracking", ERRORS)
 def main(argv: list[str] | None = None) -> int:
     """``python -m pqd.ops.tracking track``: log the current result as one MLflow run (idempotent)."""
     ap = argparse.ArgumentParser(prog="python -m pqd.ops.tracking")
@@ -357,11 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     args = ap.parse_args(argv)
     quiet_mlflow()
-    try:
-        run = track(args.root, args.experiment)
-    except ERRORS as e:
-        print(f"pqd tracking: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    run = track(args.root, args.experiment)
     state = "new run" if run.created else "already tracked, run reused"
     print(f"pqd tracking: {state} {run.run_id} ({run.name}) in experiment {args.experiment!r} at {run.uri}")
     return 0

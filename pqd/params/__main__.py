@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pqd.errors import ParamError
+from pqd.errors import ParamError, command
 from pqd.params.load import check_paths, load_params
 
 
@@ -24,14 +24,11 @@ def pipeline_outputs(dvc_yaml: Path) -> tuple[str, ...]:
     return tuple(outs)
 
 
+@command("pqd", (ParamError,))
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0] if argv else "params.yaml")
-    try:
-        check_paths(load_params(path), pipeline_outputs(path.parent / "dvc.yaml"))
-    except ParamError as e:
-        print(f"pqd: error: {e}", file=sys.stderr)
-        return 2
+    check_paths(load_params(path), pipeline_outputs(path.parent / "dvc.yaml"))
     print(f"pqd: {path} is valid")
     return 0
 
