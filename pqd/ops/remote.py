@@ -10,9 +10,6 @@ makes ``dvc repro`` a no-op and another machine's sweep restores stages instead 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +18,8 @@ import yaml
 
 from pqd.errors import InputError, PqdError, command
 from pqd.formats.lineage import dvc_dir_md5, md5_file
+from pqd.formats.repo import DvcError, GitError, clone, dvc
 
-BIN = Path(sys.executable).parent
 REMOTE_TAG, REMOTE_NAME_TAG, OUT_TAG = "dvc.remote", "dvc.remote.name", "dvc.out."
 DEFAULT_NAME = "storage"
 
@@ -38,15 +35,11 @@ class Remote:
 
 
 def _dvc(root: Path, args: list[str], what: str) -> str:
-    """``dvc <args>`` in ``root``; a RemoteError with dvc's last error line when it fails."""
-    dvc = str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-    r = subprocess.run([dvc, *args], cwd=root, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()] or [f"exit status {r.returncode}"]
-        errors = [ln for ln in lines if "error" in ln.lower()] or lines
-        raise RemoteError(f"{what}: dvc {' '.join(args)} failed: {errors[-1].strip()}")
-    return r.stdout
+    """``dvc <args>`` in ``root``, what it printed; a RemoteError with dvc's last error line when it fails."""
+    try:
+        return dvc(root, args).output
+    except DvcError as e:
+        raise RemoteError(f"{what}: {e}") from None
 
 
 def default_remote(root: str | Path) -> Remote | None:
@@ -105,10 +98,10 @@ def output_md5(path: Path) -> str | None:
 def pull_release(root: Path, commit: str, url: str, dest: Path) -> Path:
     """A clone of ``root`` at ``commit`` in ``dest`` whose cached outputs are pulled from the remote at ``url``
     into the clone's own empty cache, so every byte checked comes from the remote."""
-    for args in (["clone", "-q", "--no-checkout", str(root), str(dest)], ["-C", str(dest), "checkout", "-q", commit]):
-        r = subprocess.run(["git", *args], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RemoteError(f"git {args[0]} for the audit failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    try:
+        clone(root, dest, commit)
+    except GitError as e:
+        raise RemoteError(f"the audit's clone of {root} at {commit}: {e}") from None
     _dvc(dest, ["remote", "add", "--local", "--default", "--force", "pqd-audit", url], "pqd audit")
     _dvc(dest, ["pull", "--force"], f"pull from {url}")
     return dest
