@@ -1,4 +1,4 @@
-"""Bootstrap intervals over samples: resample images, recompute the features' statistics and the FIDs. Pure numpy.
+"""Bootstrap intervals over samples: resample images, recompute the features' statistics and the FIDs.
 
 The quantized and FP images of one evaluation share their seeds, so they are resampled together (one draw of
 seed indices per resample, used for both sets): the intervals of FID(quantized, FP), of ΔFID = FID(quantized,
@@ -12,9 +12,8 @@ the intervals of the FIDs (vs the reference, and quantized vs FP) sit above thei
 bias, which makes their upper bounds conservative. ΔFID (a difference of two FIDs that share the resampling) and
 the mean PSNR (a mean) carry no such shift.
 
-The Fréchet distance here is computed from eigenvalues instead of a matrix square root:
-tr sqrt(S1 S2) = sum of sqrt(eigenvalues of R S1 R) with R the symmetric square root of S2, so a side that
-stays fixed is decomposed once. It equals clean-fid's ``frechet_distance`` (tests/eval/test_bootstrap.py).
+:func:`frechet` is the product's one Fréchet distance, clean-fid's ``frechet_distance``: the point values of the
+evaluate stage and every resample here use it.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from cleanfid.fid import frechet_distance
 from threadpoolctl import threadpool_limits
 
 from pqd.formats.metrics import Interval
@@ -39,24 +39,10 @@ def stats(feats: np.ndarray) -> Stats:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def sqrt_psd(s: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric positive semi-definite matrix [D, D] (negative rounding noise in its
-    eigenvalues is clipped to 0)."""
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def _frechet(a: Stats, b: Stats, b_sqrt: np.ndarray) -> float:
-    """Fréchet distance between Gaussians a and b, given the symmetric square root of b's covariance."""
-    m = b_sqrt @ a[1] @ b_sqrt
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    diff = a[0] - b[0]
-    return float(diff @ diff + np.trace(a[1]) + np.trace(b[1]) - 2 * tr_covmean)
-
-
 def frechet(a: Stats, b: Stats) -> float:
-    """Fréchet distance between two (mean, covariance) pairs: ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2)."""
-    return _frechet(a, b, sqrt_psd(b[1]))
+    """Fréchet distance between two (mean, covariance) pairs: ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2)
+    (clean-fid's ``frechet_distance``: a matrix square root of S_a S_b)."""
+    return float(frechet_distance(a[0], a[1], b[0], b[1]))
 
 
 def percentile_interval(values: np.ndarray, confidence: float) -> Interval:
@@ -97,10 +83,9 @@ def paired_intervals(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.nda
     out = np.empty((resamples, 5))
     rows = resample_indices(len(quant), resamples, seed)
     with threadpool_limits(1 if quant.shape[1] <= ONE_THREAD_MAX_DIM else None, user_api="blas"):
-        ref_sqrt = sqrt_psd(ref[1])
         for b in progress(range(resamples)) if progress else range(resamples):
             idx = rows[b]
             q, f = stats(quant[idx]), stats(fp[idx])
-            fid_q, fid_f = _frechet(q, ref, ref_sqrt), _frechet(f, ref, ref_sqrt)
+            fid_q, fid_f = frechet(q, ref), frechet(f, ref)
             out[b] = (fid_q, fid_f, fid_q - fid_f, frechet(q, f), psnr[idx].mean())
     return PairedIntervals(*(percentile_interval(out[:, k], confidence) for k in range(5)))

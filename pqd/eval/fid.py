@@ -149,11 +149,6 @@ def folder_features(folder: str | Path, ex: Extractor, batch_size: int = 256, de
     return np.asarray(feats, dtype=np.float64)
 
 
-def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
-    """Frechet distance between two (mu, sigma) pairs (clean-fid's implementation)."""
-    return float(cfid.frechet_distance(a[0], a[1], b[0], b[1]))
-
-
 def write_demo_reference(folder: str | Path, source: str = "demo:digits") -> int:
     """Write the reference images of demo ``source`` as PNGs into ``folder`` (the 1,797 sklearn digits: 8x8
     grayscale for 'demo:digits', 16x16 RGB for 'demo:digits16'); returns the count."""
