@@ -30,7 +30,7 @@ from cleanfid.resize import make_resizer
 from PIL import Image
 from safetensors.torch import load_file
 
-from pqd.diffusion.demo import FEATURES_DIR, DigitNet, reference_uint8
+from pqd.diffusion.digits import FEATURES_DIR, DigitNet, reference_uint8
 from pqd.errors import FeatureError
 from pqd.eval.bootstrap import stats
 from pqd.params import DEMO_SOURCES
@@ -55,7 +55,7 @@ def _digit_extractor(model_dir: Path) -> Extractor:
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         # the channel mean: a gray image read as RGB has three equal channels; a demo:digits16 image's channel
-        # mean is its gray digit (pqd.diffusion.demo.digits16_tensor)
+        # mean is its gray digit (pqd.diffusion.digits.digits16_tensor)
         gray = x.float().mean(dim=1, keepdim=True) / 255.0  # [B, 1, 8, 8] in [0, 1]
         with torch.no_grad():
             return net.features(gray * 2 - 1)

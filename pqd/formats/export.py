@@ -31,7 +31,7 @@ from pqd.core.quantize import MatMulQParams, SiteQParams, weight_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.glue import install_sites
-from pqd.diffusion.demo import FEATURES_DIR
+from pqd.diffusion.digits import FEATURES_DIR
 from pqd.diffusion.pipeline import denoiser_component, denoiser_from_config
 from pqd.diffusion.pipeline import load_pipeline as load_pipeline_folder
 from pqd.errors import ArtifactError

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pqd.diffusion import demo
+from pqd.diffusion import demo, digits
 from pqd.diffusion.pipeline import (check_pipeline_folder, check_supported, denoiser_component, denoiser_of,
                                    load_pipeline)
 from pqd.errors import HubError
@@ -38,13 +38,13 @@ def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
     pipe.save_pretrained(out)
     # the FID features: the same 8x8 digits for both demos, seeded apart from the UNet (model.feature_seed), so
     # models of different model.seed are measured with the same features
-    images, labels = demo.load_digits_tensor()
+    images, labels = digits.load_digits_tensor()
     t0 = time.perf_counter()
     net, acc = demo.train_digit_net(images, labels, seed=mp.feature_seed, epochs=mp.feature_epochs)
     t_net = time.perf_counter() - t0
-    (out / demo.FEATURES_DIR).mkdir()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / demo.FEATURES_DIR / "model.safetensors")
-    (out / demo.FEATURES_DIR / "config.json").write_text(json.dumps(net.config(), indent=2) + "\n")
+    (out / digits.FEATURES_DIR).mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / digits.FEATURES_DIR / "model.safetensors")
+    (out / digits.FEATURES_DIR / "config.json").write_text(json.dumps(net.config(), indent=2) + "\n")
     return {"unet_train_seconds": round(t_unet, 2), "digitnet_train_seconds": round(t_net, 2),
             "digitnet_heldout_accuracy": round(acc, 4)}
 
