@@ -18,6 +18,8 @@ from pqd.formats.repo import GitError, git
 
 # files of a model folder that hold weights (hashed into the model's digest)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+# the model stage's record in its model folder: source, revision, per-file weight hashes and model_sha256
+MODEL_RECORD = "model.json"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from pqd.errors import PqdError, TrackingError, command
-from pqd.formats.lineage import canonical_json, sha256_text
+from pqd.formats.calibset import META
+from pqd.formats.export import MANIFEST
+from pqd.formats.lineage import MODEL_RECORD, canonical_json, sha256_text
 from pqd.ops.result import (BENCH_DIR, fingerprint, flat_metrics, flat_params, lineage_tags, model_slug,
                              read_result)
 from pqd.ops.serving import Sampler
@@ -174,7 +176,7 @@ def track(root: str | Path = ".", experiment: str = DEFAULT_EXPERIMENT, *, paren
             for f in sorted((r.root / BENCH_DIR).glob("*")):  # the table files, not each row's outputs
                 if f.is_file():
                     c.log_artifact(run_id, str(f), "bench")
-            for f in (r.root / "params.yaml", r.root / "dvc.lock", r.path("model", "out") / "model.json"):
+            for f in (r.root / "params.yaml", r.root / "dvc.lock", r.path("model", "out") / MODEL_RECORD):
                 if f.is_file():
                     c.log_artifact(run_id, str(f), "lineage")
         except BaseException:
@@ -260,7 +262,7 @@ def register_version(run: TrackedRun, root: str | Path, name: str, card: str, ta
             card_file = Path(td) / "model_card.md"
             card_file.write_text(card, encoding="utf-8")
             artifacts = {"export": str(r.export_dir), "model_card": str(card_file),
-                         "sampling": str(r.path("evaluate", "fp-samples") / "meta.json")}
+                         "sampling": str(r.path("evaluate", "fp-samples") / META)}
             pyfunc_log, level = logging.getLogger("mlflow.pyfunc"), logging.getLogger("mlflow.pyfunc").level
             pyfunc_log.setLevel(logging.ERROR)  # its advice against cloudpickle: PqdSampler is pickled by name
             try:
@@ -270,7 +272,7 @@ def register_version(run: TrackedRun, root: str | Path, name: str, card: str, ta
                 pyfunc_log.setLevel(level)
             c.log_artifacts(run.run_id, str(Path(td) / "model"), MODEL_ARTIFACT)
             c.log_artifact(run.run_id, str(card_file), "release")
-            c.log_artifact(run.run_id, str(r.export_dir / "manifest.json"), "release")
+            c.log_artifact(run.run_id, str(r.export_dir / MANIFEST), "release")
         summary = card if len(card) <= 4800 else card[:4800] + "\n\n(truncated: the full card is release/model_card.md)"
         mv = c.create_model_version(name, f"runs:/{run.run_id}/{MODEL_ARTIFACT}", run_id=run.run_id,
                                     tags={**tags, FINGERPRINT_TAG: run.fingerprint}, description=summary)

@@ -33,7 +33,8 @@ from pqd.errors import NumericalError
 from pqd.eval import fid
 from pqd.eval.bootstrap import frechet, paired_intervals, stats
 from pqd.eval.metrics import per_image_mse, psnr
-from pqd.formats.export import load_denoiser_from_export
+from pqd.formats.calibset import META
+from pqd.formats.export import MANIFEST, load_denoiser_from_export
 from pqd.formats.files import atomic_dir, load_tensors, read_json
 from pqd.formats.images import side_by_side
 from pqd.formats.metrics import EvalProtocol, EvaluateMetrics
@@ -66,12 +67,12 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     # everything that can fail fast is checked before sampling
     extractor = fid.build_extractor(ev.features, model, device)
     ref_stats, ref_desc, ref_n = fid.reference_stats(ev.reference, extractor, ev.batch_size, device)
-    proto = read_json(fp_samples / "meta.json")
+    proto = read_json(fp_samples / META)
     fp = load_tensors(fp_samples / "a.safetensors")
     seeds = [int(s) for s in fp["seeds"]]
     dens = quantized_models(str(export.resolve()), ev.backend, device)  # verifies every file of the export first
     qden = dens["simulated"]
-    manifest = read_json(export / "manifest.json")
+    manifest = read_json(export / MANIFEST)
     headline = "deployed" if ev.backend == "onnxruntime" else "simulated"
     cond = None
     if proto.get("conditioning"):  # the FP samples' prompts (encoded by the export's own float text encoders) or classes

@@ -23,7 +23,7 @@ from pqd.diffusion.pipeline import (check_pipeline_folder, check_supported, deno
                                    load_pipeline)
 from pqd.errors import HubError
 from pqd.formats.files import atomic_dir, write_json
-from pqd.formats.lineage import model_digest, weight_hashes
+from pqd.formats.lineage import MODEL_RECORD, model_digest, weight_hashes
 from pqd.formats.metrics import ModelMetrics
 from pqd.params import DEMO_SOURCES, ModelParams, Params
 from pqd.stages._cli import stage_main
@@ -98,7 +98,7 @@ def run(params: Params, out: Path) -> ModelMetrics:
         digest = model_digest(weights)
         # wall-clock timings go to the metrics only: model.json must be the same on every rerun
         facts = {k: v for k, v in info.items() if not k.endswith("_seconds")}
-        write_json(tmp / "model.json", {"source": src, "revision": mp.revision if local is None and src not in DEMO_SOURCES else None,
+        write_json(tmp / MODEL_RECORD, {"source": src, "revision": mp.revision if local is None and src not in DEMO_SOURCES else None,
                                         "model_sha256": digest, "sha256": weights, **facts})
     return ModelMetrics(unet_parameters=n_params, unet_fp32_bytes=unet_bytes, **info)
 
