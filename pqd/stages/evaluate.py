@@ -39,6 +39,7 @@ from pqd.formats.files import atomic_dir, load_tensors, read_json
 from pqd.formats.images import side_by_side
 from pqd.formats.metrics import EvalProtocol, EvaluateMetrics
 from pqd.params import Params, resolve_device
+from pqd.params.machine import code_bits
 from pqd.stages._cli import stage_main
 from pqd.stages.parallel import SCRATCH, ModelRef, folder_stamp, open_pool, sample_sets
 
@@ -47,7 +48,7 @@ def weight_codes(manifest: dict[str, Any]) -> str:
     """The width of the export's weight codes and why, from its manifest (quant.reduce_range as resolved)."""
     bits = int(manifest["params"]["quant"]["weight_bits"])
     codes = manifest.get("integer_codes") or {}
-    stored = 7 if bits == 8 and codes.get("reduce_range") else bits
+    stored = code_bits(bits, bool(codes.get("reduce_range")))
     return f"{stored}-bit weight codes" + (f" ({codes['reason']})" if bits == 8 and codes.get("reason") else "")
 
 
