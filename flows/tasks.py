@@ -8,10 +8,6 @@ No task caches: dvc commands have side effects, and DVC already skips what is up
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,28 +15,16 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pqd.formats.repo import DvcOutcome, dvc
 from pqd.ops import release as pqd_release
 from pqd.ops import tracking
 from pqd.params import apply_overrides, params_from_dict
 
-BIN = Path(sys.executable).parent
 # thread settings a stage inherits: Dask workers set them to 1 for their own processes, so a stage run from a task
 # on a worker gets the flow's values instead (the same thread count as a serial run: the same floats)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 MLFLOW_RETRIES = 2  # a blip (a restarting server, a locked sqlite file); an outage fails fast, see pqd.ops.tracking
 MLFLOW_RETRY_DELAY_S = [1, 4]
-
-
-class DvcError(RuntimeError):
-    """A dvc command failed; the message is its last error line."""
-
-
-@dataclass(frozen=True)
-class DvcOutcome:
-    command: str
-    seconds: float
-    ran_stages: tuple[str, ...]  # stages dvc really ran (not skipped or restored from its run cache)
-    output: str  # what dvc printed (a progress bar's last state only)
 
 
 def thread_env() -> dict[str, str | None]:
@@ -52,27 +36,9 @@ def run_dvc(root: str | Path, args: list[str], log: Callable[[str], None] | None
             env_vars: dict[str, str | None] | None = None) -> DvcOutcome:
     """Run ``dvc <args>`` in ``root`` with this environment's executables first on PATH (stage commands
     call ``python``) and ``env_vars`` set (None: unset), passing each line it prints to ``log`` as it comes (a
-    progress bar's last state only); raise DvcError with dvc's last error line when it fails."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for k, v in (env_vars or {}).items():
-        env.pop(k, None) if v is None else env.__setitem__(k, v)
-    dvc = str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
-    t0 = time.perf_counter()
-    lines: list[str] = []
-    with subprocess.Popen([dvc, *args], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace") as proc:
-        for raw in proc.stdout:
-            line = raw.rstrip("\n").split("\r")[-1].rstrip()
-            if line:
-                lines.append(line)
-                if log is not None:
-                    log(line)
-    seconds = round(time.perf_counter() - t0, 2)
-    if proc.returncode != 0:
-        errors = [ln for ln in lines if "error" in ln.lower()] or lines or [f"exit status {proc.returncode}"]
-        raise DvcError(f"dvc {' '.join(args)} failed: {errors[-1].strip()}")
-    ran = tuple(ln.split("'")[1] for ln in lines if ln.startswith("Running stage '"))
-    return DvcOutcome(f"dvc {' '.join(args)}", seconds, ran, "\n".join(lines))
+    progress bar's last state only); raise DvcError with dvc's last error line when it fails
+    (:func:`pqd.formats.repo.dvc`)."""
+    return dvc(root, args, log, env_vars)
 
 
 @task(name="validate params", cache_policy=NO_CACHE)

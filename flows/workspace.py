@@ -8,7 +8,6 @@ project with ``dvc exp push`` (git refs only: the data is already in the shared 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -16,39 +15,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.tasks import DvcOutcome, run_dvc
+from pqd.formats.repo import clone_sharing_cache
 from pqd.params import apply_overrides
 
 SWEEP_DIR = ".dvc/tmp/pqd-sweep"  # under the project: DVC ignores it, and every worker of a cluster sees it
 
 
-def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
-
-
 def clone(root: Path, dest: Path) -> Path:
-    """``dest``: a clone of ``root`` at its HEAD with the work tree's modified and untracked (not ignored) files
-    copied over, using ``root``'s DVC cache (and so its run cache)."""
-    root, dest = root.resolve(), dest.resolve()
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    head = _git(root, "rev-parse", "HEAD").strip()
-    subprocess.run(["git", "clone", "-q", "--no-checkout", str(root), str(dest)], check=True, capture_output=True)
-    _git(dest, "checkout", "-q", "--detach", head)
-    changed = _git(root, "diff", "--name-only", "HEAD").splitlines()
-    changed += _git(root, "ls-files", "--others", "--exclude-standard").splitlines()
-    for rel in changed:
-        if (root / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, dest / rel)
-    cache = run_dvc(root, ["cache", "dir"]).output.strip().splitlines()[-1]
-    run_dvc(dest, ["cache", "dir", "--local", cache])
-    # the outputs dvc.lock names that the shared cache holds, in place (linked where the file system allows):
-    # without them every stage would look changed here, and a stage whose run-cache entry is missing (a cache
-    # filled by `dvc pull`, which does not fetch the run cache) would be recomputed
-    run_dvc(dest, ["config", "--local", "cache.type", "reflink,hardlink,copy"])
-    run_dvc(dest, ["checkout", "--allow-missing"])
-    return dest
+    """``dest``: a clone of ``root`` at its HEAD with the work tree's changes, sharing ``root``'s DVC cache
+    (:func:`pqd.formats.repo.clone_sharing_cache`)."""
+    return clone_sharing_cache(root, dest)
 
 
 @task(name="prepare workspace", cache_policy=NO_CACHE)

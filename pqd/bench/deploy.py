@@ -37,6 +37,7 @@ from pqd import deploy
 from pqd.bench.deploy_models import (GLUE, GLUE_NO_SPLIT, VARIANT_CHOICES, BenchModel, bench_params, calibrate, cifar_model,
                                      demo_dit_params, demo_model, describe, dit_model, export, float_onnx,
                                      ort_static_reference, sizes, trajectory_inputs, variants, weights_label)
+from pqd.errors import command
 from pqd.params import IntegerCodes, integer_codes, params_from_dict
 
 INT8 = "onnxruntime int8"
@@ -180,6 +181,7 @@ def table(rows: list[dict[str, Any]], extra: list[dict[str, Any]], threads: int,
     return "\n".join(lines) + "\n"
 
 
+@command("bench-deploy")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="data/model", help="the demo pipeline folder (the model stage's output)")

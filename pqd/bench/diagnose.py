@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from pqd.diffusion.adapter import load_denoiser
+from pqd.errors import command
 from pqd.formats import qstate as qcodec
 from pqd.diffusion.quantized import load_denoiser_from_export
 from pqd.formats.files import load_tensors
@@ -145,6 +146,7 @@ def plot(per_step: list[pd.DataFrame], first: str, second: str, path: Path) -> N
     plt.close(fig)
 
 
+@command("pqd diagnose")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.bench.diagnose", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/bench", help="the bench's output folder")

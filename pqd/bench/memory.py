@@ -29,6 +29,7 @@ import yaml
 from diffusers import DDIMScheduler
 
 from pqd.diffusion.configs import cifar10_ddpm_pipeline
+from pqd.errors import command
 from pqd.formats.calibset import CalibWriter
 from pqd.params import load_params, params_from_dict, resolve_device
 from pqd.stages import calibrate
@@ -88,6 +89,7 @@ def calibrate_child(root: Path, units: int, output_check: bool) -> int:
     return 0
 
 
+@command("bench-memory")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.bench.memory", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/ddpm-cifar10.yaml", help="params whose quant/calibrate sections are used")

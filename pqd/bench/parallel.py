@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,11 +31,11 @@ from typing import Any
 import torch
 import yaml
 
+from pqd.errors import command
 from pqd.formats.lineage import dvc_dir_md5, git_commit
+from pqd.formats.repo import BIN, cache_dir, clone
 from pqd.params import ParallelParams, apply_overrides
 from pqd.stages.parallel import ModelRef, Worker, map_ranges, open_pool
-
-BIN = Path(sys.executable).parent
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -80,10 +79,8 @@ def bench_generate(root: Path, work: Path, workers: int, overrides: list[str]) -
 def _clone_for_sweep(root: Path, dest: Path) -> None:
     """A clone of ``root`` at HEAD with its own empty cache, holding model and generate outputs pulled from
     ``root``'s cache (used as a remote): every later stage of every cell is computed."""
-    subprocess.run(["git", "clone", "-q", str(root), str(dest)], check=True, capture_output=True)
-    cache = subprocess.run([str(BIN / "dvc"), "cache", "dir"], cwd=root, capture_output=True, text=True,
-                           env=_env()).stdout.strip().splitlines()[-1]
-    _run([str(BIN / "dvc"), "remote", "add", "--local", "-d", "bench-base", cache], dest)
+    clone(root, dest)
+    _run([str(BIN / "dvc"), "remote", "add", "--local", "-d", "bench-base", cache_dir(root)], dest)
     _run([str(BIN / "dvc"), "pull", "-q", "generate", "--with-deps"], dest)
 
 
@@ -145,6 +142,7 @@ def _md(rows: list[dict[str, Any]]) -> str:
                      + ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows])
 
 
+@command("bench-parallel")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.bench.parallel", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/bench/parallel.md")

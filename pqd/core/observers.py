@@ -30,17 +30,19 @@ class ActObserver:
         return bool(torch.isfinite(self.lo))
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float32).reshape(-1).cpu()
+        # reduced and subsampled where x lives: only two scalars and the sample reach the host
+        x = x.detach().reshape(-1)
         if x.numel() == 0:
             return
-        lo, hi = x.min(), x.max()  # NaN propagates into both
+        # NaN propagates into both; float32 rounding is monotonic, so min/max then cast = cast then min/max
+        lo, hi = x.min().to(torch.float32).cpu(), x.max().to(torch.float32).cpu()
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise FloatingPointError(f"non-finite values (min {float(lo)}, max {float(hi)})")
         self.lo = torch.minimum(self.lo, lo)
         self.hi = torch.maximum(self.hi, hi)
         k = min(self.per_update, x.numel())
-        idx = torch.randint(0, x.numel(), (k,), generator=self._gen)
-        self._chunks.append(x[idx])
+        idx = torch.randint(0, x.numel(), (k,), generator=self._gen)  # on the host generator: same draws anywhere
+        self._chunks.append(x[idx.to(x.device)].to(torch.float32).cpu())
         self._count += k
         if self._count > 2 * self.max_samples:  # keep memory bounded: thin to max_samples
             allv = torch.cat(self._chunks)

@@ -82,9 +82,15 @@ class OrtDenoiser(Denoiser):
     conditioning inputs by name, as the torch network does (see pqd.deploy.onnx)."""
 
     def __init__(self, onnx_dir: Path, scheduler_config: dict[str, Any], scheduler_class: str,
-                 sample_shape: tuple[int, int, int], time_groups: TimeGroups, threads: int | None = None) -> None:
+                 sample_shape: tuple[int, int, int], time_groups: TimeGroups, threads: int | None = None,
+                 components: Denoiser | None = None) -> None:
+        """``components``: a Denoiser of the same export whose float parts around the network (decoder and latent
+        scaling, encoder, architecture) this one uses too; without it, those of a plain pixel UNet."""
+        parts = {} if components is None else {
+            "decoder": components.decoder, "latent_scale": components.latent_scale,
+            "latent_shift": components.latent_shift, "encoder": components.encoder, "arch": components.arch}
         super().__init__(unet=None, scheduler_config=scheduler_config, scheduler_class=scheduler_class,
-                         sample_shape=sample_shape, time_groups=time_groups)
+                         sample_shape=sample_shape, time_groups=time_groups, **parts)
         self.onnx_dir = Path(onnx_dir)
         # every graph is loaded now: the folder may be temporary (a downloaded release)
         self._sessions = [open_session(self.onnx_dir / graph_file(g), threads) for g in range(time_groups.count)]
@@ -111,9 +117,5 @@ def load_ort_denoiser(export_dir: Path, threads: int | None = None, components: 
                                 f"time group (set export.onnx = true and rerun the export stage)")
     index = read_json(export_dir / "model_index.json")
     cfg = read_json(export_dir / denoiser_component(export_dir) / "config.json")
-    den = OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
-                      sample_shape_of(cfg), groups, threads)
-    if components is not None:
-        for part in ("decoder", "latent_scale", "latent_shift", "encoder", "arch"):
-            setattr(den, part, getattr(components, part))
-    return den
+    return OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
+                       sample_shape_of(cfg), groups, threads, components)

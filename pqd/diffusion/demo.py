@@ -1,18 +1,19 @@
-"""The embedded offline demos, and a digit classifier for their FID.
+"""The embedded offline demos, and the training of the digit classifier for their FID.
 
 Three model sources, trained on the spot from scikit-learn's bundled 8x8 digits (no GPU, no network):
 
 - ``demo:digits``: a DDPM UNet on the digits at their native 8x8, one channel, scaled from 0..16 to [-1, 1];
   three levels, one ResNet per level, attention at the lowest resolution, cosine betas, DDPMScheduler.
 - ``demo:digits16``: another architecture on another image format: the digits upsampled to 16x16 RGB with
-  coloured strokes (:func:`digits16_tensor`); ResNets two per level, self-attention at the full 16x16
+  coloured strokes (:func:`pqd.diffusion.digits.digits16_tensor`); ResNets two per level, self-attention at the full 16x16
   resolution and in the mid block, head dim 16, linear betas, DDIMScheduler.
 - ``demo:digits-dit``: a class-conditional DiT (DiTTransformer2DModel in a DiTPipeline) on the 8x8 pixels, patch
   size 2 (16 tokens of 2x2 pixels), trained with 10% of the labels replaced by the null class so that
   classifier-free guidance works; no autoencoder (the pipeline's ``vae`` is None).
 
-Both are evaluated with the DigitNet features of the same 8x8 digits: the extractor reads an image's channel
-mean at 8x8 (pqd.eval.fid), and a digits16 image's channel mean is exactly its upsampled gray digit.
+Both are evaluated with the DigitNet features of the same 8x8 digits (:mod:`pqd.diffusion.digits`, trained here
+by :func:`train_digit_net`): the extractor reads an image's channel mean at 8x8 (pqd.eval.fid), and a digits16
+image's channel mean is exactly its upsampled gray digit.
 Everything here is deterministic given a seed.
 """
 
@@ -21,64 +22,19 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from pqd.formats.pipefolder import FEATURES_DIR  # the demo model folder's feature network (evaluate.features)
+from pqd.diffusion.digits import DigitNet, demo_images, load_digits_tensor
 
 DEFAULT_CHANNELS = (32, 64, 64)
 DIT_HEAD_DIM = 32  # the demo DiT's attention head width: model.dit_width / 32 heads
 NUM_CLASSES = 10
 LABEL_DROP = 0.1  # share of training labels replaced by the null class (DiT's classifier-free guidance training)
 NUM_TRAIN_TIMESTEPS = 1000
-DIGITS16_HUE_SEED = 0  # the stroke colours of demo:digits16 are part of the data set, not of a model's seed
-
-
-def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits: images float32 [1797, 1, 8, 8] in [-1, 1], labels int64 [1797]."""
-    d = load_digits()
-    images = torch.from_numpy(d.images).float().reshape(-1, 1, 8, 8) / 8.0 - 1.0
-    return images, torch.from_numpy(d.target).long()
-
-
-def digits_uint8() -> np.ndarray:
-    """scikit-learn's 1,797 digits as uint8 images [N, 8, 8] (0..16 scaled to 0..255, rounded): the demo's
-    FID reference set."""
-    return np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
-
-
-def digits16_tensor() -> tuple[torch.Tensor, torch.Tensor]:
-    """The digits as 16x16 RGB (``demo:digits16``): images float32 [1797, 3, 16, 16] in [-1, 1], labels int64.
-
-    Each 8x8 digit g in [0, 1] is upsampled bilinearly to 16x16, then coloured with a per-image hue h:
-    channel k = g + cos(h + 2 pi k / 3) * min(g, 1 - g). The three cosines sum to 0, so every pixel's channel
-    mean is g (the gray digit the FID extractor reads) and every value stays in [0, 1]; black background and
-    full-intensity stroke centres stay gray, the stroke edges carry the colour.
-    """
-    images, labels = load_digits_tensor()
-    g = F.interpolate((images + 1) / 2, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1)
-    hue = torch.rand(len(g), generator=torch.Generator().manual_seed(DIGITS16_HUE_SEED)) * 2 * math.pi
-    tint = torch.cos(hue[:, None] + torch.arange(3) * 2 * math.pi / 3)[:, :, None, None]  # [N, 3, 1, 1]
-    return (g + tint * torch.minimum(g, 1 - g)) * 2 - 1, labels
-
-
-def demo_images(source: str) -> torch.Tensor:
-    """The training images of demo ``source`` ('demo:digits' or 'demo:digits16'), float32 [N, C, H, W] in [-1, 1]."""
-    return digits16_tensor()[0] if source == "demo:digits16" else load_digits_tensor()[0]
-
-
-def reference_uint8(source: str) -> np.ndarray:
-    """The FID reference images of demo ``source`` as uint8: [1797, 8, 8] (digits) or [1797, 16, 16, 3] (digits16)."""
-    if source == "demo:digits16":
-        return (digits16_tensor()[0].permute(0, 2, 3, 1).add(1).mul(255 / 2)).round().to(torch.uint8).numpy()
-    return digits_uint8()
-
-
 def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1):
     """A diffusers ``UNet2DModel`` for [B, 1, 8, 8] inputs with one attention block, at the lowest resolution.
 
@@ -256,35 +212,6 @@ def train_denoiser(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: in
     for table, p in zip(_label_tables(out), drops):
         table.dropout_prob = p
     return out
-
-
-class DigitNet(nn.Module):
-    """Small CNN for digits [B, 1, 8, 8] in [-1, 1]; its penultimate features are the demo's FID features."""
-
-    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = 10) -> None:
-        super().__init__()
-        self.width, self.feature_dim, self.num_classes = width, feature_dim, num_classes
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.fc = nn.Linear(2 * width * 4, feature_dim)
-        self.head = nn.Linear(feature_dim, num_classes)
-        self.drop = nn.Dropout(0.3)
-
-    def config(self) -> dict[str, int]:
-        """Constructor arguments (plain ints): ``DigitNet(**net.config())`` rebuilds the architecture."""
-        return {"width": self.width, "feature_dim": self.feature_dim, "num_classes": self.num_classes}
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 1, 8, 8] float32 in [-1, 1] -> features [B, feature_dim] float32 (after the ReLU, >= 0)."""
-        h = F.relu(self.conv1(x))
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # 8 -> 4
-        h = F.max_pool2d(F.relu(self.conv3(h)), 2)  # 4 -> 2
-        return F.relu(self.fc(h.flatten(1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 1, 8, 8] float32 in [-1, 1] -> class logits [B, num_classes]."""
-        return self.head(self.drop(self.features(x)))
 
 
 def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -24,12 +24,7 @@ from pqd.diffusion.adapter import Denoiser
 from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.glue import glue_sites, install_sites, resampling_convs
 from pqd.params import Params
-from pqd.params.machine import IntegerCodes, integer_codes
-
-
-def code_bits(bits: int, reduce_range: bool) -> int:
-    """Width of the weight codes for ``bits``-bit weights: 7 for 8 with reduce_range (pqd.params.machine)."""
-    return 7 if bits == 8 and reduce_range else bits
+from pqd.params.machine import IntegerCodes, code_bits, integer_codes
 
 
 def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None = None,

@@ -1,4 +1,4 @@
-"""Bootstrap intervals over samples: resample images, recompute the features' statistics and the FIDs. Pure numpy.
+"""Bootstrap intervals over samples: resample images, recompute the features' statistics and the FIDs.
 
 The quantized and FP images of one evaluation share their seeds, so they are resampled together (one draw of
 seed indices per resample, used for both sets): the intervals of FID(quantized, FP), of ΔFID = FID(quantized,
@@ -12,9 +12,11 @@ the intervals of the FIDs (vs the reference, and quantized vs FP) sit above thei
 bias, which makes their upper bounds conservative. ΔFID (a difference of two FIDs that share the resampling) and
 the mean PSNR (a mean) carry no such shift.
 
-The Fréchet distance here is computed from eigenvalues instead of a matrix square root:
-tr sqrt(S1 S2) = sum of sqrt(eigenvalues of R S1 R) with R the symmetric square root of S2, so a side that
-stays fixed is decomposed once. It equals clean-fid's ``frechet_distance`` (tests/eval/test_bootstrap.py).
+:func:`frechet` is the product's one Fréchet distance: the evaluate stage's point values and every resample here
+use it. It is computed from eigenvalues instead of a matrix square root: tr sqrt(S1 S2) = sum of sqrt(eigenvalues of
+R S1 R) with R the symmetric square root of S2, so a side that stays fixed (the reference) is decomposed once. It
+agrees with clean-fid's ``frechet_distance`` (a scipy ``sqrtm`` of S1 S2) to about 1e-11 relative
+(tests/eval/test_bootstrap.py) and is several times faster: what makes 1,000 resamples affordable.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ from cleanfid.resize import make_resizer
 from PIL import Image
 from safetensors.torch import load_file
 
-from pqd.diffusion.demo import FEATURES_DIR, DigitNet, reference_uint8
+from pqd.diffusion.digits import DigitNet, reference_uint8
 from pqd.errors import FeatureError
+from pqd.formats.pipefolder import FEATURES_DIR
 from pqd.eval.bootstrap import stats
 from pqd.eval.reference import check_image_folder, check_npz, reference_images
 from pqd.params import DEMO_SOURCES
@@ -77,7 +78,7 @@ def _digit_extractor(model_dir: Path) -> Extractor:
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         # the channel mean: a gray image read as RGB has three equal channels; a demo:digits16 image's channel
-        # mean is its gray digit (pqd.diffusion.demo.digits16_tensor)
+        # mean is its gray digit (pqd.diffusion.digits.digits16_tensor)
         gray = x.float().mean(dim=1, keepdim=True) / 255.0  # [B, 1, 8, 8] in [0, 1]
         with torch.no_grad():
             return net.features(gray * 2 - 1)
@@ -169,11 +170,6 @@ def folder_features(folder: str | Path, ex: Extractor, batch_size: int = 256, de
     if len(feats) < 2:
         raise FeatureError(f"{folder}: found {len(feats)} images, need at least 2 for FID")
     return np.asarray(feats, dtype=np.float64)
-
-
-def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
-    """Frechet distance between two (mu, sigma) pairs (clean-fid's implementation)."""
-    return float(cfid.frechet_distance(a[0], a[1], b[0], b[1]))
 
 
 def write_demo_reference(folder: str | Path, source: str = "demo:digits") -> int:

@@ -22,6 +22,7 @@ from pqd.errors import InputError, MissingInputError, NumericalError, ParamError
 from pqd.formats.files import load_tensors, read_json, write_json
 
 PROMPTS = "prompts.safetensors"
+META = "meta.json"  # a calibration set's, and the generate stage's trajectories' and sample sets'
 
 
 class CalibWriter:
@@ -54,7 +55,7 @@ class CalibWriter:
         self._flush()
         if cond is not None:
             save_file({k: v.contiguous() for k, v in cond.items()}, self.folder / PROMPTS)
-        write_json(self.folder / "meta.json", {**meta, "shards": self.shards,
+        write_json(self.folder / META, {**meta, "shards": self.shards,
                                                "num_samples": sum(s["count"] for s in self.shards)})
 
 
@@ -63,7 +64,7 @@ class CalibSet:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.meta = read_json(self.folder / "meta.json")
+        self.meta = read_json(self.folder / META)
         if "shards" not in self.meta:
             raise InputError(f"{self.folder}/meta.json lists no shards: re-run the select stage")
         self.shards: list[tuple[Path, int]] = []

@@ -31,13 +31,14 @@ from pqd.core.quantize import weight_layers
 from pqd.errors import ArtifactError
 from pqd.formats import qstate as qcodec
 from pqd.formats.files import read_json, write_json
-from pqd.formats.lineage import hash_tree, sha256_file
+from pqd.formats.lineage import MODEL_RECORD, hash_tree, sha256_file
 from pqd.formats.pipefolder import FEATURES_DIR, denoiser_component
 
 FORMAT_VERSION = qcodec.FORMAT_VERSION
 QWEIGHTS = "unet/quantized.safetensors"  # a UNet's; see quantized_weights_file
 QUANTIZED = "quantized.safetensors"  # inside the denoiser's component folder
-_SKIP_FROM_MODEL = ("model.json",)
+MANIFEST = "manifest.json"  # sha256 of every other file of the export, source model hash, params, git commit
+_SKIP_FROM_MODEL = (MODEL_RECORD,)
 
 
 def quantized_weights_file(folder: Path) -> Path:
@@ -69,7 +70,7 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGr
 def write_manifest(out: Path, manifest_extra: dict[str, Any]) -> int:
     """Seal the export folder: manifest.json with the sha256 of every other file; returns the file count."""
     files = hash_tree(out)
-    write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "files": files, **manifest_extra})
+    write_json(out / MANIFEST, {"format_version": FORMAT_VERSION, "files": files, **manifest_extra})
     return len(files) + 1
 
 
@@ -77,10 +78,10 @@ def verify_manifest(export_dir: Path) -> dict[str, Any]:
     """Check every file listed in manifest.json against its sha256, and that no other file is there (nothing
     unverified can be loaded from the folder); returns the manifest."""
     export_dir = Path(export_dir)
-    if not (export_dir / "manifest.json").is_file():
+    if not (export_dir / MANIFEST).is_file():
         raise ArtifactError(f"{export_dir}: manifest.json is missing: not a PQD export folder")
-    manifest = read_json(export_dir / "manifest.json")
-    listed = set(manifest.get("files", {})) | {"manifest.json"}
+    manifest = read_json(export_dir / MANIFEST)
+    listed = set(manifest.get("files", {})) | {MANIFEST}
     unlisted = sorted(rel for p in export_dir.rglob("*") if p.is_file() and (rel := p.relative_to(export_dir).as_posix())
                       not in listed)
     if unlisted:

@@ -2,7 +2,7 @@
 
 The one place that knows how the product identifies what it made: sha256 of files and trees (manifests,
 model weights), the md5s DVC records in dvc.lock (files and directory outputs), the per-stage hashes of
-dvc.lock, and the git commit a result was made at. Plain files and subprocesses only.
+dvc.lock, and the git commit a result was made at. Plain files, and git through :mod:`pqd.formats.repo`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pqd.formats.repo import GitError, git
+
 # files of a model folder that hold weights (hashed into the model's digest)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+# the model stage's record in its model folder: source, revision, per-file weight hashes and model_sha256
+MODEL_RECORD = "model.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,18 +94,18 @@ class GitState:
 def git_commit(cwd: Path | None = None) -> GitState:
     """The current git commit and whether the work tree has uncommitted changes (None outside git)."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-        return GitState(rev, dirty)
-    except (OSError, subprocess.CalledProcessError):
+        rev = git(cwd, "rev-parse", "HEAD").strip()
+        return GitState(rev, bool(git(cwd, "status", "--porcelain", "--untracked-files=no").strip()))
+    except (OSError, GitError):
         return GitState(None, None)
 
 
 def git_file(root: Path, commit: str, path: str) -> str | None:
     """The text of ``path`` at ``commit`` (None when the commit or the file is not there)."""
-    r = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True, text=True)
-    return r.stdout if r.returncode == 0 else None
+    try:
+        return git(root, "show", f"{commit}:{path}")
+    except GitError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

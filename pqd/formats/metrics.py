@@ -16,40 +16,42 @@ from typing import Any, TypeVar
 
 from pqd.errors import InputError
 from pqd.formats.files import read_json, write_json
+from pqd.params.decode import Decoder
 
 T = TypeVar("T", bound="StageMetrics")
 
 
-def _from_value(tp: Any, value: Any, where: str) -> Any:
-    """``value`` read from JSON as type ``tp``: dataclasses and tuples of them are rebuilt, the rest is kept."""
-    if value is None:
-        return None
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if type(None) in typing.get_args(tp) and len(args) == 1:  # X | None: read as X
-        tp, args = args[0], list(typing.get_args(args[0]))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
-        return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    return value
+class _MetricsDecoder(Decoder):
+    """A metrics file: every key without a default must be there; dataclasses (also optional ones, and tuples
+    of them) are rebuilt, the other values are kept as JSON gave them."""
+
+    def mapping(self, data: Any, where: str) -> dict:
+        if not isinstance(data, dict):
+            raise InputError(f"{where}: expected a JSON object, found {type(data).__name__}")
+        return data
+
+    def unknown(self, cls: type, key: str, names: list[str], where: str) -> Exception:
+        return InputError(f"{where}: unknown key {key!r}: expected the keys of {cls.__name__} "
+                          "(written by another version of pqd? re-run the stage: dvc repro)")
+
+    def missing(self, cls: type, key: str, where: str) -> Exception | None:
+        return InputError(f"{where}: key {key!r} is missing: expected every key of {cls.__name__} "
+                          "(re-run the stage: dvc repro)")
+
+    def field(self, tp: Any, value: Any, where: str) -> Any:
+        if value is None:
+            return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if type(None) in typing.get_args(tp) and len(args) == 1:  # X | None: read as X
+            tp, args = args[0], list(typing.get_args(args[0]))
+        if dataclasses.is_dataclass(tp):
+            return self.decode(tp, value, where)
+        if typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+            return tuple(self.decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return value
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a JSON object, found {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise InputError(f"{where}: unknown key {unknown[0]!r}: expected the keys of {cls.__name__} "
-                         "(written by another version of pqd? re-run the stage: dvc repro)")
-    required = [n for n, f in fields.items()
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in data]
-    if missing:
-        raise InputError(f"{where}: key {missing[0]!r} is missing: expected every key of {cls.__name__} "
-                         "(re-run the stage: dvc repro)")
-    return cls(**{k: _from_value(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+_DECODER = _MetricsDecoder()
 
 
 def _to_value(v: Any) -> Any:
@@ -74,7 +76,7 @@ class StageMetrics:
 
     @classmethod
     def from_json(cls: type[T], data: Any, where: str = "metrics") -> T:
-        return _build(cls, data, where)
+        return _DECODER.decode(cls, data, where)
 
     @classmethod
     def read(cls: type[T], path: str | Path) -> T:

@@ -25,11 +25,12 @@ from typing import Any
 import yaml
 
 from pqd.errors import PqdError, TrackingError, one_line
-from pqd.formats.export import FORMAT_VERSION, verify_manifest
+from pqd.formats.export import FORMAT_VERSION, MANIFEST, verify_manifest
 from pqd.formats.files import read_json
 from pqd.formats.metrics import EvaluateMetrics
-from pqd.formats.lineage import (dvc_dir_md5, git_commit, git_file, lock_hash, lock_stage_hashes, lock_ties_metrics,
-                                 model_digest, stage_options, weight_hashes)
+from pqd.formats.qstate import QMAP
+from pqd.formats.lineage import (MODEL_RECORD, dvc_dir_md5, git_commit, git_file, lock_hash, lock_stage_hashes,
+                                 lock_ties_metrics, model_digest, stage_options, weight_hashes)
 from pqd.ops import remote, tracking
 from pqd.ops.release import REGISTRY_METRICS
 
@@ -53,12 +54,12 @@ def check_hashes(export: Path) -> tuple[Finding, dict[str, Any]]:
     """The export's files against its manifest; returns the finding and the manifest (as read, even when
     a file fails, so the other checks still run; empty when there is none)."""
     try:
-        manifest = read_json(export / "manifest.json") if (export / "manifest.json").is_file() else {}
+        manifest = read_json(export / MANIFEST) if (export / MANIFEST).is_file() else {}
     except PqdError as e:
         return Finding("hashes", FAIL, one_line(e)), {}
     try:
         verify_manifest(export)
-        version = read_json(export / "qmap.json").get("format_version")
+        version = read_json(export / QMAP).get("format_version")
     except PqdError as e:
         return Finding("hashes", FAIL, one_line(e)), manifest
     if version != FORMAT_VERSION:
@@ -144,8 +145,8 @@ def audit_export(export: Path, root: Path | None = None) -> list[Finding]:
     root, options = proj
     model_dir = root / options["model"]["out"]
     recorded = {}
-    if (model_dir / "model.json").is_file():
-        recorded[f"{options['model']['out']}/model.json"] = read_json(model_dir / "model.json").get("model_sha256")
+    if (model_dir / MODEL_RECORD).is_file():
+        recorded[f"{options['model']['out']}/{MODEL_RECORD}"] = read_json(model_dir / MODEL_RECORD).get("model_sha256")
     found.append(check_source_model(manifest, recorded, model_dir) if manifest else Finding("source_model", FAIL, "no manifest"))
     lock_file = root / "dvc.lock"
     lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) if lock_file.is_file() else None
@@ -180,10 +181,10 @@ def audit_release(model_uri: str, root: Path, from_remote: bool = False) -> tupl
         rel = tracking.fetch_release(model_uri, Path(td), root)
         tags = rel["tags"]
         hashes, manifest = check_hashes(rel["export"])
-        lineage_model = rel["lineage"] / "model.json"
+        lineage_model = rel["lineage"] / MODEL_RECORD
         recorded = {"registry tag pqd.model_sha256": tags.get("pqd.model_sha256")}
         if lineage_model.is_file():
-            recorded["lineage/model.json"] = read_json(lineage_model).get("model_sha256")
+            recorded[f"lineage/{MODEL_RECORD}"] = read_json(lineage_model).get("model_sha256")
         lock_file = rel["lineage"] / "dvc.lock"
         lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) if lock_file.is_file() else None
         registry = {f"tag pqd.{k}": (k, float(tags[f"pqd.{k}"])) for k in REGISTRY_METRICS if f"pqd.{k}" in tags}

@@ -11,26 +11,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from pqd.errors import InputError, one_line
+from pqd.errors import InputError, command
 from pqd.ops import audit, tracking
 
 
+@command("pqd audit", tracking.ERRORS)
 def _audit(target: str, root: str | None, from_remote: bool = False) -> int:
-    try:
-        if target.startswith("models:/"):
-            tracking.quiet_mlflow()
-            findings, what = audit.audit_release(target, Path(root or "."), from_remote)
-        else:
-            export = Path(target)
-            if from_remote:
-                raise InputError(f"pqd audit --remote {target}: expected a registered release (models:/<name>@<alias>): "
-                                 "the remote and output hashes are recorded with a release")
-            if not export.is_dir():
-                raise InputError(f"{target} is not allowed: expected an export folder or models:/<name>@<alias>")
-            findings, what = audit.audit_export(export, Path(root) if root else None), str(export)
-    except tracking.ERRORS as e:
-        print(f"pqd audit: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    if target.startswith("models:/"):
+        tracking.quiet_mlflow()
+        findings, what = audit.audit_release(target, Path(root or "."), from_remote)
+    else:
+        export = Path(target)
+        if from_remote:
+            raise InputError(f"pqd audit --remote {target}: expected a registered release (models:/<name>@<alias>): "
+                             "the remote and output hashes are recorded with a release")
+        if not export.is_dir():
+            raise InputError(f"{target} is not allowed: expected an export folder or models:/<name>@<alias>")
+        findings, what = audit.audit_export(export, Path(root) if root else None), str(export)
     print(f"pqd audit: {what}")
     for f in findings:
         print(f"  {f.name:<13} {f.status:<4}  {f.detail}")

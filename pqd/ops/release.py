@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from pqd.errors import PqdError, one_line
+from pqd.errors import PqdError, command, one_line
 from pqd.formats.export import verify_manifest
 from pqd.formats.lineage import git_commit, git_file, lock_ties_metrics
 from pqd.formats.metrics import EvaluateMetrics, Interval
@@ -325,6 +325,7 @@ def promote(root: str | Path, name: str, version: str | None = None) -> str:
     return info["version"]
 
 
+@command("pqd release", tracking.ERRORS)
 def main(argv: list[str] | None = None) -> int:
     """``python -m pqd.ops.release check | register | promote NAME [--version N]``."""
     ap = argparse.ArgumentParser(prog="python -m pqd.ops.release", description=__doc__.splitlines()[0])
@@ -364,9 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as e:
         print(f"pqd release: {e}", file=sys.stderr)
         return 1
-    except tracking.ERRORS as e:
-        print(f"pqd release: error: {one_line(e)}", file=sys.stderr)
-        return 2
     state = "registered" if v.created else "already registered"
     print(f"pqd release: {state} {v.name} version {v.version} as '{v.alias}' (run {v.run_id}); "
           f"promote with: python -m pqd.ops.release promote {v.name} --version {v.version}")

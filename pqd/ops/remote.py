@@ -10,19 +10,16 @@ makes ``dvc repro`` a no-op and another machine's sweep restores stages instead 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pqd.errors import InputError, PqdError, one_line
+from pqd.errors import InputError, PqdError, command
 from pqd.formats.lineage import dvc_dir_md5, md5_file
+from pqd.formats.repo import DvcError, GitError, clone, dvc
 
-BIN = Path(sys.executable).parent
 REMOTE_TAG, REMOTE_NAME_TAG, OUT_TAG = "dvc.remote", "dvc.remote.name", "dvc.out."
 DEFAULT_NAME = "storage"
 
@@ -38,15 +35,11 @@ class Remote:
 
 
 def _dvc(root: Path, args: list[str], what: str) -> str:
-    """``dvc <args>`` in ``root``; a RemoteError with dvc's last error line when it fails."""
-    dvc = str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-    r = subprocess.run([dvc, *args], cwd=root, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()] or [f"exit status {r.returncode}"]
-        errors = [ln for ln in lines if "error" in ln.lower()] or lines
-        raise RemoteError(f"{what}: dvc {' '.join(args)} failed: {errors[-1].strip()}")
-    return r.stdout
+    """``dvc <args>`` in ``root``, what it printed; a RemoteError with dvc's last error line when it fails."""
+    try:
+        return dvc(root, args).output
+    except DvcError as e:
+        raise RemoteError(f"{what}: {e}") from None
 
 
 def default_remote(root: str | Path) -> Remote | None:
@@ -105,10 +98,10 @@ def output_md5(path: Path) -> str | None:
 def pull_release(root: Path, commit: str, url: str, dest: Path) -> Path:
     """A clone of ``root`` at ``commit`` in ``dest`` whose cached outputs are pulled from the remote at ``url``
     into the clone's own empty cache, so every byte checked comes from the remote."""
-    for args in (["clone", "-q", "--no-checkout", str(root), str(dest)], ["-C", str(dest), "checkout", "-q", commit]):
-        r = subprocess.run(["git", *args], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RemoteError(f"git {args[0]} for the audit failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    try:
+        clone(root, dest, commit)
+    except GitError as e:
+        raise RemoteError(f"the audit's clone of {root} at {commit}: {e}") from None
     _dvc(dest, ["remote", "add", "--local", "--default", "--force", "pqd-audit", url], "pqd audit")
     _dvc(dest, ["pull", "--force"], f"pull from {url}")
     return dest
@@ -126,6 +119,7 @@ def check_pulled(dest: Path, tags: dict[str, str]) -> tuple[bool, str]:
     return True, f"{len(recorded)} outputs pulled from {tags.get(REMOTE_TAG)} match the release's hashes"
 
 
+@command("pqd remote")
 def main(argv: list[str] | None = None) -> int:
     """``python -m pqd.ops.remote set <url> | push | pull | show [--root DIR]``."""
     ap = argparse.ArgumentParser(prog="python -m pqd.ops.remote", description=__doc__.splitlines()[0])
@@ -135,26 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=DEFAULT_NAME)
     args = ap.parse_args(argv)
     root = Path(args.root)
-    try:
-        if args.command == "set":
-            if not args.url:
-                raise InputError("make remote: REMOTE is empty: expected a local path or s3://bucket/path")
-            r = set_remote(root, args.url, args.name)
-            print(f"pqd remote: default remote {r.name} = {r.url} (in .dvc/config: commit it to share it)")
-            return 0
-        remote = default_remote(root)
-        if remote is None:
-            raise InputError("this project has no default DVC remote: run make remote REMOTE=<path or s3://...> first")
-        if args.command == "show":
-            print(f"pqd remote: {remote.name} = {remote.url}")
-            return 0
-        out = _dvc(root, [args.command, "--run-cache"], f"make {args.command}")
-        print(out.strip().splitlines()[-1] if out.strip() else f"{args.command}: nothing to do")
-        print(f"pqd remote: {args.command} {'to' if args.command == 'push' else 'from'} {remote.name} ({remote.url}) done")
+    if args.command == "set":
+        if not args.url:
+            raise InputError("make remote: REMOTE is empty: expected a local path or s3://bucket/path")
+        r = set_remote(root, args.url, args.name)
+        print(f"pqd remote: default remote {r.name} = {r.url} (in .dvc/config: commit it to share it)")
         return 0
-    except PqdError as e:
-        print(f"pqd remote: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    remote = default_remote(root)
+    if remote is None:
+        raise InputError("this project has no default DVC remote: run make remote REMOTE=<path or s3://...> first")
+    if args.command == "show":
+        print(f"pqd remote: {remote.name} = {remote.url}")
+        return 0
+    out = _dvc(root, [args.command, "--run-cache"], f"make {args.command}")
+    print(out.strip().splitlines()[-1] if out.strip() else f"{args.command}: nothing to do")
+    print(f"pqd remote: {args.command} {'to' if args.command == 'push' else 'from'} {remote.name} ({remote.url}) done")
+    return 0
 
 
 if __name__ == "__main__":

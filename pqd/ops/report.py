@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pqd.errors import PqdError, one_line
+from pqd.errors import command
 from pqd.formats.metrics import EvaluateMetrics
 from pqd.ops.result import Result, read_result
 
@@ -60,15 +60,11 @@ def results_table(r: Result) -> str:
     return "\n".join(lines)
 
 
+@command("pqd report")
 def main(argv: list[str] | None = None) -> int:
     """``python -m pqd.ops.report [PROJECT]`` (default: the current folder)."""
     argv = sys.argv[1:] if argv is None else argv
-    root = Path(argv[0] if argv else ".")
-    try:
-        print(results_table(read_result(root)))
-    except PqdError as e:
-        print(f"pqd report: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    print(results_table(read_result(Path(argv[0] if argv else "."))))
     return 0
 
 

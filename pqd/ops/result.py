@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from pqd.errors import TrackingError
+from pqd.formats.export import MANIFEST
 from pqd.formats.files import read_json
-from pqd.formats.lineage import canonical_json, git_commit, lock_stage_hashes, sha256_text, stage_options
+from pqd.formats.lineage import MODEL_RECORD, canonical_json, git_commit, lock_stage_hashes, sha256_text, stage_options
 from pqd.formats.metrics import PipelineMetrics
 from pqd.params import Params, as_dict, load_params
 
@@ -63,7 +64,7 @@ class Result:
 
     def model_info(self) -> dict[str, Any]:
         """The model stage's model.json (source, weight hashes), or {} before it has run."""
-        f = self.path("model", "out") / "model.json"
+        f = self.path("model", "out") / MODEL_RECORD
         return read_json(f) if f.is_file() else {}
 
 
@@ -95,7 +96,7 @@ def read_result(root: str | Path = ".") -> Result:
 def fingerprint(r: Result) -> str:
     """sha256 identifying a result: dvc.lock (every dep, param and output hash), params, metrics and the
     export manifest. Git state is left out, so committing after tracking does not make a new run."""
-    manifest = r.export_dir / "manifest.json"
+    manifest = r.export_dir / MANIFEST
     files = read_json(manifest).get("files") if manifest.is_file() else None
     bench = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((r.root / BENCH_DIR).glob("*"))
              if p.is_file()}

@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pqd.errors import InputError, PqdError, one_line
+from pqd.errors import InputError, PqdError, command
 
 BIN = Path(sys.executable).parent
 PG_USER, DB_USER = "postgres", "pqd"  # the OS user that runs PostgreSQL as root; the database role
@@ -269,6 +269,7 @@ def status(folder: Path) -> list[str]:
     return lines + [f"export MLFLOW_TRACKING_URI={t.mlflow_uri} PREFECT_API_URL={t.prefect_api}"]
 
 
+@command("pqd team")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.ops.team", description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["up", "down", "status"])
@@ -280,21 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pg-bin", help="folder of initdb and pg_ctl (default: the machine's newest PostgreSQL)")
     args = ap.parse_args(argv)
     folder = Path(args.dir).resolve()
-    try:
-        if args.command == "up":
-            artifacts = args.artifacts or str(folder / "mlartifacts")
-            t = Team(str(folder), artifacts if "://" in artifacts else str(Path(artifacts).resolve()),
-                     str(find_pg_bin(args.pg_bin)), args.pg_port, args.mlflow_port, args.prefect_port)
-            up(t)
-        elif args.command == "down":
-            stopped = down(folder)
-            print(f"pqd team: stopped {', '.join(stopped) or 'nothing (nothing was running)'}")
-            return 0
-        print("\n".join(f"pqd team: {ln}" for ln in status(folder)))
+    if args.command == "up":
+        artifacts = args.artifacts or str(folder / "mlartifacts")
+        t = Team(str(folder), artifacts if "://" in artifacts else str(Path(artifacts).resolve()),
+                 str(find_pg_bin(args.pg_bin)), args.pg_port, args.mlflow_port, args.prefect_port)
+        up(t)
+    elif args.command == "down":
+        stopped = down(folder)
+        print(f"pqd team: stopped {', '.join(stopped) or 'nothing (nothing was running)'}")
         return 0
-    except PqdError as e:
-        print(f"pqd team: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    print("\n".join(f"pqd team: {ln}" for ln in status(folder)))
+    return 0
 
 
 if __name__ == "__main__":

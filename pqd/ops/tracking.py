@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 import urllib.error
@@ -35,8 +34,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
-from pqd.errors import PqdError, TrackingError, one_line
-from pqd.formats.lineage import canonical_json, sha256_text
+from pqd.errors import PqdError, TrackingError, command
+from pqd.formats.calibset import META
+from pqd.formats.export import MANIFEST
+from pqd.formats.lineage import MODEL_RECORD, canonical_json, sha256_text
 from pqd.ops.result import (BENCH_DIR, fingerprint, flat_metrics, flat_params, lineage_tags, model_slug,
                              read_result)
 from pqd.ops.serving import Sampler
@@ -175,7 +176,7 @@ def track(root: str | Path = ".", experiment: str = DEFAULT_EXPERIMENT, *, paren
             for f in sorted((r.root / BENCH_DIR).glob("*")):  # the table files, not each row's outputs
                 if f.is_file():
                     c.log_artifact(run_id, str(f), "bench")
-            for f in (r.root / "params.yaml", r.root / "dvc.lock", r.path("model", "out") / "model.json"):
+            for f in (r.root / "params.yaml", r.root / "dvc.lock", r.path("model", "out") / MODEL_RECORD):
                 if f.is_file():
                     c.log_artifact(run_id, str(f), "lineage")
         except BaseException:
@@ -261,7 +262,7 @@ def register_version(run: TrackedRun, root: str | Path, name: str, card: str, ta
             card_file = Path(td) / "model_card.md"
             card_file.write_text(card, encoding="utf-8")
             artifacts = {"export": str(r.export_dir), "model_card": str(card_file),
-                         "sampling": str(r.path("evaluate", "fp-samples") / "meta.json")}
+                         "sampling": str(r.path("evaluate", "fp-samples") / META)}
             pyfunc_log, level = logging.getLogger("mlflow.pyfunc"), logging.getLogger("mlflow.pyfunc").level
             pyfunc_log.setLevel(logging.ERROR)  # its advice against cloudpickle: PqdSampler is pickled by name
             try:
@@ -271,7 +272,7 @@ def register_version(run: TrackedRun, root: str | Path, name: str, card: str, ta
                 pyfunc_log.setLevel(level)
             c.log_artifacts(run.run_id, str(Path(td) / "model"), MODEL_ARTIFACT)
             c.log_artifact(run.run_id, str(card_file), "release")
-            c.log_artifact(run.run_id, str(r.export_dir / "manifest.json"), "release")
+            c.log_artifact(run.run_id, str(r.export_dir / MANIFEST), "release")
         summary = card if len(card) <= 4800 else card[:4800] + "\n\n(truncated: the full card is release/model_card.md)"
         mv = c.create_model_version(name, f"runs:/{run.run_id}/{MODEL_ARTIFACT}", run_id=run.run_id,
                                     tags={**tags, FINGERPRINT_TAG: run.fingerprint}, description=summary)
@@ -349,6 +350,7 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+@command("pqd tracking", ERRORS)
 def main(argv: list[str] | None = None) -> int:
     """``python -m pqd.ops.tracking track``: log the current result as one MLflow run (idempotent)."""
     ap = argparse.ArgumentParser(prog="python -m pqd.ops.tracking")
@@ -357,11 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     args = ap.parse_args(argv)
     quiet_mlflow()
-    try:
-        run = track(args.root, args.experiment)
-    except ERRORS as e:
-        print(f"pqd tracking: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    run = track(args.root, args.experiment)
     state = "new run" if run.created else "already tracked, run reused"
     print(f"pqd tracking: {state} {run.run_id} ({run.name}) in experiment {args.experiment!r} at {run.uri}")
     return 0

@@ -11,20 +11,16 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pqd.errors import PqdError, one_line
+from pqd.errors import command
 from pqd.params.load import check_params_file
 
 
 def check_command(argv: list[str] | None, check: Callable[[Path], str]) -> int:
-    """A check command: ``check(params file)`` says what it found; a PqdError is one line and exit status 2."""
+    """A check command's body: ``check(params file)`` says what it found (a PqdError propagates: the caller's
+    :func:`~pqd.errors.command` makes it one line and exit status 2)."""
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0] if argv else "params.yaml")
-    try:
-        found = check(path)
-    except PqdError as e:
-        print(f"pqd: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"pqd: {path} is valid{found}")
+    print(f"pqd: {path} is valid{check(path)}")
     return 0
 
 
@@ -33,6 +29,7 @@ def _check(path: Path) -> str:
     return ""
 
 
+@command("pqd")
 def main(argv: list[str] | None = None) -> int:
     return check_command(argv, _check)
 

@@ -20,6 +20,7 @@ import yaml
 
 from pqd.errors import ParamError
 from pqd.params.machine import resolve_device
+from pqd.params.decode import Decoder
 from pqd.params.methods import METHOD_KEYS, PRESETS
 from pqd.params.sections import DEMO_SOURCES, GLUE_KINDS, SAMPLE_SEED_BASE, Params
 
@@ -161,31 +162,27 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported parameter type {tp}")  # a programming error, not a user error
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ParamError(f"params: {prefix.rstrip('.') or 'params.yaml'} = {data!r} is not allowed: expected a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ParamError(f"params: unknown key {prefix}{unknown[0]}: allowed keys are {', '.join(prefix + n for n in names)}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        key = prefix + name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], key + ".")
-            continue
-        value = _convert(key, data[name], tp)
-        rule = _RULES.get(key)
-        if rule is not None and value is not None and not rule[0](value):
-            raise ParamError(f"params: {key} = {data[name]!r} is not allowed: expected {rule[1]}")
-        kwargs[name] = value
-    return cls(**kwargs)
+class _ParamsDecoder(Decoder):
+    """params.yaml's sections: a missing key takes its default, a null section is all defaults, each value is
+    converted to its field's type and checked against its range rule."""
+
+    def mapping(self, data: Any, where: str) -> dict:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ParamError(f"params: {where or 'params.yaml'} = {data!r} is not allowed: expected a mapping")
+        return data
+
+    def unknown(self, cls: type, key: str, names: list[str], where: str) -> Exception:
+        return ParamError(f"params: unknown key {self.child(where, key)}: allowed keys are "
+                          f"{', '.join(self.child(where, n) for n in names)}")
+
+    def leaf(self, tp: Any, value: Any, where: str) -> Any:
+        converted = _convert(where, value, tp)
+        rule = _RULES.get(where)
+        if rule is not None and converted is not None and not rule[0](converted):
+            raise ParamError(f"params: {where} = {value!r} is not allowed: expected {rule[1]}")
+        return converted
 
 
 def _check_across(p: Params) -> None:
@@ -234,7 +231,7 @@ def _apply_method(p: Params) -> Params:
 
 
 def params_from_dict(data: Any) -> Params:
-    p = _apply_method(_build(Params, data, ""))
+    p = _apply_method(_ParamsDecoder().decode(Params, data))
     _check_across(p)
     return p
 

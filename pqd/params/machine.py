@@ -23,6 +23,11 @@ _X86 = ("x86_64", "amd64", "i386", "i686")
 _ARM = ("aarch64", "arm64")
 
 
+def code_bits(bits: int, reduce_range: bool) -> int:
+    """Width of the weight codes for ``bits``-bit weights: 7 for 8 with reduce_range (see :class:`IntegerCodes`)."""
+    return 7 if bits == 8 and reduce_range else bits
+
+
 @dataclass(frozen=True)
 class IntegerCodes:
     """The resolved ``quant.reduce_range`` and why: recorded in the quantizer state, the export and the

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from pqd.errors import PqdError, one_line
+from pqd.errors import command
 from pqd.formats.files import require_folder
 from pqd.formats.metrics import StageMetrics
 from pqd.params import Params, load_params
@@ -38,18 +37,16 @@ def stage_main(name: str, run: Callable[..., StageMetrics], paths: list[str], ar
         ap.add_argument(f"--{p.replace('_', '-')}", dest=p, required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    try:
+
+    @command(f"pqd {name}")
+    def run_stage() -> int:
         params: Params = load_params(args.params)
         for p in paths:
             if MADE_BY.get(p, name) != name:
                 require_folder(getattr(args, p), MADE_BY[p])
         t0 = time.perf_counter()
         metrics = run(params, **{p: Path(getattr(args, p)) for p in paths})
-        metrics = dataclasses.replace(metrics, seconds=round(time.perf_counter() - t0, 3))
-    except PqdError as e:
-        if os.environ.get("PQD_DEBUG"):
-            raise
-        print(f"pqd {name}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    metrics.write(args.metrics)
-    return 0
+        dataclasses.replace(metrics, seconds=round(time.perf_counter() - t0, 3)).write(args.metrics)
+        return 0
+
+    return run_stage()

@@ -31,13 +31,16 @@ from pqd.diffusion.adapter import Denoiser
 from pqd.diffusion.sampling import scheduler_from_protocol
 from pqd.errors import NumericalError
 from pqd.eval import fid
-from pqd.eval.bootstrap import paired_intervals, stats
+from pqd.eval.bootstrap import frechet, paired_intervals, stats
 from pqd.eval.metrics import per_image_mse, psnr
 from pqd.diffusion.quantized import load_denoiser_from_export
+from pqd.formats.calibset import META
+from pqd.formats.export import MANIFEST
 from pqd.formats.files import atomic_dir, load_tensors, read_json
 from pqd.formats.images import side_by_side
 from pqd.formats.metrics import EvalProtocol, EvaluateMetrics
 from pqd.params import Params, resolve_device
+from pqd.params.machine import code_bits
 from pqd.stages._cli import stage_main
 from pqd.stages.parallel import SCRATCH, ModelRef, folder_stamp, open_pool, sample_sets
 
@@ -46,7 +49,7 @@ def weight_codes(manifest: dict[str, Any]) -> str:
     """The width of the export's weight codes and why, from its manifest (quant.reduce_range as resolved)."""
     bits = int(manifest["params"]["quant"]["weight_bits"])
     codes = manifest.get("integer_codes") or {}
-    stored = 7 if bits == 8 and codes.get("reduce_range") else bits
+    stored = code_bits(bits, bool(codes.get("reduce_range")))
     return f"{stored}-bit weight codes" + (f" ({codes['reason']})" if bits == 8 and codes.get("reason") else "")
 
 
@@ -67,12 +70,12 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     extractor = fid.build_extractor(ev.features, model, device)
     ref_stats, ref_desc, ref_n = fid.reference_stats(ev.reference, extractor, ev.batch_size, device,
                                                      fid.probe_size(extractor, fp_samples / "a"))
-    proto = read_json(fp_samples / "meta.json")
+    proto = read_json(fp_samples / META)
     fp = load_tensors(fp_samples / "a.safetensors")
     seeds = [int(s) for s in fp["seeds"]]
     dens = quantized_models(str(export.resolve()), ev.backend, device)  # verifies every file of the export first
     qden = dens["simulated"]
-    manifest = read_json(export / "manifest.json")
+    manifest = read_json(export / MANIFEST)
     headline = "deployed" if ev.backend == "onnxruntime" else "simulated"
     cond = None
     if proto.get("conditioning"):  # the FP samples' prompts (encoded by the export's own float text encoders) or classes
@@ -96,18 +99,18 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
                  [*folders.items(), ("fp", fp_samples / "a"), ("floor", fp_samples / "b")]}
         run_info = pool.record(n_ranges)
     st = {k: stats(v) for k, v in feats.items()}
-    fid_q = fid.frechet(st[headline], ref_stats)
-    fid_fp = fid.frechet(st["fp"], ref_stats)
-    floor = fid.frechet(st["floor"], st["fp"])
+    fid_q = frechet(st[headline], ref_stats)
+    fid_fp = frechet(st["fp"], ref_stats)
+    floor = frechet(st["floor"], st["fp"])
     grid.parent.mkdir(parents=True, exist_ok=True)
     side_by_side(fp["images"], q_imgs, ev.grid_size).save(grid)
     deployed: dict[str, float | bool] = {}
     if "deployed" in imgs:
-        fid_sim = fid.frechet(st["simulated"], ref_stats)
+        fid_sim = frechet(st["simulated"], ref_stats)
         dmse = per_image_mse(imgs["deployed"], imgs["simulated"])
         deployed = {"fid_deployed_vs_ref": fid_q, "fid_simulated_vs_ref": fid_sim,
                     "deployed_minus_simulated": fid_q - fid_sim,
-                    "fid_deployed_vs_simulated": fid.frechet(st["deployed"], st["simulated"]),
+                    "fid_deployed_vs_simulated": frechet(st["deployed"], st["simulated"]),
                     "deployed_within_noise_floor": bool(abs(fid_q - fid_sim) <= floor),
                     "psnr_deployed_vs_simulated_median": float(np.median(psnr(dmse))),
                     "psnr_simulated_median": float(np.median(psnr(per_image_mse(imgs["simulated"], fp["images"]))))}
@@ -132,7 +135,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
                   f"seeds (seed {ev.bootstrap_seed}), quantized and FP images of a seed drawn together; reference fixed"
         if ev.bootstrap else None)
     return EvaluateMetrics(fid_quant_vs_ref=fid_q, fid_fp_vs_ref=fid_fp, delta_fid=fid_q - fid_fp,
-                           fid_quant_vs_fp=fid.frechet(st[headline], st["fp"]), noise_floor=floor, **deployed,
+                           fid_quant_vs_fp=frechet(st[headline], st["fp"]), noise_floor=floor, **deployed,
                            mse_mean=float(mse.mean()), psnr_mean=float(psnr(mse).mean()),
                            psnr_median=float(np.median(psnr(mse))), psnr_min=float(psnr(mse).min()),
                            psnr_other_seed_mean=psnr_other, **intervals, protocol=protocol)

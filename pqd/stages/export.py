@@ -25,7 +25,7 @@ from pqd.formats import qstate as qcodec
 from pqd.diffusion.quantized import load_denoiser_from_export, load_quantized_unet
 from pqd.formats.export import quantized_weights_file, write_export, write_manifest
 from pqd.formats.files import atomic_dir, read_json
-from pqd.formats.lineage import git_commit
+from pqd.formats.lineage import MODEL_RECORD, git_commit
 from pqd.formats.metrics import ExportMetrics, OnnxGroupCheck
 from pqd.params import Params, as_dict
 from pqd.params.machine import saturates_full_range
@@ -79,7 +79,7 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
     state, groups, _, qmap = qcodec.read(qstate, qcodec.STATE_TENSORS)
     codes = qmap.get("integer_codes") or {}
     den = load_denoiser(model)
-    source = read_json(model / "model.json")
+    source = read_json(model / MODEL_RECORD)
     extra = {"source_model": {"source": source["source"], "model_sha256": source["model_sha256"]},
              "params": as_dict(params), "git": dataclasses.asdict(git_commit()), "integer_codes": codes}
     onnx_info: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from pqd.diffusion.adapter import Conditioning, Denoiser, load_denoiser
 from pqd.diffusion.sampling import make_scheduler, sample
 from pqd.errors import ParamError
-from pqd.formats.calibset import PROMPTS
+from pqd.formats.calibset import META, PROMPTS
 from pqd.formats.files import atomic_dir, read_prompts, write_json
 from pqd.formats.metrics import GenerateMetrics
 from pqd.params import SAMPLE_SEED_BASE, Params, resolve_device
@@ -165,7 +165,7 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
             if cond is not None:
                 shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in cond.inputs.items())
                 layout += f"; prompt int64 [n] (the row of every input in {PROMPTS}: {shapes}; row 0 unconditional)"
-            write_json(tmp / "meta.json", {**proto, "seeds": "calib", "seed_base": g.calib_seed_base,
+            write_json(tmp / META, {**proto, "seeds": "calib", "seed_base": g.calib_seed_base,
                                            "count": g.calib_seeds, "layout": layout})
         with atomic_dir(samples) as tmp:
             for kind in ("a", "b"):
@@ -179,7 +179,7 @@ def run(params: Params, model: Path, trajectories: Path, samples: Path) -> Gener
                 if set_cond is not None:
                     tensors["prompt"] = torch.tensor(set_cond.row_of, dtype=torch.int64)
                 save_file(tensors, tmp / f"{kind}.safetensors")
-            write_json(tmp / "meta.json", {**proto, "sets": {k: {"seed_base": SAMPLE_SEED_BASE[k], "count": g.eval_samples}
+            write_json(tmp / META, {**proto, "sets": {k: {"seed_base": SAMPLE_SEED_BASE[k], "count": g.eval_samples}
                                                               for k in ("a", "b")}})
         run_info = pool.record(n_ranges)
     return GenerateMetrics(**info, family=den.family, prompts=cond.choices if cond is not None else 0,

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pqd.diffusion import demo
+from pqd.diffusion import demo, digits
 from pqd.diffusion.pipeline import (check_pipeline_folder, check_supported, denoiser_component, denoiser_of,
                                    load_pipeline)
 from pqd.errors import HubError
 from pqd.formats.files import atomic_dir, write_json
-from pqd.formats.lineage import model_digest, weight_hashes
+from pqd.formats.lineage import MODEL_RECORD, model_digest, weight_hashes
 from pqd.formats.metrics import ModelMetrics
+from pqd.formats.pipefolder import FEATURES_DIR
 from pqd.params import DEMO_SOURCES, ModelParams, Params
 from pqd.stages._cli import stage_main
 
@@ -38,13 +39,13 @@ def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
     pipe.save_pretrained(out)
     # the FID features: the same 8x8 digits for both demos, seeded apart from the UNet (model.feature_seed), so
     # models of different model.seed are measured with the same features
-    images, labels = demo.load_digits_tensor()
+    images, labels = digits.load_digits_tensor()
     t0 = time.perf_counter()
     net, acc = demo.train_digit_net(images, labels, seed=mp.feature_seed, epochs=mp.feature_epochs)
     t_net = time.perf_counter() - t0
-    (out / demo.FEATURES_DIR).mkdir()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / demo.FEATURES_DIR / "model.safetensors")
-    (out / demo.FEATURES_DIR / "config.json").write_text(json.dumps(net.config(), indent=2) + "\n")
+    (out / FEATURES_DIR).mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / FEATURES_DIR / "model.safetensors")
+    (out / FEATURES_DIR / "config.json").write_text(json.dumps(net.config(), indent=2) + "\n")
     return {"unet_train_seconds": round(t_unet, 2), "digitnet_train_seconds": round(t_net, 2),
             "digitnet_heldout_accuracy": round(acc, 4)}
 
@@ -98,7 +99,7 @@ def run(params: Params, out: Path) -> ModelMetrics:
         digest = model_digest(weights)
         # wall-clock timings go to the metrics only: model.json must be the same on every rerun
         facts = {k: v for k, v in info.items() if not k.endswith("_seconds")}
-        write_json(tmp / "model.json", {"source": src, "revision": mp.revision if local is None and src not in DEMO_SOURCES else None,
+        write_json(tmp / MODEL_RECORD, {"source": src, "revision": mp.revision if local is None and src not in DEMO_SOURCES else None,
                                         "model_sha256": digest, "sha256": weights, **facts})
     return ModelMetrics(unet_parameters=n_params, unet_fp32_bytes=unet_bytes, **info)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pqd.errors import command
 from pqd.eval import fid, reference
 from pqd.params import DEMO_SOURCES, Params
 from pqd.params.__main__ import check_command
@@ -33,6 +34,7 @@ def check_reference(p: Params) -> str:
     return f"reference {spec} ({reference.check_image_folder(spec)} images)"
 
 
+@command("pqd")
 def main(argv: list[str] | None = None) -> int:
     return check_command(argv, lambda path: "; " + check_reference(check_params_file(path)))
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from pqd.errors import InputError, ParamError
-from pqd.formats.calibset import PROMPTS, CalibWriter
+from pqd.formats.calibset import META, PROMPTS, CalibWriter
 from pqd.formats.files import atomic_dir, load_tensors, read_json
 from pqd.formats.metrics import SelectMetrics
 from pqd.params import Params, SelectParams
@@ -93,7 +93,7 @@ def choose(feats: torch.Tensor, k: int, rule: str, rng: np.random.Generator) -> 
 def run(params: Params, trajectories: Path, out: Path) -> SelectMetrics:
     sp = params.select
     index = pd.read_parquet(trajectories / "index.parquet")
-    meta = read_json(trajectories / "meta.json")
+    meta = read_json(trajectories / META)
     steps = int(meta["steps"])
     n_traj = index["seed"].nunique()
     if index["step"].nunique() != steps or len(index) != n_traj * steps:

@@ -4,12 +4,12 @@ channel mean is the upsampled gray digit, under a UNet unlike the demo's."""
 import torch
 import torch.nn.functional as F
 
-from pqd.diffusion import demo
+from pqd.diffusion import demo, digits
 
 
 def test_digits16_channel_mean_is_the_upsampled_gray_digit():
-    rgb, labels = demo.digits16_tensor()
-    gray, labels8 = demo.load_digits_tensor()
+    rgb, labels = digits.digits16_tensor()
+    gray, labels8 = digits.load_digits_tensor()
     assert rgb.shape == (1797, 3, 16, 16) and torch.equal(labels, labels8)
     assert rgb.min() >= -1 and rgb.max() <= 1
     up = F.interpolate((gray + 1) / 2, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1) * 2 - 1
@@ -18,15 +18,15 @@ def test_digits16_channel_mean_is_the_upsampled_gray_digit():
     spread = rgb.max(1).values - rgb.min(1).values
     assert spread.mean() > 0.1 and spread[up[:, 0] <= -1 + 1e-6].abs().max() < 1e-6
     # the colours belong to the data set: the same on every call
-    assert torch.equal(demo.digits16_tensor()[0], rgb)
+    assert torch.equal(digits.digits16_tensor()[0], rgb)
 
 
 def test_reference_images_are_the_training_images_as_uint8():
-    ref = demo.reference_uint8("demo:digits16")
+    ref = digits.reference_uint8("demo:digits16")
     assert ref.shape == (1797, 16, 16, 3) and ref.dtype.name == "uint8"
     torch.testing.assert_close(torch.from_numpy(ref).permute(0, 3, 1, 2).float() / 255 * 2 - 1,
-                               demo.digits16_tensor()[0], rtol=0, atol=1 / 255 + 1e-6)
-    assert demo.reference_uint8("demo:digits").shape == (1797, 8, 8)
+                               digits.digits16_tensor()[0], rtol=0, atol=1 / 255 + 1e-6)
+    assert digits.reference_uint8("demo:digits").shape == (1797, 8, 8)
 
 
 def test_digits16_unet_differs_from_the_demo_where_a_users_model_might():

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from pqd.core.modules import quant_layers
 from pqd.formats import qstate as qcodec
 from pqd.formats.calibset import CalibSet
-from pqd.formats.export import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_unet
 from pqd.formats.metrics import STAGES, CalibrateMetrics, EvaluateMetrics, ExportMetrics, GenerateMetrics
 from pqd.ops import release
 from pqd.stages import generate, model

@@ -1,4 +1,4 @@
-"""The bootstrap over samples (pqd.eval.bootstrap): its Fréchet distance is clean-fid's, its intervals are those of
+"""The bootstrap over samples (pqd.eval.bootstrap): its Fréchet distance is clean-fid's and the textbook one, its intervals are those of
 the resampled statistic, and resampling pairs the quantized and FP images of a seed."""
 
 import numpy as np
@@ -15,10 +15,9 @@ def features(n, d, seed, shift=0.0):
 
 
 @pytest.mark.parametrize("n, d", [(400, 16), (300, 128), (60, 128)])  # the last: rank-deficient covariances
-def test_frechet_is_clean_fids(n, d):
+def test_frechet_is_clean_fids_and_the_textbook_formula(n, d):
     a, b = bs.stats(features(n, d, 0)), bs.stats(features(n + 50, d, 1, shift=0.2))
     assert bs.frechet(a, b) == pytest.approx(frechet_distance(a[0], a[1], b[0], b[1]), rel=1e-6, abs=1e-8)
-    # and the textbook formula with a matrix square root
     covmean = linalg.sqrtm(a[1] @ b[1]).real
     textbook = ((a[0] - b[0]) ** 2).sum() + np.trace(a[1] + b[1] - 2 * covmean)
     assert bs.frechet(a, b) == pytest.approx(textbook, rel=1e-6, abs=1e-8)

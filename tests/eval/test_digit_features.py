@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pqd.diffusion import demo
+from pqd.diffusion import demo, digits
 from pqd.eval import fid
 
 
 def feature_folder(tmp_path, net):
-    folder = tmp_path / "model" / demo.FEATURES_DIR
+    folder = tmp_path / "model" / digits.FEATURES_DIR
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(__import__("json").dumps(net.config()))
@@ -19,7 +19,7 @@ def feature_folder(tmp_path, net):
 
 
 def test_the_extractor_reads_digits16_images_as_their_digits(tmp_path):
-    images, labels = demo.load_digits_tensor()
+    images, labels = digits.load_digits_tensor()
     net, _ = demo.train_digit_net(images, labels, seed=0, epochs=6, progress=False)
     ex = fid.build_extractor("demo:digits", feature_folder(tmp_path, net))
     n_8 = fid.write_demo_reference(tmp_path / "ref8", "demo:digits")
@@ -38,10 +38,10 @@ def test_the_extractor_reads_digits16_images_as_their_digits(tmp_path):
 def test_colour_does_not_change_the_features(tmp_path):
     """An RGB digits16 image and the gray image of its channel mean have the same features (up to the resizer's
     clipping of bicubic overshoot to [0, 255], which acts per channel)."""
-    images, labels = demo.load_digits_tensor()
+    images, labels = digits.load_digits_tensor()
     net, _ = demo.train_digit_net(images[:200], labels[:200], seed=0, epochs=1, progress=False)
     ex = fid.build_extractor("demo:digits", feature_folder(tmp_path, net))
-    rgb = demo.reference_uint8("demo:digits16")[:40]
+    rgb = digits.reference_uint8("demo:digits16")[:40]
     gray = np.repeat(rgb.astype(np.float64).mean(-1, keepdims=True), 3, axis=-1)
     for name, imgs in (("rgb", rgb), ("gray", gray)):
         (tmp_path / name).mkdir()
