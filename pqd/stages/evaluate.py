@@ -128,7 +128,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         scheduler=proto["scheduler"], steps=int(proto["steps"]), eta=float(proto["eta"]), family=qden.family,
         prompts=cond.choices if cond is not None else 0, architecture=qden.arch.name,
         guidance_scale=cond.guidance_scale if cond is not None else None, features=extractor.name,
-        reference=ref_desc, reference_images=ref_n, fid="clean-fid frechet_distance",
+        reference=ref_desc, reference_images=ref_n, fid="pqd.eval.bootstrap.frechet (eigenvalue form of the Fréchet distance)",
         backend="onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"
         else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info,
         intervals=f"{ev.confidence:g} percentile bootstrap, {ev.bootstrap} resamples of the {len(seeds)} evaluation "
