@@ -37,6 +37,7 @@ class BenchResult:
     parent_run_id: str
     table_md: str
     cells: tuple[str, ...]
+    ran_stages: tuple[tuple[str, ...], ...]  # per cell, the stages its experiment really ran
 
 
 def _cells(cells: list[bench_plan.BenchCell]) -> list[Cell]:
@@ -65,7 +66,7 @@ def bench(root: str = ".", models: list[str] | None = None, rows: list[str] | No
     p = results[0].result.params
     md = report.write_outputs(lines, rows, Path(root) / out, p.evaluate.confidence, as_dict(p.release), times)
     close_sweep_run(root, parent, [str(Path(root) / out / "bench.md"), str(Path(root) / out / "bench.csv")])
-    return BenchResult(parent.run_id, md, tuple(c.name for c in cells))
+    return BenchResult(parent.run_id, md, tuple(c.name for c in cells), tuple(r.ran_stages for r in results))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,7 @@ class CellResult:
     result: Result
     gate: pqd_release.GateReport
     run_id: str  # its MLflow run
+    ran_stages: tuple[str, ...]  # the stages its experiment really ran (the others were skipped or restored)
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,10 @@ def open_parent_run(root: str, experiment: str, name: str, cells: list[Cell], sp
 
 
 @task(name="read cell", cache_policy=NO_CACHE)
-def read_cell(root: str, cell: Cell, run: tracking.TrackedRun) -> CellResult:
+def read_cell(root: str, cell: Cell, run: tracking.TrackedRun, ran: DvcOutcome) -> CellResult:
     """The workspace's result right after the cell's experiment, and the gate's report on it."""
     r, report = pqd_release.check(root, allow_uncommitted=True)  # a cell is an experiment, not a commit
-    return CellResult(cell, r, report, run.run_id)
+    return CellResult(cell, r, report, run.run_id, ran.ran_stages)
 
 
 def table_row(c: CellResult) -> dict[str, Any]:
@@ -130,7 +131,7 @@ def write_table(root: str, parent: tracking.TrackedRun, rows: list[dict[str, Any
     """``data/sweeps/sweep-<id>.md`` and ``.csv``; returns their paths."""
     out = Path(root) / "data" / "sweeps"
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"sweep-{parent.fingerprint[:8]}"
+    stem = out / f"sweep-{parent.result_hash[:8]}"
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -164,9 +165,9 @@ def _serial(root: str, cells: list[Cell], experiment: str, parent: tracking.Trac
     results = []
     try:
         for c in cells:
-            dvc_exp_run(root, list(c.overrides), c.name)
+            ran = dvc_exp_run(root, list(c.overrides), c.name)
             run = track_result(root, experiment, parent_run_id=parent.run_id, run_name=c.name, tags=_cell_tags(c, kind))
-            results.append(read_cell(root, c, run))
+            results.append(read_cell(root, c, run, ran))
     finally:
         if restore:
             restore_workspace(root, params_text)
@@ -178,7 +179,7 @@ def _isolated(root: str, cells: list[Cell], experiment: str, parent: tracking.Tr
     """Each cell in its own workspace, submitted to the flow's task runner (on Dask: one cell per worker); the
     model and generate stages of each group of cells with the same ``shared`` overrides are computed once first."""
     root = str(Path(root).resolve())
-    base = Path(root) / SWEEP_DIR / parent.fingerprint[:8]
+    base = Path(root) / SWEEP_DIR / parent.result_hash[:8]
     env = thread_env()
     groups = {c.shared: None for c in cells}
     for i, overrides in enumerate(groups):
@@ -189,7 +190,7 @@ def _isolated(root: str, cells: list[Cell], experiment: str, parent: tracking.Tr
         ran = dvc_exp_run.submit(ws, list(c.overrides), c.name, env)
         run = track_result.submit(ws, experiment, parent_run_id=parent.run_id, run_name=c.name,
                                   tags=_cell_tags(c, kind), store=root, wait_for=[ran])
-        res = read_cell.submit(ws, c, run)
+        res = read_cell.submit(ws, c, run, ran)
         futures.append((res, push_experiment.submit(ws, c.name, wait_for=[res])))
     results = []
     for res, pushed in futures:

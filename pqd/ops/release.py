@@ -265,7 +265,7 @@ def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.Tra
         metrics += [(f"export.{k}", _num(getattr(ex, k)), "-")
                     for k in ("size_ratio", "export_unet_bytes", "fp32_unet_bytes")]
     lineage = [("git commit", f"{tags['git.commit']} (dirty: {tags['git.dirty']})"), ("MLflow run", run.run_id),
-               ("result fingerprint", run.fingerprint), ("source model", tags["pqd.source_model"]),
+               ("result hash", run.result_hash), ("source model", tags["pqd.source_model"]),
                ("source model sha256", tags["pqd.model_sha256"])]
     lineage += [(k, v) for k, v in sorted(tags.items()) if k.startswith("dvc.lock")]
     lineage += sorted(remote.release_tags(r.root, r.lock).items())

@@ -1,5 +1,5 @@
 """A PQD result on disk: what ``dvc repro`` / ``dvc exp run`` leaves in a project folder (params.yaml, dvc.lock,
-the outputs and metrics dvc.yaml names), read into a typed :class:`Result`, with its fingerprint, flattened
+the outputs and metrics dvc.yaml names), read into a typed :class:`Result`, with its hash, flattened
 params and metrics, and lineage tags. Plain files only: pqd.ops.tracking turns a Result into an MLflow run.
 """
 
@@ -92,7 +92,7 @@ def read_result(root: str | Path = ".") -> Result:
                   lock=lock, options=stage_options(dvc_yaml))
 
 
-def fingerprint(r: Result) -> str:
+def result_hash(r: Result) -> str:
     """sha256 identifying a result: dvc.lock (every dep, param and output hash), params, metrics and the
     export manifest. Git state is left out, so committing after tracking does not make a new run."""
     manifest = r.export_dir / "manifest.json"
