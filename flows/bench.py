@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=".")
     ap.add_argument("--out", default=BENCH_DIR, help=f"the report's folder under --root (default {BENCH_DIR})")
     ap.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT, help="MLflow experiment")
+    ap.add_argument("--no-restore", dest="restore", action="store_false",
+                    help="serial: leave the last cell's result in the workspace")
     ap.add_argument("--workers", type=int, default=0, help="cells at once on a Dask LocalCluster of this many "
                                                            "processes; 0 (default): one after the other in the workspace")
     ap.add_argument("--address", help="a running Dask scheduler (tcp://host:port) to run the cells on")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pqd-bench: error: {e}", file=sys.stderr)
         return 2
     state = flow_fn(args.root, split(args.models), rows, args.replicates, args.overrides, args.out, args.experiment,
-                    True, concurrent, return_state=True)
+                    args.restore, concurrent, return_state=True)
     if state.is_failed():
         print(f"pqd-bench: failed: {state.message}", file=sys.stderr)
         return 1
