@@ -20,7 +20,7 @@ from pqd.formats.lineage import canonical_json, git_commit, lock_stage_hashes, s
 from pqd.formats.metrics import PipelineMetrics
 from pqd.params import Params, as_dict, load_params
 
-BENCH_DIR = "data/bench"  # the bench table of `make bench` (python -m pqd.bench's default --out)
+BENCH_DIR = "data/bench"  # the tables of `make bench` (python -m flows.bench's default --out)
 _PARAM_MAX = 6000  # longest param value MLflow accepts
 
 
