@@ -42,10 +42,13 @@ test-fast: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
 
 # methods x bits and the PQD ablations on the two demos, over BENCH_REPLICATES replicates, with intervals and
-# paired verdicts (data/bench/bench.md); cached per replicate and row, so a rerun computes only what is new
+# paired verdicts (data/bench/bench.md): each cell a DVC experiment run by the sweep's runner (flows/bench.py), so
+# DVC's run cache restores what did not change and a rerun computes only what is new; BENCH_ARGS: e.g.
+# --rows glue --models demo:digits -S generate.eval_samples=200 --workers 2
 BENCH_REPLICATES ?= 3
+BENCH_ARGS ?=
 bench: setup check-params
-	$(BIN)/python -m pqd.bench --replicates $(BENCH_REPLICATES)
+	$(FLOW_ENV) $(BIN)/python -m flows.bench --replicates $(BENCH_REPLICATES) $(BENCH_ARGS)
 
 # denoiser latency: torch fp32 / bf16, onnxruntime fp32 / int8 (the export's graphs, with and without quantized glue
 # and attention matmuls) against onnxruntime's quantize_static; demo and CIFAR-10-config UNets and the DiT demo

@@ -13,6 +13,9 @@ of N processes; ``--address tcp://host:port``: a running Dask scheduler): Prefec
 cell in its own clone of the project at its commit (:mod:`flows.workspace`), sharing the DVC cache; the
 stages every cell shares are computed once first, and each cell's experiment is pushed back to the project.
 The workspace is never touched; the table, the MLflow runs and ``dvc exp show`` are the same as serial.
+
+The runner (:func:`run_cells`: named cells of overrides in, each cell's typed result and release-gate report out) is
+also the runner of ``make bench`` (:mod:`flows.bench`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pqd.errors import ParamError
 from pqd.formats.lineage import git_commit
 from pqd.ops import release as pqd_release
 from pqd.ops import tracking
+from pqd.ops.result import Result
 from pqd.params.methods import METHODS
 
 DEFAULT_BITS = ("w8a8", "w4a8")
@@ -49,9 +53,23 @@ _BITS = re.compile(r"^w([2-8])a([4-8])$")
 @dataclass(frozen=True)
 class Cell:
     name: str  # also the DVC experiment name, e.g. w4a8-pqd
-    bits: str
-    method: str
-    overrides: tuple[str, ...]
+    overrides: tuple[str, ...]  # -S key=value, in order
+    shared: tuple[str, ...] = ()  # the overrides its model and generate stages see (cells with the same share them)
+    labels: tuple[tuple[str, str], ...] = ()  # what the caller tabulates it by, e.g. (("bits", "w4a8"), ...)
+
+    def label(self, key: str) -> str:
+        return dict(self.labels)[key]
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """A cell's result as its stages wrote it (typed metrics) and the release gate's report on it."""
+
+    cell: Cell
+    result: Result
+    gate: pqd_release.GateReport
+    run_id: str  # its MLflow run
+    ran_stages: tuple[str, ...]  # the stages its experiment really ran (the others were skipped or restored)
 
 
 @dataclass(frozen=True)
@@ -72,32 +90,36 @@ def plan(bits: list[str], methods: list[str], extra: list[str]) -> list[Cell]:
         for method in methods:
             if method not in METHODS:
                 raise ParamError(f"sweep method {method!r} is not allowed: expected one of {', '.join(METHODS)}")
-            cells.append(Cell(f"{b}-{method}", b, method, (*extra, f"quant.weight_bits={m.group(1)}",
-                                                             f"quant.act_bits={m.group(2)}", f"calibrate.method={method}")))
+            cells.append(Cell(f"{b}-{method}", (*extra, f"quant.weight_bits={m.group(1)}", f"quant.act_bits={m.group(2)}",
+                                                f"calibrate.method={method}"), tuple(extra),
+                              (("bits", b), ("method", method))))
     return cells
 
 
-@task(name="open sweep run", retries=MLFLOW_RETRIES, retry_delay_seconds=MLFLOW_RETRY_DELAY_S, cache_policy=NO_CACHE)
-def open_sweep_run(root: str, experiment: str, cells: list[Cell], extra: list[str]) -> tracking.TrackedRun:
-    """The parent run, keyed by the cells, the shared overrides, params.yaml and the git commit."""
+@task(name="open parent run", retries=MLFLOW_RETRIES, retry_delay_seconds=MLFLOW_RETRY_DELAY_S, cache_policy=NO_CACHE)
+def open_parent_run(root: str, experiment: str, name: str, cells: list[Cell], spec: dict[str, str]) -> tracking.TrackedRun:
+    """The parent run ``name``, keyed by the cells' overrides, params.yaml and the git commit."""
     key = {"cells": [c.overrides for c in cells], "params": (Path(root) / "params.yaml").read_text(),
            "git": git_commit(Path(root)).commit}
-    bits, methods = dict.fromkeys(c.bits for c in cells), dict.fromkeys(c.method for c in cells)  # ordered sets
-    name = f"sweep [{', '.join(bits)}] x [{', '.join(methods)}]"
-    spec = {"sweep.cells": ",".join(c.name for c in cells), "sweep.overrides": " ".join(extra) or "none"}
-    return tracking.start_parent(root, experiment, name, key, spec)
+    return tracking.start_parent(root, experiment, name, key, {"sweep.cells": ",".join(c.name for c in cells), **spec})
 
 
 @task(name="read cell", cache_policy=NO_CACHE)
-def cell_row(root: str, cell: Cell, run: tracking.TrackedRun) -> dict[str, Any]:
-    """One table row from the workspace's result right after the cell's experiment."""
+def read_cell(root: str, cell: Cell, run: tracking.TrackedRun, ran: DvcOutcome) -> CellResult:
+    """The workspace's result right after the cell's experiment, and the gate's report on it."""
     r, report = pqd_release.check(root, allow_uncommitted=True)  # a cell is an experiment, not a commit
-    ev, ex, cal = r.metrics.evaluate, r.metrics.export, r.metrics.calibrate
-    failed = [c.name for c in report.checks if not (c.passed or c.waived)]
-    return {"cell": cell.name, "bits": cell.bits, "method": cell.method, "delta_fid": ev and ev.delta_fid,
-            "noise_floor": ev and ev.noise_floor, "fid_quant_vs_fp": ev and ev.fid_quant_vs_fp,
-            "psnr_mean": ev and ev.psnr_mean, "size_ratio": ex and ex.size_ratio, "calibrate_s": cal and cal.seconds,
-            "gate": "pass" if report.passed else "fail: " + ", ".join(failed), "mlflow_run": run.run_id}
+    return CellResult(cell, r, report, run.run_id, ran.ran_stages)
+
+
+def table_row(c: CellResult) -> dict[str, Any]:
+    """One line of the sweep's table."""
+    ev, ex, cal = c.result.metrics.evaluate, c.result.metrics.export, c.result.metrics.calibrate
+    failed = [k.name for k in c.gate.checks if not (k.passed or k.waived)]
+    return {"cell": c.cell.name, "bits": c.cell.label("bits"), "method": c.cell.label("method"),
+            "delta_fid": ev and ev.delta_fid, "noise_floor": ev and ev.noise_floor,
+            "fid_quant_vs_fp": ev and ev.fid_quant_vs_fp, "psnr_mean": ev and ev.psnr_mean,
+            "size_ratio": ex and ex.size_ratio, "calibrate_s": cal and cal.seconds,
+            "gate": "pass" if c.gate.passed else "fail: " + ", ".join(failed), "mlflow_run": c.run_id}
 
 
 def _fmt(v: Any) -> str:
@@ -109,7 +131,7 @@ def write_table(root: str, parent: tracking.TrackedRun, rows: list[dict[str, Any
     """``data/sweeps/sweep-<id>.md`` and ``.csv``; returns their paths."""
     out = Path(root) / "data" / "sweeps"
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"sweep-{parent.fingerprint[:8]}"
+    stem = out / f"sweep-{parent.result_hash[:8]}"
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -132,44 +154,66 @@ def restore_workspace(root: str, params_text: str) -> DvcOutcome:
     return run_dvc(root, ["repro"], get_run_logger().info)
 
 
-def _cell_tags(cell: Cell) -> dict[str, str]:
-    return {"pqd.kind": "sweep-cell", "pqd.sweep.cell": cell.name}
+def _cell_tags(cell: Cell, kind: str) -> dict[str, str]:
+    return {"pqd.kind": f"{kind}-cell", f"pqd.{kind}.cell": cell.name}
 
 
-def _serial(root: str, cells: list[Cell], experiment: str, parent: tracking.TrackedRun, restore: bool) -> list[dict]:
+def _serial(root: str, cells: list[Cell], experiment: str, parent: tracking.TrackedRun, restore: bool,
+            kind: str) -> list[CellResult]:
     """Each cell in the workspace, one after the other; the workspace is put back afterwards."""
     params_text = (Path(root) / "params.yaml").read_text()
-    rows = []
+    results = []
     try:
         for c in cells:
-            dvc_exp_run(root, list(c.overrides), c.name)
-            run = track_result(root, experiment, parent_run_id=parent.run_id, run_name=c.name, tags=_cell_tags(c))
-            rows.append(cell_row(root, c, run))
+            ran = dvc_exp_run(root, list(c.overrides), c.name)
+            run = track_result(root, experiment, parent_run_id=parent.run_id, run_name=c.name, tags=_cell_tags(c, kind))
+            results.append(read_cell(root, c, run, ran))
     finally:
         if restore:
             restore_workspace(root, params_text)
-    return rows
+    return results
 
 
-def _isolated(root: str, cells: list[Cell], extra: list[str], experiment: str,
-              parent: tracking.TrackedRun) -> list[dict]:
-    """Each cell in its own workspace, submitted to the flow's task runner (on Dask: one cell per worker)."""
-    base = Path(root).resolve() / SWEEP_DIR / parent.fingerprint[:8]
+def _isolated(root: str, cells: list[Cell], experiment: str, parent: tracking.TrackedRun,
+              kind: str) -> list[CellResult]:
+    """Each cell in its own workspace, submitted to the flow's task runner (on Dask: one cell per worker); the
+    model and generate stages of each group of cells with the same ``shared`` overrides are computed once first."""
+    root = str(Path(root).resolve())
+    base = Path(root) / SWEEP_DIR / parent.result_hash[:8]
     env = thread_env()
-    shared = shared_stages.submit(str(Path(root).resolve()), str(base / "shared"), extra, SHARED_STAGE, env)
+    groups = {c.shared: None for c in cells}
+    for i, overrides in enumerate(groups):
+        groups[overrides] = shared_stages.submit(root, str(base / f"shared-{i}"), list(overrides), SHARED_STAGE, env)
     futures = []
     for c in cells:
-        ws = prepare_workspace.submit(str(Path(root).resolve()), str(base / c.name), wait_for=[shared])
+        ws = prepare_workspace.submit(root, str(base / c.name), wait_for=[groups[c.shared]])
         ran = dvc_exp_run.submit(ws, list(c.overrides), c.name, env)
-        run = track_result.submit(ws, experiment, parent_run_id=parent.run_id, run_name=c.name, tags=_cell_tags(c),
-                                  store=str(Path(root).resolve()), wait_for=[ran])
-        row = cell_row.submit(ws, c, run)
-        futures.append((row, push_experiment.submit(ws, c.name, wait_for=[row])))
-    rows = []
-    for row, pushed in futures:
+        run = track_result.submit(ws, experiment, parent_run_id=parent.run_id, run_name=c.name,
+                                  tags=_cell_tags(c, kind), store=root, wait_for=[ran])
+        res = read_cell.submit(ws, c, run, ran)
+        futures.append((res, push_experiment.submit(ws, c.name, wait_for=[res])))
+    results = []
+    for res, pushed in futures:
         pushed.result()  # raises when the cell failed at any step
-        rows.append(row.result())
-    return rows
+        results.append(res.result())
+    return results
+
+
+def check_cells(root: str, cells: list[Cell]) -> None:
+    """Fail before any work when a cell's overrides would be refused by a stage."""
+    for c in cells:
+        validate_params(root, list(c.overrides))
+
+
+def run_cells(root: str, cells: list[Cell], experiment: str, parent: tracking.TrackedRun, restore: bool = True,
+              isolated: bool = False, kind: str = "sweep") -> list[CellResult]:
+    """Every cell as a DVC experiment of the project in ``root`` (``dvc exp run -S ... -n <name>``: stages whose
+    params and deps did not change are restored from DVC's run cache), tracked as a child of ``parent`` (tagged
+    ``pqd.kind=<kind>-cell``), its result read back: in the workspace one after the other (put back afterwards
+    when ``restore``), or (``isolated``) each in its own clone on the flow's task runner (:func:`check_cells`
+    first, before opening ``parent``)."""
+    return (_isolated(root, cells, experiment, parent, kind) if isolated
+            else _serial(root, cells, experiment, parent, restore, kind))
 
 
 @flow(name="pqd-sweep")
@@ -180,24 +224,34 @@ def sweep(root: str = ".", bits: list[str] | None = None, methods: list[str] | N
     one after the other, or (``isolated``) each in its own workspace on the flow's task runner."""
     extra = list(overrides or [])
     cells = plan(list(bits or DEFAULT_BITS), list(methods or DEFAULT_METHODS), extra)
-    for c in cells:
-        validate_params(root, list(c.overrides))
-    parent = open_sweep_run(root, experiment, cells, extra)
-    rows = (_isolated(root, cells, extra, experiment, parent) if isolated
-            else _serial(root, cells, experiment, parent, restore))
+    check_cells(root, cells)
+    bits_, methods_ = (dict.fromkeys(c.label(k) for c in cells) for k in ("bits", "method"))  # ordered sets
+    parent = open_parent_run(root, experiment, f"sweep [{', '.join(bits_)}] x [{', '.join(methods_)}]", cells,
+                             {"sweep.overrides": " ".join(extra) or "none"})
+    rows = [table_row(c) for c in run_cells(root, cells, experiment, parent, restore, isolated)]
     md, csv_file = write_table(root, parent, rows)
     close_sweep_run(root, parent, [md, csv_file])
     return SweepResult(parent.run_id, md, csv_file, tuple(rows))
 
 
-def on_dask(workers: int = DEFAULT_WORKERS, address: str | None = None):
-    """The sweep flow on Prefect's DaskTaskRunner: a LocalCluster of ``workers`` processes (one cell at a time
-    each), or the running scheduler at ``address``. Call the result like :func:`sweep`, with ``isolated=True``."""
+def on_dask(workers: int = DEFAULT_WORKERS, address: str | None = None, flow_fn=None):
+    """``flow_fn`` (default: the sweep flow) on Prefect's DaskTaskRunner: a LocalCluster of ``workers`` processes (one
+    cell at a time each), or the running scheduler at ``address``. Call the result with ``isolated=True``."""
     from prefect_dask import DaskTaskRunner
 
     runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "dashboard_address": "127.0.0.1:8787"})
-    return sweep.with_options(task_runner=runner)
+    return (flow_fn or sweep).with_options(task_runner=runner)
+
+
+def on_runner(flow_fn, workers: int, address: str | None):
+    """(``flow_fn`` on Dask or as it is, whether its cells run isolated) for ``--workers`` / ``--address``; a
+    ParamError for a bad value."""
+    if workers < 0 or (address and not re.match(r"^(tcp|tls)://[^\s/:]+:\d+$", address)):
+        raise ParamError(f"--workers {workers} / --address {address!r} is not allowed: expected --workers >= 0 and "
+                         "an address like tcp://10.0.0.5:8786")
+    concurrent = bool(address) or workers > 0
+    return (on_dask(workers, address, flow_fn) if concurrent else flow_fn), concurrent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,14 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:
         plan(split(args.bits), split(args.methods), args.overrides)
-        if args.workers < 0 or (args.address and not re.match(r"^(tcp|tls)://[^\s/:]+:\d+$", args.address)):
-            raise ParamError(f"sweep --workers {args.workers} / --address {args.address!r} is not allowed: expected "
-                             "--workers >= 0 and an address like tcp://10.0.0.5:8786")
+        flow_fn, concurrent = on_runner(sweep, args.workers, args.address)
     except ParamError as e:
-        print(f"pqd-sweep: error: {e}", file=sys.stderr)
+        print(f"pqd-sweep: error: sweep {e}", file=sys.stderr)
         return 2
-    concurrent = bool(args.address) or args.workers > 0
-    flow_fn = on_dask(args.workers, args.address) if concurrent else sweep
     state = flow_fn(args.root, split(args.bits), split(args.methods), args.overrides, args.experiment, args.restore,
                     concurrent, return_state=True)
     if state.is_failed():

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted(MODULES.values())
 # layers from the bottom; a module may import its own layer's modules and any layer below
 LAYERS = [("pqd.errors",), ("pqd.params",), ("pqd.core",), ("pqd.formats",), ("pqd.diffusion",), ("pqd.eval", "pqd.deploy"),
-          ("pqd.stages",), ("pqd.ops", "pqd.bench"), ("pqd.api", "flows")]
+          ("pqd.stages",), ("pqd.ops",), ("pqd.bench",), ("pqd.api", "flows")]
 RANK = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}
 
 

@@ -1,7 +1,8 @@
 """``python -m pqd.bench.diagnose``: why one row of ``make bench`` does better or worse than another.
 
-For two rows of the bench (default: PQD and the Q-Diffusion-like preset at W4A8) in every replicate found under
-``--out``, from the rows' own outputs:
+For two cells of the bench (e.g. ``digits-r0-w4-pqd`` and ``digits-r0-w4-qdiffusion``) in one or more replicates,
+from the cells' own outputs: each cell's ``data/`` folder in a checkout of its experiment (``dvc exp apply <cell>``
+in a clone of the project; the FP model and trajectories are the first cell's, the same for both in a replicate):
 
 - **steps drawn**: where on the schedule each calibration set sits (mean step position u, and the share of its
   inputs in each time group of the first row);
@@ -12,7 +13,7 @@ For two rows of the bench (default: PQD and the Q-Diffusion-like preset at W4A8)
   help);
 - **per unit**: the block reconstruction's output error of each unit (``qstate/reconstruction.csv``).
 
-Outputs: ``<out>/diagnose-<model>-<first>-vs-<second>.md`` (printed too) and ``.png``.
+Outputs: ``<out>/diagnose-<first>-vs-<second>.md`` (printed too) and ``.png``.
 """
 
 from __future__ import annotations
@@ -83,28 +84,26 @@ def per_step_error(fp: Path, rows: dict[str, Path], seeds: int = PER_STEP_SEEDS)
     return out
 
 
-def diagnose(out: Path, model: str, first: str, second: str) -> tuple[str, list[pd.DataFrame]]:
-    """Markdown comparing rows ``first`` and ``second`` (row folder names, e.g. w4-pqd) in every replicate of
-    ``model`` under ``out``, and the per-step errors of each replicate (for the plot)."""
-    reps = sorted(p for p in (out / model).glob("r*") if (p / first / "export").is_dir() and (p / second / "export").is_dir())
-    if not reps:
-        raise SystemExit(f"pqd diagnose: no replicate of {model} under {out} has both {first} and {second}")
-    lines = [f"# {model}: {first} vs {second} ({len(reps)} replicates)", ""]
+def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str) -> tuple[str, list[pd.DataFrame]]:
+    """Markdown comparing rows ``first`` and ``second`` in each replicate (name -> the two cells' data folders), and
+    the per-step errors of each replicate (for the plot)."""
+    lines = [f"# {first} vs {second} ({len(replicates)} replicates)", ""]
     steps, spreads, units, per_step = [], [], [], []
-    for rep in reps:
-        thresholds = qcodec.time_groups(qcodec.read_qmap(rep / first / "qstate")).thresholds
+    for rep, pair in replicates.items():
+        dirs = dict(zip((first, second), pair))
+        thresholds = qcodec.time_groups(qcodec.read_qmap(dirs[first] / "qstate")).thresholds
         for name in (first, second):
-            steps.append({"replicate": rep.name, "row": name, **steps_drawn(rep / name, thresholds)})
-            sp = group_spread(rep / name)
+            steps.append({"replicate": rep, "row": name, **steps_drawn(dirs[name], thresholds)})
+            sp = group_spread(dirs[name])
             if not sp.empty:
-                spreads.append({"replicate": rep.name, "row": name, "quantizers": len(sp),
+                spreads.append({"replicate": rep, "row": name, "quantizers": len(sp),
                                 "median spread": sp["spread"].median(), "max spread": sp["spread"].max(),
                                 "largest at": sp.loc[sp["spread"].idxmax(), "layer"]})
-            rec = pd.read_csv(rep / name / "qstate" / "reconstruction.csv")[["unit", "mse_after"]]
-            units.append(rec.assign(replicate=rep.name, row=name))
-        err = per_step_error(rep / "fp", {first: rep / first, second: rep / second})
+            rec = pd.read_csv(dirs[name] / "qstate" / "reconstruction.csv")[["unit", "mse_after"]]
+            units.append(rec.assign(replicate=rep, row=name))
+        err = per_step_error(dirs[first], dirs)
         err["group"] = np.searchsorted(-np.asarray(thresholds), -err["t"].to_numpy(), side="right") if thresholds else 0
-        per_step.append(err.assign(replicate=rep.name))
+        per_step.append(err.assign(replicate=rep))
     lines += ["## Steps drawn for calibration (share of inputs per time group of " + first + ")", "",
               pd.DataFrame(steps).to_markdown(index=False, floatfmt=".3f"), ""]
     lines += ["## Activation ranges across time groups (largest / smallest range of a quantizer)", "",
@@ -149,14 +148,16 @@ def plot(per_step: list[pd.DataFrame], first: str, second: str, path: Path) -> N
 @command("pqd diagnose")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.bench.diagnose", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="data/bench", help="the bench's output folder")
-    ap.add_argument("--model", default="digits", help="a model folder under --out (digits, digits16, ...)")
-    ap.add_argument("--rows", default="w4-pqd,w4-qdiffusion", help="two row folders: first,second")
+    ap.add_argument("--first", required=True, help="the first row's data folders, one per replicate (comma-separated)")
+    ap.add_argument("--second", required=True, help="the second row's data folders, in the same order")
+    ap.add_argument("--names", default="first,second", help="the two rows' names in the report")
+    ap.add_argument("--out", default="data/bench", help="where the report goes")
     args = ap.parse_args(argv)
-    first, second = args.rows.split(",")
-    out = Path(args.out)
-    md, per_step = diagnose(out, args.model, first, second)
-    stem = out / f"diagnose-{args.model}-{first}-vs-{second}"
+    first, second = args.names.split(",")
+    pairs = list(zip(args.first.split(","), args.second.split(",")))
+    md, per_step = diagnose({f"r{k}": (Path(a), Path(b)) for k, (a, b) in enumerate(pairs)}, first, second)
+    stem = Path(args.out) / f"diagnose-{first}-vs-{second}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(md)
     plot(per_step, first, second, stem.with_suffix(".png"))
     print(md)

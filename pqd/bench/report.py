@@ -1,14 +1,53 @@
-"""The tables and pictures of ``make bench``: means with intervals per model and row, paired verdicts."""
+"""The tables and pictures of ``make bench`` from the cells' typed results (pqd.ops.result.Result): one line per
+cell with the stages' own metrics (``<stage>.<key>``) and the release gate's statistics (``gate.<threshold>``, from
+pqd.ops.release.gate_statistics); means with intervals per model and row, paired verdicts.
+
+Outputs in ``out``: ``bench.md`` (tables with intervals and paired verdicts), ``bench.csv`` (one line per model and
+row: means and intervals; a DVC plot), ``bench_replicates.csv`` (every cell), ``bench_paired.csv``, ``bench.png`` and
+``bench_paired.png``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from pqd.bench.stats import NO_DIFFERENCE
+from pqd.bench.plan import ROWS, comparison_pairs
+from pqd.bench.stats import NO_DIFFERENCE, compare, summarize
+from pqd.ops.release import gate_statistics
+from pqd.ops.result import Result, flat_metrics
 
-LABELS = {"fid_vs_fp": "FID vs FP", "delta_fid": "ΔFID", "psnr_db": "PSNR dB", "fid_vs_data": "FID vs data"}
+FID_VS_FP, DELTA_FID, PSNR, FID_VS_DATA = ("evaluate.fid_quant_vs_fp", "evaluate.delta_fid", "evaluate.psnr_mean",
+                                           "evaluate.fid_quant_vs_ref")
+LABELS = {FID_VS_FP: "FID vs FP", DELTA_FID: "ΔFID", PSNR: "PSNR dB", FID_VS_DATA: "FID vs data"}
+GATE_DELTA, GATE_FID, GATE_PSNR = ("gate.delta_fid_fraction", "gate.fid_vs_fp_fraction", "gate.psnr_margin_db")
+
+
+def cell_line(model: str, replicate: int, row: str, r: Result) -> dict[str, Any]:
+    """One line of ``bench_replicates.csv``: the cell's labels, its stages' metrics and the gate's statistics."""
+    gate = gate_statistics(r.metrics.evaluate)
+    return {"model": model, "replicate": replicate, "key": row, "row": ROWS[row].label, "bits": r.bits.upper(),
+            **flat_metrics(r), **({f"gate.{k}": v for k, v in dataclasses.asdict(gate).items()} if gate else {})}
+
+
+def write_outputs(lines: list[dict[str, Any]], rows: list[str], out: Path, confidence: float,
+                  thresholds: dict[str, float], times: dict[str, float]) -> str:
+    """Tables and plots of the cells' ``lines`` (:func:`cell_line`) in ``out``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(lines)
+    df.to_csv(out / "bench_replicates.csv", index=False)
+    summary, paired = summarize(df, confidence), compare(df, comparison_pairs(rows), confidence)
+    summary.to_csv(out / "bench.csv", index=False)
+    paired.to_csv(out / "bench_paired.csv", index=False)
+    md = markdown(summary, paired, confidence, times, thresholds)
+    (out / "bench.md").write_text(md)
+    plot_summary(summary, out / "bench.png")
+    plot_paired(paired, out / "bench_paired.png")
+    return md
 VERDICT_COLOR = {"better": "#2a9d3a", "worse": "#c0392b", NO_DIFFERENCE: "#7f7f7f"}
 
 
@@ -30,7 +69,7 @@ def _mean_ci(r: pd.Series, m: str, digits: int = 3) -> str:
 
 
 def _boot(r: pd.Series, m: str, digits: int = 3) -> str:
-    lo, hi = r.get(f"{m}_boot_lo", math.nan), r.get(f"{m}_boot_hi", math.nan)
+    lo, hi = r.get(f"{m}_ci.lo", math.nan), r.get(f"{m}_ci.hi", math.nan)
     return f"[{_num(lo, digits)}, {_num(hi, digits)}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
 
 
@@ -43,10 +82,10 @@ def summary_table(summary: pd.DataFrame) -> str:
     for model, g in summary.groupby("model", sort=False):
         lines = [f"**{model}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for _, r in g.iterrows():
-            cells = [r["row"], r["bits"], str(r["n"]), _mean_ci(r, "fid_vs_fp"), _boot(r, "fid_vs_fp"),
-                     _mean_ci(r, "delta_fid"), _boot(r, "delta_fid"), _mean_ci(r, "psnr_db", 2),
-                     _mean_ci(r, "fid_vs_data"), _boot(r, "fid_vs_data"), _mean_ci(r, "fp_fid_vs_data"),
-                     _mean_ci(r, "noise_floor"), _num(r.get("calib_seconds", math.nan), 1)]
+            cells = [r["row"], r["bits"], str(r["n"]), _mean_ci(r, FID_VS_FP), _boot(r, FID_VS_FP),
+                     _mean_ci(r, DELTA_FID), _boot(r, DELTA_FID), _mean_ci(r, PSNR, 2), _mean_ci(r, FID_VS_DATA),
+                     _boot(r, FID_VS_DATA), _mean_ci(r, "evaluate.fid_fp_vs_ref"), _mean_ci(r, "evaluate.noise_floor"),
+                     _num(r.get("calibrate.seconds", math.nan), 1)]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -76,7 +115,7 @@ def paired_table(paired: pd.DataFrame) -> str:
 def gate_table(summary: pd.DataFrame, thresholds: dict[str, float]) -> str:
     """Per model and row, the range over replicates of what the release gate's quality checks compare with their
     thresholds (``thresholds``: release.* of the bench's params), and how many replicates pass all three."""
-    if "gate_delta_fid_fraction_min" not in summary:
+    if f"{GATE_DELTA}_min" not in summary:
         return "(no intervals recorded: evaluate.bootstrap = 0)"
     t = thresholds
     head = ["row", "bits", "R", "ΔFID upper / FP FID", "FID vs FP upper / noise floor",
@@ -87,19 +126,17 @@ def gate_table(summary: pd.DataFrame, thresholds: dict[str, float]) -> str:
     for model, g in summary.groupby("model", sort=False):
         lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, r in g.iterrows():
-            rng = [f"{_num(r[f'{m}_min'])} - {_num(r[f'{m}_max'])}" for m in
-                   ("gate_delta_fid_fraction", "gate_fid_vs_fp_fraction")]
-            rng.append(f"{_num(r['gate_psnr_margin_db_min'], 2)} - {_num(r['gate_psnr_margin_db_max'], 2)}")
+            rng = [f"{_num(r[f'{m}_min'])} - {_num(r[f'{m}_max'])}" for m in (GATE_DELTA, GATE_FID)]
+            rng.append(f"{_num(r[f'{GATE_PSNR}_min'], 2)} - {_num(r[f'{GATE_PSNR}_max'], 2)}")
             lines.append("| " + " | ".join([r["row"], r["bits"], str(r["n"]), *rng]) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
 def markdown(summary: pd.DataFrame, paired: pd.DataFrame, confidence: float, times: dict[str, float],
-             complete: bool, thresholds: dict[str, float]) -> str:
+             thresholds: dict[str, float]) -> str:
     pct = f"{confidence:.0%}"
-    head = ("" if complete else "**Partial: the bench is still running; the tables hold the replicates done so far.**\n\n")
-    return (head + f"## Methods over replicates (mean [{pct} t-interval over R replicates]; bootstrap: {pct} interval "
+    return (f"## Methods over replicates (mean [{pct} t-interval over R replicates]; bootstrap: {pct} interval "
             "over samples, mean of the replicates' bounds)\n\n" + summary_table(summary)
             + f"\n\n## Paired comparisons (difference within each replicate, mean [{pct} t-interval]; the verdict is "
             "for the first row: lower FID / ΔFID and higher PSNR are better)\n\n" + paired_table(paired)
@@ -121,7 +158,7 @@ def plot_summary(summary: pd.DataFrame, path) -> None:
     """One row of panels per model (FID vs FP, ΔFID, PSNR), each row of the bench a bar with its t-interval."""
     plt = _pyplot()
     models = list(summary["model"].unique())
-    metrics = ("fid_vs_fp", "delta_fid", "psnr_db")
+    metrics = (FID_VS_FP, DELTA_FID, PSNR)
     fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.6 * len(models)), squeeze=False)
     for ax_row, model in zip(axes, models):
         g = summary[summary["model"] == model].reset_index(drop=True)
@@ -129,7 +166,7 @@ def plot_summary(summary: pd.DataFrame, path) -> None:
         for ax, m in zip(ax_row, metrics):
             err = [(g[m] - g[f"{m}_lo"]).clip(lower=0).fillna(0), (g[f"{m}_hi"] - g[m]).clip(lower=0).fillna(0)]
             ax.bar(range(len(g)), g[m], color=colors, yerr=err, capsize=3)
-            if m == "delta_fid":
+            if m == DELTA_FID:
                 ax.axhline(0, color="k", lw=0.8)
             ax.set_xticks(range(len(g)), [f"{r} {b}" for r, b in zip(g["row"], g["bits"])], rotation=45, ha="right",
                           fontsize=8)

@@ -16,17 +16,20 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-# metric -> True when lower is better
-DIRECTION = {"fid_vs_fp": True, "delta_fid": True, "fid_vs_data": True, "psnr_db": False, "unet_output_mse": True}
+# Metrics are the stages' own (``<stage>.<key>`` of pqd.formats.metrics, flattened as pqd.ops.result.flat_metrics
+# does); metric -> True when lower is better
+DIRECTION = {"evaluate.fid_quant_vs_fp": True, "evaluate.delta_fid": True, "evaluate.fid_quant_vs_ref": True,
+             "evaluate.psnr_mean": False, "calibrate.unet_output_mse": True}
 # metrics summarised over replicates (mean and t-interval)
-SUMMARY = ("fid_vs_data", "fp_fid_vs_data", "delta_fid", "fid_vs_fp", "noise_floor", "psnr_db", "psnr_other_seed",
-           "unet_output_mse", "calib_seconds", "peak_rss_mb", "size_ratio")
-# the release gate's statistics of each cell (pqd.bench.methods.run_row): summarised by their range over replicates
-GATE = ("gate_delta_fid_fraction", "gate_fid_vs_fp_fraction", "gate_psnr_margin_db")
-# metrics with a per-replicate bootstrap interval over samples (columns <m>_boot_lo, <m>_boot_hi)
-BOOTSTRAPPED = ("fid_vs_data", "delta_fid", "fid_vs_fp", "psnr_db")
+SUMMARY = ("evaluate.fid_quant_vs_ref", "evaluate.fid_fp_vs_ref", "evaluate.delta_fid", "evaluate.fid_quant_vs_fp",
+           "evaluate.noise_floor", "evaluate.psnr_mean", "evaluate.psnr_other_seed_mean", "calibrate.unet_output_mse",
+           "calibrate.seconds", "export.size_ratio")
+# the release gate's statistics of each cell (pqd.ops.release.gate_statistics): summarised by their range
+GATE = ("gate.delta_fid_fraction", "gate.fid_vs_fp_fraction", "gate.psnr_margin_db")
+# metrics with a per-replicate bootstrap interval over samples (the evaluation's <m>_ci.lo, <m>_ci.hi)
+BOOTSTRAPPED = ("evaluate.fid_quant_vs_ref", "evaluate.delta_fid", "evaluate.fid_quant_vs_fp", "evaluate.psnr_mean")
 # metrics on which rows are compared
-COMPARED = ("fid_vs_fp", "delta_fid", "psnr_db")
+COMPARED = ("evaluate.fid_quant_vs_fp", "evaluate.delta_fid", "evaluate.psnr_mean")
 NO_DIFFERENCE = "no difference shown"
 
 
@@ -64,7 +67,8 @@ def verdict(diff: MeanInterval, lower_is_better: bool) -> str:
 def summarize(df: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """One line per (model, row) of the per-replicate results ``df`` (columns model, row, bits, replicate and the
     metrics): n, and for each metric of SUMMARY its mean, _lo and _hi (t-interval over replicates); for each metric
-    of BOOTSTRAPPED the mean over replicates of its per-replicate bootstrap bounds (_boot_lo, _boot_hi)."""
+    of BOOTSTRAPPED the mean over replicates of its per-replicate bootstrap bounds (_ci.lo, _ci.hi); for each of
+    GATE its _min and _max."""
     out = []
     for (model, row, bits), g in df.groupby(["model", "row", "bits"], sort=False):
         line: dict[str, object] = {"model": model, "row": row, "bits": bits, "cell": f"{model} | {row} {bits}",
@@ -78,7 +82,7 @@ def summarize(df: pd.DataFrame, confidence: float) -> pd.DataFrame:
                 line.update({f"{m}_min": float(g[m].min()), f"{m}_max": float(g[m].max())})
         for m in BOOTSTRAPPED:
             for side in ("lo", "hi"):
-                col = f"{m}_boot_{side}"
+                col = f"{m}_ci.{side}"
                 if col in g:
                     line[col] = float(g[col].mean())
         out.append(line)

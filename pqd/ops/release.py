@@ -125,31 +125,53 @@ def _unusable(ev: EvaluateMetrics) -> list[str]:
     return bad
 
 
+@dataclass(frozen=True)
+class GateStatistics:
+    """What the quality checks compare with ``release.*``, each named after its threshold: ΔFID's upper bound / FID(FP,
+    reference), FID(quantized, FP)'s upper bound / noise floor, mean PSNR's lower bound - FP images of other seeds."""
+
+    delta_fid_fraction: float
+    fid_vs_fp_fraction: float
+    psnr_margin_db: float
+
+
+def _ratio(x: float, y: float) -> float:
+    return x / y if y > 0 else math.inf
+
+
+def gate_statistics(ev: EvaluateMetrics | None) -> GateStatistics | None:
+    """The gate's statistics of an evaluation (:func:`quality_checks`); None without finite intervals."""
+    if ev is None or _unusable(ev):
+        return None
+    return GateStatistics(_ratio(ev.delta_fid_ci.hi, ev.fid_fp_vs_ref), _ratio(ev.fid_quant_vs_fp_ci.hi, ev.noise_floor),
+                          ev.psnr_mean_ci.lo - ev.psnr_other_seed_mean)
+
+
 def quality_checks(ev: EvaluateMetrics | None, rp: ReleaseParams) -> list[Check]:
-    """The three quality checks on the evaluation's intervals, each against the model's own numbers."""
+    """The three quality checks on the evaluation's intervals (:func:`gate_statistics`), each against the model's
+    own numbers."""
     names = ("delta_fid", "fid_vs_fp", "psnr")
     bad = ["evaluate.json is missing"] if ev is None else _unusable(ev)
     if bad:
         why = (f"no finite {', '.join(bad)} in evaluate.json: the gate judges intervals; set evaluate.bootstrap "
                ">= 100 and re-run evaluate (dvc repro)")
         return [Check(n, False, why) for n in names]
-    d, f, q = ev.delta_fid_ci, ev.fid_quant_vs_fp_ci, ev.psnr_mean_ci
-    delta_limit = rp.delta_fid_fraction * ev.fid_fp_vs_ref
-    fid_limit = rp.fid_vs_fp_fraction * ev.noise_floor
-    psnr_limit = ev.psnr_other_seed_mean + rp.psnr_margin_db
+    d, f, q, st = ev.delta_fid_ci, ev.fid_quant_vs_fp_ci, ev.psnr_mean_ci, gate_statistics(ev)
+    ok = (st.delta_fid_fraction <= rp.delta_fid_fraction, st.fid_vs_fp_fraction <= rp.fid_vs_fp_fraction,
+          st.psnr_margin_db >= rp.psnr_margin_db)
     return [
-        Check("delta_fid", d.hi <= delta_limit,
-              f"ΔFID {ev.delta_fid:.4g} {d}: upper bound {'<=' if d.hi <= delta_limit else '>'} "
-              f"release.delta_fid_fraction {rp.delta_fid_fraction:g} x FID FP vs reference {ev.fid_fp_vs_ref:.4g} "
-              f"= {delta_limit:.4g}"),
-        Check("fid_vs_fp", f.hi <= fid_limit,
-              f"FID quantized vs FP {ev.fid_quant_vs_fp:.4g} {f}: upper bound {'<=' if f.hi <= fid_limit else '>'} "
+        Check("delta_fid", ok[0],
+              f"ΔFID {ev.delta_fid:.4g} {d}: upper bound {'<=' if ok[0] else '>'} release.delta_fid_fraction "
+              f"{rp.delta_fid_fraction:g} x FID FP vs reference {ev.fid_fp_vs_ref:.4g} "
+              f"= {rp.delta_fid_fraction * ev.fid_fp_vs_ref:.4g}"),
+        Check("fid_vs_fp", ok[1],
+              f"FID quantized vs FP {ev.fid_quant_vs_fp:.4g} {f}: upper bound {'<=' if ok[1] else '>'} "
               f"release.fid_vs_fp_fraction {rp.fid_vs_fp_fraction:g} x noise floor {ev.noise_floor:.4g} "
-              f"= {fid_limit:.4g}"),
-        Check("psnr", q.lo >= psnr_limit,
+              f"= {rp.fid_vs_fp_fraction * ev.noise_floor:.4g}"),
+        Check("psnr", ok[2],
               f"mean PSNR vs FP {ev.psnr_mean:.2f} dB [{q.lo:.2f}, {q.hi:.2f}]: lower bound "
-              f"{'>=' if q.lo >= psnr_limit else '<'} FP images of other seeds {ev.psnr_other_seed_mean:.2f} dB + "
-              f"release.psnr_margin_db {rp.psnr_margin_db:g} = {psnr_limit:.2f} dB"),
+              f"{'>=' if ok[2] else '<'} FP images of other seeds {ev.psnr_other_seed_mean:.2f} dB + "
+              f"release.psnr_margin_db {rp.psnr_margin_db:g} = {ev.psnr_other_seed_mean + rp.psnr_margin_db:.2f} dB"),
     ]
 
 
@@ -243,7 +265,7 @@ def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.Tra
         metrics += [(f"export.{k}", _num(getattr(ex, k)), "-")
                     for k in ("size_ratio", "export_unet_bytes", "fp32_unet_bytes")]
     lineage = [("git commit", f"{tags['git.commit']} (dirty: {tags['git.dirty']})"), ("MLflow run", run.run_id),
-               ("result fingerprint", run.fingerprint), ("source model", tags["pqd.source_model"]),
+               ("result hash", run.result_hash), ("source model", tags["pqd.source_model"]),
                ("source model sha256", tags["pqd.model_sha256"])]
     lineage += [(k, v) for k, v in sorted(tags.items()) if k.startswith("dvc.lock")]
     lineage += sorted(remote.release_tags(r.root, r.lock).items())

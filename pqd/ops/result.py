@@ -1,5 +1,5 @@
 """A PQD result on disk: what ``dvc repro`` / ``dvc exp run`` leaves in a project folder (params.yaml, dvc.lock,
-the outputs and metrics dvc.yaml names), read into a typed :class:`Result`, with its fingerprint, flattened
+the outputs and metrics dvc.yaml names), read into a typed :class:`Result`, with its hash, flattened
 params and metrics, and lineage tags. Plain files only: pqd.ops.tracking turns a Result into an MLflow run.
 """
 
@@ -21,7 +21,7 @@ from pqd.formats.lineage import MODEL_RECORD, canonical_json, git_commit, lock_s
 from pqd.formats.metrics import PipelineMetrics
 from pqd.params import Params, as_dict, load_params
 
-BENCH_DIR = "data/bench"  # the bench table of `make bench` (python -m pqd.bench's default --out)
+BENCH_DIR = "data/bench"  # the tables of `make bench` (python -m flows.bench's default --out)
 _PARAM_MAX = 6000  # longest param value MLflow accepts
 
 
@@ -93,7 +93,7 @@ def read_result(root: str | Path = ".") -> Result:
                   lock=lock, options=stage_options(dvc_yaml))
 
 
-def fingerprint(r: Result) -> str:
+def result_hash(r: Result) -> str:
     """sha256 identifying a result: dvc.lock (every dep, param and output hash), params, metrics and the
     export manifest. Git state is left out, so committing after tracking does not make a new run."""
     manifest = r.export_dir / MANIFEST

@@ -5,7 +5,7 @@ outputs dvc.yaml names). ``track`` makes it one MLflow run: params and stage met
 (``quant.weight_bits``, ``evaluate.delta_fid``); artifacts ``metrics/`` (metrics folders: JSON, sample
 grids), ``plots/``, ``export/``, ``bench/`` (the ``make bench`` table, when present), ``lineage/``
 (params.yaml, dvc.lock, model.json); tags for git commit and dirty flag, each dvc.lock stage's hash, the
-source model sha256, the evaluation protocol and ``pqd.fingerprint``, the result's hash that makes
+source model sha256, the evaluation protocol and ``pqd.result_hash``, the result's hash that makes
 re-tracking reuse its run.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set (a real ``mlflow server`` works the same), else
@@ -38,7 +38,7 @@ from pqd.errors import PqdError, TrackingError, command
 from pqd.formats.calibset import META
 from pqd.formats.export import MANIFEST
 from pqd.formats.lineage import MODEL_RECORD, canonical_json, sha256_text
-from pqd.ops.result import (BENCH_DIR, fingerprint, flat_metrics, flat_params, lineage_tags, model_slug,
+from pqd.ops.result import (BENCH_DIR, result_hash, flat_metrics, flat_params, lineage_tags, model_slug,
                              read_result)
 from pqd.ops.serving import Sampler
 
@@ -46,7 +46,7 @@ from pqd.ops.serving import Sampler
 DEFAULT_EXPERIMENT = "pqd"
 ARTIFACTS_DIR = "mlartifacts"  # next to a default sqlite database
 MODEL_ARTIFACT = "release/model"  # where a release's pyfunc model sits inside its run
-FINGERPRINT_TAG = "pqd.fingerprint"
+RESULT_HASH_TAG = "pqd.result_hash"
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 _BATCH = 100  # MLflow's limit on params/tags per log_batch call
 
@@ -115,8 +115,8 @@ def experiment_id(c: MlflowClient, name: str) -> str:
 class TrackedRun:
     run_id: str
     experiment_id: str
-    fingerprint: str
-    created: bool  # False: an existing finished run with this fingerprint was reused
+    result_hash: str
+    created: bool  # False: an existing finished run with this result_hash was reused
     uri: str
     name: str
 
@@ -136,11 +136,11 @@ def _open_run(c: MlflowClient, experiment: str, fp: str, name: str, tags: dict[s
     """(run id, experiment id, created): the finished run tagged ``fp``, or a new one. Unfinished runs
     with that tag (an interrupted tracking) are deleted, so re-tracking replaces them."""
     exp_id = experiment_id(c, experiment)
-    for run in c.search_runs([exp_id], filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fp}'", max_results=50):
+    for run in c.search_runs([exp_id], filter_string=f"tags.`{RESULT_HASH_TAG}` = '{fp}'", max_results=50):
         if reuse_unfinished or run.info.status == RunStatus.to_string(RunStatus.FINISHED):
             return run.info.run_id, exp_id, False
         c.delete_run(run.info.run_id)
-    tags = {**tags, FINGERPRINT_TAG: fp, "mlflow.runName": name}
+    tags = {**tags, RESULT_HASH_TAG: fp, "mlflow.runName": name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return c.create_run(exp_id, tags=tags, run_name=name).info.run_id, exp_id, True
@@ -156,7 +156,7 @@ def track(root: str | Path = ".", experiment: str = DEFAULT_EXPERIMENT, *, paren
     tracking store receives the run (default ``root``; a sweep cell's workspace tracks into its project's)."""
     r = read_result(root)
     c = client(store if store is not None else r.root)
-    fp = fingerprint(r)
+    fp = result_hash(r)
     if parent_run_id:
         fp = sha256_text(fp + parent_run_id)
     name = run_name or f"{model_slug(r.params)}-{r.bits}-{fp[:8]}"
@@ -254,7 +254,7 @@ def register_version(run: TrackedRun, root: str | Path, name: str, card: str, ta
     c = client(root)
     _registered(c, name, f"PQD quantized releases of {r.params.model.source} at {r.bits.upper()}.")
     existing = [v for v in c.search_model_versions(f"name = '{name}'")
-                if v.tags.get(FINGERPRINT_TAG) == run.fingerprint]
+                if v.tags.get(RESULT_HASH_TAG) == run.result_hash]
     if existing:
         version, created = existing[0].version, False
     else:
@@ -275,7 +275,7 @@ def register_version(run: TrackedRun, root: str | Path, name: str, card: str, ta
             c.log_artifact(run.run_id, str(r.export_dir / MANIFEST), "release")
         summary = card if len(card) <= 4800 else card[:4800] + "\n\n(truncated: the full card is release/model_card.md)"
         mv = c.create_model_version(name, f"runs:/{run.run_id}/{MODEL_ARTIFACT}", run_id=run.run_id,
-                                    tags={**tags, FINGERPRINT_TAG: run.fingerprint}, description=summary)
+                                    tags={**tags, RESULT_HASH_TAG: run.result_hash}, description=summary)
         version, created = mv.version, True
     c.set_registered_model_alias(name, alias, str(version))
     return RegisteredVersion(name, str(version), run.run_id, created, alias)

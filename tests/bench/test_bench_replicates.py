@@ -1,73 +1,80 @@
-"""make bench end to end on the reduced demo: replicates vary the seeds a user does not control, every number gets
-an interval, rows are compared in pairs, and the cache reruns only what is new."""
-
-import json
+"""make bench through the sweep's runner on the operations project (the tiny random pipeline): each cell a DVC
+experiment named <model>-r<k>-<row>, replicates vary the seeds a user does not control, every number gets an
+interval, rows are compared in pairs, and a rerun restores every stage from DVC's run cache."""
 
 import pandas as pd
 import pytest
 import yaml
 
-from pqd.bench import methods
-from support.projects import small_params
+from flows.tasks import run_dvc
+from pqd.bench import plan
+from pqd.errors import ParamError
+from support.projects import ROOT, clone, reproduced_project
 
-pytestmark = pytest.mark.slow  # trains and calibrates the demo twice over
+ROWS = ["w8-pqd", "w8-minmax"]  # a paired comparison; w8-minmax of replicate 0 is the project's own result
 
-ROW_PQD, ROW_UNIFORM = 7, 8  # PQD at W4A8, and PQD with uniform steps: a paired comparison
+
+def test_plan_names_cells_and_moves_the_replicates_seeds():
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cells = plan.plan(base, ["demo:digits16"], ["w4-pqd-uniform-steps"], 2, ["generate.eval_samples=64"])
+    assert [c.name for c in cells] == ["digits16-r0-w4-pqd-uniform-steps", "digits16-r1-w4-pqd-uniform-steps"]
+    o = dict(x.split("=", 1) for x in cells[1].overrides)
+    assert (o["model.source"], o["model.channels"], o["generate.eval_samples"]) == ("demo:digits16", "[32,64]", "64")
+    assert (o["model.seed"], o["generate.calib_seed_base"], o["select.seed"]) == ("1", "1001000000", "1")
+    assert (o["calibrate.time_groups"], o["quant.weight_bits"], o["select.timesteps"]) == ("null", "4", "uniform")
+    assert cells[1].shared == cells[1].overrides[:len(cells[1].shared)] and "select.timesteps=uniform" not in cells[1].shared
+    assert plan.row_names("shared")[:2] == ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls"]
+    with pytest.raises(ParamError, match="bench: --rows '3' is not allowed: expected a row set"):
+        plan.row_names("3,0")
+    with pytest.raises(ParamError, match="--replicates 0 is not allowed"):
+        plan.plan(base, ["demo:digits"], ROWS, 0)
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bench")
-    params = d / "params.yaml"
-    params.write_text(yaml.safe_dump(small_params(model={"train_steps": 20, "feature_epochs": 1, "batch_size": 32},
-                                                  generate={"steps": 8, "eval_samples": 24, "batch_size": 24},
-                                                  select={"num_samples": 32}, )))
-    argv = ["--params", str(params), "--out", str(d / "out"), "--models", "demo:digits", "--replicates", "2"]
-    assert methods.main([*argv, "--rows", str(ROW_PQD)]) == 0
-    first = {f: f.stat().st_mtime_ns for f in (d / "out").rglob(methods.KEY_FILE)}
-    assert methods.main([*argv, "--rows", f"{ROW_PQD},{ROW_UNIFORM}"]) == 0
-    return d / "out", first
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
 
 
-def test_replicates_vary_model_and_calibration_seeds(bench):
-    out, _ = bench
-    r0, r1 = (out / "digits" / f"r{k}" / "fp" for k in (0, 1))
-    assert json.loads((r0 / "model/model.json").read_text())["model_sha256"] != \
-        json.loads((r1 / "model/model.json").read_text())["model_sha256"]  # model.seed 0 and 1
-    seeds = [pd.read_parquet(r / "trajectories/index.parquet")["seed"].min() for r in (r0, r1)]
-    assert seeds == [1_000_000_000, 1_000_000_000 + methods.REPLICATE_SEED_STRIDE]
-    # the evaluation seeds do not vary: every row of every replicate is compared with FP images of seeds 0..23
-    for r in (r0, r1):
-        assert json.loads((r / "samples/fp/meta.json").read_text())["sets"]["a"] == {"seed_base": 0, "count": 24}
-    # the digit features are the same instrument in both replicates (model.feature_seed)
-    f0, f1 = ((r / "model/fid_features/model.safetensors").read_bytes() for r in (r0, r1))
-    assert f0 == f1
+@pytest.mark.slow  # real flow runs (Prefect, dvc exp run): make test-fast leaves them out
+def test_bench_over_two_replicates_then_a_rerun_restores_every_stage(harness, tmp_path, tmp_path_factory,
+                                                                      tiny_pipeline, ts_features):
+    from flows.bench import bench
 
-
-def test_adding_a_row_runs_only_that_row(bench):
-    out, first = bench
-    now = {f: f.stat().st_mtime_ns for f in out.rglob(methods.KEY_FILE)}
-    assert {f: now[f] for f in first} == first  # the FP outputs and the first row of both replicates were reused
-    new = sorted(str(f.relative_to(out).parent) for f in set(now) - set(first))
-    assert new == ["digits/r0/w4-pqd-uniform-steps", "digits/r1/w4-pqd-uniform-steps"]
-
-
-def test_tables_carry_intervals_and_paired_verdicts(bench):
-    out, _ = bench
+    project = clone(reproduced_project(tmp_path_factory, tiny_pipeline, ts_features), tmp_path / "p")
+    source, params_before = str(tiny_pipeline), (project / "params.yaml").read_text()
+    first = bench(str(project), models=[source], rows=ROWS, replicates=2)
+    ran = dict(zip(first.cells, first.ran_stages))
+    # replicate 0 shares the project's model and generate stages; replicate 1 (model.seed 1, calibration seeds
+    # + 10^6) runs them once, for its first row; the rows reset the method keys the project set (select.mu, ...)
+    for cell in ("pipe-r0-w8-pqd", "pipe-r0-w8-minmax", "pipe-r1-w8-minmax"):
+        assert "model" not in ran[cell] and "generate" not in ran[cell] and "calibrate" in ran[cell], (cell, ran[cell])
+    assert ran["pipe-r1-w8-pqd"][:2] == ("model", "generate")
+    out = project / "data/bench"
     reps = pd.read_csv(out / "bench_replicates.csv")
-    assert sorted(zip(reps["replicate"], reps["key"])) == [(0, "w4-pqd"), (0, "w4-pqd-uniform-steps"),
-                                                           (1, "w4-pqd"), (1, "w4-pqd-uniform-steps")]
-    line = pd.read_csv(out / "bench.csv").iloc[0]
-    vals = reps[reps["key"] == "w4-pqd"]["fid_vs_fp"]
-    assert (line["row"], line["n"]) == ("pqd", 2) and line["fid_vs_fp"] == pytest.approx(vals.mean())
-    assert line["fid_vs_fp_lo"] < line["fid_vs_fp"] < line["fid_vs_fp_hi"]
-    assert line["fid_vs_fp_boot_lo"] <= line["fid_vs_fp_boot_hi"]
-    # the paired difference is the mean of the per-replicate differences
+    assert sorted(zip(reps["replicate"], reps["key"])) == [(0, "w8-minmax"), (0, "w8-pqd"), (1, "w8-minmax"), (1, "w8-pqd")]
+    # the stages' own metric names, and the gate's statistics as pqd.ops.release computes them
+    assert {"evaluate.fid_quant_vs_fp", "evaluate.delta_fid_ci.hi", "export.size_ratio", "gate.psnr_margin_db"} <= set(reps)
+    assert reps["gate.delta_fid_fraction"].tolist() == pytest.approx(
+        (reps["evaluate.delta_fid_ci.hi"] / reps["evaluate.fid_fp_vs_ref"]).tolist())
+    line = pd.read_csv(out / "bench.csv").set_index("row").loc["pqd"]
+    vals = reps[reps["key"] == "w8-pqd"]["evaluate.fid_quant_vs_fp"]
+    assert line["n"] == 2 and line["evaluate.fid_quant_vs_fp"] == pytest.approx(vals.mean())
+    assert line["evaluate.fid_quant_vs_fp_lo"] < line["evaluate.fid_quant_vs_fp"] < line["evaluate.fid_quant_vs_fp_hi"]
     paired = pd.read_csv(out / "bench_paired.csv").set_index("metric")
-    by_rep = reps.pivot(index="replicate", columns="key", values="psnr_db")
-    assert paired.loc["psnr_db", "diff"] == pytest.approx((by_rep["w4-pqd-uniform-steps"] - by_rep["w4-pqd"]).mean())
-    assert set(paired["verdict"]) <= {"better", "worse", "no difference shown"} and (paired["n"] == 2).all()
+    by_rep = reps.pivot(index="replicate", columns="key", values="evaluate.psnr_mean")
+    assert paired.loc["evaluate.psnr_mean", "diff"] == pytest.approx((by_rep["w8-pqd"] - by_rep["w8-minmax"]).mean())
     md = (out / "bench.md").read_text()
-    assert "t-interval over R replicates" in md and "Partial" not in md
-    assert "| pqd, uniform steps W4A8 | pqd W4A8 | 2 |" in md
+    assert "t-interval over R replicates" in md and "| pqd W8A8 | minmax W8A8 | 2 |" in md.replace("W7A8", "W8A8")
     assert (out / "bench.png").is_file() and (out / "bench_paired.png").is_file()
+    # the workspace is put back; each cell is an experiment
+    assert (project / "params.yaml").read_text() == params_before
+    assert set(first.cells) <= set(run_dvc(project, ["exp", "list", "--name-only"]).output.split())
+    # a rerun of the same cells recomputes nothing: every stage restored from DVC's run cache
+    again = bench(str(project), models=[source], rows=ROWS, replicates=2)
+    assert again.cells == first.cells and again.ran_stages == ((),) * 4
+    keep = ["evaluate.fid_quant_vs_fp", "evaluate.delta_fid", "evaluate.psnr_mean", "export.size_ratio"]
+    assert pd.read_csv(out / "bench_replicates.csv")[keep].equals(reps[keep])
+

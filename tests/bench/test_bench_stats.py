@@ -39,12 +39,12 @@ def results() -> pd.DataFrame:
     while both vary by far more between replicates; PSNR differs by noise only."""
     rows = []
     for k, (base, noise) in enumerate([(0.5, 0.01), (0.9, -0.01), (0.2, 0.0)]):
-        rows.append({"model": "m", "replicate": k, "key": "w4-a", "row": "a", "bits": "W4A8", "fid_vs_fp": base,
-                     "delta_fid": base, "psnr_db": 30.0 + k, "fid_vs_fp_boot_lo": base - 0.05,
-                     "fid_vs_fp_boot_hi": base + 0.05})
+        rows.append({"model": "m", "replicate": k, "key": "w4-a", "row": "a", "bits": "W4A8", "evaluate.fid_quant_vs_fp": base,
+                     "evaluate.delta_fid": base, "evaluate.psnr_mean": 30.0 + k, "evaluate.fid_quant_vs_fp_ci.lo": base - 0.05,
+                     "evaluate.fid_quant_vs_fp_ci.hi": base + 0.05})
         rows.append({"model": "m", "replicate": k, "key": "w4-b", "row": "b", "bits": "W4A8",
-                     "fid_vs_fp": base + 0.10 + noise, "delta_fid": base + 0.10 + noise,
-                     "psnr_db": 30.0 + k + (0.3, -0.3, 0.1)[k], "fid_vs_fp_boot_lo": base, "fid_vs_fp_boot_hi": base + 0.2})
+                     "evaluate.fid_quant_vs_fp": base + 0.10 + noise, "evaluate.delta_fid": base + 0.10 + noise,
+                     "evaluate.psnr_mean": 30.0 + k + (0.3, -0.3, 0.1)[k], "evaluate.fid_quant_vs_fp_ci.lo": base, "evaluate.fid_quant_vs_fp_ci.hi": base + 0.2})
     return pd.DataFrame(rows)
 
 
@@ -52,12 +52,12 @@ def test_paired_comparison_sees_a_difference_the_unpaired_intervals_hide():
     df = results()
     summary = stats.summarize(df, 0.95).set_index("row")
     # unpaired: the two rows' intervals overlap widely
-    assert summary.loc["a", "fid_vs_fp_hi"] > summary.loc["b", "fid_vs_fp_lo"]
-    assert summary.loc["b", "fid_vs_fp_boot_lo"] == pytest.approx(np.mean([0.5, 0.9, 0.2]))
+    assert summary.loc["a", "evaluate.fid_quant_vs_fp_hi"] > summary.loc["b", "evaluate.fid_quant_vs_fp_lo"]
+    assert summary.loc["b", "evaluate.fid_quant_vs_fp_ci.lo"] == pytest.approx(np.mean([0.5, 0.9, 0.2]))
     paired = stats.compare(df, [("w4-a", "w4-b")], 0.95).set_index("metric")
-    assert paired.loc["fid_vs_fp", "diff"] == pytest.approx(-0.10)
-    assert paired.loc["fid_vs_fp", "verdict"] == "better"  # for the first row, a
-    assert paired.loc["psnr_db", "verdict"] == stats.NO_DIFFERENCE
+    assert paired.loc["evaluate.fid_quant_vs_fp", "diff"] == pytest.approx(-0.10)
+    assert paired.loc["evaluate.fid_quant_vs_fp", "verdict"] == "better"  # for the first row, a
+    assert paired.loc["evaluate.psnr_mean", "verdict"] == stats.NO_DIFFERENCE
     assert (paired["first"] == "a W4A8").all() and (paired["second"] == "b W4A8").all() and (paired["n"] == 3).all()
 
 

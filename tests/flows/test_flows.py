@@ -3,6 +3,7 @@ sqlite MLflow store, a real Dask LocalCluster for the concurrent sweep). The sch
 real `prefect server` on loopback is in tests/ops/test_team.py."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,22 +113,23 @@ def _sweep_view(project, result) -> dict:
 
 
 @pytest.mark.slow  # real flow runs (Prefect server, dvc, a Dask LocalCluster): make test-fast leaves them out
-def test_sweep_2x2_serial_and_on_a_two_worker_local_cluster_give_the_same_table(harness, project, tmp_path):
+def test_sweep_serial_and_on_a_two_worker_local_cluster_give_the_same_table(harness, project, tmp_path):
     from flows.sweep import on_dask, sweep
 
-    concurrent = clone(project, tmp_path / "concurrent")  # its own DVC cache: both sweeps compute the pqd cells
+    # two cells the project's run cache holds (W8A8 and W4A8 minmax): the runner's mechanics are under test
+    concurrent = clone(project, tmp_path / "concurrent")
     params_before = (project / "params.yaml").read_text()
     lock_before = (concurrent / "dvc.lock").read_text()
-    serial = sweep(str(project), bits=["w8a8", "w4a8"], methods=["minmax", "pqd"])
-    dask = on_dask(workers=2)(str(concurrent), bits=["w8a8", "w4a8"], methods=["minmax", "pqd"], isolated=True)
+    serial = sweep(str(project), bits=["w8a8", "w4a8"], methods=["minmax"])
+    dask = on_dask(workers=2)(str(concurrent), bits=["w8a8", "w4a8"], methods=["minmax"], isolated=True)
     # the serial sweep: parent + children, table on the parent, the workspace put back
     view = _sweep_view(project, serial)
-    assert view["children"] == ["w4a8-minmax", "w4a8-pqd", "w8a8-minmax", "w8a8-pqd"]
-    assert view["runs"] == sorted(view["children"] + ["sweep [w8a8, w4a8] x [minmax, pqd]"])
+    assert view["children"] == ["w4a8-minmax", "w8a8-minmax"]
+    assert view["runs"] == sorted(view["children"] + ["sweep [w8a8, w4a8] x [minmax]"])
     weight_bits = dict(db_rows(project, "SELECT run_uuid, value FROM params WHERE key = 'quant.weight_bits'"))
     runs = {name: run_id for run_id, name, _ in active_runs(project)}
-    assert (weight_bits[runs["w8a8-pqd"]], weight_bits[runs["w4a8-pqd"]]) == ("8", "4")
-    assert serial.rows[2]["size_ratio"] > serial.rows[0]["size_ratio"]  # 4-bit weights are packed
+    assert (weight_bits[runs["w8a8-minmax"]], weight_bits[runs["w4a8-minmax"]]) == ("8", "4")
+    assert serial.rows[1]["size_ratio"] > serial.rows[0]["size_ratio"]  # 4-bit weights are packed
     table = Path(serial.table_md).read_text()
     assert "| w4a8-minmax | w4a8 | minmax |" in table
     art = project / "mlartifacts/pqd" / serial.parent_run_id / "artifacts"
@@ -136,9 +138,26 @@ def test_sweep_2x2_serial_and_on_a_two_worker_local_cluster_give_the_same_table(
     assert "up to date" in run_dvc(project, ["status"]).output
     # on two Dask workers: the same rows, runs and experiments; its workspace never touched
     assert _sweep_view(concurrent, dask) == view
-    assert _exp_cells(concurrent) == _exp_cells(project) and len(_exp_cells(project)) == 4
+    assert _exp_cells(concurrent) == _exp_cells(project) and len(_exp_cells(project)) == 2
     assert (concurrent / "dvc.lock").read_text() == lock_before and "up to date" in run_dvc(concurrent, ["status"]).output
     assert not any((concurrent / ".dvc/tmp/pqd-sweep").glob("*/w*"))  # cell workspaces removed
+
+
+@pytest.mark.slow  # dvc exp run in a clone: make test-fast leaves it out
+def test_an_earlier_setting_is_restored_from_the_run_cache_in_a_fresh_clone(project, tmp_path):
+    """The cell workspaces' case: a clone sharing the project's DVC cache, its outputs (and the uncached metrics
+    files, cache: false in dvc.yaml) gone; going back to W4A8 and then W8A8 runs no stage."""
+    from flows.workspace import clone as workspace_clone
+
+    ws = workspace_clone(project, tmp_path / "ws")
+    for out in ("data/model", "data/trajectories", "data/samples", "data/calib", "data/qstate", "data/export",
+                "data/metrics"):
+        shutil.rmtree(ws / out)
+    for bits, model in ((4, "is cached - skipping run, checking out outputs"), (8, "didn't change, skipping")):
+        out = run_dvc(ws, ["exp", "run", "-S", f"quant.weight_bits={bits}"])
+        assert out.ran_stages == (), out.output
+        assert f"Stage 'model' {model}" in out.output  # its outputs were gone the first time, not the second
+        assert "Stage 'calibrate' is cached - skipping run, checking out outputs" in out.output
 
 
 @pytest.mark.slow  # real flow runs (Prefect server, dvc): make test-fast leaves them out

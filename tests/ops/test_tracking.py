@@ -55,7 +55,7 @@ def test_one_run_with_params_metrics_and_lineage_tags(tracked):
     assert len(set(stage_hashes.values())) == len(lock_stages) and all(len(h) == 64 for h in stage_hashes.values())
     assert tags["pqd.model_sha256"] == json.loads((d / "data/model/model.json").read_text())["model_sha256"]
     assert json.loads(tags["pqd.protocol"]) == ev["protocol"]
-    assert tags["pqd.fingerprint"] == run.fingerprint
+    assert tags["pqd.result_hash"] == run.result_hash
 
 
 def test_artifacts_hold_export_metrics_grid_and_lineage(tracked):
@@ -83,7 +83,7 @@ def test_retracking_is_idempotent_until_the_result_changes(tracked):
 
 def test_interrupted_tracking_is_replaced_not_duplicated(tmp_path_factory, tiny_pipeline, ts_features):
     d = clone(reproduced_project(tmp_path_factory, tiny_pipeline, ts_features), tmp_path_factory.mktemp("intr") / "p")
-    fp = tracking.fingerprint(tracking.read_result(d))
+    fp = tracking.result_hash(tracking.read_result(d))
     c = tracking.client(d)
     left, _, created = tracking._open_run(c, "pqd", fp, "interrupted", {}, None)  # created, never finished
     assert created and db_rows(d, "SELECT status FROM runs WHERE run_uuid = ?", left)[0][0] == "RUNNING"

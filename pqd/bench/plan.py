@@ -1,0 +1,195 @@
+"""The plan of ``make bench``: named rows x models x replicates -> cells, each a DVC experiment of this project
+(a name and ``-S key=value`` overrides of params.yaml), run by the sweep's runner (:mod:`flows.bench`).
+
+A **row** is a named calibration setting: its weight bits and the keys it sets over the method preset (every method
+key is reset to null first, so the row's ``calibrate.method`` preset fills in what the row does not set). Rows are
+named ``w<bits>-<label>`` (``w4-pqd-uniform-steps``); row sets are lists of names.
+
+A **replicate** k varies what a user does not control: the model itself where the benchmark trains it (the demos:
+``model.seed`` + k), the calibration trajectories' seeds (``generate.calib_seed_base`` + k x 10^6), the selection
+seed (``select.seed`` + k) and the reconstruction seed (``calibrate.seed`` + k); replicate 0 is params.yaml itself.
+The evaluation seeds stay the same, so every row of a replicate is compared image by image with the same FP samples.
+Every row of a replicate has the same model and generate params, so DVC runs those stages once per replicate and
+restores them from its run cache for the other rows.
+
+**Models**: ``model.source`` values; the demos get their bench settings (DEMO_BENCH), any other source is
+params.yaml with that source.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pqd.errors import ParamError
+from pqd.params import apply_overrides, params_from_dict
+from pqd.params.methods import METHOD_KEYS, METHODS
+
+Settings = dict[str, dict[str, Any]]  # {section: {key: value}}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str  # what the tables show, e.g. "pqd, uniform steps"
+    bits: int  # quant.weight_bits
+    settings: Settings = field(default_factory=dict)  # over the method preset
+
+    @property
+    def name(self) -> str:
+        """w<bits>-<label as a slug>, e.g. w4-pqd-uniform-steps."""
+        return f"w{self.bits}-" + slug(self.label)
+
+
+def slug(text: str) -> str:
+    return "-".join(filter(None, re.split(r"[^a-z0-9]+", text.lower())))
+
+
+SHARED = ", shared grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
+_PQD = {"calibrate": {"method": "pqd"}}
+_ALL_GLUE = ["residual", "temb", "silu", "concat", "attention"]
+_ALL_GLUE_ATTENTION = {"calibrate": {"method": "pqd", "split_shortcut": False},
+                       "quant": {"glue": _ALL_GLUE, "attention": True, "softmax_bits": 8}}
+_ROWS = [
+    *[Row(m, bits, {"calibrate": {"method": m}}) for bits in (8, 4) for m in METHODS],
+    Row("pqd, uniform steps", 4, {**_PQD, "select": {"timesteps": "uniform"}}),
+    Row("pqd, random selection", 4, {**_PQD, "select": {"rule": "random"}}),
+    Row("pqd, G=1", 4, {"calibrate": {"method": "pqd", "time_groups": 1}}),
+    Row("pqd, QDrop p=0", 4, {"calibrate": {"method": "pqd", "qdrop_p": 0.0}}),
+    # quantized attention matmuls (quant.attention), softmax output on 16 and on 8 bits (compare with w8-pqd)
+    Row("pqd, attention matmuls, softmax 16-bit", 8, {**_PQD, "quant": {"attention": True}}),
+    Row("pqd, attention matmuls, softmax 8-bit", 8, {**_PQD, "quant": {"attention": True, "softmax_bits": 8}}),
+    # integer codes of 8-bit weights (quant.reduce_range): 7-bit codes against full 8-bit codes, on this CPU
+    Row("pqd, 7-bit weight codes", 8, {**_PQD, "quant": {"reduce_range": True}}),
+    Row("pqd, full 8-bit weight codes", 8, {**_PQD, "quant": {"reduce_range": False}}),
+    # channel balancing (quant.smooth, SmoothQuant) against w8-pqd and w8-pqd-g-1; time groups off at W8
+    Row("pqd, quant.smooth", 8, {**_PQD, "quant": {"smooth": True}}),
+    Row("pqd, quant.smooth", 4, {**_PQD, "quant": {"smooth": True}}),
+    Row("pqd, G=1", 8, {"calibrate": {"method": "pqd", "time_groups": 1}}),
+    # glue between integer kernels (quant.glue): each kind alone, then together (compare with w8-pqd); a
+    # concatenation is one tensor on one grid, so its rows turn the shortcut split off, and so does their baseline
+    *[Row(f"pqd, glue {k}", 8, {**_PQD, "quant": {"glue": [k]}}) for k in ("residual", "temb", "silu", "attention")],
+    Row("pqd, glue residual+temb+silu+attention", 8,
+        {**_PQD, "quant": {"glue": ["residual", "temb", "silu", "attention"]}}),
+    Row("pqd, no shortcut split", 8, {"calibrate": {"method": "pqd", "split_shortcut": False}}),
+    Row("pqd, no shortcut split, glue concat", 8,
+        {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": ["concat"]}}),
+    Row("pqd, no shortcut split, all glue", 8,
+        {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": _ALL_GLUE}}),
+    # one grid per tensor (quant.share_grids) on the deployment benchmark's fastest graphs: the most glue with
+    # attention's matmuls on 8 bits, without and with it (UNets); attention's matmuls with it (transformers)
+    Row("pqd, no shortcut split, all glue, attention matmuls", 8, _ALL_GLUE_ATTENTION),
+    Row("pqd, no shortcut split, all glue, attention matmuls" + SHARED, 8,
+        {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True}}),
+    Row("pqd, attention matmuls, softmax 8-bit" + SHARED, 8,
+        {**_PQD, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
+]
+ROWS: dict[str, Row] = {r.name: r for r in _ROWS}
+assert len(ROWS) == len(_ROWS), "two rows with one name"
+# the methods at W8A8 and W4A8 and the four ablations
+DEFAULT_ROWS = [*(f"w{b}-{m}" for b in (8, 4) for m in METHODS), "w4-pqd-uniform-steps", "w4-pqd-random-selection",
+                "w4-pqd-g-1", "w4-pqd-qdrop-p-0"]
+# named row sets (``--rows transformer``): the transformer demo's table; PQD W8A8 against each kind of quantized
+# glue and the shortcut split; one grid per tensor against the same quantization without it (UNet, transformer)
+ROW_SETS: dict[str, list[str]] = {
+    "default": DEFAULT_ROWS,
+    "transformer": ["w8-minmax", "w8-qdiffusion", "w8-pqd", "w4-minmax", "w4-qdiffusion", "w4-pqd", "w8-pqd-g-1",
+                    "w4-pqd-g-1", "w8-pqd-quant-smooth", "w4-pqd-quant-smooth"],
+    "glue": ["w8-pqd", *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
+                         and "attention matmuls" not in r.label)],
+    "shared": ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
+               "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
+               "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],
+}
+DEFAULT_MODELS = ("demo:digits", "demo:digits16")
+# bench settings of the demos, over params.yaml. demo:digits16: a two-level UNet trained in minutes here, measured
+# against its own 16x16 RGB digits, sampled with 25 DDIM steps; its rows measure the simulated quantized model
+# (evaluate.backend torch, no ONNX graphs), since its deployed graphs cost twice the sampling time on this CPU and
+# agree with the simulation (tests/e2e/test_second_model.py)
+DEMO_BENCH: dict[str, Settings] = {
+    "demo:digits16": {"model": {"channels": [32, 64], "train_steps": 400, "batch_size": 64},
+                      "generate": {"steps": 25}, "export": {"onnx": False},
+                      "evaluate": {"reference": "demo:digits16", "backend": "torch"}},
+}
+REPLICATE_SEED_STRIDE = 1_000_000  # replicate k's calibration trajectories start k x this after generate.calib_seed_base
+
+
+@dataclass(frozen=True)
+class BenchCell:
+    """One cell: the DVC experiment ``name`` (<model>-r<k>-<row>) and its overrides of params.yaml, in order."""
+
+    name: str
+    model: str  # model_key of the source
+    replicate: int
+    row: str  # a name of ROWS
+    overrides: tuple[str, ...]
+    shared: tuple[str, ...]  # the overrides of the model and generate stages (the same for every row of a replicate)
+
+
+def model_key(source: str) -> str:
+    """Short name of a model: demo:digits16 -> digits16, ./models/my-pipe -> my-pipe."""
+    name = source.split(":", 1)[1] if source.startswith("demo:") else Path(source.rstrip("/")).name
+    return slug(name) or "model"
+
+
+def row_names(spec: str) -> list[str]:
+    """``--rows``: a row set's name or comma-separated row names (empty: the default set); a ParamError names an
+    unknown one."""
+    names = ROW_SETS.get(spec) or [s.strip() for s in spec.split(",") if s.strip()] or DEFAULT_ROWS
+    bad = [n for n in names if n not in ROWS]
+    if bad:
+        raise ParamError(f"bench: --rows {bad[0]!r} is not allowed: expected a row set ({', '.join(ROW_SETS)}) or "
+                         f"row names such as {', '.join(list(ROWS)[:3])} (python -m flows.bench --list-rows)")
+    return names
+
+
+def _value(v: Any) -> str:
+    """A value as ``dvc exp run -S`` and pqd.params.apply_overrides both read it."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _items(settings: Settings) -> dict[str, str]:
+    return {f"{s}.{k}": _value(v) for s, values in settings.items() for k, v in values.items()}
+
+
+def plan(base: dict[str, Any], models: list[str], rows: list[str], replicates: int,
+         sets: list[str] | None = None) -> list[BenchCell]:
+    """The cells of ``models`` x ``rows`` x ``replicates`` over params.yaml's content ``base`` and the shared ``sets``
+    (``key=value``), replicate by replicate (an interrupted bench leaves whole replicates)."""
+    if replicates < 1:
+        raise ParamError(f"bench: --replicates {replicates} is not allowed: expected an integer >= 1")
+    apply_overrides(base, list(sets or []))  # a malformed one is a ParamError
+    cells = []
+    for k in range(replicates):
+        for source in models:
+            shared = {"model.source": source, **_items(DEMO_BENCH.get(source, {}))}
+            shared |= dict(s.split("=", 1) for s in sets or [])
+            p = params_from_dict(apply_overrides(base, [f"{a}={b}" for a, b in shared.items()]))
+            shared |= {"model.seed": str(p.model.seed + k),
+                       "generate.calib_seed_base": str(p.generate.calib_seed_base + k * REPLICATE_SEED_STRIDE),
+                       "select.seed": str(p.select.seed + k), "calibrate.seed": str(p.calibrate.seed + k)}
+            for name in rows:
+                row = ROWS[name]
+                items = {**shared, **{key: "null" for key in METHOD_KEYS}, "quant.weight_bits": str(row.bits),
+                         **_items(row.settings)}
+                cells.append(BenchCell(f"{model_key(source)}-r{k}-{name}", model_key(source), k, name,
+                                       tuple(f"{a}={b}" for a, b in items.items()),
+                                       tuple(f"{a}={b}" for a, b in shared.items())))
+    return cells
+
+
+def comparison_pairs(rows: list[str]) -> list[tuple[str, str]]:
+    """(first, second) row names compared: PQD against each preset at the same bits, every 'pqd, ...' variant
+    against PQD at its bits, and a row with shared grids against the same row without."""
+    pairs = [(f"w{b}-pqd", f"w{b}-{m}") for b in (8, 4) for m in METHODS if m != "pqd"]
+    pairs += [(n, f"w{ROWS[n].bits}-pqd") for n in rows if ROWS[n].label.startswith("pqd, ")]
+    pairs += [(n, Row(ROWS[n].label.removesuffix(SHARED), ROWS[n].bits).name) for n in rows
+              if ROWS[n].label.endswith(SHARED)]
+    return [(a, b) for a, b in pairs if a in rows and b in rows]
