@@ -8,10 +8,11 @@ from safetensors.torch import save_file
 
 from pqd.diffusion import demo, digits
 from pqd.eval import fid
+from pqd.formats.pipefolder import FEATURES_DIR
 
 
 def feature_folder(tmp_path, net):
-    folder = tmp_path / "model" / digits.FEATURES_DIR
+    folder = tmp_path / "model" / FEATURES_DIR
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(__import__("json").dumps(net.config()))
