@@ -47,6 +47,9 @@ DEFAULT_EXPERIMENT = "pqd"
 ARTIFACTS_DIR = "mlartifacts"  # next to a default sqlite database
 MODEL_ARTIFACT = "release/model"  # where a release's pyfunc model sits inside its run
 RESULT_HASH_TAG = "pqd.result_hash"
+# the same hash under the tag stores written before it was renamed carry: read, never written, so a result tracked or
+# registered then is reused instead of tracked twice
+LEGACY_HASH_TAG = "pqd.fingerprint"
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 _BATCH = 100  # MLflow's limit on params/tags per log_batch call
 
@@ -136,7 +139,9 @@ def _open_run(c: MlflowClient, experiment: str, fp: str, name: str, tags: dict[s
     """(run id, experiment id, created): the finished run tagged ``fp``, or a new one. Unfinished runs
     with that tag (an interrupted tracking) are deleted, so re-tracking replaces them."""
     exp_id = experiment_id(c, experiment)
-    for run in c.search_runs([exp_id], filter_string=f"tags.`{RESULT_HASH_TAG}` = '{fp}'", max_results=50):
+    found = [run for tag in (RESULT_HASH_TAG, LEGACY_HASH_TAG)
+             for run in c.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{fp}'", max_results=50)]
+    for run in found:
         if reuse_unfinished or run.info.status == RunStatus.to_string(RunStatus.FINISHED):
             return run.info.run_id, exp_id, False
         c.delete_run(run.info.run_id)
@@ -254,7 +259,7 @@ def register_version(run: TrackedRun, root: str | Path, name: str, card: str, ta
     c = client(root)
     _registered(c, name, f"PQD quantized releases of {r.params.model.source} at {r.bits.upper()}.")
     existing = [v for v in c.search_model_versions(f"name = '{name}'")
-                if v.tags.get(RESULT_HASH_TAG) == run.result_hash]
+                if run.result_hash in (v.tags.get(RESULT_HASH_TAG), v.tags.get(LEGACY_HASH_TAG))]
     if existing:
         version, created = existing[0].version, False
     else:

@@ -92,6 +92,18 @@ def test_interrupted_tracking_is_replaced_not_duplicated(tmp_path_factory, tiny_
     assert [r[0] for r in active_runs(d)] == [run.run_id]
 
 
+def test_a_run_tagged_before_the_hash_tag_was_renamed_is_reused(tmp_path_factory, tiny_pipeline, ts_features):
+    """Stores written before the result's hash tag was renamed carry it as pqd.fingerprint: tracking finds that run."""
+    d = clone(reproduced_project(tmp_path_factory, tiny_pipeline, ts_features), tmp_path_factory.mktemp("old") / "p")
+    c = tracking.client(d)
+    old = c.create_run(tracking.experiment_id(c, "pqd"),
+                       tags={tracking.LEGACY_HASH_TAG: tracking.result_hash(tracking.read_result(d))}).info.run_id
+    c.set_terminated(old)
+    run = tracking.track(d)
+    assert (run.run_id, run.created) == (old, False)
+    assert [r[0] for r in active_runs(d)] == [old]
+
+
 def test_unreachable_server_fails_fast_with_one_line_and_keeps_the_result(tracked, capsys, monkeypatch):
     d, _ = tracked
     before = hash_tree(d / "data")
