@@ -15,8 +15,9 @@ the mean PSNR (a mean) carry no such shift.
 :func:`frechet` is the product's one Fréchet distance: the evaluate stage's point values and every resample here
 use it. It is computed from eigenvalues instead of a matrix square root: tr sqrt(S1 S2) = sum of sqrt(eigenvalues of
 R S1 R) with R the symmetric square root of S2, so a side that stays fixed (the reference) is decomposed once. It
-agrees with clean-fid's ``frechet_distance`` (a scipy ``sqrtm`` of S1 S2) to about 1e-11 relative
-(tests/eval/test_bootstrap.py) and is several times faster: what makes 1,000 resamples affordable.
+agrees with clean-fid's ``frechet_distance`` (a scipy ``sqrtm`` of the non-symmetric S1 S2) to 1e-6 relative
+(tests/eval/test_bootstrap.py; on the demo's 128-d features 6.792300196 against clean-fid's 6.792306756) and is
+several times faster: what makes 1,000 resamples affordable.
 """
 
 from __future__ import annotations
