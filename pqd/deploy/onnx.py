@@ -51,10 +51,14 @@ WEIGHTS_FILE = "weights.bin"
 OPSET = 20  # 20: GELU is one node (Gelu, approximate="tanh" in DiT blocks), not seven float ops
 _ALIGN = 64
 _INLINE_MAX = 64  # initializers smaller than this (scalars, per-group constants) stay in the graph
+# on-disk name of the export format (format_version 1, released): the graph files (onnx/unet.g<g>.onnx) and the
+# module prefix of every node and initializer name in them say "unet" whatever the denoiser network is (a UNet or
+# a transformer); kept as it is so that existing exports read, and new ones compare, as before
+GRAPH_STEM = "unet"
 
 
 def graph_file(group: int) -> str:
-    return f"unet.g{group}.onnx"
+    return f"{GRAPH_STEM}.g{group}.onnx"
 
 
 def _act_qdq(x, scale, zero_point):
@@ -135,12 +139,13 @@ class _Forward(nn.Module):
 
     def __init__(self, unet: nn.Module, den: Denoiser, cond_names: list[str]) -> None:
         super().__init__()
-        self.unet, self.call, self.cond_names = unet, den.call, cond_names
+        self.add_module(GRAPH_STEM, unet)  # the network's module path is the prefix of the graph's names
+        self.call, self.cond_names = den.call, cond_names
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         for x in (timestep, *cond):  # one batch: torch.export gives each input's dimension 0 its own symbol
             torch._check(x.shape[0] == sample.shape[0])
-        return self.call(self.unet, sample, timestep, dict(zip(self.cond_names, cond)) or None)
+        return self.call(getattr(self, GRAPH_STEM), sample, timestep, dict(zip(self.cond_names, cond)) or None)
 
 
 def _trace(unet: nn.Module, den: Denoiser) -> tuple[onnx.ModelProto, nn.Module]:
