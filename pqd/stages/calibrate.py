@@ -74,12 +74,12 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         """Calibration batch i, read from the shards on disk (never the whole set in memory)."""
         return data.load(plan[i][0], plan[i][1], device)
 
-    def forward_all(unet: torch.nn.Module, set_group) -> None:
+    def forward_all(net: torch.nn.Module, set_group) -> None:
         for i in tqdm(range(len(plan)), desc="observing activations"):
             set_group(plan[i][2])
             xb, tb, cb = fetch(i)
             try:
-                den.call(unet, xb, tb, cb)
+                den.call(net, xb, tb, cb)
             except NumericalError as e:
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
@@ -87,8 +87,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     fit = calibrate_network(params, den, codes, forward_all, lambda m: den.call(m, *fetch(0)))
     t_fit = time.perf_counter() - t0
     # the float reference from here on: the network as calibration observed it (attention matmuls, glue sites)
-    den = dataclasses.replace(den, unet=fit.net)
-    qden = dataclasses.replace(den, unet=fit.quantized(), time_groups=groups)
+    den = dataclasses.replace(den, net=fit.net)
+    qden = dataclasses.replace(den, net=fit.quantized(), time_groups=groups)
     state, cfg, attention, glue, shared = fit.state, fit.config, fit.attention, fit.glue, fit.shared
     recon_log: list[dict[str, Any]] = []
     if c.reconstruct:
@@ -96,22 +96,22 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         runner = lambda m, i: den.call(m, *fetch(i))  # noqa: E731
         units = den.units(list(state))
         # a unit's recordings over the whole set: its inputs + output on batch 0, scaled to every sample
-        size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.unet, units, runner).items()}
+        size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.net, units, runner).items()}
         if largest_units:
             units = sorted(units, key=lambda u: -size[u])[:largest_units]
         with tempfile.TemporaryDirectory(prefix=".pqd-recordings-", dir=out.parent) as spill:
-            recon_log = reconstruct_model(den.unet, qden.unet, units, runner, [b[2] for b in plan],
+            recon_log = reconstruct_model(den.net, qden.net, units, runner, [b[2] for b in plan],
                                           recon_config(params), seed=c.seed,
                                           store=store_factory(Path(spill), size, c.memory_mb * 2**20))
         on_disk = sum(1 for u in units if size[u] > c.memory_mb * 2**20)
-        state = qstate_of(qden.unet)
+        state = qstate_of(qden.net)
         t_recon = time.perf_counter() - t0
     else:
         t_recon, on_disk = 0.0, 0
     mse = output_mse(den, qden, fetch, len(plan)) if output_check else float("nan")
     if output_check and not torch.isfinite(torch.tensor(mse)):
         raise NumericalError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
-    floats = quantizable_layers(den.unet)
+    floats = quantizable_layers(den.net)
     weighted = weight_layers(state)
     rows = []
     for name, lp in weighted.items():
