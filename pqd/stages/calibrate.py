@@ -140,7 +140,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     return CalibrateMetrics(method=c.method, layers=len(weighted), output_quantized_layers=len(cfg.output_layers),
                             attention_matmuls=len(attention), smoothed_layers=len(cfg.smooth) or None,
                             glue_sites=len(glue), calib_samples=len(data), time_groups=groups.count,
-                            unet_output_mse=mse, fit_seconds=round(t_fit, 2), reconstruction_seconds=round(t_recon, 2),
+                            output_mse=mse, fit_seconds=round(t_fit, 2), reconstruction_seconds=round(t_recon, 2),
                             reconstructed_units=len(recon_log), units_improved=len(improved),
                             units_recorded_on_disk=on_disk, weight_rel_mse_mean=float(errs["weight_rel_mse"].mean()),
                             weight_rel_mse_max=float(errs["weight_rel_mse"].max()),
