@@ -81,7 +81,7 @@ def select_group_by_timestep(net: nn.Module, groups: TimeGroups) -> None:
 
 
 def load_pipeline(export_dir: str | Path, device: str = "cpu"):
-    """The export as a diffusers ``DiffusionPipeline`` whose UNet (transformer) is the quantized one: ``pipe(...)``
+    """The export as a diffusers ``DiffusionPipeline`` whose denoiser (UNet or transformer) is the quantized one: ``pipe(...)``
     samples with the calibrated integer weights and time-aware activation parameters. Every file is verified
     first. (A pixel-space DiT pipeline, like the DiT demo's, has no autoencoder: its own ``__call__`` cannot
     decode; sample it with :class:`pqd.ops.serving.Sampler`.)"""

@@ -1,11 +1,11 @@
-"""calibrate stage: fit every quantizer of the UNet on the calibration set -> qstate/.
+"""calibrate stage: fit every quantizer of the denoiser network on the calibration set -> qstate/.
 
 One code path for every method (``calibrate.method`` presets, see pqd.params.methods):
 1. weights per output channel, symmetric (min-max or MSE-searched clipping); each Conv2d/Linear input
    per tensor, asymmetric, with its own parameters for each of G contiguous time groups (and for each
    half of a skip concatenation when ``split_shortcut``), fitted on that group's calibration inputs
    (with ``quant.smooth``, attention and feed-forward linears are channel-balanced first);
-2. optionally block reconstruction (AdaRound, LSQ, QDrop) unit by unit against the FP UNet.
+2. optionally block reconstruction (AdaRound, LSQ, QDrop) unit by unit against the FP network.
 Writes the quantizer state, the time-group thresholds, per-layer errors and the reconstruction log.
 """
 
@@ -45,7 +45,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, "Cond | None"]
 
 @torch.no_grad()
 def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batches: int) -> float:
-    """Mean squared difference of the FP and quantized UNet outputs over the calibration inputs."""
+    """Mean squared difference of the FP and quantized networks' outputs over the calibration inputs."""
     se, n = 0.0, 0
     for i in range(n_batches):
         xb, tb, cb = fetch(i)

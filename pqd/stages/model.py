@@ -37,7 +37,7 @@ def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
                                     dit_depth=mp.dit_depth)
     t_denoiser = time.perf_counter() - t0
     pipe.save_pretrained(out)
-    # the FID features: the same 8x8 digits for both demos, seeded apart from the UNet (model.feature_seed), so
+    # the FID features: the same 8x8 digits for both demos, seeded apart from the denoiser (model.feature_seed), so
     # models of different model.seed are measured with the same features
     images, labels = digits.load_digits_tensor()
     t0 = time.perf_counter()
