@@ -1,6 +1,6 @@
 """The library's entry points for users, in one place (each lives in its layer):
 
-- :func:`load_pipeline`: an export folder as a diffusers pipeline whose UNet is the quantized one (torch);
+- :func:`load_pipeline`: an export folder as a diffusers pipeline whose denoiser (UNet or transformer) is the quantized one (torch);
 - :func:`load_ort_denoiser`: the export's deployed ONNX graphs, run by onnxruntime;
 - :func:`load_sampler`: a registered release (``models:/<name>@<alias>``), verified, ready to sample;
 - :class:`Sampler`: the same from an export folder and its sampling protocol file.

@@ -107,11 +107,11 @@ def bench_model(m: BenchModel, a: argparse.Namespace, batches: list[int], codes:
 
         def eager() -> Any:
             with torch.no_grad():
-                return den.call(den.unet, x, t, cond)
+                return den.call(den.net, x, t, cond)
 
         def bf16() -> Any:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                return den.call(den.unet, x, t, cond)
+                return den.call(den.net, x, t, cond)
 
         fns = {"torch fp32 eager": eager, "torch bf16 autocast": bf16,
                **{k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}}
@@ -126,7 +126,7 @@ def bench_model(m: BenchModel, a: argparse.Namespace, batches: list[int], codes:
                          "ms_per_image": sec * 1e3 / b, "int8_speedup": sec / med[INT8][0], "measured": how})
             if how.startswith("one call"):
                 too_slow[backend] = f"{sec:.1f} s per call at batch {b}"
-    return rows, {"model": m.name, "weights": m.weights, "params": sum(p.numel() for p in den.unet.parameters()),
+    return rows, {"model": m.name, "weights": m.weights, "params": sum(p.numel() for p in den.net.parameters()),
                   "glue": glue, "kernels": {k: deploy.kernel_report(p) for k, p in graphs.items()},
                   "sizes": sizes(den, exports, work)}
 

@@ -38,7 +38,7 @@ from pqd.diffusion.demo import train_demo_pipeline
 from pqd.diffusion.glue import glue_sites
 from pqd.diffusion.qconfig import calibrate_network
 from pqd.diffusion.sampling import make_scheduler, sample
-from pqd.diffusion.quantized import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_net
 from pqd.formats.export import quantized_weights_file, write_export
 from pqd.params import IntegerCodes, Params, params_from_dict
 from pqd.params.sections import GLUE_KINDS
@@ -129,8 +129,8 @@ def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
     glue points) is left out."""
     splits = den.skip_splits()
     glue = Variant(tuple(k for k in GLUE_KINDS if k != "concat"), True)
-    has_glue = bool(glue_sites(den.unet, glue.glue, splits, True))
-    has_attention = bool(attention_modules(den.unet))
+    has_glue = bool(glue_sites(den.net, glue.glue, splits, True))
+    has_attention = bool(attention_modules(den.net))
     out = {GLUE: glue} if has_glue else {}
     if has_glue and splits:
         out[GLUE_NO_SPLIT] = Variant(GLUE_KINDS, False)
@@ -189,7 +189,7 @@ def calibrate(den: Denoiser, params: Params, calib: CalibInputs, codes: IntegerC
     bits = params.quant.weight_bits
 
     def step(net: nn.Module, x: torch.Tensor, t: float) -> None:
-        dataclasses.replace(den, unet=net, time_groups=None).guided(x, torch.tensor(t), calib.rows, calib.uncond,
+        dataclasses.replace(den, net=net, time_groups=None).guided(x, torch.tensor(t), calib.rows, calib.uncond,
                                                                     calib.guidance_scale)
 
     @torch.no_grad()
@@ -212,13 +212,13 @@ def export(model: BenchModel, net: nn.Module, state: QState, groups: TimeGroups,
     """The calibration written the product's way: export folder, then ONNX traced from what the loader rebuilds."""
     out.mkdir(parents=True)
     write_export(model.folder, net, state, groups, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_unet(out, verify=False), groups, model.den, out / deploy.ONNX_DIR)
+    deploy.write_onnx(load_quantized_net(out, verify=False), groups, model.den, out / deploy.ONNX_DIR)
     return out
 
 
 def float_onnx(den: Denoiser, path: Path) -> Path:
     """The float network's graph: the same named inputs as the deployed ones (sample, timestep, conditioning)."""
-    path.write_bytes(deploy.export_unet(den.unet, den))
+    path.write_bytes(deploy.export_net(den.net, den))
     return path
 
 
@@ -246,7 +246,7 @@ def ort_static_reference(fp_path: Path, calib: CalibInputs, out: Path, reduce_ra
 def sizes(den: Denoiser, exports: dict[str, Path], tmp: Path) -> dict[str, int]:
     """Bytes of the fp32 network (safetensors) and of each export's quantized safetensors and ONNX files, by label."""
     fp = tmp / "fp32.safetensors"
-    save_file({k: v.contiguous() for k, v in den.unet.state_dict().items()}, fp)
+    save_file({k: v.contiguous() for k, v in den.net.state_dict().items()}, fp)
     out = {"fp32 safetensors": fp.stat().st_size}
     for label, d in exports.items():
         out[f"{label} export safetensors"] = quantized_weights_file(d).stat().st_size

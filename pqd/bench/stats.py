@@ -19,10 +19,10 @@ from scipy import stats as sps
 # Metrics are the stages' own (``<stage>.<key>`` of pqd.formats.metrics, flattened as pqd.ops.result.flat_metrics
 # does); metric -> True when lower is better
 DIRECTION = {"evaluate.fid_quant_vs_fp": True, "evaluate.delta_fid": True, "evaluate.fid_quant_vs_ref": True,
-             "evaluate.psnr_mean": False, "calibrate.unet_output_mse": True}
+             "evaluate.psnr_mean": False, "calibrate.output_mse": True}
 # metrics summarised over replicates (mean and t-interval)
 SUMMARY = ("evaluate.fid_quant_vs_ref", "evaluate.fid_fp_vs_ref", "evaluate.delta_fid", "evaluate.fid_quant_vs_fp",
-           "evaluate.noise_floor", "evaluate.psnr_mean", "evaluate.psnr_other_seed_mean", "calibrate.unet_output_mse",
+           "evaluate.noise_floor", "evaluate.psnr_mean", "evaluate.psnr_other_seed_mean", "calibrate.output_mse",
            "calibrate.seconds", "export.size_ratio")
 # the release gate's statistics of each cell (pqd.ops.release.gate_statistics): summarised by their range
 GATE = ("gate.delta_fid_fraction", "gate.fid_vs_fp_fraction", "gate.psnr_margin_db")

@@ -51,10 +51,14 @@ WEIGHTS_FILE = "weights.bin"
 OPSET = 20  # 20: GELU is one node (Gelu, approximate="tanh" in DiT blocks), not seven float ops
 _ALIGN = 64
 _INLINE_MAX = 64  # initializers smaller than this (scalars, per-group constants) stay in the graph
+# on-disk name of the export format (format_version 1, released): the graph files (onnx/unet.g<g>.onnx) and the
+# module prefix of every node and initializer name in them say "unet" whatever the denoiser network is (a UNet or
+# a transformer); kept as it is so that existing exports read, and new ones compare, as before
+GRAPH_STEM = "unet"
 
 
 def graph_file(group: int) -> str:
-    return f"unet.g{group}.onnx"
+    return f"{GRAPH_STEM}.g{group}.onnx"
 
 
 def _act_qdq(x, scale, zero_point):
@@ -133,50 +137,51 @@ def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
 class _Forward(nn.Module):
     """The denoiser's call with the graph's positional inputs: sample, timestep, then the conditioning by name."""
 
-    def __init__(self, unet: nn.Module, den: Denoiser, cond_names: list[str]) -> None:
+    def __init__(self, net: nn.Module, den: Denoiser, cond_names: list[str]) -> None:
         super().__init__()
-        self.unet, self.call, self.cond_names = unet, den.call, cond_names
+        self.add_module(GRAPH_STEM, net)  # the network's module path is the prefix of the graph's names
+        self.call, self.cond_names = den.call, cond_names
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         for x in (timestep, *cond):  # one batch: torch.export gives each input's dimension 0 its own symbol
             torch._check(x.shape[0] == sample.shape[0])
-        return self.call(self.unet, sample, timestep, dict(zip(self.cond_names, cond)) or None)
+        return self.call(getattr(self, GRAPH_STEM), sample, timestep, dict(zip(self.cond_names, cond)) or None)
 
 
-def _trace(unet: nn.Module, den: Denoiser) -> tuple[onnx.ModelProto, nn.Module]:
+def _trace(net: nn.Module, den: Denoiser) -> tuple[onnx.ModelProto, nn.Module]:
     inputs = den.example_inputs(2)
     names = list(inputs)
-    wrapper = _Forward(unet, den, names[2:])
+    wrapper = _Forward(net, den, names[2:])
     return export_graph(wrapper, tuple(inputs.values()), names, ["noise"]), wrapper
 
 
-def export_unet(unet: nn.Module, den: Denoiser) -> bytes:
-    """``unet`` (``den``'s network, float or quantized, as it is set) as ONNX bytes: the named inputs of
+def export_net(net: nn.Module, den: Denoiser) -> bytes:
+    """``net`` (``den``'s network, float or quantized, as it is set) as ONNX bytes: the named inputs of
     ``den.example_inputs`` (sample, timestep, conditioning), output ``noise``, dynamic batch."""
-    return _trace(unet, den)[0].SerializeToString()
+    return _trace(net, den)[0].SerializeToString()
 
 
-def trace_group(unet: nn.Module, group: int, den: Denoiser) -> onnx.ModelProto:
-    """The ONNX graph of the quantized ``unet`` with the activation parameters of time group ``group``."""
-    return _traced_groups(unet, [group], den)[0]
+def trace_group(net: nn.Module, group: int, den: Denoiser) -> onnx.ModelProto:
+    """The ONNX graph of the quantized ``net`` with the activation parameters of time group ``group``."""
+    return _traced_groups(net, [group], den)[0]
 
 
-def _traced_groups(unet: nn.Module, groups: list[int], den: Denoiser) -> list[onnx.ModelProto]:
+def _traced_groups(net: nn.Module, groups: list[int], den: Denoiser) -> list[onnx.ModelProto]:
     """The graphs of time groups ``groups``: the network is traced once (first group), and each graph holds its
     group's values of the group-dependent initializers (``*.onnx_*``: activation parameters, biases on the
     accumulator grid). Only those differ between the graphs."""
-    set_time_group(unet, groups[0])
-    set_onnx_mode(unet, True)
+    set_time_group(net, groups[0])
+    set_onnx_mode(net, True)
     try:
-        base, wrapper = _trace(unet, den)
+        base, wrapper = _trace(net, den)
         values = []
         for g in groups:
-            set_time_group(unet, g)
-            set_onnx_mode(unet, True)
+            set_time_group(net, g)
+            set_onnx_mode(net, True)
             values.append({n: v.detach().cpu().numpy().copy() for n, v in onnx_values(wrapper).items()})
     finally:
-        set_onnx_mode(unet, False)
-        set_time_group(unet, 0)
+        set_onnx_mode(net, False)
+        set_time_group(net, 0)
     inits = {t.name for t in base.graph.initializer}
     missing = sorted(n for n in values[0] if n not in inits and any((v[n] != values[0][n]).any() for v in values))
     if missing:  # a bug: a group-dependent value that the graph does not hold under its name
@@ -208,12 +213,12 @@ def _externalize(t: onnx.TensorProto, offset: int, length: int) -> None:
     t.data_location = onnx.TensorProto.EXTERNAL
 
 
-def write_onnx(unet: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path) -> dict[str, Any]:
+def write_onnx(net: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path) -> dict[str, Any]:
     """Write one graph per time group into ``folder``; every initializer of at least ``_INLINE_MAX`` bytes goes
     to weights.bin, stored once by content (the groups' graphs share weights, biases and norms, whatever
     names the tracer gave the tensors it folded). ``den`` says how the network is called (its inputs)."""
     folder.mkdir(parents=True, exist_ok=True)
-    models = _traced_groups(unet, list(range(groups.count)), den)
+    models = _traced_groups(net, list(range(groups.count)), den)
     blobs: dict[bytes, tuple[int, int]] = {}
     with open(folder / WEIGHTS_FILE, "wb") as f:
         for m in models:
@@ -230,7 +235,7 @@ def write_onnx(unet: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path)
                 _externalize(t, *blobs[key])
     for g, m in enumerate(models):
         m.producer_name = "pqd"
-        m.doc_string = f"PQD quantized {type(unet).__name__}, time group {g} of {groups.count}"
+        m.doc_string = f"PQD quantized {type(net).__name__}, time group {g} of {groups.count}"
         onnx.save(m, folder / graph_file(g))
     codes = {n.input[0] for n in models[0].graph.node if n.op_type == "DequantizeLinear"}
     int8 = [t for t in models[0].graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name in codes]

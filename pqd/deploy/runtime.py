@@ -89,7 +89,7 @@ class OrtDenoiser(Denoiser):
         parts = {} if components is None else {
             "decoder": components.decoder, "latent_scale": components.latent_scale,
             "latent_shift": components.latent_shift, "encoder": components.encoder, "arch": components.arch}
-        super().__init__(unet=None, scheduler_config=scheduler_config, scheduler_class=scheduler_class,
+        super().__init__(net=None, scheduler_config=scheduler_config, scheduler_class=scheduler_class,
                          sample_shape=sample_shape, time_groups=time_groups, **parts)
         self.onnx_dir = Path(onnx_dir)
         # every graph is loaded now: the folder may be temporary (a downloaded release)

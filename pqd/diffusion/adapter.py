@@ -70,7 +70,7 @@ class Conditioning:
 
 @dataclass
 class Denoiser:
-    unet: nn.Module  # the denoiser network, a UNet or a transformer (the name predates transformers)
+    net: nn.Module  # the denoiser network, a UNet or a transformer
     scheduler_config: dict[str, Any]
     scheduler_class: str
     sample_shape: tuple[int, int, int]  # (C, H, W) of the network's input (latent shape for latent models)
@@ -122,8 +122,8 @@ class Denoiser:
     def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: Cond | None = None) -> torch.Tensor:
         """The network on a batch whose timesteps all lie in time group ``group``."""
         if self.time_groups is not None and self.time_groups.count > 1:
-            set_time_group(self.unet, group)
-        return self.call(self.unet, x, t, cond)
+            set_time_group(self.net, group)
+        return self.call(self.net, x, t, cond)
 
     def guided(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None, uncond: Cond | None = None,
                guidance_scale: float = 1.0) -> torch.Tensor:
@@ -181,15 +181,15 @@ class Denoiser:
 
     def units(self, layer_names: list[str]) -> list[str]:
         """Reconstruction units: blocks containing quantized layers, and each remaining layer alone."""
-        return self.arch.units(self.unet, layer_names)
+        return self.arch.units(self.net, layer_names)
 
     def skip_splits(self) -> dict[str, int]:
         """Layers whose input is a skip concatenation, and where it splits (UNets' up path)."""
-        return self.arch.skip_splits(self.unet)
+        return self.arch.skip_splits(self.net)
 
     def smooth_layers(self, names: list[str]) -> list[str]:
         """Linears that channel balancing (quant.smooth) pairs with their input activations."""
-        return self.arch.smooth_layers(self.unet, names)
+        return self.arch.smooth_layers(self.net, names)
 
 
 def denoiser_from_pipeline(pipe) -> Denoiser:
@@ -202,11 +202,11 @@ def denoiser_from_pipeline(pipe) -> Denoiser:
         decoder.eval().requires_grad_(False)
     scale = float(getattr(decoder.config, "scaling_factor", 1.0) or 1.0) if decoder is not None else 1.0
     shift = float(getattr(decoder.config, "shift_factor", 0.0) or 0.0) if decoder is not None else 0.0
-    return Denoiser(unet=model, scheduler_config=dict(pipe.scheduler.config),
+    return Denoiser(net=model, scheduler_config=dict(pipe.scheduler.config),
                     scheduler_class=type(pipe.scheduler).__name__, sample_shape=sample_shape_of(model.config),
                     decoder=decoder, latent_scale=scale, latent_shift=shift, encoder=encoder_for(pipe, model), arch=architecture_of(model))
 
 
-def load_denoiser(folder: str | Path, device: str = "cpu", unet: nn.Module | None = None) -> Denoiser:
-    """The Denoiser of the pipeline in ``folder`` (``unet``: a replacement network, see :func:`load_pipeline`)."""
-    return denoiser_from_pipeline(load_pipeline(folder, device, unet))
+def load_denoiser(folder: str | Path, device: str = "cpu", net: nn.Module | None = None) -> Denoiser:
+    """The Denoiser of the pipeline in ``folder`` (``net``: a replacement network, see :func:`load_pipeline`)."""
+    return denoiser_from_pipeline(load_pipeline(folder, device, net))

@@ -98,21 +98,21 @@ class MatMulJointAttention(nn.Module):
         return out if context is None else (out, context)
 
 
-def attention_modules(unet: nn.Module) -> list[str]:
-    """The names of ``unet``'s diffusers ``Attention`` modules (what quant.attention acts on)."""
+def attention_modules(net: nn.Module) -> list[str]:
+    """The names of ``net``'s diffusers ``Attention`` modules (what quant.attention acts on)."""
     from diffusers.models.attention_processor import Attention
 
-    return [name for name, m in unet.named_modules() if isinstance(m, Attention)]
+    return [name for name, m in net.named_modules() if isinstance(m, Attention)]
 
 
-def use_matmul_attention(unet: nn.Module) -> dict[str, str]:
-    """Give every diffusers ``Attention`` module of ``unet`` a processor with replaceable matmuls (idempotent):
+def use_matmul_attention(net: nn.Module) -> dict[str, str]:
+    """Give every diffusers ``Attention`` module of ``net`` a processor with replaceable matmuls (idempotent):
     :class:`MatMulJointAttention` where diffusers uses its joint (SD3) processor, :class:`MatMulAttention`
     elsewhere; returns the names of the matmul modules with their role: ``"qk"`` (Q·Kᵀ) or ``"pv"`` (softmax·V)."""
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
     roles: dict[str, str] = {}
-    for name, m in unet.named_modules():
+    for name, m in net.named_modules():
         if isinstance(m, Attention):
             if isinstance(m.processor, JointAttnProcessor2_0):
                 m.set_processor(MatMulJointAttention())

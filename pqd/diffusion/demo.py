@@ -148,10 +148,10 @@ def _label_tables(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
 
 
-def train_denoiser(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: int, steps: int, batch_size: int,
+def train_denoiser(net: nn.Module, images: torch.Tensor, scheduler, *, seed: int, steps: int, batch_size: int,
                    lr: float, ema_decay: float = 0.995, labels: torch.Tensor | None = None, progress: bool = True,
                    desc: str = "demo UNet") -> nn.Module:
-    """Train ``unet`` (a diffusers UNet2DModel, or a DiTTransformer2DModel with ``labels``) to predict the noise
+    """Train ``net`` (a diffusers UNet2DModel, or a DiTTransformer2DModel with ``labels``) to predict the noise
     (epsilon) of ``images`` [N, C, H, W] in [-1, 1] noised by ``scheduler``'s training schedule.
 
     AdamW with warmup + cosine learning rate; returns the EMA of the weights (in eval mode, float32, on CPU)
@@ -161,17 +161,17 @@ def train_denoiser(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: in
     for every block (diffusers' DiT gives each block its own label table, whose own dropout would drop a label
     in some blocks and not in others; it is switched off while training).
     """
-    tables = _label_tables(unet)
+    tables = _label_tables(net)
     drops = [table.dropout_prob for table in tables]
     for table in tables:
         table.dropout_prob = 0.0
-    null = getattr(unet.config, "num_embeds_ada_norm", None)
-    unet = unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay > 0 else None
+    null = getattr(net.config, "num_embeds_ada_norm", None)
+    net = net.train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_decay > 0 else None
     num_train_timesteps = int(scheduler.config.num_train_timesteps)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, min(100, steps // 10))
     n = images.shape[0]
     order, pos = torch.randperm(n, generator=gen), 0
@@ -188,27 +188,27 @@ def train_denoiser(unet: nn.Module, images: torch.Tensor, scheduler, *, seed: in
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if labels is None:
-            pred = unet(xt, t).sample
+            pred = net(xt, t).sample
         else:
             y = torch.where(torch.rand(len(idx), generator=gen) < LABEL_DROP, null, labels[idx])
-            pred = unet(xt, t, class_labels=y).sample
+            pred = net(xt, t, class_labels=y).sample
         loss = F.mse_loss(pred, noise)
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(step, steps, warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         if ema is not None:
             # ramped decay: early on the EMA follows the fast-changing weights instead of the random init
             d = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters()):
+                for pe, p in zip(ema.parameters(), net.parameters()):
                     pe.lerp_(p, 1 - d)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    out = (ema if ema is not None else unet).eval()
+    out = (ema if ema is not None else net).eval()
     for table, p in zip(_label_tables(out), drops):
         table.dropout_prob = p
     return out

@@ -33,7 +33,7 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
     pqd.diffusion.attention.use_matmul_attention); the softmax output (first operand of softmax·V) gets
     quant.softmax_bits. ``codes``: quant.reduce_range resolved (default: for this machine)."""
     reduce = (codes or integer_codes(params)).reduce_range
-    names = list(quantizable_layers(den.unet))
+    names = list(quantizable_layers(den.net))
     q = params.quant
     edge = {n: code_bits(max(q.edge_bits, q.weight_bits), reduce) for n in den.edge_layers(names)}
     edge |= {n: code_bits(max(q.modulation_bits, q.weight_bits), reduce) for n in den.modulation_layers(names)}
@@ -52,7 +52,7 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
 
 def install_glue(params: Params, den: Denoiser) -> list[str]:
     """Give ``den``'s network the glue sites of quant.glue (float until a qstate is applied); returns their names."""
-    return install_sites(den.unet, glue_sites(den.unet, params.quant.glue, den.skip_splits(),
+    return install_sites(den.net, glue_sites(den.net, params.quant.glue, den.skip_splits(),
                                               bool(params.calibrate.split_shortcut)))
 
 
@@ -63,14 +63,14 @@ def shared_groups(params: Params, den: Denoiser, cfg: QuantConfig, run_once: Cal
     layers whose input ``cfg`` splits keep their own."""
     if not params.quant.share_grids:
         return ()
-    return shared_inputs(den.unet, run_once, exclude=cfg.splits, outputs=cfg.output_layers,
-                         through=resampling_convs(den.unet))
+    return shared_inputs(den.net, run_once, exclude=cfg.splits, outputs=cfg.output_layers,
+                         through=resampling_convs(den.net))
 
 
 def install_attention(params: Params, den: Denoiser) -> dict[str, str]:
     """Give ``den``'s attention modules replaceable matmuls where quant.attention is set; returns the matmul modules
     by role (what :func:`quant_config` takes as ``attention``), empty when it is not."""
-    return use_matmul_attention(den.unet) if params.quant.attention else {}
+    return use_matmul_attention(den.net) if params.quant.attention else {}
 
 
 @dataclass
@@ -104,13 +104,13 @@ def calibrate_network(params: Params, den: Denoiser, codes: IntegerCodes, forwar
     loader's order; the QuantConfig; the quantizers that read one tensor (quant.share_grids, found in ``run_once``,
     one forward pass of the network it is given); every quantizer fitted over ``forward_all`` (the calibration set,
     see :func:`~pqd.core.quantize.fit_qstate`), then the shared grids agreed."""
-    work = dataclasses.replace(den, unet=copy.deepcopy(den.unet))
+    work = dataclasses.replace(den, net=copy.deepcopy(den.net))
     attention = install_attention(params, work)
     glue = install_glue(params, work)
     cfg = quant_config(params, work, attention, codes)
     shared = shared_groups(params, work, cfg, run_once)
-    state, shared = share_qparams(fit_qstate(work.unet, forward_all, cfg), shared)
-    return Calibration(work.unet, state, cfg, shared, glue, attention)
+    state, shared = share_qparams(fit_qstate(work.net, forward_all, cfg), shared)
+    return Calibration(work.net, state, cfg, shared, glue, attention)
 
 
 def recon_config(params: Params) -> ReconConfig:

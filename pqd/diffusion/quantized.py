@@ -1,7 +1,7 @@
 """The export folder (:mod:`pqd.formats.export`) loaded back: the quantized denoiser network, a Denoiser around it,
 and the export as a diffusers pipeline that picks the time group from the timestep.
 
-Every loader verifies the folder against its manifest first (``load_quantized_unet(..., verify=False)`` skips
+Every loader verifies the folder against its manifest first (``load_quantized_net(..., verify=False)`` skips
 it for a folder being written), so nothing unverified is loaded from an export folder.
 """
 
@@ -27,7 +27,7 @@ from pqd.formats.files import read_json
 from pqd.formats.pipefolder import denoiser_component
 
 
-def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: bool = True) -> nn.Module:
+def load_quantized_net(export_dir: str | Path, device: str = "cpu", verify: bool = True) -> nn.Module:
     """Rebuild the quantized denoiser (UNet or transformer) from an export folder alone (float32 compute,
     integer weights).
 
@@ -39,8 +39,8 @@ def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: boo
     component = denoiser_component(export_dir)
     weights = f"{component}/{QUANTIZED}"
     state, _, floats, _ = qcodec.read(export_dir, weights)
-    unet = denoiser_from_config(read_json(export_dir / component / "config.json"))
-    missing, unexpected = unet.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+    net = denoiser_from_config(read_json(export_dir / component / "config.json"))
+    missing, unexpected = net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
                                                 for k, v in floats.items()}, strict=False)
     expected_missing = {f"{n}.weight" for n in weight_layers(state)}
     if unexpected or set(missing) != expected_missing:
@@ -48,23 +48,23 @@ def load_quantized_unet(export_dir: str | Path, device: str = "cpu", verify: boo
         raise ArtifactError(f"{export_dir}/{weights}: tensors do not match the {component} config (first mismatch: "
                             f"{extra})")
     if any(isinstance(lp, MatMulQParams) for lp in state.values()):  # quantized attention matmuls
-        use_matmul_attention(unet)
-    install_sites(unet, [n for n, lp in state.items() if isinstance(lp, SiteQParams)])  # quant.glue
-    apply_qstate(unet, state)
-    return unet.to(device).eval().requires_grad_(False)
+        use_matmul_attention(net)
+    install_sites(net, [n for n, lp in state.items() if isinstance(lp, SiteQParams)])  # quant.glue
+    apply_qstate(net, state)
+    return net.to(device).eval().requires_grad_(False)
 
 
 def load_denoiser_from_export(export_dir: str | Path, device: str = "cpu") -> Denoiser:
     """A Denoiser around the quantized network, with every other pipeline component (scheduler config, and the
     float autoencoder / text encoders of latent and text models) loaded from the export folder."""
     export_dir = Path(export_dir)
-    den = load_denoiser(export_dir, device, unet=load_quantized_unet(export_dir, device))
+    den = load_denoiser(export_dir, device, net=load_quantized_net(export_dir, device))
     den.time_groups = time_groups_of(export_dir)
     return den
 
 
-def select_group_by_timestep(unet: nn.Module, groups: TimeGroups) -> None:
-    """Make ``unet(sample, timestep, ...)`` pick the time group's activation parameters from the timestep itself,
+def select_group_by_timestep(net: nn.Module, groups: TimeGroups) -> None:
+    """Make ``net(sample, timestep, ...)`` pick the time group's activation parameters from the timestep itself,
     so code that knows nothing about time groups (a diffusers pipeline's ``__call__``) samples correctly."""
     if groups.count == 1:
         return
@@ -77,15 +77,15 @@ def select_group_by_timestep(unet: nn.Module, groups: TimeGroups) -> None:
                              "(pqd's Denoiser.predict splits such batches)")
         set_time_group(module, int(present[0]))
 
-    unet.register_forward_pre_hook(pick, with_kwargs=True)
+    net.register_forward_pre_hook(pick, with_kwargs=True)
 
 
 def load_pipeline(export_dir: str | Path, device: str = "cpu"):
-    """The export as a diffusers ``DiffusionPipeline`` whose UNet (transformer) is the quantized one: ``pipe(...)``
+    """The export as a diffusers ``DiffusionPipeline`` whose denoiser (UNet or transformer) is the quantized one: ``pipe(...)``
     samples with the calibrated integer weights and time-aware activation parameters. Every file is verified
     first. (A pixel-space DiT pipeline, like the DiT demo's, has no autoencoder: its own ``__call__`` cannot
     decode; sample it with :class:`pqd.ops.serving.Sampler`.)"""
     export_dir = Path(export_dir)
-    unet = load_quantized_unet(export_dir, device)
-    select_group_by_timestep(unet, time_groups_of(export_dir))
-    return load_pipeline_folder(export_dir, device, unet)
+    net = load_quantized_net(export_dir, device)
+    select_group_by_timestep(net, time_groups_of(export_dir))
+    return load_pipeline_folder(export_dir, device, net)

@@ -45,8 +45,8 @@ def checked_predict(den: Denoiser, x: torch.Tensor, t: torch.Tensor, where: str,
     if not bool(torch.isfinite(eps).all()):
         ts = sorted({float(v) for v in torch.as_tensor(t).reshape(-1).tolist()}, reverse=True)
         when = f"timestep {ts[0]:g}" if len(ts) == 1 else f"timesteps {', '.join(f'{v:g}' for v in ts[:4])}"
-        if isinstance(den.unet, torch.nn.Module):
-            where_in = f"first produced by layer {locate_nonfinite(den.unet, run)}"
+        if isinstance(den.net, torch.nn.Module):
+            where_in = f"first produced by layer {locate_nonfinite(den.net, run)}"
         else:  # a deployed graph (onnxruntime): no torch layers to hook
             where_in = f"in the {type(den).__name__} graph (evaluate the torch model to locate the layer)"
         raise NumericalError(f"non-finite UNet output at {where} ({when}): {where_in}; the quantized model overflows "

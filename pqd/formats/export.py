@@ -46,9 +46,9 @@ def quantized_weights_file(folder: Path) -> Path:
     return Path(folder) / denoiser_component(folder) / QUANTIZED
 
 
-def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGroups, out: Path, *,
+def write_export(model_dir: Path, net: nn.Module, state: QState, groups: TimeGroups, out: Path, *,
                  float_dtype: torch.dtype) -> dict[str, Any]:
-    """Write the export folder ``out`` (already created, empty) for the float denoiser ``unet`` quantized by
+    """Write the export folder ``out`` (already created, empty) for the float denoiser ``net`` quantized by
     ``state`` (everything but the manifest: see :func:`write_manifest`)."""
     component = denoiser_component(model_dir)
     for p in sorted(model_dir.rglob("*")):
@@ -61,7 +61,7 @@ def write_export(model_dir: Path, unet: nn.Module, state: QState, groups: TimeGr
     shutil.copy2(model_dir / component / "config.json", out / component / "config.json")
     quantized_weights = {f"{n}.weight" for n in weight_layers(state)}
     floats = {k: v.detach().to(float_dtype if v.is_floating_point() else v.dtype).contiguous()
-              for k, v in unet.state_dict().items() if k not in quantized_weights}
+              for k, v in net.state_dict().items() if k not in quantized_weights}
     layers = qcodec.write(out, f"{component}/{QUANTIZED}", state, groups, extra_tensors=floats,
                           header={"float_dtype": str(float_dtype).replace("torch.", "")})
     return {"quantized_layers": len(layers)}

@@ -3,7 +3,8 @@ read back by the report, the release gate, the audit, sweeps and benchmarks.
 
 A metrics file is a flat JSON object (``dvc metrics show`` reads it). Fields that only some runs have
 (the demo's training figures, the ONNX agreement of an export, the deployed model's FID) are None when
-absent and left out of the file. Reading refuses a file with an unknown or a missing key in one line.
+absent and left out of the file. Reading refuses a file with an unknown or a missing key in one line; a key
+that an earlier version wrote under another name (``RENAMED_KEYS``) is read under its present name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pqd.params.decode import Decoder
 
 T = TypeVar("T", bound="StageMetrics")
 
+# metrics class -> {key written by earlier versions: its present name}; files already written stay readable
+RENAMED_KEYS: dict[str, dict[str, str]] = {"CalibrateMetrics": {"unet_output_mse": "output_mse"}}
+
 
 class _MetricsDecoder(Decoder):
     """A metrics file: every key without a default must be there; dataclasses (also optional ones, and tuples
@@ -29,6 +33,12 @@ class _MetricsDecoder(Decoder):
         if not isinstance(data, dict):
             raise InputError(f"{where}: expected a JSON object, found {type(data).__name__}")
         return data
+
+    def decode(self, cls: type, data: Any, where: str = "") -> Any:
+        renamed = RENAMED_KEYS.get(cls.__name__, {})
+        if renamed and isinstance(data, dict):
+            data = {renamed.get(k, k): v for k, v in data.items()}
+        return super().decode(cls, data, where)
 
     def unknown(self, cls: type, key: str, names: list[str], where: str) -> Exception:
         return InputError(f"{where}: unknown key {key!r}: expected the keys of {cls.__name__} "
@@ -143,7 +153,7 @@ class CalibrateMetrics(StageMetrics):
     calib_samples: int
     glue_sites: int = 0  # quant.glue: activations between integer kernels on integer grids
     time_groups: int
-    unet_output_mse: float
+    output_mse: float
     fit_seconds: float
     reconstruction_seconds: float
     reconstructed_units: int

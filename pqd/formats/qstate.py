@@ -12,7 +12,7 @@ the same per-layer map and the same tensor names:
   shapes) when the output is quantized, ``L.smooth`` float32 [in] when the layer's input channels are
   balanced (its codes quantize weight x smooth; the input is divided by it); per attention matmul M: ``M.a_scale``,
   ``M.a_zero_point``, ``M.b_scale``, ``M.b_zero_point`` float32 [G, 1]; per glue site S (``kind: "site"``,
-  quant.glue): ``S.scale``, ``S.zero_point`` float32 [G, 1]. The export stores the float UNet tensors beside them.
+  quant.glue): ``S.scale``, ``S.zero_point`` float32 [G, 1]. The export stores the float tensors of the network beside them.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def write(folder: Path, tensors_file: str, state: QState, groups: TimeGroups, *,
           header: dict[str, Any] | None = None, trailer: dict[str, Any] | None = None,
           extra_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, Any]]:
     """Write ``folder/qmap.json`` and ``folder/<tensors_file>`` for ``state``; ``header`` entries follow
-    format_version, ``trailer`` entries follow the layers; ``extra_tensors`` (the float UNet tensors of an
+    format_version, ``trailer`` entries follow the layers; ``extra_tensors`` (the network's float tensors of an
     export) are stored beside the state's. Returns the layer entries."""
     tensors, layers = encode(state)
     (folder / tensors_file).parent.mkdir(parents=True, exist_ok=True)

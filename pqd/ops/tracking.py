@@ -338,7 +338,7 @@ def fetch_release(model_uri: str, dest: Path, root: str | Path = ".") -> dict[st
 def load_sampler(model_uri: str, root: str | Path = ".") -> Sampler:
     """A working quantized sampler (:class:`pqd.ops.serving.Sampler`) from ``models:/<name>@<alias>`` (or
     ``models:/<name>/<version>``): downloads the registered export, verifies every manifest hash and rebuilds
-    the UNet from safetensors. Nothing is unpickled (``mlflow.pyfunc.load_model`` would unpickle the model)."""
+    the denoiser network from safetensors. Nothing is unpickled (``mlflow.pyfunc.load_model`` would unpickle the model)."""
     with tempfile.TemporaryDirectory() as td:
         rel = fetch_release(model_uri, Path(td), root)
         return Sampler.from_folder(rel["export"], rel["sampling"])

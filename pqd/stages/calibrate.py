@@ -1,11 +1,11 @@
-"""calibrate stage: fit every quantizer of the UNet on the calibration set -> qstate/.
+"""calibrate stage: fit every quantizer of the denoiser network on the calibration set -> qstate/.
 
 One code path for every method (``calibrate.method`` presets, see pqd.params.methods):
 1. weights per output channel, symmetric (min-max or MSE-searched clipping); each Conv2d/Linear input
    per tensor, asymmetric, with its own parameters for each of G contiguous time groups (and for each
    half of a skip concatenation when ``split_shortcut``), fitted on that group's calibration inputs
    (with ``quant.smooth``, attention and feed-forward linears are channel-balanced first);
-2. optionally block reconstruction (AdaRound, LSQ, QDrop) unit by unit against the FP UNet.
+2. optionally block reconstruction (AdaRound, LSQ, QDrop) unit by unit against the FP network.
 Writes the quantizer state, the time-group thresholds, per-layer errors and the reconstruction log.
 """
 
@@ -45,7 +45,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, "Cond | None"]
 
 @torch.no_grad()
 def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batches: int) -> float:
-    """Mean squared difference of the FP and quantized UNet outputs over the calibration inputs."""
+    """Mean squared difference of the FP and quantized networks' outputs over the calibration inputs."""
     se, n = 0.0, 0
     for i in range(n_batches):
         xb, tb, cb = fetch(i)
@@ -74,12 +74,12 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         """Calibration batch i, read from the shards on disk (never the whole set in memory)."""
         return data.load(plan[i][0], plan[i][1], device)
 
-    def forward_all(unet: torch.nn.Module, set_group) -> None:
+    def forward_all(net: torch.nn.Module, set_group) -> None:
         for i in tqdm(range(len(plan)), desc="observing activations"):
             set_group(plan[i][2])
             xb, tb, cb = fetch(i)
             try:
-                den.call(unet, xb, tb, cb)
+                den.call(net, xb, tb, cb)
             except NumericalError as e:
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
@@ -87,8 +87,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     fit = calibrate_network(params, den, codes, forward_all, lambda m: den.call(m, *fetch(0)))
     t_fit = time.perf_counter() - t0
     # the float reference from here on: the network as calibration observed it (attention matmuls, glue sites)
-    den = dataclasses.replace(den, unet=fit.net)
-    qden = dataclasses.replace(den, unet=fit.quantized(), time_groups=groups)
+    den = dataclasses.replace(den, net=fit.net)
+    qden = dataclasses.replace(den, net=fit.quantized(), time_groups=groups)
     state, cfg, attention, glue, shared = fit.state, fit.config, fit.attention, fit.glue, fit.shared
     recon_log: list[dict[str, Any]] = []
     if c.reconstruct:
@@ -96,22 +96,22 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         runner = lambda m, i: den.call(m, *fetch(i))  # noqa: E731
         units = den.units(list(state))
         # a unit's recordings over the whole set: its inputs + output on batch 0, scaled to every sample
-        size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.unet, units, runner).items()}
+        size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.net, units, runner).items()}
         if largest_units:
             units = sorted(units, key=lambda u: -size[u])[:largest_units]
         with tempfile.TemporaryDirectory(prefix=".pqd-recordings-", dir=out.parent) as spill:
-            recon_log = reconstruct_model(den.unet, qden.unet, units, runner, [b[2] for b in plan],
+            recon_log = reconstruct_model(den.net, qden.net, units, runner, [b[2] for b in plan],
                                           recon_config(params), seed=c.seed,
                                           store=store_factory(Path(spill), size, c.memory_mb * 2**20))
         on_disk = sum(1 for u in units if size[u] > c.memory_mb * 2**20)
-        state = qstate_of(qden.unet)
+        state = qstate_of(qden.net)
         t_recon = time.perf_counter() - t0
     else:
         t_recon, on_disk = 0.0, 0
     mse = output_mse(den, qden, fetch, len(plan)) if output_check else float("nan")
     if output_check and not torch.isfinite(torch.tensor(mse)):
         raise NumericalError("calibrate: the quantized UNet gives non-finite outputs on the calibration set")
-    floats = quantizable_layers(den.unet)
+    floats = quantizable_layers(den.net)
     weighted = weight_layers(state)
     rows = []
     for name, lp in weighted.items():
@@ -140,7 +140,7 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     return CalibrateMetrics(method=c.method, layers=len(weighted), output_quantized_layers=len(cfg.output_layers),
                             attention_matmuls=len(attention), smoothed_layers=len(cfg.smooth) or None,
                             glue_sites=len(glue), calib_samples=len(data), time_groups=groups.count,
-                            unet_output_mse=mse, fit_seconds=round(t_fit, 2), reconstruction_seconds=round(t_recon, 2),
+                            output_mse=mse, fit_seconds=round(t_fit, 2), reconstruction_seconds=round(t_recon, 2),
                             reconstructed_units=len(recon_log), units_improved=len(improved),
                             units_recorded_on_disk=on_disk, weight_rel_mse_mean=float(errs["weight_rel_mse"].mean()),
                             weight_rel_mse_max=float(errs["weight_rel_mse"].max()),

@@ -1,4 +1,4 @@
-"""evaluate stage: sample with the exported quantized UNet and compare it with FP, honestly.
+"""evaluate stage: sample with the exported quantized denoiser and compare it with FP, honestly.
 
 ``evaluate.backend = onnxruntime`` measures what ships: the images come from the deployed ONNX graphs
 (integer kernels); the simulated torch model samples the same seeds beside it, and FID(deployed) is

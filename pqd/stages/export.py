@@ -22,7 +22,7 @@ from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.pipeline import denoiser_component
 from pqd.diffusion.sampling import initial_noise
 from pqd.formats import qstate as qcodec
-from pqd.diffusion.quantized import load_denoiser_from_export, load_quantized_unet
+from pqd.diffusion.quantized import load_denoiser_from_export, load_quantized_net
 from pqd.formats.export import quantized_weights_file, write_export, write_manifest
 from pqd.formats.files import atomic_dir, read_json
 from pqd.formats.lineage import MODEL_RECORD, git_commit
@@ -84,13 +84,13 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
              "params": as_dict(params), "git": dataclasses.asdict(git_commit()), "integer_codes": codes}
     onnx_info: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
-        info = write_export(model, den.unet, state, groups, tmp, float_dtype=getattr(torch, params.export.float_dtype))
+        info = write_export(model, den.net, state, groups, tmp, float_dtype=getattr(torch, params.export.float_dtype))
         if params.export.onnx:  # traced from what the loader rebuilds: the graphs ship what was exported
-            onnx_info = deploy.write_onnx(load_quantized_unet(tmp, verify=False), groups, den, tmp / deploy.ONNX_DIR)
+            onnx_info = deploy.write_onnx(load_quantized_net(tmp, verify=False), groups, den, tmp / deploy.ONNX_DIR)
         info["files"] = write_manifest(tmp, extra)
         # the loader must rebuild exactly these integer weights before the export is accepted
         qden = load_denoiser_from_export(tmp)
-        rebuilt = quant_layers(qden.unet)
+        rebuilt = quant_layers(qden.net)
         for name, lp in weight_layers(state).items():
             if not torch.equal(rebuilt[name].weight_int, lp.weight_int.to(torch.int8)):
                 raise RuntimeError(f"export: layer {name} does not round-trip through the export format")  # a bug

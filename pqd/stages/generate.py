@@ -103,7 +103,7 @@ class ShardRange:
 
 
 def record_shard(w: Worker, job: ShardRange) -> list[dict[str, Any]]:
-    """Sample the shard's seeds recording every UNet input, write ``shard-<index>.safetensors``; returns its
+    """Sample the shard's seeds recording every input of the denoiser network, write ``shard-<index>.safetensors``; returns its
     index rows (one per seed and step)."""
     xs: list[torch.Tensor] = []
     ts: list[float] = []

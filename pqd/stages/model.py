@@ -35,9 +35,9 @@ def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
     pipe = demo.train_demo_pipeline(mp.source, seed=mp.seed, steps=mp.train_steps, batch_size=mp.batch_size,
                                     lr=mp.lr, channels=mp.channels, dit_width=mp.dit_width,
                                     dit_depth=mp.dit_depth)
-    t_unet = time.perf_counter() - t0
+    t_denoiser = time.perf_counter() - t0
     pipe.save_pretrained(out)
-    # the FID features: the same 8x8 digits for both demos, seeded apart from the UNet (model.feature_seed), so
+    # the FID features: the same 8x8 digits for both demos, seeded apart from the denoiser (model.feature_seed), so
     # models of different model.seed are measured with the same features
     images, labels = digits.load_digits_tensor()
     t0 = time.perf_counter()
@@ -46,7 +46,7 @@ def _train_demo(mp: ModelParams, out: Path) -> dict[str, Any]:
     (out / FEATURES_DIR).mkdir()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / FEATURES_DIR / "model.safetensors")
     (out / FEATURES_DIR / "config.json").write_text(json.dumps(net.config(), indent=2) + "\n")
-    return {"unet_train_seconds": round(t_unet, 2), "digitnet_train_seconds": round(t_net, 2),
+    return {"unet_train_seconds": round(t_denoiser, 2), "digitnet_train_seconds": round(t_net, 2),
             "digitnet_heldout_accuracy": round(acc, 4)}
 
 

@@ -58,7 +58,7 @@ def draw_step_counts(p: np.ndarray, n: int, cap: int, rng: np.random.Generator) 
 
 
 def pooled_feature(x: torch.Tensor, size: int = 4) -> torch.Tensor:
-    """Cheap descriptor of UNet inputs x [N, C, H, W] -> [N, C * size * size] (adaptive average pooling)."""
+    """Cheap descriptor of the network's inputs x [N, C, H, W] -> [N, C * size * size] (adaptive average pooling)."""
     return F.adaptive_avg_pool2d(x.float(), (min(size, x.shape[-2]), min(size, x.shape[-1]))).flatten(1)
 
 

@@ -73,7 +73,7 @@ def test_sampling_fails_loudly_naming_layer_and_step(tiny_pipeline):
 
     den = load_denoiser(tiny_pipeline)
     with torch.no_grad():
-        den.unet.mid_block.resnets[0].conv1.bias[0] = float("inf")
+        den.net.mid_block.resnets[0].conv1.bias[0] = float("inf")
     sched = make_scheduler("ddim", den.scheduler_config, den.scheduler_class)
     with pytest.raises(NumericalError) as e:
         sample(den, sched, [0, 1], steps=3, progress=False)

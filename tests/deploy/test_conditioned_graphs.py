@@ -39,7 +39,7 @@ def quantized_dit(tmp_path_factory):
     torch.manual_seed(0)
     den = Denoiser(build_demo_dit(width=64, depth=2).eval(), {"num_train_timesteps": 1000}, "DDPMScheduler",
                    (1, 8, 8), encoder=ClassLabels(10), arch=DiTArch())
-    qnet = copy.deepcopy(den.unet)
+    qnet = copy.deepcopy(den.net)
     roles = use_matmul_attention(qnet)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 1, 8, 8, generator=g) * s, torch.full((8,), t), torch.arange(8) % 11)
@@ -70,7 +70,7 @@ def test_dit_graph_takes_class_labels_and_matches_the_simulation(quantized_dit):
         tt = torch.full((6,), t)
         set_time_group(qnet, group)
         with torch.no_grad():
-            ref, fp = den.call(qnet, x, tt, {"class_labels": y}), den.call(den.unet, x, tt, {"class_labels": y})
+            ref, fp = den.call(qnet, x, tt, {"class_labels": y}), den.call(den.net, x, tt, {"class_labels": y})
         (got,) = sessions[group].run(None, {"sample": x.numpy(), "timestep": tt.numpy(), "class_labels": y.numpy()})
         assert float((torch.from_numpy(got) - ref).norm()) <= 0.25 * float((ref - fp).norm())
     kernels = deploy.kernel_report(folder / deploy.graph_file(0))["int8"]
@@ -84,7 +84,7 @@ def test_text_transformer_graphs_take_the_prompt_encodings(tmp_path, build, inpu
     """The float graph of each text transformer runs in onnxruntime on real prompt encodings (PixArt's padded
     tokens masked out, SD3's pooled projections) and gives the torch model's output."""
     den = load_denoiser(build(tmp_path / "pipe"))
-    model = onnx.load_from_string(deploy.export_unet(den.unet, den))
+    model = onnx.load_from_string(deploy.export_net(den.net, den))
     assert [i.name for i in model.graph.input] == inputs
     assert not [n for n in model.graph.node if n.op_type == "If"]  # PixArt's squeeze(1): no If, an Identity (onnx._squeeze_dim)
     rows = den.conditioning(PROMPTS, [1, 2, 3, 0], 3.0)
@@ -92,7 +92,7 @@ def test_text_transformer_graphs_take_the_prompt_encodings(tmp_path, build, inpu
     x = torch.randn(4, *den.sample_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([99.0, 60.0, 30.0, 1.0])
     with torch.no_grad():
-        ref = den.call(den.unet, x, t, cond)
+        ref = den.call(den.net, x, t, cond)
     feeds = {"sample": x.numpy(), "timestep": t.numpy(), **{k: v.numpy() for k, v in cond.items()}}
     (got,) = ort_session(model.SerializeToString()).run(None, feeds)
     assert torch.allclose(torch.from_numpy(got), ref, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ from pqd.core.quantize import SiteQParams, qstate_of
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.glue import GLUE_KINDS, glue_sites, install_sites
-from pqd.diffusion.quantized import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_net
 from pqd.formats.export import write_export, write_manifest
 from support.models import fit_two_groups, fp_simulated_deployed
 
@@ -20,12 +20,12 @@ GROUPS = TimeGroups((50.0,))
 def glued(tmp_path_factory, tiny_pipeline):
     """Every glue kind, 2 time groups with very different input ranges, outputs quantized, no split."""
     den = load_denoiser(tiny_pipeline)
-    names = install_sites(den.unet, glue_sites(den.unet, GLUE_KINDS, den.skip_splits(), split=False))
+    names = install_sites(den.net, glue_sites(den.net, GLUE_KINDS, den.skip_splits(), split=False))
     state = fit_two_groups(den)
     out = tmp_path_factory.mktemp("glue") / "export"
     out.mkdir()
-    write_export(tiny_pipeline, den.unet, state, GROUPS, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_unet(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
+    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
     write_manifest(out, {})
     return den, names, state, out
 
@@ -35,7 +35,7 @@ def test_sites_are_calibrated_per_group_and_ship_in_the_export(glued):
     fitted = {n: sp for n, sp in state.items() if isinstance(sp, SiteQParams)}
     assert sorted(fitted) == sorted(names)
     assert all(sp.scale.shape == (2, 1) and not torch.equal(sp.scale[0], sp.scale[1]) for sp in fitted.values())
-    rebuilt = qstate_of(load_quantized_unet(out))
+    rebuilt = qstate_of(load_quantized_net(out))
     for n, sp in fitted.items():
         assert torch.equal(rebuilt[n].scale, sp.scale) and torch.equal(rebuilt[n].zero_point, sp.zero_point)
 

@@ -9,7 +9,7 @@ import torch
 
 from pqd import deploy
 from pqd.api import load_pipeline
-from pqd.diffusion.quantized import load_denoiser_from_export, load_quantized_unet
+from pqd.diffusion.quantized import load_denoiser_from_export, load_quantized_net
 from pqd.formats.export import write_export, write_manifest
 from pqd.core.modules import quant_layers
 from pqd.core.quantize import apply_qstate, fit_qstate, QuantConfig
@@ -36,8 +36,8 @@ def artifact(tmp_path_factory, tiny_pipeline):
     state = calibrated(den, 7)
     out = tmp_path_factory.mktemp("deploy") / "export"
     out.mkdir()
-    write_export(tiny_pipeline, den.unet, state, GROUPS, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_unet(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
+    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
     write_manifest(out, {})
     return den, state, out
 
@@ -130,7 +130,7 @@ def test_groups_share_one_copy_of_the_weights(artifact):
     den, state, out = artifact
     weights = (out / deploy.ONNX_DIR / deploy.WEIGHTS_FILE).stat().st_size
     codes = sum(lp.weight_int.numel() for lp in state.values())  # int8: one byte each
-    floats = sum(v.numel() * 4 for k, v in den.unet.state_dict().items() if not k.endswith(".weight")
+    floats = sum(v.numel() * 4 for k, v in den.net.state_dict().items() if not k.endswith(".weight")
                  or k.removesuffix(".weight") not in state)
     assert codes <= weights <= 1.5 * (codes + floats)  # once, not once per time group
 
@@ -168,7 +168,7 @@ def test_load_pipeline_refuses_a_modified_file(artifact, tmp_path):
 def test_w4_graph_holds_the_4bit_grid_in_int8(tiny_pipeline, tmp_path):
     den = load_denoiser(tiny_pipeline)
     state = calibrated(den, 4)
-    q = apply_qstate(copy.deepcopy(den.unet), state)
+    q = apply_qstate(copy.deepcopy(den.net), state)
     deploy.write_onnx(q, GROUPS, den, tmp_path)
     full = onnx.load(str(tmp_path / deploy.graph_file(0)))
     codes = [onnx.numpy_helper.to_array(t) for t in full.graph.initializer if t.name.endswith("weight_int")]

@@ -18,7 +18,7 @@ from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.glue import GLUE_KINDS, glue_sites, install_sites, resampling_convs
-from pqd.diffusion.quantized import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_net
 from pqd.formats.export import write_export, write_manifest
 from support.models import fit_two_groups, fp_simulated_deployed
 
@@ -27,26 +27,26 @@ GROUPS = TimeGroups((50.0,))
 
 def _den(tiny_pipeline):
     den = load_denoiser(tiny_pipeline)
-    install_sites(den.unet, glue_sites(den.unet, GLUE_KINDS, den.skip_splits(), split=False))
-    use_matmul_attention(den.unet)
+    install_sites(den.net, glue_sites(den.net, GLUE_KINDS, den.skip_splits(), split=False))
+    use_matmul_attention(den.net)
     return den
 
 
 def _groups(den):
     x = torch.randn(2, *den.sample_shape, generator=torch.Generator().manual_seed(3))
     outputs = [n for n in quant_layers_names(den) if n not in den.float_output_layers(quant_layers_names(den))]
-    return shared_inputs(den.unet, lambda m: m(x, torch.tensor([80.0, 20.0])), outputs=outputs,
-                         through=resampling_convs(den.unet))
+    return shared_inputs(den.net, lambda m: m(x, torch.tensor([80.0, 20.0])), outputs=outputs,
+                         through=resampling_convs(den.net))
 
 
 def quant_layers_names(den):
-    return [n for n, m in den.unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return [n for n, m in den.net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
 def _export(den, tiny_pipeline, state, out):
     out.mkdir()
-    write_export(tiny_pipeline, den.unet, state, GROUPS, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_unet(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
+    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
     write_manifest(out, {})
     return out
 
@@ -59,7 +59,7 @@ def shared(tmp_path_factory, tiny_pipeline):
     state = fit_two_groups(den)
     sharing, applied = share_qparams(state, groups)
     tmp = tmp_path_factory.mktemp("shared")
-    own = copy.deepcopy(den.unet)  # without shared grids: group 0's graph only, for its node counts
+    own = copy.deepcopy(den.net)  # without shared grids: group 0's graph only, for its node counts
     onnx.save(deploy.trace_group(apply_qstate(own, state), 0, den), tmp / "own.onnx")
     return den, groups, applied, sharing, _export(den, tiny_pipeline, sharing, tmp / "shared"), tmp / "own.onnx"
 
@@ -67,7 +67,7 @@ def shared(tmp_path_factory, tiny_pipeline):
 def test_the_quantizers_of_one_tensor_are_found(shared):
     den, groups, applied, *_ = shared
     found = {tuple(g) for g in groups}
-    attentions = [n for n, m in den.unet.named_modules() if type(m).__name__ == "Attention"]
+    attentions = [n for n, m in den.net.named_modules() if type(m).__name__ == "Attention"]
     for a in attentions:  # query, key and value read the normalised states; each projection feeds a matmul operand
         assert ((f"{a}.to_q", "in"), (f"{a}.to_k", "in"), (f"{a}.to_v", "in")) in found
         assert ((f"{a}.to_q", "out"), (f"{a}.processor.qk", "a")) in found
@@ -76,14 +76,14 @@ def test_the_quantizers_of_one_tensor_are_found(shared):
     concat = [b.rpartition(".")[0] for b in den.skip_splits()]
     assert concat and all(((f"{b}.glue_concat", "in"), (f"{b}.conv_shortcut", "in")) in found for b in set(concat))
     # the samplers' convolutions read their block's input through zero padding / nearest upsampling
-    samplers = resampling_convs(den.unet)
+    samplers = resampling_convs(den.net)
     assert samplers and all(any((c, "in") in g[1:] for g in groups) for c in samplers)
     assert applied == groups  # every member is quantized on one part at 8 bits here
 
 
 def test_members_hold_the_lead_step_and_zero_point(shared):
     den, _, applied, state, *_ = shared
-    q = copy.deepcopy(den.unet)
+    q = copy.deepcopy(den.net)
     apply_qstate(q, state)
     assert tie_quantizers(q, applied) == sum(len(g) - 1 for g in applied)
     owners = {**quant_layers(q), **quant_matmuls(q)}
@@ -114,7 +114,7 @@ def test_one_quantize_node_per_shared_tensor(shared, tmp_path):
     den, _, _, _, out, own = shared
     graph = out / deploy.ONNX_DIR / deploy.graph_file(0)
     with_sharing, without = _runtime_nodes(graph, tmp_path, "shared"), _runtime_nodes(own, tmp_path, "own")
-    attentions = sum(type(m).__name__ == "Attention" for m in den.unet.modules())
+    attentions = sum(type(m).__name__ == "Attention" for m in den.net.modules())
     # at least: key and value quantize the states query quantizes (one QuantizeLinear, merged), and each such
     # projection's output is the matmul operand as it is (no DequantizeLinear -> QuantizeLinear between)
     assert without["QuantizeLinear"] - with_sharing["QuantizeLinear"] >= 2 * attentions

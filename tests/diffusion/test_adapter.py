@@ -23,9 +23,9 @@ def test_skip_splits_match_the_real_concatenation(tiny_pipeline):
                 width = r.out_channels
         return pre
 
-    hs = [b.register_forward_pre_hook(block_hook(f"up_blocks.{i}"), with_kwargs=True) for i, b in enumerate(den.unet.up_blocks)]
+    hs = [b.register_forward_pre_hook(block_hook(f"up_blocks.{i}"), with_kwargs=True) for i, b in enumerate(den.net.up_blocks)]
     with torch.no_grad():
-        den.unet(torch.randn(2, 1, 8, 8), torch.tensor(5))
+        den.net(torch.randn(2, 1, 8, 8), torch.tensor(5))
     for h in hs:
         h.remove()
     assert seen
@@ -38,7 +38,7 @@ def test_units_cover_every_quantized_layer_once(tiny_pipeline):
     from pqd.core.modules import quantizable_layers
 
     den = load_denoiser(tiny_pipeline)
-    names = list(quantizable_layers(den.unet))
+    names = list(quantizable_layers(den.net))
     units = den.units(names)
     owner = {n: [u for u in units if n == u or n.startswith(u + ".")] for n in names}
     assert all(len(o) == 1 for o in owner.values())

@@ -67,11 +67,11 @@ def test_dit_layer_roles():
 
 
 def test_pixart_and_sd3_layer_roles(pixart, sd3):
-    names = layer_names(pixart.unet)
+    names = layer_names(pixart.net)
     assert set(pixart.modulation_layers(names)) == {"adaln_single.linear"}
     assert {"caption_projection.linear_1", "pos_embed.proj", "proj_out"} <= set(pixart.edge_layers(names))
     assert "transformer_blocks.1.attn2.to_k" in pixart.smooth_layers(names)  # cross-attention on the text
-    names = layer_names(sd3.unet)
+    names = layer_names(sd3.net)
     assert set(sd3.modulation_layers(names)) == {"norm_out.linear"} | {
         f"transformer_blocks.{b}.{n}.linear" for b in (0, 1) for n in ("norm1", "norm1_context")}
     assert {"context_embedder", "time_text_embed.text_embedder.linear_1", "proj_out"} <= set(sd3.edge_layers(names))
@@ -105,13 +105,13 @@ def test_matmul_attention_computes_what_diffusers_computes(which, pixart, sd3):
                        encoder=ClassLabels(10), arch=DiTArch())
     else:
         fp = {"pixart": pixart, "sd3": sd3}[which]
-        den = dataclasses.replace(fp, unet=copy.deepcopy(fp.unet))  # the module fixture's network stays as it is
+        den = dataclasses.replace(fp, net=copy.deepcopy(fp.net))  # the module fixture's network stays as it is
     x = torch.randn(3, *den.sample_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([90.0, 40.0, 3.0])
     rows = den.conditioning(None if which == "dit" else PROMPTS, [1, 2, 3], 2.0)
     with torch.no_grad():
         ref = den.guided(x, t, rows.per_seed(), rows.unconditional(), 2.0)
-        roles = use_matmul_attention(den.unet)
+        roles = use_matmul_attention(den.net)
         got = den.guided(x, t, rows.per_seed(), rows.unconditional(), 2.0)
     assert roles and set(roles.values()) == {"qk", "pv"}
     assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())

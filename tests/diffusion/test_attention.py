@@ -70,13 +70,13 @@ def test_matmul_attention_computes_what_diffusers_computes(tmp_path: Path, build
     t = torch.tensor([90, 40, 3])
     cond = den.conditioning(["a photo of a cat", "a small blue bird"], [1, 2, 0], 1.0).per_seed() if den.conditional else None
     with torch.no_grad():
-        ref = den.call(den.unet, x, t, cond)
-        roles = use_matmul_attention(den.unet)
-        got = den.call(den.unet, x, t, cond)
+        ref = den.call(den.net, x, t, cond)
+        roles = use_matmul_attention(den.net)
+        got = den.call(den.net, x, t, cond)
     assert roles and set(roles.values()) == {"qk", "pv"}
     if den.conditional:
         assert "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.qk" in roles  # cross-attention
-    assert use_matmul_attention(den.unet) == roles  # idempotent
+    assert use_matmul_attention(den.net) == roles  # idempotent
     assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
 
 

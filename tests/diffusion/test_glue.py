@@ -26,10 +26,10 @@ def run(model, n=3, seed=4):
 
 def test_site_names_per_kind(den):
     splits = den.skip_splits()
-    resnets = [n for n, m in den.unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
-    attentions = [n for n, m in den.unet.named_modules() if type(m).__name__ == "Attention"]
+    resnets = [n for n, m in den.net.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    attentions = [n for n, m in den.net.named_modules() if type(m).__name__ == "Attention"]
     concat_blocks = sorted({n.rpartition(".")[0] for n in splits})
-    names = lambda kinds, split=False: glue_sites(den.unet, kinds, splits, split)  # noqa: E731
+    names = lambda kinds, split=False: glue_sites(den.net, kinds, splits, split)  # noqa: E731
     assert names(["residual"]) == [f"{r}.glue_residual" for r in resnets]
     assert names(["temb"]) == [f"{r}.glue_temb" for r in resnets]
     assert names(["attention"]) == [f"{a}.glue_residual" for a in attentions]
@@ -45,7 +45,7 @@ def test_site_names_per_kind(den):
 
 def test_float_sites_carry_what_diffusers_computes(den):
     """Every site sees the tensor diffusers' forward pass has there, and the output does not change."""
-    ref = copy.deepcopy(den.unet)
+    ref = copy.deepcopy(den.net)
     want: dict[str, torch.Tensor] = {}
 
     def keep(key):
@@ -64,7 +64,7 @@ def test_float_sites_carry_what_diffusers_computes(den):
     y_ref = run(ref)
     for h in hooks:
         h.remove()
-    model = copy.deepcopy(den.unet)
+    model = copy.deepcopy(den.net)
     names = install_sites(model, glue_sites(model, GLUE_KINDS, den.skip_splits(), split=False))
     seen: dict[str, torch.Tensor] = {}
     for n, m in sites(model).items():
@@ -80,7 +80,7 @@ def test_float_sites_carry_what_diffusers_computes(den):
 
 
 def test_install_is_idempotent_and_copies_route_through_their_own_sites(den):
-    model = copy.deepcopy(den.unet)
+    model = copy.deepcopy(den.net)
     names = glue_sites(model, ["residual"], den.skip_splits(), split=False)
     install_sites(model, names)
     install_sites(model, names)

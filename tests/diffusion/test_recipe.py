@@ -59,14 +59,14 @@ def passes(den):
 
 def by_hand(params, den):
     """The recipe written out: attention, then glue, on a copy of the network; config; groups; fit; shared grids."""
-    work = dataclasses.replace(den, unet=copy.deepcopy(den.unet))
+    work = dataclasses.replace(den, net=copy.deepcopy(den.net))
     attention = install_attention(params, work)
     glue = install_glue(params, work)
     cfg = quant_config(params, work, attention, integer_codes(params))
     forward_all, run_once = passes(den)
     shared = shared_groups(params, work, cfg, run_once)
-    state, shared = share_qparams(fit_qstate(work.unet, forward_all, cfg), shared)
-    return work.unet, state, cfg, shared, glue, attention
+    state, shared = share_qparams(fit_qstate(work.net, forward_all, cfg), shared)
+    return work.net, state, cfg, shared, glue, attention
 
 
 def same_state(a, b) -> bool:
@@ -80,14 +80,14 @@ def same_state(a, b) -> bool:
 
 def test_recipe_fits_a_copy_of_the_network_only(den):
     params = params_from_dict(GLUE_ATTENTION_SHARED)
-    before = {k: v.clone() for k, v in den.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in den.net.state_dict().items()}
     forward_all, run_once = passes(den)
     fit = calibrate_network(params, den, integer_codes(params), forward_all, run_once)
     # the float denoiser is left as it was: no sites, no matmuls, diffusers' own attention, the same weights
-    assert fit.net is not den.unet and den.decoder is not None
-    assert not any(isinstance(m, (Site, MatMul, MatMulAttention)) for m in den.unet.modules())
-    assert all(torch.equal(v, before[k]) for k, v in den.unet.state_dict().items())
-    assert not any(p.data_ptr() == q.data_ptr() for p in den.unet.parameters() for q in fit.net.parameters())
+    assert fit.net is not den.net and den.decoder is not None
+    assert not any(isinstance(m, (Site, MatMul, MatMulAttention)) for m in den.net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in den.net.state_dict().items())
+    assert not any(p.data_ptr() == q.data_ptr() for p in den.net.parameters() for q in fit.net.parameters())
     # the copy holds the sites and matmuls it was fitted with, still float, and the state covers every quantizer
     assert fit.glue and fit.attention and fit.shared
     assert set(fit.attention) == set(matmul_modules(fit.net))
@@ -123,5 +123,5 @@ def test_recipe_without_glue_or_attention_installs_nothing(den):
     forward_all, run_once = passes(den)
     fit = calibrate_network(params, den, integer_codes(params), forward_all, run_once)
     assert (fit.glue, fit.attention, fit.shared) == ([], {}, ())
-    assert set(fit.state) == set(quantizable_layers(den.unet))
-    assert [n for n, _ in fit.net.named_modules()] == [n for n, _ in den.unet.named_modules()]
+    assert set(fit.state) == set(quantizable_layers(den.net))
+    assert [n for n, _ in fit.net.named_modules()] == [n for n, _ in den.net.named_modules()]

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from pqd.core.modules import quant_layers
 from pqd.formats import qstate as qcodec
 from pqd.formats.calibset import CalibSet
-from pqd.diffusion.quantized import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_net
 from pqd.formats.metrics import STAGES, CalibrateMetrics, EvaluateMetrics, ExportMetrics, GenerateMetrics
 from pqd.ops import release
 from pqd.stages import generate, model
@@ -114,14 +114,14 @@ def graph_inputs(data: Path) -> list[str]:
 def unet_layers(folder: Path) -> set[str]:
     from pqd.diffusion.adapter import load_denoiser
 
-    unet = load_denoiser(folder).unet
+    unet = load_denoiser(folder).net
     return {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
 
 
 def check_unet(data: Path, image_shape: tuple[int, int, int]) -> None:
     """Every UNet Conv2d/Linear quantized, nothing else; evaluate produced finite metrics on real images."""
-    qunet = load_quantized_unet(data / "export")
-    assert set(quant_layers(qunet)) == unet_layers(data / "model")
+    qnet = load_quantized_net(data / "export")
+    assert set(quant_layers(qnet)) == unet_layers(data / "model")
     assert qmap(data)["conv_in"]["weight_bits"] == CODE_BITS_8  # edge layers stay 8-bit
     assert any(v["weight_storage"] == "int4_packed" for v in qmap(data).values())
     ev = metrics(data, "evaluate")
@@ -150,7 +150,7 @@ def check_transformer(data: Path, arch: str, edge: list[str], modulation: list[s
 def check_pixel(data: Path) -> None:
     check_unet(data, (3, 16, 16))
     assert metrics(data, "evaluate")["protocol"]["backend"].startswith("onnxruntime")  # the deployed graphs
-    layers = set(quant_layers(load_quantized_unet(data / "export")))
+    layers = set(quant_layers(load_quantized_net(data / "export")))
     assert {"down_blocks.1.attentions.0.to_q", "down_blocks.1.attentions.0.to_k", "up_blocks.2.attentions.0.to_out.0",
             "mid_block.attentions.0.to_v"} <= layers
     rec = pd.read_csv(data / "qstate/reconstruction.csv")
@@ -209,7 +209,7 @@ def check_text(data: Path) -> None:
     cond = cond["encoder_hidden_states"]
     assert cond.shape == (16, 12, 16) and torch.equal(cond[torch.tensor(calib["branch"].eq("uncond").to_numpy())][0], embeds[0])
 
-    layers = set(quant_layers(load_quantized_unet(data / "export")))
+    layers = set(quant_layers(load_quantized_net(data / "export")))
     assert "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k" in layers  # cross-attention on the text
     cross = qmap(data)["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.pv"]  # softmax·V over the prompt
     assert cross["kind"] == "matmul" and (cross["a_bits"], cross["b_bits"]) == (8, 8)  # quant.softmax_bits = 8

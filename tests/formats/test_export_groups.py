@@ -24,14 +24,14 @@ def test_export_keeps_time_groups_and_switches_by_timestep(tmp_path, tiny_pipeli
             set_group(k)
             m(xs[k], ts[k])
 
-    state = fit_qstate(den.unet, forward_all, QuantConfig(weight_bits=4, time_groups=2))
+    state = fit_qstate(den.net, forward_all, QuantConfig(weight_bits=4, time_groups=2))
     out = tmp_path / "export"
     out.mkdir()
-    write_export(tiny_pipeline, den.unet, state, groups, out, float_dtype=torch.float32)
+    write_export(tiny_pipeline, den.net, state, groups, out, float_dtype=torch.float32)
     write_manifest(out, {})
     qden = load_denoiser_from_export(out)
     assert qden.time_groups == groups
-    ref = apply_qstate(copy.deepcopy(den.unet), state)
+    ref = apply_qstate(copy.deepcopy(den.net), state)
     x = torch.randn(3, 1, 8, 8, generator=g)
     for t, grp in ((90.0, 0), (10.0, 1)):
         set_time_group(ref, grp)

@@ -14,7 +14,7 @@ import pytest
 
 from support.projects import ROOT, reproduced_project
 from pqd.errors import ArtifactError
-from pqd.diffusion.quantized import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_net
 from pqd.diffusion.pipeline import ModelFolderError, load_pipeline
 from pqd.formats.lineage import sha256_file
 from pqd.formats import qstate as qcodec
@@ -32,16 +32,16 @@ def export_copy(result: Path, dest: Path) -> Path:
 def test_every_file_of_the_manifest_is_verified(result, tmp_path):
     files = json.loads((result / "export/manifest.json").read_text())["files"]
     assert len(files) >= 5 and "unet/quantized.safetensors" in files and "qmap.json" in files
-    load_quantized_unet(export_copy(result, tmp_path / "ok"))  # the untouched export loads
+    load_quantized_net(export_copy(result, tmp_path / "ok"))  # the untouched export loads
     for i, rel in enumerate(files):
         exp = export_copy(result, tmp_path / f"m{i}")
         with open(exp / rel, "ab") as f:
             f.write(b" ")  # one byte more: same content for every parser, another sha256
         with pytest.raises(ArtifactError, match=re.escape(f"file {rel} was modified")):
-            load_quantized_unet(exp)
+            load_quantized_net(exp)
         (exp / rel).unlink()
         with pytest.raises(ArtifactError, match=re.escape(f"file {rel} listed in manifest.json is missing")):
-            load_quantized_unet(exp)
+            load_quantized_net(exp)
 
 
 class Payload:
@@ -76,7 +76,7 @@ def test_planted_pickle_in_an_export_with_a_matching_manifest_is_not_executed(re
     manifest["files"]["unet/quantized.safetensors"] = sha256_file(exp / "unet/quantized.safetensors")
     (exp / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="quantized.safetensors is truncated or corrupted"):
-        load_quantized_unet(exp)
+        load_quantized_net(exp)
     assert not marker.exists()
 
 

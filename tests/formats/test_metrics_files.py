@@ -6,8 +6,8 @@ import json
 import pytest
 
 from pqd.errors import InputError
-from pqd.formats.metrics import (EvalProtocol, EvaluateMetrics, ExportMetrics, ModelMetrics, OnnxGroupCheck,
-                                 PipelineMetrics)
+from pqd.formats.metrics import (CalibrateMetrics, EvalProtocol, EvaluateMetrics, ExportMetrics, ModelMetrics,
+                                 OnnxGroupCheck, PipelineMetrics)
 
 PROTOCOL = EvalProtocol(8, 8, "0..7", "DDIMScheduler", 6, 0.0, "pixel", 0, None, "torchscript:f.pt", "folder r", 8,
                         "clean-fid frechet_distance", "torch (simulated integer arithmetic)",
@@ -52,3 +52,26 @@ def test_pipeline_metrics_reads_what_exists(tmp_path):
     assert m.evaluate == EVALUATE and m.export is None and list(m.present()) == ["evaluate"]
     with pytest.raises(InputError, match="metrics of stage 'train'"):
         PipelineMetrics.read({"train": tmp_path / "x.json"})
+
+
+# data/metrics/calibrate.json as an earlier pqd wrote it (pre-rename key unet_output_mse, now output_mse)
+EARLIER_CALIBRATE = """{
+  "seconds": 175.032, "method": "pqd", "layers": 60, "output_quantized_layers": 59, "attention_matmuls": 0,
+  "calib_samples": 512, "glue_sites": 0, "time_groups": 4, "unet_output_mse": 0.0003369458172528539,
+  "fit_seconds": 11.03, "reconstruction_seconds": 158.91, "reconstructed_units": 22, "units_improved": 19,
+  "units_recorded_on_disk": 0, "weight_rel_mse_mean": 4.182842376394546e-05,
+  "weight_rel_mse_max": 0.00010542890231590718, "weight_code_bits": 8, "reduce_range": false,
+  "integer_codes": "auto: this CPU has avx512_vnni, avx_vnni, amx_int8"
+}"""
+
+
+def test_a_file_of_an_earlier_version_reads_under_the_present_names(tmp_path):
+    path = tmp_path / "calibrate.json"
+    path.write_text(EARLIER_CALIBRATE)
+    m = PipelineMetrics.read({"calibrate": path}).calibrate
+    assert m.output_mse == 0.0003369458172528539 and m.layers == 60
+    m.write(tmp_path / "now.json")
+    on_disk = json.loads((tmp_path / "now.json").read_text())
+    assert "output_mse" in on_disk and "unet_output_mse" not in on_disk  # pre-rename key: read, never written
+    assert list(on_disk) == list(json.loads(EARLIER_CALIBRATE))[:8] + ["output_mse"] + list(on_disk)[9:]
+    assert CalibrateMetrics.read(tmp_path / "now.json") == m

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from support.projects import CODE_BITS_8, small_params, write_params
 from pqd.params import params_from_dict
 from pqd.formats import qstate as qcodec
-from pqd.diffusion.quantized import load_quantized_unet
+from pqd.diffusion.quantized import load_quantized_net
 from pqd.core.modules import quant_layers
 from pqd.stages import calibrate, evaluate, export, generate, model, select
 
@@ -132,7 +132,7 @@ def test_calibrate_with_shared_grids_reconstructs_one_grid_per_tensor(pipeline_r
 
 def test_export_reload_is_bit_identical(pipeline_run):
     state, _, _, _ = qcodec.read(pipeline_run / "data/qstate", qcodec.STATE_TENSORS)
-    unet = load_quantized_unet(pipeline_run / "data/export")
+    unet = load_quantized_net(pipeline_run / "data/export")
     ql = quant_layers(unet)
     assert set(ql) == set(state)
     for name, lp in state.items():
@@ -145,7 +145,7 @@ def test_every_conv_and_linear_quantized(pipeline_run, tiny_pipeline):
 
     fp = UNet2DModel.from_pretrained(tiny_pipeline / "unet")
     names = {n for n, m in fp.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
-    assert set(quant_layers(load_quantized_unet(pipeline_run / "data/export"))) == names
+    assert set(quant_layers(load_quantized_net(pipeline_run / "data/export"))) == names
 
 
 def _frechet_reference(a: np.ndarray, b: np.ndarray) -> float:

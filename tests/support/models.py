@@ -234,10 +234,10 @@ def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = No
             set_group(k)
             m(xs[k], ts[k])
 
-    names = list(quantizable_layers(den.unet))
+    names = list(quantizable_layers(den.net))
     cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=splits or {},
                       output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
-    return fit_qstate(den.unet, forward_all, cfg)
+    return fit_qstate(den.net, forward_all, cfg)
 
 
 def fp_simulated_deployed(den, export: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
