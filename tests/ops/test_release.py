@@ -210,6 +210,7 @@ def test_uncommitted_pipeline_state_is_refused_unless_allowed_and_then_stated(pr
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("grid_size: 9", "grid_size: 4"))
     run_stages_in_process(project, ("evaluate",))  # as `dvc repro` would: the stage, then dvc.lock
+    capsys.readouterr()  # the stage's own progress output is not the command's
     rc, out, err = cli(capsys, project, "register")
     assert rc == 1 and len(err.splitlines()) == 1
     assert "committed:" in err and "commit dvc.lock" in err
