@@ -20,7 +20,6 @@ import torch.nn as nn
 from pqd.errors import ModelFolderError
 from pqd.formats.pipefolder import DENOISER_CLASSES, SUPPORTED, denoiser_component
 
-UNET_CLASSES = DENOISER_CLASSES["unet"]
 # pipeline attributes holding the autoencoder of a latent pipeline (LDMPipeline: vqvae; StableDiffusion: vae)
 DECODER_ATTRS = ("vqvae", "vae")
 # the text encoders (and their tokenizers) each text-conditioned denoiser class needs in its pipeline

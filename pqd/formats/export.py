@@ -35,7 +35,6 @@ from pqd.formats.lineage import MODEL_RECORD, hash_tree, sha256_file
 from pqd.formats.pipefolder import FEATURES_DIR, denoiser_component
 
 FORMAT_VERSION = qcodec.FORMAT_VERSION
-QWEIGHTS = "unet/quantized.safetensors"  # a UNet's; see quantized_weights_file
 QUANTIZED = "quantized.safetensors"  # inside the denoiser's component folder
 MANIFEST = "manifest.json"  # sha256 of every other file of the export, source model hash, params, git commit
 _SKIP_FROM_MODEL = (MODEL_RECORD,)
