@@ -34,12 +34,15 @@ run: setup check-params
 	@# one MLflow run for this result (idempotent); an unreachable MLflow never fails the run
 	-$(BIN)/python -m pqd.ops.tracking track
 
+# the test files on TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, with its fixtures)
+TEST_WORKERS ?= 2
+PYTEST = PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup postgres-server
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
-# everything but the end-to-end runs marked slow (tests/e2e): a couple of minutes
+# everything but the end-to-end runs marked slow: a minute and a half
 test-fast: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # methods x bits and the PQD ablations on the two demos, over BENCH_REPLICATES replicates, with intervals and
 # paired verdicts (data/bench/bench.md): each cell a DVC experiment run by the sweep's runner (flows/bench.py), so

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hygiene, two torch threads, a tiny random pipeline and a TorchScript feature network.
+"""Shared fixtures: offline hygiene, torch threads, a tiny random pipeline and a TorchScript feature network.
 
 Tests mirror the package (tests/core, tests/params, ... tests/ops, tests/flows); tests/e2e holds the slow
 end-to-end runs of the real pipeline (marked ``slow``: ``make test-fast`` leaves them out). Builders of models
@@ -15,7 +15,8 @@ for k, v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# two threads for one test process; one each when pytest-xdist runs two workers side by side (make test)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 from pathlib import Path  # noqa: E402
 

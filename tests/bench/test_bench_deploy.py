@@ -58,6 +58,7 @@ def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
     assert "QLinearAdd" in glue_row and "sites" in glue_row
 
 
+@pytest.mark.slow  # about 20 s: three calibrations and exports of the DiT, timed backends
 def test_dit_is_fed_its_class_labels_and_its_attention_runs_on_integer_kernels(tiny_dit, tmp_path):
     rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit))
     assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8, ATTENTION,

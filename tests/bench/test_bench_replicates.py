@@ -12,6 +12,8 @@ from pqd.errors import ParamError
 from support.projects import ROOT, clone, reproduced_project
 
 ROWS = ["w8-pqd", "w8-minmax"]  # a paired comparison; w8-minmax of replicate 0 is the project's own result
+# the runner is under test, not the deployed graphs (tests/deploy, tests/e2e): no ONNX export, simulated FID
+FAST = ["export.onnx=false", "evaluate.backend=torch"]
 
 
 def test_plan_names_cells_and_moves_the_replicates_seeds():
@@ -45,7 +47,7 @@ def test_bench_over_two_replicates_then_a_rerun_restores_every_stage(harness, tm
 
     project = clone(reproduced_project(tmp_path_factory, tiny_pipeline, ts_features), tmp_path / "p")
     source, params_before = str(tiny_pipeline), (project / "params.yaml").read_text()
-    first = bench(str(project), models=[source], rows=ROWS, replicates=2)
+    first = bench(str(project), models=[source], rows=ROWS, replicates=2, overrides=FAST)
     ran = dict(zip(first.cells, first.ran_stages))
     # replicate 0 shares the project's model and generate stages; replicate 1 (model.seed 1, calibration seeds
     # + 10^6) runs them once, for its first row; the rows reset the method keys the project set (select.mu, ...)
@@ -73,7 +75,7 @@ def test_bench_over_two_replicates_then_a_rerun_restores_every_stage(harness, tm
     assert (project / "params.yaml").read_text() == params_before
     assert set(first.cells) <= set(run_dvc(project, ["exp", "list", "--name-only"]).output.split())
     # a rerun of the same cells recomputes nothing: every stage restored from DVC's run cache
-    again = bench(str(project), models=[source], rows=ROWS, replicates=2)
+    again = bench(str(project), models=[source], rows=ROWS, replicates=2, overrides=FAST)
     assert again.cells == first.cells and again.ran_stages == ((),) * 4
     keep = ["evaluate.fid_quant_vs_fp", "evaluate.delta_fid", "evaluate.psnr_mean", "export.size_ratio"]
     assert pd.read_csv(out / "bench_replicates.csv")[keep].equals(reps[keep])

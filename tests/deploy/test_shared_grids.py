@@ -1,6 +1,9 @@
-"""One tensor, one grid (quant.share_grids): the quantizers that see one tensor are found in a diffusers UNet, share
-their parameters in the fitted state and one module in the quantized model, and the deployed graph computes what
-the torch model computes with fewer QuantizeLinear/DequantizeLinear nodes left after onnxruntime's fusions."""
+"""Glue between integer kernels (quant.glue) and one grid per tensor (quant.share_grids) in the deployed graphs.
+
+The glue sites are calibrated per time group and ship in the export, and onnxruntime runs each site's op as an
+integer kernel. The quantizers that see one tensor are found in a diffusers UNet, share their parameters in the
+fitted state and one module in the quantized model, and the deployed graph computes what the torch model computes
+with fewer QuantizeLinear/DequantizeLinear nodes left after onnxruntime's fusions."""
 
 import copy
 import collections
@@ -12,7 +15,7 @@ import torch
 
 from pqd import deploy
 from pqd.core.modules import quant_layers, quant_matmuls
-from pqd.core.quantize import apply_qstate
+from pqd.core.quantize import SiteQParams, apply_qstate, qstate_of
 from pqd.core.sharing import share_qparams, shared_inputs, tie_quantizers
 from pqd.core.timegroups import TimeGroups
 from pqd.diffusion.adapter import load_denoiser
@@ -53,7 +56,8 @@ def _export(den, tiny_pipeline, state, out):
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, tiny_pipeline):
-    """Every glue kind (no split), attention's matmuls, 2 time groups; exported with and without shared grids."""
+    """Every glue kind (no split), attention's matmuls, 2 time groups with very different input ranges; exported
+    with and without shared grids."""
     den = _den(tiny_pipeline)
     groups = _groups(den)
     state = fit_two_groups(den)
@@ -62,6 +66,32 @@ def shared(tmp_path_factory, tiny_pipeline):
     own = copy.deepcopy(den.net)  # without shared grids: group 0's graph only, for its node counts
     onnx.save(deploy.trace_group(apply_qstate(own, state), 0, den), tmp / "own.onnx")
     return den, groups, applied, sharing, _export(den, tiny_pipeline, sharing, tmp / "shared"), tmp / "own.onnx"
+
+
+def _site_names(den):
+    return [n for n, _ in den.net.named_modules() if n.rpartition(".")[2].startswith("glue_")]
+
+
+def test_sites_are_calibrated_per_group_and_ship_in_the_export(shared):
+    den, _, _, state, out, _ = shared
+    names = _site_names(den)
+    fitted = {n: sp for n, sp in state.items() if isinstance(sp, SiteQParams)}
+    assert names and sorted(fitted) == sorted(names)
+    assert all(sp.scale.shape == (2, 1) and not torch.equal(sp.scale[0], sp.scale[1]) for sp in fitted.values())
+    rebuilt = qstate_of(load_quantized_net(out))
+    for n, sp in fitted.items():
+        assert torch.equal(rebuilt[n].scale, sp.scale) and torch.equal(rebuilt[n].zero_point, sp.zero_point)
+
+
+def test_every_site_runs_as_an_integer_kernel(shared):
+    den, *_, out, _ = shared
+    names = _site_names(den)
+    report = deploy.kernel_report(out / deploy.ONNX_DIR / deploy.graph_file(0))
+    count = lambda suffix: sum(n.endswith(suffix) for n in names)  # noqa: E731
+    # residual adds of ResNet and attention blocks and the time-embedding adds
+    assert report["int8"].get("QLinearAdd", 0) == count(".glue_residual") + count(".glue_temb")
+    assert report["int8"].get("QLinearSigmoid", 0) == count("_in") == report["int8"].get("QLinearMul", 0)
+    assert report["int8"].get("QLinearConcat", 0) == count(".glue_concat") > 0
 
 
 def test_the_quantizers_of_one_tensor_are_found(shared):

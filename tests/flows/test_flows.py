@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.tasks import apply_overrides, run_dvc
-from support.projects import active_runs, clone, db_rows, free_port, reproduced_project, run_tags
+from support.projects import ROOT, active_runs, clone, db_rows, free_port, reproduced_project, run_tags
 from pqd.params import ParamError
 
 
@@ -35,12 +35,13 @@ def test_overrides_apply_like_dvc_set_param():
         apply_overrides(p, ["quant.weight_bits"])
 
 
-def test_validate_params_task_refuses_a_bad_override_in_one_line(tmp_path_factory, tiny_pipeline, ts_features):
+def test_validate_params_task_refuses_a_bad_override_in_one_line(tmp_path):
     from flows.tasks import validate_params
 
-    d = reproduced_project(tmp_path_factory, tiny_pipeline, ts_features)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # the task reads the project's params.yaml only
+    validate_params.fn(str(tmp_path), ["quant.weight_bits=4"])
     with pytest.raises(ParamError, match=r"quant.weight_bits = 9 is not allowed: expected an integer in \[2, 8\]"):
-        validate_params.fn(str(d), ["quant.weight_bits=9"])
+        validate_params.fn(str(tmp_path), ["quant.weight_bits=9"])
 
 
 @pytest.fixture(scope="module")
