@@ -34,9 +34,10 @@ run: setup check-params
 	@# one MLflow run for this result (idempotent); an unreachable MLflow never fails the run
 	-$(BIN)/python -m pqd.ops.tracking track
 
-# the test files on TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, with its fixtures)
+# the test files on TEST_WORKERS processes (pytest-xdist; a file is one unit of work, with its fixtures;
+# tests/conftest.py queues the files with slow tests first)
 TEST_WORKERS ?= 2
-PYTEST = PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST = PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup postgres-server
 	$(PYTEST) tests
 

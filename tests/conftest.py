@@ -33,3 +33,12 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ts_features(tmp_path_factory) -> Path:
     return build_torchscript_features(tmp_path_factory.mktemp("feat") / "feat.pt")
+
+
+
+def pytest_collection_modifyitems(config, items):
+    """make test runs the files on two processes (pytest-xdist --dist loadfile --no-loadscope-reorder: a file is one
+    unit of work, so its module fixtures are built once, queued in collection order). The files holding slow tests
+    go first, so that the longest work starts first and the fast files fill the gaps at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: a file's tests stay together and in order

@@ -1,6 +1,6 @@
 """Atomic output folders (pqd.formats.files.atomic_dir), which every stage writes its outputs through: a block that
 fails, or a process killed outright, leaves the output as it was, and the next build removes what a killed one left.
-(tests/e2e/test_interruption.py kills two real stages part-way under `dvc repro`.)"""
+(tests/e2e/test_demo_project.py kills two real stages part-way under `dvc repro`.)"""
 
 import signal
 import subprocess

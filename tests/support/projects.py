@@ -82,7 +82,7 @@ def init_project(dest: Path, overrides: dict) -> Path:
 
 
 # release thresholds that any result meets: the operations project's random-weight model has no quality to judge
-# (the gate's quality checks are tested on their own and on the trained demo, tests/e2e/test_release_gate.py)
+# (the gate's quality checks are tested on their own and on the trained demo, tests/e2e/test_demo_project.py)
 OPEN_GATE = {"delta_fid_fraction": 1e9, "fid_vs_fp_fraction": 1e9, "psnr_margin_db": -1e9}
 
 
