@@ -1,10 +1,8 @@
 """Block reconstruction: AdaRound weights, LSQ activation steps and QDrop, one implementation for every unit.
 
-A *unit* is any module holding quantized layers (a ResNet block, an attention block, a sampler, or a
-single layer). Given its recorded inputs and the full-precision outputs it should produce, the unit's
-learned rounding (per weight) and activation step sizes (per time group) are optimised to minimise the
-output MSE plus the AdaRound regulariser, with each activation's quantization dropped at random with
-probability ``qdrop_p`` (QDrop). Nothing here knows what a UNet is.
+A *unit* is any module holding quantized layers (a ResNet or attention block, a single layer). Given its recorded
+inputs and the FP outputs, its rounding (per weight) and activation steps (per time group) minimise the output MSE
+plus the AdaRound regulariser, each activation kept in float at random with probability ``qdrop_p`` (QDrop).
 """
 
 from __future__ import annotations
@@ -65,10 +63,6 @@ class RecordedBatches(Sequence[UnitBatch]):
 # where a unit's recordings go: a fresh growable sequence per (unit, 'in' | 'out'); a plain list keeps them
 # in memory, a caller bounds memory by returning one that keeps each item elsewhere (the calibrate stage: files)
 StoreFactory = Callable[[str, str], MutableSequence[Any]]
-
-
-def _memory_store(_unit: str, _kind: str) -> MutableSequence[Any]:
-    return []
 
 
 @contextlib.contextmanager
@@ -268,13 +262,12 @@ def _capture(model: nn.Module, unit: str, run: BatchRunner, n_batches: int, grou
 
 def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchRunner, groups: list[int],
                       cfg: ReconConfig, seed: int = 0, progress: bool = True,
-                      store: StoreFactory = _memory_store) -> list[dict[str, Any]]:
+                      store: StoreFactory = lambda _unit, _kind: []) -> list[dict[str, Any]]:
     """Reconstruct every unit of the quantized model ``q`` in forward order against the float model ``fp``.
 
-    Each unit learns from the inputs the partly reconstructed quantized model actually feeds it and
-    the outputs the float model's unit gives on the float model's own inputs. ``groups[i]`` is the time
-    group of calibration batch i. A unit's recordings go to ``store(unit, 'out' | 'in')`` and are released
-    before the next unit is recorded. Returns one log entry per unit.
+    Each unit learns from the inputs the partly reconstructed ``q`` feeds it and the outputs ``fp``'s unit gives
+    on ``fp``'s own inputs. ``groups[i]``: the time group of calibration batch i. A unit's recordings go to
+    ``store(unit, 'out' | 'in')`` and are released before the next unit's. Returns one log entry per unit.
     """
     from tqdm.auto import tqdm
 
