@@ -19,8 +19,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 MODEL_RECORD = "model.json"
 
 
-# ----------------------------------------------------------------------------------------------
-# hashes
+# ---- hashes ----------------------------------------------------------------------------------
 
 
 def sha256_file(path: str | Path) -> str:
@@ -72,8 +71,7 @@ def model_digest(weights: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(weights.items())).encode()).hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------
-# git
+# ---- git -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -99,8 +97,7 @@ def git_file(root: Path, commit: str, path: str) -> str | None:
         return None
 
 
-# ----------------------------------------------------------------------------------------------
-# dvc.yaml and dvc.lock
+# ---- dvc.yaml and dvc.lock -------------------------------------------------------------------
 
 
 def stage_options(dvc_yaml: dict[str, Any]) -> dict[str, dict[str, str]]:

@@ -24,8 +24,7 @@ from pqd.params.methods import METHOD_KEYS, PRESETS
 from pqd.params.sections import DEMO_SOURCES, GLUE_KINDS, SAMPLE_SEED_BASE, Params
 
 
-# ----------------------------------------------------------------------------------------------
-# range rules, by dotted key: (check, description of what is allowed)
+# ---- range rules, by dotted key: (check, description of what is allowed) ---------------------
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SCHEDULER = re.compile(r"^(tcp|tls)://[^\s/:]+:\d{1,5}$")
@@ -90,8 +89,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------
-# conversion
+# ---- conversion ------------------------------------------------------------------------------
 
 
 def _optional_inner(tp: Any) -> Any | None:

@@ -225,8 +225,7 @@ def check_complete(folder: Path, names: list[str]) -> None:
         raise RuntimeError(f"{folder}: ranges incomplete: missing {missing[:3]}, unexpected {extra[:3]}")
 
 
-# ----------------------------------------------------------------------------------------------
-# the sampling range shared by generate (FP samples) and evaluate (quantized samples)
+# ---- the sampling range shared by generate (FP samples) and evaluate (quantized samples) -----
 
 
 @dataclass(frozen=True)
