@@ -115,12 +115,9 @@ def unit_mse(unit: nn.Module, batches: Sequence[UnitBatch]) -> float:
 
 def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], batches: Sequence[UnitBatch],
                      cfg: ReconConfig, generator: torch.Generator) -> dict[str, float]:
-    """Optimise the unit's rounding and activation steps in place; returns a log of the losses.
-
-    ``float_weights`` maps each quantized layer of the unit (name relative to the unit) to its float
-    weight. If the result were worse than nearest rounding on the recorded inputs, nearest rounding
-    and the initial steps are kept (and the log says so).
-    """
+    """Optimise the unit's rounding and activation steps in place; returns a log of the losses. ``float_weights``:
+    each quantized layer's float weight, by name in the unit. A result worse than nearest rounding on the recorded
+    inputs is reverted to nearest rounding and the initial steps (the log says so)."""
     layers = quant_layers(unit)
     # LSQ learns the step sizes of grids up to 8 bits; a wider grid (a 16-bit softmax output) has a rounding
     # error far below anything learning could fix, and Adam's steps of ~lr_act would dwarf its tiny step size

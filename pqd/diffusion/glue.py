@@ -85,7 +85,7 @@ def install_sites(model: nn.Module, names: list[str]) -> list[str]:
         if _is_resnet(owner):
             owner.forward = types.MethodType(_resnet_forward, owner)
         elif not getattr(owner, "_pqd_glue_hook", False):
-            owner.register_forward_hook(lambda module, _args, output: module.glue_residual(output))
+            owner.register_forward_hook(_attention_output)
             owner._pqd_glue_hook = True
     return list(names)
 
@@ -121,3 +121,7 @@ def _resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torch.Ten
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor)
     return _site(self, "residual", (input_tensor + hidden_states) / self.output_scale_factor)
+
+
+def _attention_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.glue_residual(output)
