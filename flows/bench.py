@@ -1,14 +1,9 @@
 """``make bench``: named rows x models x replicates as DVC experiments of this project, run by the sweep's runner
 (:func:`flows.sweep.run_cells`), with intervals over replicates and paired verdicts.
 
-The cells come from :mod:`pqd.bench.plan` (a name ``<model>-r<k>-<row>`` and ``-S key=value`` overrides: the model
-source and the demo's bench settings, the replicate's seeds, the row's method keys and settings). DVC's run cache and
-the shared cache do all caching: every row of a replicate restores the model and generate stages the first row
-computed, and a cell run before (on this code and these params) is restored, not recomputed, so adding a row or a
-replicate computes only what is new. Each cell is an MLflow child run of one parent run; its result is read back as
-the stages' typed metrics and the release gate's statistics, and :mod:`pqd.bench.report` writes the tables
-(``data/bench/bench.md``, ``bench.csv``, ...). Serial (``--workers 0``, the default) in the workspace, which is put
-back afterwards; ``--workers N`` / ``--address``: each cell in its own clone on Dask, as ``make sweep`` does.
+The cells come from :mod:`pqd.bench.plan`. DVC's run cache does all caching: every row of a replicate restores the
+model and generate stages the first row computed, and a cell run before is restored, so adding a row or a replicate
+computes only what is new. :mod:`pqd.bench.report` writes the tables.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """``pqd-sweep``: bit settings x methods as DVC experiments, one MLflow parent run with a child run per
-cell, and one results table.
+cell, and one results table (``make sweep`` in docs/operations.md; docs/scaling.md for concurrent cells).
 
-Each cell is ``dvc exp run -S quant.weight_bits=W -S quant.act_bits=A -S calibrate.method=M -n wWaA-M``
-(stages whose inputs did not change are skipped or restored from DVC's run cache), tracked right after
-as a child of the sweep's parent run. The table (markdown + CSV) goes to ``data/sweeps/`` and to the parent
-run. Pick a cell later with ``dvc exp apply <cell>``. Re-running the same sweep on the same commit reuses the
-parent run and every child whose result did not change.
-
-Serial (``--workers 0``): cells run one after the other in the workspace, which is put back afterwards
-(params.yaml as it was, ``dvc repro`` from the run cache). Concurrent (``--workers N``: a Dask LocalCluster
-of N processes; ``--address tcp://host:port``: a running Dask scheduler): Prefect's DaskTaskRunner runs each
-cell in its own clone of the project at its commit (:mod:`flows.workspace`), sharing the DVC cache; the
-stages every cell shares are computed once first, and each cell's experiment is pushed back to the project.
-The workspace is never touched; the table, the MLflow runs and ``dvc exp show`` are the same as serial.
-
-The runner (:func:`run_cells`: named cells of overrides in, each cell's typed result and release-gate report out) is
-also the runner of ``make bench`` (:mod:`flows.bench`).
+Concurrent cells (``--workers N``, ``--address``) each run in their own clone of the project (:mod:`flows.workspace`)
+sharing the DVC cache; the stages every cell shares are computed once first, and each cell's experiment is pushed
+back to the project, so the table, the MLflow runs and ``dvc exp show`` are the same as serial. The runner
+(:func:`run_cells`) is also the runner of ``make bench`` (:mod:`flows.bench`).
 """
 
 from __future__ import annotations

@@ -34,10 +34,7 @@ def thread_env() -> dict[str, str | None]:
 
 def run_dvc(root: str | Path, args: list[str], log: Callable[[str], None] | None = None,
             env_vars: dict[str, str | None] | None = None) -> DvcOutcome:
-    """Run ``dvc <args>`` in ``root`` with this environment's executables first on PATH (stage commands
-    call ``python``) and ``env_vars`` set (None: unset), passing each line it prints to ``log`` as it comes (a
-    progress bar's last state only); raise DvcError with dvc's last error line when it fails
-    (:func:`pqd.formats.repo.dvc`)."""
+    """:func:`pqd.formats.repo.dvc`: ``dvc <args>`` in ``root``, each line it prints to ``log``."""
     return dvc(root, args, log, env_vars)
 
 

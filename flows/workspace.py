@@ -1,8 +1,6 @@
-"""Isolated workspaces for sweep cells that run at the same time: a git clone of the project at its commit
-(with the work tree's uncommitted changes), sharing the project's DVC cache, so two cells never write the
-same ``data/`` folder while stages one cell computed (or the project already had) are restored for the
-others from DVC's cache and run cache instead of being recomputed. A cell's experiment goes back to the
-project with ``dvc exp push`` (git refs only: the data is already in the shared cache).
+"""Isolated workspaces for sweep cells that run at the same time: a clone of the project sharing its DVC cache,
+so two cells never write the same ``data/`` folder while what one computed is restored for the others. A cell's
+experiment goes back with ``dvc exp push`` (git refs only: the data is already in the shared cache).
 """
 
 from __future__ import annotations

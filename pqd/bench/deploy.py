@@ -1,23 +1,10 @@
 """``make bench-deploy``: denoiser forward latency and file size, float vs the deployed int8 artifact.
 
-Three denoisers (:mod:`pqd.bench.deploy_models` builds and calibrates them): the demo UNet (``data/model``), a UNet
-with the google/ddpm-cifar10-32 config (random weights) and the transformer demo (``demo:digits-dit``, a
-class-conditional DiT: ``--dit-model``, or made here). Each is calibrated the product's way with this machine's
-integer codes and exported with the product's exporter, then timed in one process, interleaved round by round so
-that load from other processes hits every backend alike:
-
-    torch fp32 eager | torch bf16 autocast | onnxruntime fp32 | onnxruntime int8 (the artifact, glue in float)
-    | onnxruntime int8 + glue (quant.glue: every kind that applies, skips split)
-    | onnxruntime int8 + all glue, no split (calibrate.split_shortcut: false; networks with skip concatenations)
-    | onnxruntime int8 + attention matmuls (quant.attention, softmax output on 8 bits; networks with attention)
-    | onnxruntime int8 + glue + attention matmuls (both; networks with glue points and attention)
-
-and, as a yardstick for what integer kernels give on the CPU at hand, onnxruntime's own static quantization of
-the float graph (everything it can put in int8, ``reduce_range`` as this CPU needs: not a PQD model), at batch 1
-and 32: the median of ``--rounds`` timed calls after two warm-up calls. Every graph takes the inputs the denoiser
-takes (the DiT's class labels too). Per model: PQD int8 / quantize_static for each PQD graph and batch, the kernels
-onnxruntime runs for each int8 graph, file sizes (fp32 safetensors against the W8 and W4 exports). Writes
-``data/bench/deploy.md`` and ``deploy.csv``.
+The denoisers come from :mod:`pqd.bench.deploy_models`; every backend (docs/benchmarks.md) is timed in one process,
+interleaved round by round so that load from other processes hits every backend alike, at batch 1 and 32: the
+median of ``--rounds`` timed calls after two warm-up calls. Per model: PQD int8 / quantize_static for each PQD graph
+and batch, the kernels onnxruntime runs for each int8 graph, file sizes. Writes ``data/bench/deploy.md`` and
+``deploy.csv``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """What ``make bench-deploy`` times (:mod:`pqd.bench.deploy`): the denoisers, their calibrations and their graphs.
 
-Three denoisers: the demo UNet (``data/model``, trained), a UNet with the google/ddpm-cifar10-32 config (35.7M
-parameters, random weights: speed does not depend on the values) and the transformer demo, ``demo:digits-dit`` (a
-class-conditional DiT: the model stage's folder, or one made here with the demo's settings, trained for a given
-number of steps or with random weights). Each is calibrated the product's way on the inputs of its own DDIM
-trajectories (the calibrate stage's recipe, :func:`~pqd.diffusion.qconfig.calibrate_network`, with the PQD preset: 4
-time groups, MSE ranges, split skips, quantized outputs; a conditioned model sees both branches of classifier-free
-guidance, as when it samples), with the integer weight codes this machine's kernels compute exactly
-(``quant.reduce_range: auto``, :mod:`pqd.params.machine`), optionally with glue between the integer kernels
-(``quant.glue``) and attention's matmuls on integer kernels (``quant.attention``), and written by the product's
-exporter (export folder, then the ONNX graphs traced from what the loader rebuilds). The yardstick is onnxruntime's
-own ``quantize_static`` of the float graph, with ``reduce_range`` by the same machine rule.
+The demo UNet (``data/model``), a UNet with the google/ddpm-cifar10-32 config (random weights: speed does not depend
+on the values) and the DiT demo (the model stage's folder, or made here). Each is calibrated with the calibrate
+stage's recipe (:func:`~pqd.diffusion.qconfig.calibrate_network`, PQD preset, this machine's integer codes) on the
+inputs of its own DDIM trajectories (both guidance branches for a conditioned model), and written by the product's
+exporter. The yardstick is onnxruntime's own ``quantize_static`` of the float graph, ``reduce_range`` by the same rule.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
 """``python -m pqd.bench.diagnose``: why one row of ``make bench`` does better or worse than another.
 
 For two cells of the bench (e.g. ``digits-r0-w4-pqd`` and ``digits-r0-w4-qdiffusion``) in one or more replicates,
-from the cells' own outputs: each cell's ``data/`` folder in a checkout of its experiment (``dvc exp apply <cell>``
-in a clone of the project; the FP model and trajectories are the first cell's, the same for both in a replicate):
+from each cell's ``data/`` folder in a checkout of its experiment (the FP model and trajectories: the first cell's):
 
-- **steps drawn**: where on the schedule each calibration set sits (mean step position u, and the share of its
-  inputs in each time group of the first row);
-- **time groups**: how much the activation ranges fitted per time group differ (per quantizer, the largest
-  range over the groups divided by the smallest; 1 means one set of parameters would have done);
-- **per step**: the UNet output error of each quantized model against the FP UNet on the FP trajectories of a few
-  calibration seeds (relative MSE of the predicted noise at every denoising step: where the time groups should
-  help);
+- **steps drawn**: mean step position u of each calibration set, and its share in each time group of the first row;
+- **time groups**: per quantizer, the largest activation range over the groups divided by the smallest (1: one set
+  of parameters would have done);
+- **per step**: relative MSE of each quantized model's predicted noise against FP at every step of a few
+  calibration seeds' FP trajectories (where the time groups should help);
 - **per unit**: the block reconstruction's output error of each unit (``qstate/reconstruction.csv``).
 
 Outputs: ``<out>/diagnose-<first>-vs-<second>.md`` (printed too) and ``.png``.

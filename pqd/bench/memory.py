@@ -1,14 +1,10 @@
 """``make bench-memory``: peak resident memory of the calibrate stage on a full-size CIFAR-10 DDPM UNet.
 
-The UNet has the architecture of google/ddpm-cifar10-32 (35.7M parameters, random weights: nothing is
-downloaded). The calibration set has ``--samples`` inputs (default 1024) written in the real calib/
-format (pqd.formats.calibset shards): Gaussian x at timesteps of the 100-step DDIM schedule, in decreasing t. The
-calibrate stage then runs in this process with the full PQD preset (MSE ranges, 4 time groups, block
-reconstruction with AdaRound/LSQ/QDrop); ``--units`` limits reconstruction to the N units whose recorded
-inputs and outputs are largest (the memory peak of reconstruction is that of its largest unit, since each
-unit's recordings are freed before the next), and ``--no-output-check`` skips the final output comparison,
-so a CPU run finishes in minutes rather than hours. Peak RSS is read from
-getrusage (ru_maxrss) and reported with the device and timings in ``data/bench/memory.json``.
+The UNet has the architecture of google/ddpm-cifar10-32 (random weights: nothing is downloaded); the calibration set
+(``--samples`` Gaussian inputs at the 100-step DDIM schedule's timesteps, the real calib/ format) is calibrated in
+this process with the full PQD preset. ``--units`` reconstructs only the N units with the largest recordings (each
+unit's are freed before the next, so the peak is the largest unit's). Peak RSS (ru_maxrss) goes to
+``data/bench/memory.json``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """``make bench-parallel``: what Dask buys on this machine, three measurements side by side.
 
-1. **generate**: the generate stage (its real command line, in its own interpreter, as ``dvc repro`` runs it)
-   with ``parallel.scheduler: none`` (the default torch threads, and 1 thread) against ``local`` with
-   ``--workers`` workers x 1 thread: wall seconds (interpreter and cluster start-up included), the stage's own
-   seconds, the ratio, and whether the outputs are byte-identical to the 1-thread serial run.
-2. **sweep**: the same 2x2 sweep (W8A8/W4A8 x minmax/pqd) serial (``--workers 0``) and on a LocalCluster of
-   ``--workers`` processes, each in a fresh clone of this project whose own cache holds only the model and
-   generate outputs (pulled from this project's cache), so both compute every cell.
-3. **overhead**: Dask's cost per range task (pqd.stages.parallel.map_ranges on a LocalCluster, a task that does
-   nothing, and one that returns a batch of images through the scratch folder), after a warm-up.
+1. **generate**: the generate stage's real command line with ``parallel.scheduler: none`` (default threads, and 1)
+   against ``local`` (``--workers`` x 1 thread): wall and stage seconds, and whether the outputs are byte-identical;
+2. **sweep**: the same 2x2 sweep serial and on a LocalCluster, each in a fresh clone that computes every cell;
+3. **overhead**: Dask's cost per range task (an empty one, and one returning a batch of images), after a warm-up.
 
-Run it in a project whose dvc.lock is committed and whose cache holds the model and generate outputs (``make
-bench-parallel`` runs ``dvc repro generate`` first): the sweeps clone HEAD. Writes ``--out`` (markdown, with the
-commit and the machine) and a JSON beside it; after a failure its work folder is kept for the logs.
+Run it where dvc.lock is committed and the cache holds the model and generate outputs (the sweeps clone HEAD).
+Writes ``--out`` (markdown) and a JSON beside it; after a failure its work folder is kept for the logs.
 """
 
 from __future__ import annotations

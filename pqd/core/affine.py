@@ -26,18 +26,14 @@ def _bcast(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qtype: QType,
              axis: int | None = None) -> torch.Tensor:
     """Float tensor -> integer codes (int32 tensor, values in [qmin, qmax])."""
-    s = _bcast(scale, x, axis)
-    z = _bcast(zero_point, x, axis)
-    q = torch.round(x / s) + z
+    q = torch.round(x / _bcast(scale, x, axis)) + _bcast(zero_point, x, axis)
     return q.clamp_(qtype.qmin, qtype.qmax).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                axis: int | None = None) -> torch.Tensor:
     """Integer codes -> float32 values ``(q - zero_point) * scale``."""
-    s = _bcast(scale, q, axis)
-    z = _bcast(zero_point, q, axis)
-    return (q.to(torch.float32) - z) * s
+    return (q.to(torch.float32) - _bcast(zero_point, q, axis)) * _bcast(scale, q, axis)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qtype: QType,
@@ -76,11 +72,8 @@ def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, qtype: QType) -> tupl
 
 def weight_scales(w: torch.Tensor, qtype: QType, method: str, grid: int = 80,
                   min_ratio: float = 0.3) -> torch.Tensor:
-    """Per-output-channel symmetric scales for a weight of shape [out, ...] -> float32 [out].
-
-    ``minmax`` uses each channel's absolute maximum; ``mse`` searches, per channel, a clipping ratio
-    in [min_ratio, 1] of that maximum minimising the squared rounding error of the channel.
-    """
+    """Per-output-channel symmetric scales for a weight [out, ...] -> float32 [out]: each channel's absolute
+    maximum (``minmax``) or, ``mse``, the clipping ratio in [min_ratio, 1] of it with the least squared error."""
     flat = w.detach().reshape(w.shape[0], -1).to(torch.float32)
     absmax = flat.abs().amax(dim=1)
     if method == "minmax":
@@ -101,12 +94,8 @@ def weight_scales(w: torch.Tensor, qtype: QType, method: str, grid: int = 80,
 
 def act_qparams(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype: QType, method: str,
                 grid: int = 60, min_ratio: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor asymmetric (scale, zero_point), both float32 scalars.
-
-    ``lo``/``hi`` are the observed extremes; ``values`` a sample of the observed activations (any shape)
-    used by ``mse``, which shrinks the range towards zero by ratios in [min_ratio, 1] on each side and
-    keeps the pair with the smallest squared error on the sample.
-    """
+    """Per-tensor asymmetric (scale, zero_point), both float32 scalars, from the observed extremes ``lo`` / ``hi``;
+    ``mse`` shrinks each side by ratios in [min_ratio, 1], keeping the least squared error on ``values`` (a sample)."""
     if method == "minmax":
         return asymmetric_qparams(lo, hi, qtype)
     if method != "mse":

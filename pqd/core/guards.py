@@ -1,14 +1,4 @@
-"""Numerical guards: fail loudly, naming the layer, instead of sampling black images.
-
-Two kinds of check, both pure torch:
-
-* :func:`check_layer_qparams` - a layer's integer codes and scales can be used at all: every weight code
-  inside its signed grid, every scale finite and > 0, every activation zero point inside the unsigned
-  grid, and the worst-case integer accumulator of the layer (fan_in x max |weight code| x activation code
-  span) inside int32, as an integer kernel (ONNX, TensorRT) would compute it.
-* :func:`locate_nonfinite` - after a forward pass gave non-finite values, run it again with hooks and
-  name the first module (in execution order) whose output is non-finite although its inputs were finite.
-"""
+"""Numerical guards (pure torch): fail loudly, naming the layer, instead of sampling black images."""
 
 from __future__ import annotations
 
@@ -27,10 +17,11 @@ INT32_MAX = 2**31 - 1
 def check_layer_qparams(name: str, weight_int: torch.Tensor, weight_scale: torch.Tensor, weight_bits: int,
                         act_scale: torch.Tensor, act_zero_point: torch.Tensor, act_bits: int,
                         out_scale: torch.Tensor | None = None, out_zero_point: torch.Tensor | None = None) -> None:
-    """Raise NumericalError unless one layer's quantizer parameters are usable (see the module docstring).
+    """Raise NumericalError unless one layer's quantizer parameters are usable: weight codes inside the signed
+    grid, scales finite and > 0, zero points inside the unsigned grid, and the worst-case integer accumulator
+    (fan_in x max |weight code| x activation code span) inside int32, as an integer kernel computes it.
 
-    weight_int: integer codes [out, ...]; weight_scale: [out]; act_scale / act_zero_point (and the output
-    quantizer's out_scale / out_zero_point, when it has one): [G, P] (G time groups)."""
+    weight_int: integer codes [out, ...]; weight_scale: [out]; act_* and out_* (output quantizer): [G, P]."""
     wq, aq = weight_qtype(weight_bits), act_qtype(act_bits)
     if weight_int.is_floating_point():
         raise NumericalError(f"layer {name}: weight codes are {weight_int.dtype}: expected an integer tensor")
@@ -98,9 +89,9 @@ def _finite(v: Any) -> bool:
 
 @torch.no_grad()
 def locate_nonfinite(model: nn.Module, run: Callable[[], Any]) -> str | None:
-    """Name of the first submodule of ``model`` (in the order calls finish, so the innermost first) whose
-    output is non-finite while its inputs are finite, when ``run()`` (a forward pass of ``model``) is
-    repeated; "<input>" when the model's own input is already non-finite; None when nothing is non-finite."""
+    """Rerun ``run()`` (a forward pass of ``model``) with hooks: the first submodule (in the order calls finish, so
+    the innermost first) whose output is non-finite while its inputs are finite; "<input>" when the model's own
+    input is already non-finite; None when nothing is."""
     found: list[str] = []
 
     def hook(name: str):

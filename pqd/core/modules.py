@@ -1,16 +1,13 @@
 """Quantized drop-in replacements for nn.Conv2d and nn.Linear (simulated integer arithmetic).
 
-A quantized layer holds integer weight codes (int8 tensor; 4-bit codes are int8 values in [-8, 7]),
-a float32 scale per output channel, the bias in float, an activation quantizer for its input with
-(scale, zero point) pairs per time group (and per channel part when split), and optionally one for its
-output. Output quantizers are what integer kernels need (onnxruntime's QLinearConv/QLinearMatMul take
-uint8 in and give uint8 out): with them, the simulated layer computes what the deployed kernel computes.
-A layer whose input is split in two parts computes two partial products, each with its own output
-quantizer, and adds the bias after them (two integer kernels and a float add when deployed). A balanced
-(smoothed) linear layer divides its input channels by ``smooth`` before quantizing them; its codes quantize
-weight x smooth (see pqd.core.smooth), so the product is unchanged.
-:class:`MatMul` / :class:`QuantMatMul` are the float and quantized forms of a product of two activations
-(attention's Q·Kᵀ and softmax·V): each operand on its own per-tensor grid, per time group.
+A quantized layer holds int8 weight codes (4-bit codes are int8 values in [-8, 7]), a float32 scale per output
+channel, a float bias, an input quantizer with (scale, zero point) per time group (and per channel part when
+split) and optionally an output quantizer: integer kernels (onnxruntime's QLinearConv/QLinearMatMul) take uint8
+in and give uint8 out, so with one the layer computes what the deployed kernel computes. A split input gives two
+partial products, each with its own output quantizer, plus the bias (two integer kernels and a float add when
+deployed). A balanced (smoothed) linear divides its input channels by ``smooth``; its codes quantize weight x
+smooth (pqd.core.smooth). :class:`MatMul` / :class:`QuantMatMul`: the float and quantized product of two
+activations (attention's Q·Kᵀ and softmax·V), each operand on its own per-tensor grid per time group.
 """
 
 from __future__ import annotations
@@ -31,16 +28,13 @@ from pqd.core.timegroups import TimeGrouped, set_time_group  # noqa: F401 (re-ex
 class ActQuantizer(TimeGrouped, nn.Module):
     """Per-tensor asymmetric fake quantization of a layer input, per time group, optionally split.
 
-    ``scale`` and ``zero_point`` have shape [G, P]: G time groups (``group`` picks the row) and P = 1
-    part, or P = 2 when ``split`` = k splits the channels (dim 1) into [:k] and [k:] with their own
-    parameters (shortcut splitting for UNet skip concatenations).
-    ``scale`` is a parameter so reconstruction can learn it (LSQ, straight-through rounding); it has
-    no gradient otherwise. ``drop_prob`` > 0 (set only during reconstruction) keeps each element in
-    float with that probability (QDrop), drawn from ``drop_generator`` (a seeded torch.Generator on the
-    input's device, so reconstruction reruns are bit-identical; never the global RNG). ``onnx`` = True (set
-    only while tracing for ONNX export, see :func:`set_onnx_mode`) computes the same values with the current
-    group's parameters held in buffers ``onnx_scale<p>`` / ``onnx_zero_point<p>``, through the operator that
-    exports as QuantizeLinear/DequantizeLinear (8-bit grids) or as the float arithmetic (wider grids).
+    ``scale`` / ``zero_point`` [G, P]: G time groups (``group`` picks the row); P = 2 when ``split`` = k gives
+    channels [:k] and [k:] their own parameters (UNet skip concatenations), else 1. ``scale`` is a parameter so
+    reconstruction can learn it (LSQ). ``drop_prob`` > 0 (reconstruction only) keeps each element in float with
+    that probability (QDrop), drawn from ``drop_generator``: seeded, on the input's device, never the global RNG,
+    so reruns are bit-identical. ``onnx`` (see :func:`set_onnx_mode`) computes the same values from the current
+    group's parameters in buffers ``onnx_scale<p>`` / ``onnx_zero_point<p>``, through the operator that exports as
+    QuantizeLinear/DequantizeLinear (8-bit grids) or as the float arithmetic (wider grids).
     """
 
     def __init__(self, bits: int, scale: torch.Tensor, zero_point: torch.Tensor, split: int | None = None) -> None:
@@ -131,8 +125,7 @@ class _QuantWeight:
         self.onnx = False
 
     def folded(self, weight: torch.Tensor) -> torch.Tensor:
-        """The float weight that this layer's codes quantize: ``weight`` itself, or weight x smooth (per input
-        channel) when the layer is balanced."""
+        """The float weight that the codes quantize: ``weight``, or weight x smooth when the layer is balanced."""
         return weight if self.smooth is None else weight * self.smooth.to(weight.device)
 
     def _split(self) -> int | None:
@@ -292,10 +285,9 @@ class QuantMatMul(nn.Module):
 
 
 class Site(nn.Module):
-    """A point between layers where an activation can be put on an integer grid: the glue between integer
-    kernels (the output of a residual add, a skip concatenation, a sigmoid, ...). This float form is the
-    identity; calibration observes what passes through it and quantization replaces it by a
-    :class:`QuantSite`. Where sites sit is the adapter's knowledge (pqd.diffusion.glue)."""
+    """A point between layers where an activation can go on an integer grid (the output of a residual add, a skip
+    concatenation, a sigmoid, ...): the identity, observed by calibration and replaced by a :class:`QuantSite`.
+    Where sites sit is the adapter's knowledge (pqd.diffusion.glue)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -343,9 +335,8 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def set_onnx_mode(model: nn.Module, on: bool) -> None:
-    """Trace-for-ONNX mode of every quantizer and quantized layer: with ``on``, the current time group's
-    parameters are held in buffers named ``onnx_*`` (see :func:`onnx_values`) that a traced graph reads as
-    named constants; the computed values do not change. Call it again after switching the time group."""
+    """Trace-for-ONNX mode: with ``on``, the current time group's parameters are held in buffers ``onnx_*`` that
+    a traced graph reads as named constants; the values do not change. Call it again after switching group."""
     for m in model.modules():
         if isinstance(m, ActQuantizer):
             m.freeze_for_onnx(on)

@@ -9,12 +9,8 @@ from pqd.core.qtypes import QType
 
 
 class ActObserver:
-    """Tracks the running min/max of the inputs it sees and keeps a bounded random sample of them.
-
-    ``update(x)`` records and returns nothing; ``qparams(qtype, method)`` returns per-tensor
-    (scale, zero_point) as float32 scalars. The sample (at most ``max_samples`` values, drawn with a
-    seeded generator) feeds the MSE range search.
-    """
+    """Tracks the running min/max of the inputs it sees and keeps a bounded random sample of them (at most
+    ``max_samples`` values, seeded) for the MSE range search; ``qparams`` gives float32 scalars (scale, zero_point)."""
 
     def __init__(self, max_samples: int = 200_000, per_update: int = 4096, seed: int = 0) -> None:
         self.lo = torch.tensor(float("inf"))

@@ -1,17 +1,10 @@
 """Quantize/dequantize steps as torch operators that an ONNX exporter turns into QuantizeLinear/DequantizeLinear.
 
-Two custom operators (``torch.library``), each computing exactly what the simulated layers compute, so a graph
-traced through them and the torch model agree; ``torch.export`` keeps them as single nodes, and
-:mod:`pqd.deploy.onnx` translates each into the standard ONNX nodes that onnxruntime fuses into integer kernels
-(QLinearConv, QGemm, QLinearAdd, ...):
-
-- ``pqd::act_qdq(x, scale, zero_point)``: an activation on the uint8 grid (scale float32 [], zero point uint8 []):
-  QuantizeLinear + DequantizeLinear;
-- ``pqd::weight_dq(codes, scale, zero_point)``: int8 weight codes [out, ...] dequantized per output channel
-  (scale float32 [out], zero point int8 [out], all zeros): one DequantizeLinear (axis 0).
-
-Their parameters are tensors, not numbers, so that they are graph initializers with the names of the buffers
-that hold them (see :func:`pqd.core.modules.set_onnx_mode`). Pure torch: nothing here writes files.
+Two custom operators (``torch.library``) that compute exactly what the simulated layers compute; ``torch.export``
+keeps each as one node, and :mod:`pqd.deploy.onnx` translates ``pqd::act_qdq`` into QuantizeLinear +
+DequantizeLinear and ``pqd::weight_dq`` into one DequantizeLinear (axis 0), which onnxruntime fuses into integer
+kernels. Their parameters are tensors, not numbers, so that they are graph initializers named after the buffers
+that hold them (:func:`pqd.core.modules.set_onnx_mode`).
 """
 
 from __future__ import annotations

@@ -6,11 +6,8 @@ import torch
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack signed codes in [-8, 7] (any shape, any integer dtype) into a flat uint8 tensor.
-
-    Element 2i goes to the low nibble of byte i, element 2i+1 to the high nibble; an odd count is
-    padded with a zero code. Returns uint8 of length ceil(numel / 2).
-    """
+    """Pack signed codes in [-8, 7] (any shape, any integer dtype) into flat uint8 [ceil(numel / 2)]: element 2i in
+    the low nibble of byte i, element 2i+1 in the high nibble, an odd count padded with a zero code."""
     flat = q.reshape(-1).to(torch.int16)
     if flat.numel() and (flat.min() < -8 or flat.max() > 7):
         raise ValueError(f"pack_int4: codes must lie in [-8, 7], got [{int(flat.min())}, {int(flat.max())}]")

@@ -1,10 +1,6 @@
-"""The quantization lifecycle on a torch module: choose layers -> observe -> fit -> apply -> extract.
-
-``fit_qstate`` runs the float model over calibration batches (through a caller-supplied function, so
-this module knows nothing about diffusion models), fits every quantizer and returns a :class:`QState`:
-plain tensors and a per-layer map, the data that the export stage stores. ``apply_qstate`` swaps the
-float layers of a model for quantized ones built from a QState; ``qstate_of`` reads it back (after
-reconstruction changed codes and scales).
+"""The quantization lifecycle on a torch module: observe -> fit (:func:`fit_qstate`) -> apply (:func:`apply_qstate`)
+-> read back (:func:`qstate_of`, after reconstruction). A :class:`QState` is plain tensors by layer name, what the
+export stage stores. The caller runs the calibration batches, so nothing here knows about diffusion models.
 """
 
 from __future__ import annotations
@@ -28,15 +24,11 @@ from pqd.core.smooth import ChannelMax, smoothing_factors
 class QuantConfig:
     """What to quantize and how.
 
-    ``layer_weight_bits`` overrides ``weight_bits`` for named layers; ``splits`` maps a layer name to the
-    channel index where its input is split into two separately quantized parts; ``time_groups`` is G;
-    ``output_layers`` names the layers whose outputs are quantized too (per group, and per partial
-    product of a split layer), as integer kernels require. Every :class:`~pqd.core.modules.MatMul` module
-    of the model is quantized too (both operands per tensor, per group), its operands at
-    ``operand_bits[name]`` = (bits of a, bits of b), or ``act_bits`` for both when not listed; so is every
-    :class:`~pqd.core.modules.Site` (glue between layers), at ``act_bits``.
-    ``smooth`` names linear layers whose input channels are balanced against their weight (SmoothQuant,
-    :mod:`pqd.core.smooth`, with migration strength ``smooth_alpha``).
+    ``layer_weight_bits`` overrides ``weight_bits`` by layer; ``splits``: layer -> channel where its input splits
+    into two separately quantized parts; ``output_layers``: layers whose outputs are quantized too (per partial
+    product when split), as integer kernels require. Every MatMul is quantized too, its operands at
+    ``operand_bits[name]`` = (bits of a, bits of b), default ``act_bits``; every Site at ``act_bits``. ``smooth``:
+    linear layers balanced against their weight (:mod:`pqd.core.smooth`, migration strength ``smooth_alpha``).
     """
 
     weight_bits: int = 8
@@ -63,11 +55,10 @@ class QuantConfig:
 class LayerQParams:
     """One layer's quantizer parameters.
 
-    weight_int: int8, the weight's shape (codes in the signed ``weight_bits`` grid);
-    weight_scale: float32 [out]; act_scale / act_zero_point: float32 [G, P] (G time groups, P = 1, or 2
-    when the input is split at channel ``act_split``); out_scale / out_zero_point: the same for the
-    layer's output (partial outputs when split), or None when the output stays in float; smooth: float32 [in],
-    the divisor of each input channel of a balanced linear layer (its codes quantize weight x smooth), or None.
+    weight_int: int8, the weight's shape; weight_scale: float32 [out]; act_scale / act_zero_point: float32 [G, P]
+    (P = 2 when the input is split at channel ``act_split``); out_scale / out_zero_point: the same for the output
+    (partial outputs when split), or None (float output); smooth: float32 [in], a balanced linear's input
+    divisors (its codes quantize weight x smooth), or None.
     """
 
     kind: str  # "conv2d" | "linear"
@@ -221,8 +212,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
 
     def fitted(name: str, side: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         aq = act_qtype(bits)
-        scales = torch.empty(G, parts[name])
-        zps = torch.empty(G, parts[name])
+        scales, zps = torch.empty(G, parts[name]), torch.empty(G, parts[name])
         for g in range(G):
             for p in range(parts[name]):
                 o = obs.pop((name, g, p, side))  # each observer's sample is freed once fitted
@@ -255,9 +245,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
 
 def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
     """Replace each float layer named in ``state`` by its quantized twin (in place); returns model."""
-    layers = quantizable_layers(model)
-    matmuls = matmul_modules(model)
-    glue = sites(model)
+    layers, matmuls, glue = quantizable_layers(model), matmul_modules(model), sites(model)
     for name, lp in state.items():
         if isinstance(lp, SiteQParams):
             if name not in glue:
@@ -295,20 +283,21 @@ def apply_qstate(model: nn.Module, state: QState) -> nn.Module:
 
 def qstate_of(model: nn.Module) -> QState:
     """The current quantizer parameters of every quantized layer of ``model`` (detached copies)."""
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().clone()
+
     out: QState = {}
     for name, q in quant_layers(model).items():
         act, oq = q.act, q.out
         out[name] = LayerQParams(
             kind="conv2d" if isinstance(q, QuantConv2d) else "linear", weight_bits=q.wqtype.bits,
-            act_bits=act.qtype.bits, weight_int=q.weight_int.detach().clone(), weight_scale=q.weight_scale.detach().clone(),
-            act_scale=act.scale.detach().clone(), act_zero_point=act.zero_point.detach().clone(), act_split=act.split,
-            out_scale=None if oq is None else oq.scale.detach().clone(),
-            out_zero_point=None if oq is None else oq.zero_point.detach().clone(),
-            smooth=None if q.smooth is None else q.smooth.detach().clone())
+            act_bits=act.qtype.bits, weight_int=copy(q.weight_int), weight_scale=copy(q.weight_scale),
+            act_scale=copy(act.scale), act_zero_point=copy(act.zero_point), act_split=act.split,
+            out_scale=None if oq is None else copy(oq.scale),
+            out_zero_point=None if oq is None else copy(oq.zero_point), smooth=copy(q.smooth))
     for name, m in quant_matmuls(model).items():
-        out[name] = MatMulQParams(m.qa.qtype.bits, m.qb.qtype.bits, m.qa.scale.detach().clone(),
-                                  m.qa.zero_point.detach().clone(), m.qb.scale.detach().clone(),
-                                  m.qb.zero_point.detach().clone())
+        out[name] = MatMulQParams(m.qa.qtype.bits, m.qb.qtype.bits, copy(m.qa.scale), copy(m.qa.zero_point),
+                                  copy(m.qb.scale), copy(m.qb.zero_point))
     for name, q in quant_sites(model).items():
-        out[name] = SiteQParams(q.qtype.bits, q.scale.detach().clone(), q.zero_point.detach().clone())
+        out[name] = SiteQParams(q.qtype.bits, copy(q.scale), copy(q.zero_point))
     return out

@@ -1,10 +1,8 @@
 """Block reconstruction: AdaRound weights, LSQ activation steps and QDrop, one implementation for every unit.
 
-A *unit* is any module holding quantized layers (a ResNet block, an attention block, a sampler, or a
-single layer). Given its recorded inputs and the full-precision outputs it should produce, the unit's
-learned rounding (per weight) and activation step sizes (per time group) are optimised to minimise the
-output MSE plus the AdaRound regulariser, with each activation's quantization dropped at random with
-probability ``qdrop_p`` (QDrop). Nothing here knows what a UNet is.
+A *unit* is any module holding quantized layers (a ResNet or attention block, a single layer). Given its recorded
+inputs and the FP outputs, its rounding (per weight) and activation steps (per time group) minimise the output MSE
+plus the AdaRound regulariser, each activation kept in float at random with probability ``qdrop_p`` (QDrop).
 """
 
 from __future__ import annotations
@@ -67,10 +65,6 @@ class RecordedBatches(Sequence[UnitBatch]):
 StoreFactory = Callable[[str, str], MutableSequence[Any]]
 
 
-def _memory_store(_unit: str, _kind: str) -> MutableSequence[Any]:
-    return []
-
-
 @contextlib.contextmanager
 def qdrop(module: nn.Module, p: float, generator: torch.Generator) -> Iterator[None]:
     """Within the block, every activation quantizer of ``module`` keeps each element in float with prob. p,
@@ -121,12 +115,9 @@ def unit_mse(unit: nn.Module, batches: Sequence[UnitBatch]) -> float:
 
 def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], batches: Sequence[UnitBatch],
                      cfg: ReconConfig, generator: torch.Generator) -> dict[str, float]:
-    """Optimise the unit's rounding and activation steps in place; returns a log of the losses.
-
-    ``float_weights`` maps each quantized layer of the unit (name relative to the unit) to its float
-    weight. If the result were worse than nearest rounding on the recorded inputs, nearest rounding
-    and the initial steps are kept (and the log says so).
-    """
+    """Optimise the unit's rounding and activation steps in place; returns a log of the losses. ``float_weights``:
+    each quantized layer's float weight, by name in the unit. A result worse than nearest rounding on the recorded
+    inputs is reverted to nearest rounding and the initial steps (the log says so)."""
     layers = quant_layers(unit)
     # LSQ learns the step sizes of grids up to 8 bits; a wider grid (a 16-bit softmax output) has a rounding
     # error far below anything learning could fix, and Adam's steps of ~lr_act would dwarf its tiny step size
@@ -268,13 +259,12 @@ def _capture(model: nn.Module, unit: str, run: BatchRunner, n_batches: int, grou
 
 def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchRunner, groups: list[int],
                       cfg: ReconConfig, seed: int = 0, progress: bool = True,
-                      store: StoreFactory = _memory_store) -> list[dict[str, Any]]:
+                      store: StoreFactory = lambda _unit, _kind: []) -> list[dict[str, Any]]:
     """Reconstruct every unit of the quantized model ``q`` in forward order against the float model ``fp``.
 
-    Each unit learns from the inputs the partly reconstructed quantized model actually feeds it and
-    the outputs the float model's unit gives on the float model's own inputs. ``groups[i]`` is the time
-    group of calibration batch i. A unit's recordings go to ``store(unit, 'out' | 'in')`` and are released
-    before the next unit is recorded. Returns one log entry per unit.
+    Each unit learns from the inputs the partly reconstructed ``q`` feeds it and the outputs ``fp``'s unit gives
+    on ``fp``'s own inputs. ``groups[i]``: the time group of calibration batch i. A unit's recordings go to
+    ``store(unit, 'out' | 'in')`` and are released before the next unit's. Returns one log entry per unit.
     """
     from tqdm.auto import tqdm
 

@@ -1,18 +1,14 @@
-"""One tensor, one grid: quantizers of the same activation share their parameters.
+"""One tensor, one grid: quantizers of the same activation share their parameters (pure torch).
 
-Where several quantizers see one tensor, each would otherwise put it on a grid of its own: an attention block's
-query, key and value projections read the same normalised hidden states (three QuantizeLinear nodes of one
-tensor); a skip concatenation's glue site and the shortcut convolution read the same concatenation, and a
-projection's output grid is requantized onto the attention matmul's operand grid (DequantizeLinear ->
-QuantizeLinear), where onnxruntime's own quantizer puts one tensor on one grid. Shared, the quantizers are one:
-one set of per-time-group parameters, learned once by reconstruction (one parameter), traced as identical nodes that
-onnxruntime merges, or as DequantizeLinear -> QuantizeLinear pairs of equal parameters, which it removes.
+Unshared, an attention block's Q, K and V projections would put the same hidden states on three grids, and a
+projection's output grid would be requantized onto the matmul's operand grid (DequantizeLinear -> QuantizeLinear).
+Shared, they are one set of per-time-group parameters, learned once by reconstruction, traced as identical nodes
+that onnxruntime merges, or as DQ -> Q pairs of equal parameters, which it removes.
 
-A quantizer is named by a :data:`Role`: (module name, role) with role ``in`` (a layer's input or a glue site),
-``out`` (a layer's output), ``a`` / ``b`` (a matmul's operands). :func:`shared_inputs` finds the groups from one
-forward pass of the float model (the same elements: one tensor, or a reshaped or transposed view of it);
+A quantizer is named by a :data:`Role`: (module name, ``in`` (a layer's input or a glue site) | ``out`` | ``a`` /
+``b`` (a matmul's operands)). :func:`shared_inputs` finds the groups from one forward pass of the float model;
 :func:`share_qparams` makes a fitted state agree with them; :func:`tie_quantizers` makes a quantized model's
-members hold one parameter. Pure torch, no file I/O.
+members hold one parameter.
 """
 
 from __future__ import annotations

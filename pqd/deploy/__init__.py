@@ -5,5 +5,6 @@ from pqd.deploy.onnx import (ONNX_DIR, OPSET, WEIGHTS_FILE, export_graph, export
 from pqd.deploy.runtime import (FLOAT_KERNELS, INT8_KERNELS, OrtDenoiser, kernel_report, load_ort_denoiser,
                                 open_session, ort_feeds, session_options)
 
-__all__ = ["FLOAT_KERNELS", "INT8_KERNELS", "ONNX_DIR", "OPSET", "OrtDenoiser", "WEIGHTS_FILE", "export_graph", "export_net", "graph_file",
-           "kernel_report", "load_ort_denoiser", "open_session", "ort_feeds", "session_options", "trace_group", "write_onnx"]
+__all__ = ["FLOAT_KERNELS", "INT8_KERNELS", "ONNX_DIR", "OPSET", "OrtDenoiser", "WEIGHTS_FILE", "export_graph",
+           "export_net", "graph_file", "kernel_report", "load_ort_denoiser", "open_session", "ort_feeds",
+           "session_options", "trace_group", "write_onnx"]

@@ -1,25 +1,16 @@
 """The deployable graphs: ONNX of the quantized denoiser that onnxruntime runs with integer kernels.
 
-Every quantized layer is traced as QuantizeLinear/DequantizeLinear around a float Conv/MatMul/Gemm
-(see pqd.core.onnx_qdq): the weights are int8 initializers (4-bit weights are int8 values on the
-4-bit grid) and every activation scale is a constant, which is what lets onnxruntime fuse the pattern
-into QLinearConv / QLinearMatMul / QGemm. Time-aware activation parameters are kept exactly: one graph
-per time group (``onnx/unet.g<g>.onnx``, small: graph and scales only), all reading the initializers
-they share (weights, biases, norms) from one file, ``onnx/weights.bin``. A graph takes every input the
-denoiser takes, by name: ``sample`` [B, C, H, W], ``timestep`` [B] and the conditioning inputs of conditioned
-models (``encoder_hidden_states``, ``class_labels``, ``pooled_projections``, ``encoder_attention_mask``, ...;
-see :meth:`pqd.diffusion.adapter.Denoiser.example_inputs`); its output is ``noise``.
+Every quantized layer is traced as QuantizeLinear/DequantizeLinear around a float Conv/MatMul/Gemm, with int8
+weight initializers (4-bit weights are int8 values on the 4-bit grid) and constant scales, the pattern onnxruntime
+fuses into QLinearConv / QLinearMatMul / QGemm. One graph per time group (``onnx/unet.g<g>.onnx``: graph and
+scales only), all reading the initializers they share (weights, biases, norms) from ``onnx/weights.bin``. A graph
+takes the denoiser's inputs by name (:meth:`pqd.diffusion.adapter.Denoiser.example_inputs`); its output is ``noise``.
 
-The graphs come from the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, :func:`export_graph`,
-the one place that calls it): pqd's two quantization operators are translated into standard
-QuantizeLinear/DequantizeLinear nodes by onnxscript functions (``TRANSLATIONS``, which also translate
-``aten::squeeze.dim`` of a dimension that is not 1 as the no-op it is). The traced wrapper states that every input
-has the sample's batch, so that the batch is one symbol (PixArt reshapes its text mask with the text's batch and
-the sample's, which torch.export cannot relate otherwise). The network is traced once;
-everything that depends on the time group lives in initializers named after the buffers that hold it
-(``*.onnx_*``, see pqd.core.modules.set_onnx_mode), so each group's graph is the traced one with those values.
-
-:mod:`pqd.deploy.runtime` runs them.
+The network is traced once by the torch.export-based exporter (:func:`export_graph`, the one place that calls
+it); everything that depends on the time group lives in initializers named after the buffers that hold it
+(``*.onnx_*``, :func:`pqd.core.modules.set_onnx_mode`), so each group's graph is the traced one with its values.
+The traced wrapper states that every input has the sample's batch, so that the batch is one symbol (PixArt
+reshapes its text mask with the text's batch and the sample's, which torch.export cannot relate otherwise).
 """
 
 from __future__ import annotations
@@ -116,9 +107,9 @@ def _batch_dims(module: nn.Module, n: int, batch: Any) -> tuple:
 
 
 def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Name the dynamic batch dimension ``batch``; drop the exporter's per-node metadata (stack traces with local paths, FX nodes: the bulk of the file, and
-    not reproducible across machines), keeping each node's module in its name (``unet.down_blocks.0.resnets.0
-    .conv1/node_conv2d_3``) so that profiles and kernel reports read by module."""
+    """Name the dynamic batch dimension ``batch``; drop the exporter's per-node metadata (stack traces with local
+    paths: the bulk of the file, and not reproducible), keeping each node's module in its name
+    (``unet.down_blocks.0.resnets.0.conv1/node_conv2d_3``) so that profiles and kernel reports read by module."""
     batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the exporter's name for it
     for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for d in v.type.tensor_type.shape.dim:
@@ -167,9 +158,8 @@ def trace_group(net: nn.Module, group: int, den: Denoiser) -> onnx.ModelProto:
 
 
 def _traced_groups(net: nn.Module, groups: list[int], den: Denoiser) -> list[onnx.ModelProto]:
-    """The graphs of time groups ``groups``: the network is traced once (first group), and each graph holds its
-    group's values of the group-dependent initializers (``*.onnx_*``: activation parameters, biases on the
-    accumulator grid). Only those differ between the graphs."""
+    """The graphs of time groups ``groups``: the network traced once, each graph with its group's values of the
+    group-dependent initializers (``*.onnx_*``), the only ones that differ."""
     set_time_group(net, groups[0])
     set_onnx_mode(net, True)
     try:
@@ -198,9 +188,6 @@ def _traced_groups(net: nn.Module, groups: list[int], den: Denoiser) -> list[onn
     return models
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> bytes:
-    return numpy_helper.to_array(t).tobytes()
-
 
 def _externalize(t: onnx.TensorProto, offset: int, length: int) -> None:
     """Point initializer ``t`` at bytes [offset, offset + length) of the shared weights file."""
@@ -223,7 +210,7 @@ def write_onnx(net: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path) 
     with open(folder / WEIGHTS_FILE, "wb") as f:
         for m in models:
             for t in m.graph.initializer:
-                data = _tensor_bytes(t)
+                data = numpy_helper.to_array(t).tobytes()
                 if len(data) < _INLINE_MAX:
                     continue
                 key = hashlib.sha256(data).digest() + bytes([t.data_type])

@@ -1,13 +1,6 @@
-"""Exact rewrites of a traced quantized graph: the same values, in the shapes onnxruntime runs fastest.
-
-torch.export traces what the network computes, node by node; onnxruntime's fusions then look for given patterns
-(DequantizeLinear -> Conv -> QuantizeLinear becomes QLinearConv, and so on). What a trace leaves that they miss,
-each rewrite here turns into a shape they take, without changing a value: zero padding folded into the convolution
-that reads it, per-tensor QuantizeLinear moved above a Transpose/Reshape (uint8 moved instead of float), equal
-quantizers of one value merged (quant.share_grids gives them equal parameters under their own names), a group
-norm's affine as one BatchNormalization node, and what no node reads any more removed. :func:`rewrite` applies them
-all; pqd.deploy.onnx calls it on every traced quantized graph (the float graph, onnxruntime's own quantizer's
-input in the deploy benchmark, is left as traced). tests/deploy/test_onnx_rewrites.py checks each on its own.
+"""Exact rewrites of a traced quantized graph: the same values, in the shapes onnxruntime's fusions take
+(DequantizeLinear -> Conv -> QuantizeLinear becomes QLinearConv, and so on) where the trace left others.
+pqd.deploy.onnx applies :func:`rewrite` to every traced quantized graph (the float graph is left as traced).
 """
 
 from __future__ import annotations
@@ -158,8 +151,7 @@ def affine_as_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         done.append((mul, add, bn))
     for mul, add, bn in done:
         nodes = list(g.node)
-        at = nodes.index(mul)
-        nodes[at] = bn
+        nodes[nodes.index(mul)] = bn
         nodes.remove(add)
         del g.node[:]
         g.node.extend(nodes)
@@ -182,9 +174,8 @@ def drop_unused(model: onnx.ModelProto) -> None:
 
 
 def rewrite(model: onnx.ModelProto, values: list[dict[str, Any]]) -> None:
-    """The exact rewrites of a traced quantized graph (in place), each computing the same values in a shape
-    onnxruntime runs faster: zero padding into the convolution, equal quantizers of one value merged, quantizers
-    above layout changes, group norms' affine as one node, then what no node reads removed."""
+    """Every rewrite of a traced quantized graph, in place; ``values``: each time group's group-dependent
+    initializers."""
     fold_pads(model)
     merge_equal_quantizers(model, values)
     quantize_before_layout(model)

@@ -1,7 +1,5 @@
-"""Running the deployed graphs: onnxruntime sessions, the kernels it really runs, and a Denoiser on them.
-
-:class:`OrtDenoiser` samples with an export's ONNX graphs (the session of each timestep's time group), so
-the evaluate stage measures the FID of what ships.
+"""Running the deployed graphs: onnxruntime sessions, the kernels it really runs, and a Denoiser on them
+(:class:`OrtDenoiser`, so that the evaluate stage measures the FID of what ships).
 """
 
 from __future__ import annotations

@@ -1,22 +1,15 @@
 """Architecture knowledge about diffusers models lives here (and only here).
 
-A :class:`Denoiser` wraps the parts of a diffusers pipeline the product needs: the denoiser network that gets
-quantized (a UNet or a transformer, :mod:`pqd.diffusion.archs`), the scheduler config it is sampled with, the
-shape of its samples, how samples become images and, for conditioned models, the encoder of its conditioning
-inputs (:mod:`pqd.diffusion.encoders`). Everything else in the product talks to a Denoiser, not to a pipeline.
+A :class:`Denoiser` wraps what the product needs of a diffusers pipeline: the denoiser network that gets quantized
+(a UNet or a transformer, :mod:`pqd.diffusion.archs`), its scheduler config, sample shape, how samples become
+images and, for conditioned models, the encoder of its conditioning inputs (:mod:`pqd.diffusion.encoders`).
+Everything else in the product talks to a Denoiser, not to a pipeline.
 
-Families (by what the denoiser is conditioned on and where it denoises):
-- pixel models (``UNet2DModel``, DDPM/DDIM pipelines);
-- latent models: a UNet or transformer denoising in the latent space of a VQ or KL autoencoder (``vqvae`` /
-  ``vae``). The decoder stays in float, outside the quantized part; trajectories, calibration and sampling all
-  happen in latent space;
-- text-guided models (``UNet2DConditionModel`` of Stable Diffusion 1.x, ``PixArtTransformer2DModel``,
-  ``SD3Transformer2DModel``): the prompt's encodings, classifier-free guidance (the denoiser sees the
-  unconditional and the conditional branch of every input);
-- class-conditional models (``DiTTransformer2DModel``): class labels, guidance over the null class.
-
-A batch's conditioning is a dict of named tensors (``Cond``: encoder_hidden_states, class_labels,
-pooled_projections, ...), the same names the deployed ONNX graphs take as inputs.
+Families: pixel models; latent models (the VQ or KL autoencoder stays in float, outside the quantized part, and
+trajectories, calibration and sampling happen in latent space); text-guided models (SD 1.x UNets, PixArt, SD3:
+prompt encodings, classifier-free guidance over both branches of every input); class-conditional DiT (guidance
+over the null class). A batch's conditioning is a dict of named tensors (``Cond``), the same names the deployed
+ONNX graphs take as inputs.
 """
 
 from __future__ import annotations
@@ -98,11 +91,8 @@ class Denoiser:
         return self.arch.call(model, x, t, cond)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
-        """Network output (noise prediction) for inputs x [B, C, H, W] at timesteps t (scalar or [B]) with the
-        conditioning inputs ``cond`` (each [B, ...]) or None.
-
-        With time groups, each sample runs with the activation parameters of its timestep's group
-        (a batch that mixes groups is split by group)."""
+        """Noise prediction for x [B, C, H, W] at timesteps t (scalar or [B]) with ``cond`` (each [B, ...]) or
+        None; with time groups, each sample runs in its timestep's group (a mixed batch is split by group)."""
         t = torch.as_tensor(t, device=x.device)
         if self.time_groups is None or self.time_groups.count == 1:
             return self.run_group(x, t, 0, cond)
@@ -176,19 +166,15 @@ class Denoiser:
         return self.arch.modulation_layers(names)
 
     def float_output_layers(self, names: list[str]) -> list[str]:
-        """Layers whose output stays in float when outputs are quantized (the noise prediction itself, ...)."""
         return self.arch.float_output_layers(names)
 
     def units(self, layer_names: list[str]) -> list[str]:
-        """Reconstruction units: blocks containing quantized layers, and each remaining layer alone."""
         return self.arch.units(self.net, layer_names)
 
     def skip_splits(self) -> dict[str, int]:
-        """Layers whose input is a skip concatenation, and where it splits (UNets' up path)."""
         return self.arch.skip_splits(self.net)
 
     def smooth_layers(self, names: list[str]) -> list[str]:
-        """Linears that channel balancing (quant.smooth) pairs with their input activations."""
         return self.arch.smooth_layers(self.net, names)
 
 
@@ -197,14 +183,15 @@ def denoiser_from_pipeline(pipe) -> Denoiser:
     check_supported(pipe)
     _, model = denoiser_of(pipe)
     model.eval().requires_grad_(False)
-    decoder = decoder_of(pipe)
+    decoder, scale, shift = decoder_of(pipe), 1.0, 0.0
     if decoder is not None:
         decoder.eval().requires_grad_(False)
-    scale = float(getattr(decoder.config, "scaling_factor", 1.0) or 1.0) if decoder is not None else 1.0
-    shift = float(getattr(decoder.config, "shift_factor", 0.0) or 0.0) if decoder is not None else 0.0
+        scale = float(getattr(decoder.config, "scaling_factor", 1.0) or 1.0)
+        shift = float(getattr(decoder.config, "shift_factor", 0.0) or 0.0)
     return Denoiser(net=model, scheduler_config=dict(pipe.scheduler.config),
                     scheduler_class=type(pipe.scheduler).__name__, sample_shape=sample_shape_of(model.config),
-                    decoder=decoder, latent_scale=scale, latent_shift=shift, encoder=encoder_for(pipe, model), arch=architecture_of(model))
+                    decoder=decoder, latent_scale=scale, latent_shift=shift, encoder=encoder_for(pipe, model),
+                    arch=architecture_of(model))
 
 
 def load_denoiser(folder: str | Path, device: str = "cpu", net: nn.Module | None = None) -> Denoiser:

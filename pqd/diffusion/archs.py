@@ -1,17 +1,9 @@
 """What differs between the supported denoiser architectures: how each is called, and which of its layers are
 special to quantization. One :class:`Architecture` per family of diffusers classes, found by class name.
 
-- **UNet** (``UNet2DModel``, ``UNet2DConditionModel``): reconstruction units are ResNet, attention, transformer,
-  down- and up-sampling blocks; edge layers the first and last convolutions and the time-embedding MLP;
-  the up path's skip concatenations are split.
-- **Transformers** (``DiTTransformer2DModel``: class labels; ``PixArtTransformer2DModel``: T5 text, cross-attention;
-  ``SD3Transformer2DModel``: MMDiT joint attention, pooled text projections): reconstruction units are the
-  transformer blocks; edge layers the patch embedding, the final projection and the timestep / text / size
-  embedding MLPs; *modulation* layers (adaLN: the linears that regress shift, scale and gate from the
-  conditioning) have their own bit setting and keep their outputs in float (they feed elementwise products,
-  and the matmul is tiny: [B, D] x [D, 6D]).
-
-Every architecture's call returns the noise prediction only: DiT-XL/2 and PixArt learn the variance too
+Transformers' *modulation* layers (adaLN: the linears that regress shift, scale and gate from the conditioning)
+have their own bit setting and keep their outputs in float: they feed elementwise products, and the matmul is
+tiny ([B, D] x [D, 6D]). Every call returns the noise prediction only: DiT-XL/2 and PixArt learn the variance too
 (twice the input channels); the sampler uses the first half, as diffusers' pipelines do.
 """
 

@@ -1,10 +1,7 @@
-"""Attention with replaceable matmuls: how the product quantizes Q·Kᵀ and softmax·V of diffusers models
-(UNets' self- and cross-attention, DiT's and PixArt's attention, SD3's joint attention).
+"""Attention with replaceable matmuls: how the product quantizes Q·Kᵀ and softmax·V of diffusers models.
 
-Part of the adapter layer (the only place that knows diffusers' module classes). diffusers computes
-attention in one fused kernel (scaled dot product), which leaves nothing to observe or quantize between
-the projections; :class:`MatMulAttention` computes the same attention with two
-:class:`pqd.core.modules.MatMul` modules that calibration observes and quantization replaces.
+diffusers computes attention in one fused kernel (scaled dot product), which leaves nothing to observe or quantize
+between the projections; these processors compute the same with two :class:`pqd.core.modules.MatMul` modules.
 """
 
 from __future__ import annotations
@@ -18,10 +15,8 @@ from pqd.core.modules import MatMul
 
 
 class MatMulAttention(nn.Module):
-    """A diffusers attention processor that computes attention with two modules quantization can replace:
-    ``qk`` (Q·Kᵀ, scaled by 1/sqrt(head dim) after the product) and ``pv`` (softmax·V), the softmax in float
-    between them. It computes what diffusers' default processors compute (same projections, norms, residual
-    and rescaling), only with explicit matmuls instead of a fused scaled-dot-product kernel."""
+    """diffusers' default attention processor (same projections, norms, residual and rescaling) with ``qk`` (Q·Kᵀ,
+    scaled by 1/sqrt(head dim) after the product) and ``pv`` (softmax·V) as modules, the softmax in float."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,20 +1,10 @@
-"""The embedded offline demos, and the training of the digit classifier for their FID.
+"""The embedded offline demos, trained on the spot from scikit-learn's bundled 8x8 digits (no GPU, no network),
+and the training of the DigitNet classifier whose features their FID uses. Deterministic given a seed.
 
-Three model sources, trained on the spot from scikit-learn's bundled 8x8 digits (no GPU, no network):
-
-- ``demo:digits``: a DDPM UNet on the digits at their native 8x8, one channel, scaled from 0..16 to [-1, 1];
-  three levels, one ResNet per level, attention at the lowest resolution, cosine betas, DDPMScheduler.
-- ``demo:digits16``: another architecture on another image format: the digits upsampled to 16x16 RGB with
-  coloured strokes (:func:`pqd.diffusion.digits.digits16_tensor`); ResNets two per level, self-attention at the full 16x16
-  resolution and in the mid block, head dim 16, linear betas, DDIMScheduler.
-- ``demo:digits-dit``: a class-conditional DiT (DiTTransformer2DModel in a DiTPipeline) on the 8x8 pixels, patch
-  size 2 (16 tokens of 2x2 pixels), trained with 10% of the labels replaced by the null class so that
-  classifier-free guidance works; no autoencoder (the pipeline's ``vae`` is None).
-
-Both are evaluated with the DigitNet features of the same 8x8 digits (:mod:`pqd.diffusion.digits`, trained here
-by :func:`train_digit_net`): the extractor reads an image's channel mean at 8x8 (pqd.eval.fid), and a digits16
-image's channel mean is exactly its upsampled gray digit.
-Everything here is deterministic given a seed.
+``demo:digits``: a DDPM UNet at 8x8, one channel; ``demo:digits16``: another UNet on the digits as 16x16 RGB
+(:func:`pqd.diffusion.digits.digits16_tensor`), DDIM; ``demo:digits-dit``: a class-conditional DiT on the 8x8
+pixels, no autoencoder. All are evaluated with the DigitNet features of the 8x8 digits: the extractor reads an
+image's channel mean at 8x8 (pqd.eval.fid), and a digits16 image's channel mean is exactly its gray digit.
 """
 
 from __future__ import annotations
@@ -36,12 +26,8 @@ NUM_CLASSES = 10
 LABEL_DROP = 0.1  # share of training labels replaced by the null class (DiT's classifier-free guidance training)
 NUM_TRAIN_TIMESTEPS = 1000
 def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1):
-    """A diffusers ``UNet2DModel`` for [B, 1, 8, 8] inputs with one attention block, at the lowest resolution.
-
-    Every level but the last halves the resolution (3 levels: 8 -> 4 -> 2). The attention lives in the
-    last down block and the first up block (so the demo exercises attention Linear layers); the mid
-    block's attention is switched off to keep to that one resolution and to the 2-core time budget.
-    """
+    """A diffusers ``UNet2DModel`` for [B, 1, 8, 8] inputs, every level but the last halving the resolution, with
+    attention only at the lowest (last down and first up block: the mid block's is off, for the 2-core budget)."""
     from diffusers import UNet2DModel
 
     n = len(channels)
@@ -96,24 +82,24 @@ def build_digits16_scheduler():
 
 def train_demo_pipeline(source: str, *, seed: int, steps: int, batch_size: int, lr: float,
                         channels: tuple[int, ...], dit_width: int = 128, dit_depth: int = 6, progress: bool = True):
-    """Train the denoiser of demo ``source`` on :func:`demo_images` and return its diffusers pipeline
+    """Train the denoiser of demo ``source`` (see :func:`train_denoiser`) and return its diffusers pipeline
     (DDPMPipeline for 'demo:digits', DDIMPipeline for 'demo:digits16', DiTPipeline without an autoencoder for
-    'demo:digits-dit')."""
+    'demo:digits-dit', 10% of its labels dropped to the null class)."""
     from diffusers import DDIMPipeline, DDPMPipeline, DiTPipeline
 
+    torch.manual_seed(seed)
+    train = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, progress=progress)
     if source == "demo:digits16":
-        torch.manual_seed(seed)
         sched = build_digits16_scheduler()
-        unet = train_denoiser(build_digits16_unet(channels), demo_images(source), sched, seed=seed, steps=steps,
-                              batch_size=batch_size, lr=lr, progress=progress, desc="demo:digits16 UNet")
+        unet = train_denoiser(build_digits16_unet(channels), demo_images(source), sched, desc="demo:digits16 UNet",
+                              **train)
         return DDIMPipeline(unet=unet, scheduler=sched)
     if source == "demo:digits-dit":  # pixel space: no autoencoder
         images, labels = load_digits_tensor()
-        dit = train_demo_dit(images, labels, seed=seed, steps=steps, batch_size=batch_size, lr=lr, width=dit_width,
-                             depth=dit_depth, progress=progress)
+        dit = train_denoiser(build_demo_dit(dit_width, dit_depth), images, build_demo_scheduler(), labels=labels,
+                             desc="demo DiT", **train)
         return DiTPipeline(transformer=dit, vae=None, scheduler=build_demo_scheduler())
-    unet = train_demo_unet(demo_images(source), seed=seed, steps=steps, batch_size=batch_size, lr=lr,
-                           channels=channels, progress=progress)
+    unet = train_denoiser(build_demo_unet(channels), demo_images(source), build_demo_scheduler(), **train)
     return DDPMPipeline(unet=unet, scheduler=build_demo_scheduler())
 
 
@@ -124,24 +110,6 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-
-def train_demo_unet(images: torch.Tensor, *, seed: int, steps: int, batch_size: int, lr: float,
-                    channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1,
-                    ema_decay: float = 0.995, beta_schedule: str = "squaredcos_cap_v2", progress: bool = True):
-    """Train the demo UNet to predict the noise (epsilon) of DDPM-noised ``images`` [N, 1, 8, 8] in [-1, 1]
-    (see :func:`train_denoiser`)."""
-    torch.manual_seed(seed)
-    return train_denoiser(build_demo_unet(channels, layers_per_block), images, build_demo_scheduler(beta_schedule),
-                          seed=seed, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, progress=progress)
-
-
-def train_demo_dit(images: torch.Tensor, labels: torch.Tensor, *, seed: int, steps: int, batch_size: int, lr: float,
-                   width: int = 128, depth: int = 6, progress: bool = True):
-    """Train the demo DiT on ``images`` [N, 1, 8, 8] in [-1, 1] and their ``labels`` int64 [N] (see
-    :func:`train_denoiser`), 10% of the labels dropped to the null class."""
-    torch.manual_seed(seed)
-    return train_denoiser(build_demo_dit(width, depth), images, build_demo_scheduler(), seed=seed, steps=steps,
-                          batch_size=batch_size, lr=lr, labels=labels, progress=progress, desc="demo DiT")
 
 
 def _label_tables(model: nn.Module) -> list[nn.Module]:
@@ -154,12 +122,11 @@ def train_denoiser(net: nn.Module, images: torch.Tensor, scheduler, *, seed: int
     """Train ``net`` (a diffusers UNet2DModel, or a DiTTransformer2DModel with ``labels``) to predict the noise
     (epsilon) of ``images`` [N, C, H, W] in [-1, 1] noised by ``scheduler``'s training schedule.
 
-    AdamW with warmup + cosine learning rate; returns the EMA of the weights (in eval mode, float32, on CPU)
-    when ``ema_decay`` > 0. All randomness (batch order, noise, timesteps, dropped labels) derives from ``seed``;
-    with the model initialised under the same seed, two runs on one machine give bit-identical weights.
-    With ``labels`` (int64 [N]), a share LABEL_DROP of each batch's labels is replaced by the null class, the same
-    for every block (diffusers' DiT gives each block its own label table, whose own dropout would drop a label
-    in some blocks and not in others; it is switched off while training).
+    AdamW, warmup + cosine learning rate; returns the EMA of the weights (eval mode, float32, CPU) when
+    ``ema_decay`` > 0. All randomness derives from ``seed``: with the model initialised under the same seed, two
+    runs on one machine give bit-identical weights. With ``labels`` (int64 [N]), a share LABEL_DROP of each batch's
+    labels becomes the null class in every block alike (diffusers' DiT gives each block its own label table, whose
+    own dropout is switched off while training).
     """
     tables = _label_tables(net)
     drops = [table.dropout_prob for table in tables]
@@ -224,19 +191,11 @@ def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[b, 0, rows.view(-1, 8, 1), cols.view(-1, 1, 8)].unsqueeze(1)
 
 
-@torch.no_grad()
-def _accuracy(net: DigitNet, images: torch.Tensor, labels: torch.Tensor) -> float:
-    net.eval()
-    return float((net(images).argmax(1) == labels).float().mean())
-
 
 def train_digit_net(images: torch.Tensor, labels: torch.Tensor, *, seed: int, epochs: int,
                     batch_size: int = 64, lr: float = 2e-3, progress: bool = True) -> tuple[DigitNet, float]:
-    """Train a DigitNet on a stratified 80% of (images [N, 1, 8, 8] in [-1, 1], labels int64 [N]).
-
-    Returns the net (eval mode) and its accuracy on the held-out 20%. The split comes from
-    ``train_test_split(random_state=seed)`` and all other randomness from ``seed``.
-    """
+    """Train a DigitNet on a stratified 80% of (images [N, 1, 8, 8] in [-1, 1], labels int64 [N]), all randomness
+    from ``seed``; returns the net (eval mode) and its accuracy on the held-out 20%."""
     idx_train, idx_test = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.2,
                                            stratify=labels.numpy(), random_state=seed)
     x_tr, y_tr = images[idx_train], labels[idx_train]
@@ -257,4 +216,6 @@ def train_digit_net(images: torch.Tensor, labels: torch.Tensor, *, seed: int, ep
             loss.backward()
             opt.step()
             sched.step()
-    return net.eval(), _accuracy(net, images[idx_test], labels[idx_test])
+    with torch.no_grad():
+        accuracy = float((net.eval()(images[idx_test]).argmax(1) == labels[idx_test]).float().mean())
+    return net, accuracy

@@ -25,11 +25,6 @@ def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(d.target).long()
 
 
-def digits_uint8() -> np.ndarray:
-    """scikit-learn's 1,797 digits as uint8 images [N, 8, 8] (0..16 scaled to 0..255, rounded): the demo's
-    FID reference set."""
-    return np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
-
 
 def digits16_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     """The digits as 16x16 RGB (``demo:digits16``): images float32 [1797, 3, 16, 16] in [-1, 1], labels int64.
@@ -52,10 +47,11 @@ def demo_images(source: str) -> torch.Tensor:
 
 
 def reference_uint8(source: str) -> np.ndarray:
-    """The FID reference images of demo ``source`` as uint8: [1797, 8, 8] (digits) or [1797, 16, 16, 3] (digits16)."""
+    """The FID reference images of demo ``source`` as uint8: [1797, 8, 8] (digits, 0..16 scaled to 0..255, rounded)
+    or [1797, 16, 16, 3] (digits16)."""
     if source == "demo:digits16":
         return (digits16_tensor()[0].permute(0, 2, 3, 1).add(1).mul(255 / 2)).round().to(torch.uint8).numpy()
-    return digits_uint8()
+    return np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
 
 
 class DigitNet(nn.Module):

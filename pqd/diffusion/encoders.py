@@ -1,15 +1,9 @@
 """The conditioning inputs of conditioned denoisers, computed once per prompt or class (float, never quantized).
 
-An encoder turns what a user chooses (prompts, or nothing for class-conditional models: every class in turn)
-into *rows*: a dict of the denoiser's named conditioning inputs, each a tensor [P + 1, ...] whose row 0 is
-the unconditional input (the empty prompt, the null class) that classifier-free guidance needs:
-
-- text (``UNet2DConditionModel``, ``PixArtTransformer2DModel``, ``SD3Transformer2DModel``): the pipeline's own
-  ``encode_prompt`` (its tokenizers, text encoders, padding and masks), so the rows are what diffusers feeds:
-  ``encoder_hidden_states`` [P + 1, L, D], plus PixArt's ``encoder_attention_mask`` [P + 1, L] (and its
-  ``resolution`` / ``aspect_ratio`` added conditions when the model uses them) and SD3's
-  ``pooled_projections`` [P + 1, D'];
-- class (``DiTTransformer2DModel``): ``class_labels`` int64 [K + 1] = [null, 0, 1, ..., K - 1], null = K.
+An encoder turns prompts (or, for class-conditional models, every class in turn) into *rows*: the denoiser's named
+conditioning inputs, each [P + 1, ...], row 0 the unconditional input (empty prompt, null class) that
+classifier-free guidance needs. Text rows come from the pipeline's own ``encode_prompt``, so they are what
+diffusers feeds.
 """
 
 from __future__ import annotations
@@ -59,10 +53,7 @@ _TEXT_ROWS = {"UNet2DConditionModel": _sd_rows, "PixArtTransformer2DModel": _pix
 
 
 class PromptEncoder:
-    """Text-conditioned models: the pipeline's text encoders, through its own ``encode_prompt``.
-
-    It holds the pipeline (its tokenizers and encoders are what it uses); nothing here is ever quantized or
-    changed."""
+    """Text-conditioned models: the pipeline's text encoders, through its own ``encode_prompt`` (never changed)."""
 
     kind = "text"
 

@@ -1,24 +1,13 @@
-"""Glue between integer kernels: where a diffusers UNet's activations pass from one integer kernel to the next
-through float operations, and how those points become :class:`pqd.core.modules.Site` modules (quant.glue).
+"""Glue between integer kernels (quant.glue): the points where a diffusers UNet's activations pass between integer
+kernels through float operations, as :class:`pqd.core.modules.Site` modules on grids fitted per time group, so
+onnxruntime runs integer kernels there too (the kinds and their kernels: docs/parameters.md, ``quant.glue``).
 
-A deployed graph runs every quantized convolution and linear as an integer kernel; what lies between them
-(residual adds, skip concatenations, SiLU as sigmoid·mul, attention's residual add) runs in float unless its
-inputs and its output are on integer grids too, in which case onnxruntime runs an integer kernel for it as well.
-Each kind of glue (a value of ``quant.glue``) puts given points on grids fitted per time group, like every other
-activation quantizer:
-
-- ``residual``: the output of a ResNet block (shortcut + second convolution) -> QLinearAdd;
-- ``temb``: the first convolution's output plus the time embedding, inside a ResNet block -> QLinearAdd;
-- ``silu``: each SiLU after a ResNet block's GroupNorm, computed as x·sigmoid(x) with x and sigmoid(x) on grids
-  (the product is the next convolution's input, already on its grid) -> QLinearSigmoid + QLinearMul;
-- ``concat``: the skip concatenation entering an up-path ResNet block -> QLinearConcat;
-- ``attention``: the output of an attention block (its residual add) -> QLinearAdd.
-
-A point is left out where no integer kernel could take it: a SiLU or a concatenation that feeds a layer whose
-input is split (calibrate.split_shortcut), which quantizes the two parts itself. Sites are named
-``<block>.glue_<role>``; ResNet blocks with sites compute their forward pass here (:func:`_resnet_forward`, the
-same arithmetic as diffusers' ``ResnetBlock2D.forward`` for the configurations it accepts), attention blocks
-pass their output through a forward hook. Part of the adapter layer: the only place that knows these blocks.
+``silu`` computes each SiLU after a GroupNorm as x·sigmoid(x) with x and sigmoid(x) on grids (the product is the
+next convolution's input, already on its grid). A point is left out where no integer kernel could take it: a SiLU
+or a concatenation that feeds a split input (calibrate.split_shortcut), which quantizes its two parts itself.
+Sites are named ``<block>.glue_<role>``; ResNet blocks with sites compute their forward pass here
+(:func:`_resnet_forward`, diffusers' arithmetic for the configurations it accepts), attention blocks pass their
+output through a forward hook.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Loading diffusers pipelines and telling whether the product supports them.
-
-The light half of the adapter layer: what the model stage needs to snapshot and check a pipeline,
-without the quantization core (the Denoiser that the later stages work with is :mod:`pqd.diffusion.adapter`).
-
-A pipeline's denoiser is its ``unet`` (UNet2DModel, UNet2DConditionModel) or its ``transformer``
-(DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel): the *component* that gets quantized
-(that table, and which component folder holds the denoiser, are the folder layout: :mod:`pqd.formats.pipefolder`).
+"""Loading diffusers pipelines and telling whether the product supports them: the light half of the adapter layer,
+what the model stage needs without the quantization core. Which component holds the denoiser is the folder
+layout's (:mod:`pqd.formats.pipefolder`).
 """
 
 from __future__ import annotations

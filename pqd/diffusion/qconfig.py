@@ -1,10 +1,6 @@
-"""How the product quantizes a denoiser: the core's configs built from params and the adapter's knowledge.
-
-The one place that turns ``quant.*`` / ``calibrate.*`` and a :class:`~pqd.diffusion.adapter.Denoiser`
-(its edge and modulation layers, skip splits, float-output layers, attention matmuls, the linears it
-balances and glue sites) into a
-:class:`~pqd.core.QuantConfig` and a :class:`~pqd.core.reconstruct.ReconConfig`, and the one calibration recipe
-(:func:`calibrate_network`): the calibrate stage and the benchmarks call it alike.
+"""How the product quantizes a denoiser: the one place that turns ``quant.*`` / ``calibrate.*`` and a
+:class:`~pqd.diffusion.adapter.Denoiser` into the core's configs, and the one calibration recipe
+(:func:`calibrate_network`) that the calibrate stage and the benchmarks call alike.
 """
 
 from __future__ import annotations
@@ -76,10 +72,8 @@ def install_attention(params: Params, den: Denoiser) -> dict[str, str]:
 @dataclass
 class Calibration:
     """What :func:`calibrate_network` fitted. ``net``: a copy of the denoiser's network with the attention matmuls
-    and glue sites installed, still float (what calibration observed: the float network the exporter writes and
-    reconstruction matches); its quantizer ``state`` (the shared grids agreed), the ``config`` it was fitted with,
-    the ``shared`` groups (as :func:`~pqd.core.sharing.share_qparams` returned them), the glue site names and the
-    attention matmul modules by role."""
+    and glue sites installed, still float (what the exporter writes and reconstruction matches); ``shared``: the
+    groups as :func:`~pqd.core.sharing.share_qparams` returned them."""
 
     net: nn.Module
     state: QState
@@ -89,8 +83,7 @@ class Calibration:
     attention: dict[str, str]
 
     def quantized(self) -> nn.Module:
-        """A copy of ``net`` with ``state`` applied and each shared grid on one quantizer (what reconstruction
-        learns)."""
+        """A copy of ``net`` with ``state`` applied, each shared grid on one quantizer (what reconstruction learns)."""
         q = apply_qstate(copy.deepcopy(self.net), self.state)
         tie_quantizers(q, self.shared)
         return q
@@ -98,12 +91,10 @@ class Calibration:
 
 def calibrate_network(params: Params, den: Denoiser, codes: IntegerCodes, forward_all: ForwardAll,
                       run_once: Callable[[nn.Module], object]) -> Calibration:
-    """The product's calibration recipe (without reconstruction) for ``den``'s network under ``params`` with the
-    integer ``codes``. On a copy of the network (``den`` and its other components, autoencoder and encoders, are
-    left as they are): attention's matmuls (quant.attention), then the glue sites (quant.glue), in the export
-    loader's order; the QuantConfig; the quantizers that read one tensor (quant.share_grids, found in ``run_once``,
-    one forward pass of the network it is given); every quantizer fitted over ``forward_all`` (the calibration set,
-    see :func:`~pqd.core.quantize.fit_qstate`), then the shared grids agreed."""
+    """The product's calibration recipe (without reconstruction), on a copy of ``den``'s network: attention's
+    matmuls, then the glue sites (the export loader's order); the shared grids found in ``run_once`` (one forward
+    pass of the network it is given); every quantizer fitted over ``forward_all`` (the calibration set), then the
+    shared grids agreed."""
     work = dataclasses.replace(den, net=copy.deepcopy(den.net))
     attention = install_attention(params, work)
     glue = install_glue(params, work)

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pqd.core.quantize import apply_qstate
+from pqd.core.quantize import MatMulQParams, SiteQParams, apply_qstate, weight_layers
 from pqd.core.timegroups import set_time_group, TimeGroups
-from pqd.core.quantize import MatMulQParams, SiteQParams, weight_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.glue import install_sites
@@ -28,11 +27,8 @@ from pqd.formats.pipefolder import denoiser_component
 
 
 def load_quantized_net(export_dir: str | Path, device: str = "cpu", verify: bool = True) -> nn.Module:
-    """Rebuild the quantized denoiser (UNet or transformer) from an export folder alone (float32 compute,
-    integer weights).
-
-    Time-aware activation parameters come with it; select the group with ``set_time_group`` or sample
-    through :func:`load_denoiser_from_export`, which does it from the timestep."""
+    """Rebuild the quantized denoiser from an export folder alone (float32 compute, integer weights); select its
+    time group with ``set_time_group``, or sample through :func:`load_denoiser_from_export`, which does it."""
     export_dir = Path(export_dir)
     if verify:
         verify_manifest(export_dir)

@@ -1,23 +1,12 @@
 """Bootstrap intervals over samples: resample images, recompute the features' statistics and the FIDs.
 
-The quantized and FP images of one evaluation share their seeds, so they are resampled together (one draw of
-seed indices per resample, used for both sets): the intervals of FID(quantized, FP), of ΔFID = FID(quantized,
-reference) - FID(FP, reference) and of the mean per-image PSNR are those of paired statistics, in which what
-the two sets have in common (which seeds were drawn) cancels. The reference statistics stay fixed: they
-describe the data, not the model. Intervals are percentile intervals of the resampled statistic.
+The quantized and FP images of a seed are resampled together (paired statistics: which seeds were drawn cancels);
+the reference statistics stay fixed. Intervals are percentile intervals; the FIDs' sit above their point values
+(resamples repeat images, and an FID only grows with noise), ΔFID's and the mean PSNR's do not (docs/method.md).
 
-Resampling with replacement repeats images (a resample holds about 63% of the distinct seeds), so its feature
-statistics are noisier than the full set's and an FID, which only grows with noise, reads higher on resamples:
-the intervals of the FIDs (vs the reference, and quantized vs FP) sit above their point estimates by about that
-bias, which makes their upper bounds conservative. ΔFID (a difference of two FIDs that share the resampling) and
-the mean PSNR (a mean) carry no such shift.
-
-:func:`frechet` is the product's one Fréchet distance: the evaluate stage's point values and every resample here
-use it. It is computed from eigenvalues instead of a matrix square root: tr sqrt(S1 S2) = sum of sqrt(eigenvalues of
-R S1 R) with R the symmetric square root of S2, so a side that stays fixed (the reference) is decomposed once. It
-agrees with clean-fid's ``frechet_distance`` (a scipy ``sqrtm`` of the non-symmetric S1 S2) to 1e-6 relative
-(tests/eval/test_bootstrap.py; on the demo's 128-d features 6.792300196 against clean-fid's 6.792306756) and is
-several times faster: what makes 1,000 resamples affordable.
+:func:`frechet` is the product's one Fréchet distance, for point values and resamples alike: tr sqrt(S1 S2) = sum
+of sqrt(eigenvalues of R S1 R), R the symmetric square root of S2, so a fixed side (the reference) is decomposed
+once. It agrees with clean-fid's ``frechet_distance`` to 1e-6 relative and is several times faster.
 """
 
 from __future__ import annotations
@@ -87,12 +76,9 @@ class PairedIntervals:
 
 def paired_intervals(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
                      confidence: float, progress=None) -> PairedIntervals:
-    """Intervals of FID(quantized, ref), FID(FP, ref), their difference ΔFID, FID(quantized, FP) and the mean
-    per-image PSNR, from ``resamples`` draws of the N seeds.
-
-    quant, fp: features [N, D] of the quantized and FP images, row i from seed i of both; ref: the reference's
-    (mean, covariance); psnr: per-image PSNR [N] of quantized image i against FP image i. ``progress`` wraps the
-    resample loop (e.g. tqdm) when given.
+    """Intervals of FID(quantized, ref), FID(FP, ref), ΔFID, FID(quantized, FP) and the mean per-image PSNR, from
+    ``resamples`` draws of the N seeds. quant, fp: features [N, D], row i from seed i of both; ref: (mean,
+    covariance); psnr [N]: quantized image i against FP image i. ``progress`` wraps the resample loop (e.g. tqdm).
     """
     quant, fp, psnr = (np.asarray(x, dtype=np.float64) for x in (quant, fp, psnr))
     if not (len(quant) == len(fp) == len(psnr)):

@@ -1,13 +1,5 @@
-"""FID with clean-fid: feature extractors, folder features, reference statistics, distances.
-
-Feature extractors (``evaluate.features``):
-- ``demo:digits``: the demo's digit network (trained by the model stage, stored in the model folder);
-- ``inception``: clean-fid's Inception (fetched by clean-fid when online; a clear error when not);
-- ``inception:<file>``: the same Inception TorchScript weights from a local file (offline users);
-- ``torchscript:<file>``: a user's TorchScript network mapping [B, 3, H, W] images in [0, 255] to [B, D].
-Reference sets (``evaluate.reference``): ``demo:digits`` (the 1,797 digits), ``demo:digits16`` (the same digits
-as ``demo:digits16`` trains on: 16x16 RGB), a folder of images, or a ``.npz`` with precomputed ``mu`` and
-``sigma`` for the chosen extractor.
+"""FID with clean-fid: feature extractors (``evaluate.features``), folder features, reference statistics
+(``evaluate.reference``). A ``torchscript:<file>`` extractor maps [B, 3, H, W] images in [0, 255] to [B, D].
 """
 
 from __future__ import annotations
@@ -175,11 +167,10 @@ def folder_features(folder: str | Path, ex: Extractor, batch_size: int = 256, de
 def write_demo_reference(folder: str | Path, source: str = "demo:digits") -> int:
     """Write the reference images of demo ``source`` as PNGs into ``folder`` (the 1,797 sklearn digits: 8x8
     grayscale for 'demo:digits', 16x16 RGB for 'demo:digits16'); returns the count."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    Path(folder).mkdir(parents=True, exist_ok=True)
     imgs = reference_uint8(source)
     for i, im in enumerate(imgs):
-        Image.fromarray(im).save(folder / f"{i:05d}.png")
+        Image.fromarray(im).save(Path(folder) / f"{i:05d}.png")
     return len(imgs)
 
 

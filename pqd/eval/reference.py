@@ -1,10 +1,5 @@
-"""Whether an ``evaluate.reference`` can give FID reference statistics, checked before any features are computed.
-
-A folder must hold at least two images that clean-fid reads (its file extensions, searched recursively, each
-opened by PIL or, for ``.npy``, by numpy); a ``.npz`` must hold ``mu`` [D] and ``sigma`` [D, D] of the
-extractor's feature size D. Run by ``python -m pqd.stages.preflight`` (``make run``'s first step) and by the
-evaluate stage before it samples, with the same one-line :class:`~pqd.errors.FeatureError`.
-"""
+"""Whether an ``evaluate.reference`` can give FID reference statistics, checked before any features are computed
+(by ``python -m pqd.stages.preflight`` and by the evaluate stage before it samples)."""
 
 from __future__ import annotations
 

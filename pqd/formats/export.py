@@ -25,9 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pqd.core.quantize import QState
+from pqd.core.quantize import QState, weight_layers
 from pqd.core.timegroups import TimeGroups
-from pqd.core.quantize import weight_layers
 from pqd.errors import ArtifactError
 from pqd.formats import qstate as qcodec
 from pqd.formats.files import read_json, write_json

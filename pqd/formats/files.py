@@ -23,10 +23,8 @@ from pqd.errors import InputError, MissingInputError
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary sibling name; it appears at ``path`` only when the block succeeds.
 
-    An interrupted or failing block leaves ``path`` as it was (an earlier complete output, or nothing)
-    and removes the temporary directory. A process killed outright (SIGKILL, power loss) cannot clean up:
-    its temporary siblings are removed the next time this output is built (one writer per output: DVC
-    holds the repository lock while a stage runs).
+    A failing block leaves ``path`` as it was. A process killed outright cannot clean up: its temporary siblings
+    are removed the next time this output is built (one writer per output: DVC holds the repository lock).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,9 +107,3 @@ def read_prompts(path: str | Path, key: str = "generate.prompts") -> list[str]:
     if not prompts:
         raise InputError(f"{key} = {str(path)!r}: the file holds no prompt: expected one prompt per line")
     return prompts
-
-
-def dir_size(root: str | Path, suffixes: tuple[str, ...] | None = None) -> int:
-    """Total bytes of the files under ``root`` (only those ending in ``suffixes`` when given)."""
-    return sum(p.stat().st_size for p in Path(root).rglob("*")
-               if p.is_file() and (suffixes is None or p.name.endswith(suffixes)))

@@ -1,8 +1,5 @@
-"""Lineage: hashes of files and folders, the git commit, and what dvc.yaml / dvc.lock record.
-
-The one place that knows how the product identifies what it made: sha256 of files and trees (manifests,
-model weights), the md5s DVC records in dvc.lock (files and directory outputs), the per-stage hashes of
-dvc.lock, and the git commit a result was made at. Plain files, and git through :mod:`pqd.formats.repo`.
+"""Lineage, the one place that knows how the product identifies what it made: sha256 of files and trees, the md5s
+DVC records in dvc.lock, the per-stage hashes of dvc.lock, and the git commit (through :mod:`pqd.formats.repo`).
 """
 
 from __future__ import annotations
@@ -22,25 +19,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 MODEL_RECORD = "model.json"
 
 
-# ----------------------------------------------------------------------------------------------
-# hashes
+# ---- hashes ----------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def md5_file(path: str | Path) -> str:
     """md5 of a file's bytes, as DVC records it in dvc.lock."""
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def hash_tree(root: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
@@ -81,8 +71,7 @@ def model_digest(weights: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(weights.items())).encode()).hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------
-# git
+# ---- git -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -108,8 +97,7 @@ def git_file(root: Path, commit: str, path: str) -> str | None:
         return None
 
 
-# ----------------------------------------------------------------------------------------------
-# dvc.yaml and dvc.lock
+# ---- dvc.yaml and dvc.lock -------------------------------------------------------------------
 
 
 def stage_options(dvc_yaml: dict[str, Any]) -> dict[str, dict[str, str]]:

@@ -1,10 +1,8 @@
-"""The stages' metrics files (``data/metrics/<stage>.json``) as frozen dataclasses: written by the stages,
-read back by the report, the release gate, the audit, sweeps and benchmarks.
+"""The stages' metrics files (``data/metrics/<stage>.json``, flat JSON objects) as frozen dataclasses.
 
-A metrics file is a flat JSON object (``dvc metrics show`` reads it). Fields that only some runs have
-(the demo's training figures, the ONNX agreement of an export, the deployed model's FID) are None when
-absent and left out of the file. Reading refuses a file with an unknown or a missing key in one line; a key
-that an earlier version wrote under another name (``RENAMED_KEYS``) is read under its present name.
+Fields that only some runs have are None when absent and left out of the file. Reading refuses a file with an
+unknown or a missing key in one line; a key an earlier version wrote under another name (``RENAMED_KEYS``) is read
+under its present name.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
-"""The one codec of a :class:`~pqd.core.QState` on disk: ``qmap.json`` + a safetensors file.
+"""The one codec of a :class:`~pqd.core.QState` on disk: ``qmap.json`` + a safetensors file, the same map and
+tensor names in the calibrate stage's ``qstate/`` and in ``export/`` (which stores the network's float tensors
+beside them).
 
-Used by the calibrate stage's output (``qstate/``) and by the export (``export/``), so both folders hold
-the same per-layer map and the same tensor names:
-
-- ``qmap.json``: ``format_version``, the time groups (count and thresholds) and, per layer, its kind and
-  bits (``conv2d`` / ``linear``: weight and activation bits, granularity, storage, shape, input split,
-  whether the output is quantized; ``matmul``: the two operands' bits), plus what the writer adds;
+- ``qmap.json``: ``format_version``, the time groups (count and thresholds) and, per entry, its kind and bits
+  (layers also granularity, storage, shape, input split, whether the output is quantized), plus what the writer adds;
 - the tensors, per weight layer L: ``L.qweight`` (int8 codes, or uint8 with two 4-bit codes per byte when
-  weight_bits <= 4), ``L.weight_scale`` float32 [out], ``L.act_scale`` / ``L.act_zero_point`` float32
-  [G, P] (G time groups, P = 2 when the input is split), ``L.out_scale`` / ``L.out_zero_point`` (same
-  shapes) when the output is quantized, ``L.smooth`` float32 [in] when the layer's input channels are
-  balanced (its codes quantize weight x smooth; the input is divided by it); per attention matmul M: ``M.a_scale``,
-  ``M.a_zero_point``, ``M.b_scale``, ``M.b_zero_point`` float32 [G, 1]; per glue site S (``kind: "site"``,
-  quant.glue): ``S.scale``, ``S.zero_point`` float32 [G, 1]. The export stores the float tensors of the network beside them.
+  weight_bits <= 4) and the fields of :class:`~pqd.core.quantize.LayerQParams` (``L.out_*`` only when the output is
+  quantized, ``L.smooth`` only when balanced); per matmul M and glue site S the fields of their QParams.
 """
 
 from __future__ import annotations
@@ -24,9 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from pqd.core.packing import pack_int4, unpack_int4
-from pqd.core.quantize import LayerQParams, QState
+from pqd.core.quantize import LayerQParams, MatMulQParams, QState, SiteQParams
 from pqd.core.timegroups import TimeGroups
-from pqd.core.quantize import MatMulQParams, SiteQParams
 from pqd.errors import ArtifactError
 from pqd.formats.files import load_tensors, read_json, write_json
 
@@ -36,9 +29,6 @@ STATE_TENSORS = "quantized.safetensors"  # the calibrate stage's qstate/ folder 
 _LAYER_TENSORS = ("weight_scale", "act_scale", "act_zero_point")
 _OUT_TENSORS = ("out_scale", "out_zero_point")
 
-
-def _storage(bits: int) -> str:
-    return "int4_packed" if bits <= 4 else "int8"
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -55,7 +45,7 @@ def _encode_layer(name: str, lp: LayerQParams) -> tuple[dict[str, torch.Tensor],
         tensors[f"{name}.smooth"] = _f32(lp.smooth)
     entry = {"kind": lp.kind, "shape": list(codes.shape), "weight_bits": lp.weight_bits,
              "weight_granularity": "per_output_channel", "weight_symmetric": True,
-             "weight_storage": _storage(lp.weight_bits), "act_bits": lp.act_bits,
+             "weight_storage": "int4_packed" if lp.weight_bits <= 4 else "int8", "act_bits": lp.act_bits,
              "act_granularity": "per_tensor", "act_symmetric": False,
              "act_time_groups": int(lp.act_scale.shape[0]), "act_split": lp.act_split,
              "output_quantized": lp.out_scale is not None}
@@ -65,17 +55,15 @@ def _encode_layer(name: str, lp: LayerQParams) -> tuple[dict[str, torch.Tensor],
 
 
 def _encode_matmul(name: str, mp: MatMulQParams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {f"{name}.{k}": _f32(getattr(mp, k)) for k in MatMulQParams.TENSORS}
-    entry = {"kind": "matmul", "a_bits": mp.a_bits, "b_bits": mp.b_bits, "act_granularity": "per_tensor",
-             "act_symmetric": False, "act_time_groups": int(mp.a_scale.shape[0])}
-    return tensors, entry
+    return {f"{name}.{k}": _f32(getattr(mp, k)) for k in MatMulQParams.TENSORS}, {
+        "kind": "matmul", "a_bits": mp.a_bits, "b_bits": mp.b_bits, "act_granularity": "per_tensor",
+        "act_symmetric": False, "act_time_groups": int(mp.a_scale.shape[0])}
 
 
 def _encode_site(name: str, sp: SiteQParams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {f"{name}.{k}": _f32(getattr(sp, k)) for k in SiteQParams.TENSORS}
-    entry = {"kind": "site", "act_bits": sp.bits, "act_granularity": "per_tensor", "act_symmetric": False,
-             "act_time_groups": int(sp.scale.shape[0])}
-    return tensors, entry
+    return {f"{name}.{k}": _f32(getattr(sp, k)) for k in SiteQParams.TENSORS}, {
+        "kind": "site", "act_bits": sp.bits, "act_granularity": "per_tensor", "act_symmetric": False,
+        "act_time_groups": int(sp.scale.shape[0])}
 
 
 def _decode_layer(name: str, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerQParams:

@@ -1,9 +1,8 @@
 """Reconstruction recordings kept on disk: one file per calibration batch, read back when used.
 
-Block reconstruction records, for each unit, its inputs and its FP outputs on every calibration batch.
-For a large UNet and a large calibration set that is gigabytes per unit (a CIFAR-10 DDPM up-block ResNet:
-~2 MB per sample), so units whose recordings would exceed ``calibrate.memory_mb`` keep them in files and
-hold only the batch in use in memory. The files of a unit are removed as soon as it is done.
+A unit's inputs and FP outputs over a large calibration set can be gigabytes (a CIFAR-10 DDPM up-block ResNet:
+~2 MB per sample), so units whose recordings would exceed ``calibrate.memory_mb`` keep them in files, removed as
+soon as the unit is done.
 """
 
 from __future__ import annotations

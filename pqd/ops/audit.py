@@ -1,18 +1,7 @@
 """Audit a release: ``pqd audit <export dir | models:/name@alias>`` re-verifies it from its files.
 
-Checks (each passes, fails, or is skipped when what it needs is not there; any failure fails the audit):
-
-* ``hashes``: every file of the export matches manifest.json, no unlisted file, a known qmap format_version;
-* ``source_model``: the source model hash in the manifest equals the one recorded with the release (the
-  registry tag and the lineage model.json) and the one recomputed from the project's model folder;
-* ``lineage``: the dvc.lock recorded with the release equals dvc.lock at the recorded git commit, its
-  per-stage hashes equal the registry tags, and its export hash is the export's (computed as DVC does);
-* ``metrics``: the registry's metrics (version tags and run metrics) equal the evaluate.json recorded with
-  the release, which dvc.lock ties to this export;
-* ``remote`` (``--remote``): a clone at the recorded commit pulls every cached output from the DVC remote the
-  release records, into an empty cache, and each pulled output hashes to the ``dvc.out.<path>`` tag.
-
-Registry access goes through :mod:`pqd.ops.tracking`; nothing is unpickled.
+Each check (listed in docs/trust.md) passes, fails, or is skipped when what it needs is not there; any failure
+fails the audit. Registry access goes through :mod:`pqd.ops.tracking`; nothing is unpickled.
 """
 
 from __future__ import annotations

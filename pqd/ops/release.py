@@ -1,25 +1,10 @@
 """Releases: the quality gate, the model card and ``python -m pqd.ops.release``.
 
-A release is the current pipeline result, gated and registered in the MLflow Model Registry as a
-version of ``pqd-<model>-w<W>a<A>`` with the alias ``candidate``. The gate passes when
-
-* ``hashes``: every file of the export matches manifest.json;
-* ``lineage``: dvc.lock says the evaluation ran on this export and recorded this evaluate.json;
-* ``committed``: that dvc.lock is the one committed at HEAD, as the audit later requires (``--allow-uncommitted``
-  waives it, and the tags and the model card say so);
-* ``delta_fid``: the upper bound of ΔFID's interval (quantized minus FP, both against the reference, resampled
-  together over the evaluation seeds) <= ``release.delta_fid_fraction`` x FID(FP, reference);
-* ``fid_vs_fp``: the upper bound of FID(quantized, FP samples of the same seeds)'s interval <=
-  ``release.fid_vs_fp_fraction`` x the noise floor (FID between two disjoint FP sets);
-* ``psnr``: the lower bound of the mean per-image PSNR's interval (quantized against FP, same seed) >= the mean
-  PSNR between FP images of different seeds + ``release.psnr_margin_db``;
-* ``deployment``: the deployed ONNX graphs match the simulation, judged by the model's own numbers (FID between
-  them within the noise floor; per image, closer to the simulation than the simulation is to FP).
-
-The quality checks are paired statistics of the release against its own FP model on the same seeds, judged
-on their intervals (``evaluate.bootstrap``), not on point values, and relative to the model's own numbers, so one
-setting holds for FID scales of any feature extractor. A failed gate registers nothing and names the failed checks in one line. Moving ``production`` is a
-separate, explicit command (``promote``). Registry operations go through :mod:`pqd.ops.tracking`.
+A release is the current pipeline result, gated and registered in the MLflow Model Registry as a version of
+``pqd-<model>-w<W>a<A>`` with the alias ``candidate``. The gate's checks are in docs/operations.md; the quality
+checks judge intervals of paired statistics against the model's own numbers, so one setting holds for FID scales
+of any feature extractor. A failed gate registers nothing and names the failed checks in one line. Moving
+``production`` is a separate, explicit command (``promote``). Registry operations go through :mod:`pqd.ops.tracking`.
 """
 
 from __future__ import annotations
@@ -47,8 +32,7 @@ GATE_KEYS = tuple(f.name for f in dataclasses.fields(ReleaseParams))  # release.
 DOUBLED_ERROR_DB = 10 * math.log10(2)  # a PSNR this much lower: twice the mean squared error
 
 
-# ----------------------------------------------------------------------------------------------
-# settings
+# ---- settings --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -72,8 +56,7 @@ def load_settings(params_file: str | Path = "params.yaml") -> GateSettings:
     return GateSettings(rp, "params.yaml" if isinstance(data, dict) and data.get("release") else "defaults")
 
 
-# ----------------------------------------------------------------------------------------------
-# the gate
+# ---- the gate --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -227,8 +210,7 @@ def gate(r: Result, s: GateSettings, allow_uncommitted: bool = False) -> GateRep
                        *quality_checks(r.metrics.evaluate, s.thresholds), deployment_check(r.metrics.evaluate)))
 
 
-# ----------------------------------------------------------------------------------------------
-# names, card, tags
+# ---- names, card, tags -----------------------------------------------------------------------
 
 
 def release_name(r: Result) -> str:
@@ -308,8 +290,7 @@ def version_tags(r: Result, report: GateReport, s: GateSettings) -> dict[str, st
             **{f"pqd.gate.{k}": f"{v:g}" for k, v in as_dict(s.thresholds).items()}}
 
 
-# ----------------------------------------------------------------------------------------------
-# operations
+# ---- operations ------------------------------------------------------------------------------
 
 
 class GateFailed(PqdError):

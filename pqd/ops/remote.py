@@ -1,10 +1,8 @@
 """The project's shared DVC remote: setting it, moving data, what a release records about it, and pulling a
 release's outputs back from it to verify them (``pqd audit --remote``).
 
-``python -m pqd.ops.remote set <url> | push | pull | show`` (``make remote REMOTE=<url>``, ``make push``,
-``make pull``): a local path by default, ``s3://bucket/path`` with the dvc-s3 plugin (``pip install
-'pqd[s3]'``). Push and pull move every cached output and DVC's run cache, so a fresh clone plus ``make pull``
-makes ``dvc repro`` a no-op and another machine's sweep restores stages instead of recomputing them.
+Push and pull move every cached output and DVC's run cache, so a fresh clone plus ``make pull`` makes ``dvc
+repro`` a no-op and another machine's sweep restores stages instead of recomputing them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The sampler a release loads: the export's quantized denoiser and the evaluation's sampling protocol.
-
-Below tracking and release: both hand out a :class:`Sampler` (``pqd.ops.tracking.load_sampler``, the
-pyfunc flavour of a registered version), neither is imported here.
-"""
+"""The sampler a release loads: the export's quantized denoiser and the evaluation's sampling protocol (below
+tracking and release, which both hand one out)."""
 
 from __future__ import annotations
 

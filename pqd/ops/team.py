@@ -3,9 +3,6 @@ folder, an MLflow tracking server with it as backend store (artifacts under a co
 Prefect server with it as its database. A user points ``MLFLOW_TRACKING_URI`` and ``PREFECT_API_URL`` at them;
 nothing else changes. sqlite and Prefect's ephemeral mode stay the defaults for one person.
 
-``python -m pqd.ops.team up | down | status [--dir .team] [--artifacts PATH] [--pg-port 5433]
-[--mlflow-port 5000] [--prefect-port 4200] [--pg-bin DIR]``
-
 The cluster is made once (``initdb``, password authentication on 127.0.0.1 only, a random password kept in
 ``<dir>/postgres.password``, mode 0600) and started with ``pg_ctl`` from the machine's PostgreSQL server
 binaries. PostgreSQL refuses to run as root: as root its commands run as the ``postgres`` user, who owns the

@@ -1,16 +1,8 @@
 """MLflow tracking and Model Registry for PQD results (the only module in the product that imports mlflow).
 
-A *result* is what ``dvc repro`` / ``dvc exp run`` leaves in a project folder (params.yaml, dvc.lock, the
-outputs dvc.yaml names). ``track`` makes it one MLflow run: params and stage metrics flattened
-(``quant.weight_bits``, ``evaluate.delta_fid``); artifacts ``metrics/`` (metrics folders: JSON, sample
-grids), ``plots/``, ``export/``, ``bench/`` (the ``make bench`` table, when present), ``lineage/``
-(params.yaml, dvc.lock, model.json); tags for git commit and dirty flag, each dvc.lock stage's hash, the
-source model sha256, the evaluation protocol and ``pqd.result_hash``, the result's hash that makes
-re-tracking reuse its run.
-
-Tracking URI: ``MLFLOW_TRACKING_URI`` if set (a real ``mlflow server`` works the same), else
-``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts``. Tracking is not a DVC stage: an
-unreachable server never loses a computed result; re-run ``python -m pqd.ops.tracking track`` later.
+``track`` makes a result (:mod:`pqd.ops.result`) one MLflow run, found again by its ``pqd.result_hash`` tag when
+tracked twice; what it logs is listed in docs/operations.md. Tracking is not a DVC stage: an unreachable server
+never loses a computed result; re-run ``python -m pqd.ops.tracking track`` later.
 """
 
 from __future__ import annotations
@@ -58,8 +50,7 @@ _BATCH = 100  # MLflow's limit on params/tags per log_batch call
 ERRORS: tuple[type[BaseException], ...] = (PqdError, MlflowException)
 
 
-# ----------------------------------------------------------------------------------------------
-# where runs go
+# ---- where runs go ---------------------------------------------------------------------------
 
 
 def tracking_uri(root: str | Path = ".") -> str:
@@ -110,8 +101,7 @@ def experiment_id(c: MlflowClient, name: str) -> str:
     return exp.experiment_id
 
 
-# ----------------------------------------------------------------------------------------------
-# runs
+# ---- runs ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -211,8 +201,7 @@ def finish_parent(root: str | Path, run_id: str, files: list[Path]) -> None:
     c.set_terminated(run_id)
 
 
-# ----------------------------------------------------------------------------------------------
-# registry
+# ---- registry --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -344,8 +333,7 @@ def load_sampler(model_uri: str, root: str | Path = ".") -> Sampler:
         return Sampler.from_folder(rel["export"], rel["sampling"])
 
 
-# ----------------------------------------------------------------------------------------------
-# command line
+# ---- command line ----------------------------------------------------------------------------
 
 
 def quiet_mlflow() -> None:

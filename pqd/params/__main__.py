@@ -1,8 +1,7 @@
 """``python -m pqd.params [params.yaml]``: validate every key, every path it names and the device, in one line.
 
-Paths a pipeline stage makes (the ``outs`` of dvc.yaml next to the params file) are accepted before
-they exist. Exit status 0 when valid, 2 with one line naming the key otherwise. ``make run`` runs
-``python -m pqd.stages.preflight``, which adds the checks that need the eval layer (the reference set).
+Exit status 0 when valid, 2 with one line naming the key otherwise. ``make run`` runs ``python -m
+pqd.stages.preflight``, which adds the checks that need the eval layer (the reference set).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Reading and validating params.yaml into the typed sections of :mod:`pqd.params.sections`.
 
-``load_params`` checks every key before any stage does work: unknown keys, keys written twice, wrong
-types and out-of-range values raise :class:`ParamError` with a one-line message naming the dotted key,
-the bad value and what is allowed. Method-controlled keys left null are filled from the
-``calibrate.method`` preset (:mod:`pqd.params.methods`).
+Unknown keys, keys written twice, wrong types and out-of-range values raise :class:`ParamError` with a one-line
+message naming the dotted key, the bad value and what is allowed. Method-controlled keys left null are filled
+from the ``calibrate.method`` preset (:mod:`pqd.params.methods`).
 """
 
 from __future__ import annotations
@@ -25,26 +24,15 @@ from pqd.params.methods import METHOD_KEYS, PRESETS
 from pqd.params.sections import DEMO_SOURCES, GLUE_KINDS, SAMPLE_SEED_BASE, Params
 
 
-# ----------------------------------------------------------------------------------------------
-# range rules, by dotted key: (check, description of what is allowed)
+# ---- range rules, by dotted key: (check, description of what is allowed) ---------------------
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _source_ok(v: str) -> bool:
-    return v in DEMO_SOURCES or v.startswith(("/", ".", "~")) or bool(_HUB_ID.match(v))
-
-
 _SCHEDULER = re.compile(r"^(tcp|tls)://[^\s/:]+:\d{1,5}$")
 
-
-def _features_ok(v: str) -> bool:
-    return v in ("demo:digits", "inception") or v.startswith(("inception:", "torchscript:"))
-
-
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "model.source": (_source_ok, "'demo:digits', 'demo:digits16', 'demo:digits-dit', a local folder path, or a hub id like "
-                                 "'google/ddpm-cifar10-32'"),
+    "model.source": (lambda v: v in DEMO_SOURCES or v.startswith(("/", ".", "~")) or bool(_HUB_ID.match(v)),
+                     "'demo:digits', 'demo:digits16', 'demo:digits-dit', a local folder path, or a hub id like "
+                     "'google/ddpm-cifar10-32'"),
     "model.train_steps": (lambda v: v >= 1, "an integer >= 1"),
     "model.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.lr": (lambda v: 0 < v < 1, "a number in (0, 1)"),
@@ -84,7 +72,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "calibrate.round_weight": (lambda v: v >= 0, "a number >= 0"),
     "calibrate.act_samples": (lambda v: v >= 1000, "an integer >= 1000"),
     "calibrate.memory_mb": (lambda v: v >= 0, "an integer >= 0 (0: every unit's recordings on disk)"),
-    "evaluate.features": (_features_ok,
+    "evaluate.features": (lambda v: v in ("demo:digits", "inception") or v.startswith(("inception:", "torchscript:")),
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),
     "evaluate.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "evaluate.bootstrap": (lambda v: v == 0 or v >= 100, "0 (no intervals) or an integer >= 100"),
@@ -101,8 +89,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------
-# conversion
+# ---- conversion ------------------------------------------------------------------------------
 
 
 def _optional_inner(tp: Any) -> Any | None:
@@ -143,23 +130,18 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             raise bad()
         inner = typing.get_args(tp)[0]
         return tuple(_convert(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise bad()
-        return value
-    raise TypeError(f"unsupported parameter type {tp}")  # a programming error, not a user error
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported parameter type {tp}")  # a programming error, not a user error
+    if not _SCALARS[tp](value):
+        raise bad()
+    return float(value) if tp is float else value
+
+
+# what a scalar parameter's YAML value must be (YAML's true is not an integer)
+_SCALARS: dict[type, typing.Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str) and v != ""}
 
 
 class _ParamsDecoder(Decoder):
@@ -288,8 +270,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def as_dict(p: Any) -> dict[str, Any]:
     """Plain nested dict (tuples become lists) for JSON/YAML output."""
-    d = dataclasses.asdict(p)
-
     def fix(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: fix(x) for k, x in v.items()}
@@ -297,7 +277,7 @@ def as_dict(p: Any) -> dict[str, Any]:
             return [fix(x) for x in v]
         return v
 
-    return fix(d)
+    return fix(dataclasses.asdict(p))
 
 
 def _missing_path(value: str, kind: str, produced: tuple[str, ...]) -> str | None:
@@ -352,8 +332,7 @@ def pipeline_outputs(dvc_yaml: Path) -> tuple[str, ...]:
     if not dvc_yaml.is_file():
         return ()
     stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
-    outs = [o if isinstance(o, str) else next(iter(o)) for st in stages.values() for o in st.get("outs", [])]
-    return tuple(outs)
+    return tuple(o if isinstance(o, str) else next(iter(o)) for st in stages.values() for o in st.get("outs", []))
 
 
 def check_params_file(path: str | Path) -> Params:

@@ -1,8 +1,5 @@
-"""The parameter sections: one frozen dataclass per params.yaml section, with its defaults.
-
-These classes are the schema of params.yaml: every field is a key a user can set there (and is written
-there, with its default and a comment), and every key there is a field here. Validation and loading live
-in :mod:`pqd.params.load`.
+"""The parameter sections, the schema of params.yaml: one frozen dataclass per section, every field a key that
+params.yaml shows with its default, and every key there a field here. Loading: :mod:`pqd.params.load`.
 """
 
 from __future__ import annotations
@@ -90,9 +87,7 @@ class QuantParams:
     # balance the input channels of attention and feed-forward linears against their weights (SmoothQuant)
     smooth: bool = False
     smooth_alpha: float = 0.5  # share of the activation range moved into the weights
-    # glue between integer kernels quantized too, per time group, so that onnxruntime runs it as integer kernels:
-    # any of GLUE_KINDS (residual adds, the time-embedding add, SiLU as sigmoid·mul, skip concatenations,
-    # attention's residual add)
+    # glue between integer kernels on integer grids too (any of GLUE_KINDS), so onnxruntime runs integer kernels there
     glue: tuple[str, ...] = ()
     # layers (and glue sites) that read the same tensor share one input grid: one QuantizeLinear of it in the
     # deployed graph, as onnxruntime's own quantizer has (pqd.core.sharing)
@@ -178,5 +173,3 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     release: ReleaseParams = field(default_factory=ReleaseParams)
     parallel: ParallelParams = field(default_factory=ParallelParams)
-
-

@@ -23,12 +23,8 @@ MADE_BY = {"model": "model", "trajectories": "generate", "fp_samples": "generate
 
 
 def stage_main(name: str, run: Callable[..., StageMetrics], paths: list[str], argv: list[str] | None = None) -> int:
-    """Parse ``--params`` and one ``--<path>`` option per entry of ``paths``, validate params, run, write metrics.
-
-    ``run(params, **paths)`` returns the stage's metrics; they are written to ``--metrics`` with the
-    stage's wall time in ``seconds``. A :class:`~pqd.errors.PqdError` (the user's to fix) is printed as one
-    line with exit status 2 (PQD_DEBUG=1 shows its traceback); any other exception is a bug and keeps its
-    traceback.
+    """Parse ``--params`` and one ``--<path>`` option per entry of ``paths``, validate params, run, write metrics:
+    ``run(params, **paths)``'s, with the stage's wall time in ``seconds``. User errors: see :func:`pqd.errors.command`.
     """
     ap = argparse.ArgumentParser(prog=f"python -m pqd.stages.{name}")
     ap.add_argument("--params", default="params.yaml")

@@ -1,12 +1,8 @@
 """calibrate stage: fit every quantizer of the denoiser network on the calibration set -> qstate/.
 
-One code path for every method (``calibrate.method`` presets, see pqd.params.methods):
-1. weights per output channel, symmetric (min-max or MSE-searched clipping); each Conv2d/Linear input
-   per tensor, asymmetric, with its own parameters for each of G contiguous time groups (and for each
-   half of a skip concatenation when ``split_shortcut``), fitted on that group's calibration inputs
-   (with ``quant.smooth``, attention and feed-forward linears are channel-balanced first);
-2. optionally block reconstruction (AdaRound, LSQ, QDrop) unit by unit against the FP network.
-Writes the quantizer state, the time-group thresholds, per-layer errors and the reconstruction log.
+One code path for every method (pqd.params.methods): the quantizers fitted per time group
+(:func:`pqd.diffusion.qconfig.calibrate_network`), then optionally block reconstruction unit by unit against the
+FP network. Writes the quantizer state, the time-group thresholds, per-layer errors and the reconstruction log.
 """
 
 from __future__ import annotations

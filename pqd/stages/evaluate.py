@@ -1,18 +1,9 @@
-"""evaluate stage: sample with the exported quantized denoiser and compare it with FP, honestly.
+"""evaluate stage: sample with the exported quantized denoiser and compare it with FP, honestly (docs/design.md).
 
-``evaluate.backend = onnxruntime`` measures what ships: the images come from the deployed ONNX graphs
-(integer kernels); the simulated torch model samples the same seeds beside it, and FID(deployed) is
-reported next to FID(simulated) with their difference against the noise floor.
-
-Same evaluation seeds, scheduler, step count and eta as the FP samples. FID (clean-fid, extractor
-``evaluate.features``, reference ``evaluate.reference``): quantized vs reference, FP vs reference,
-quantized vs FP, and the noise floor = FID between the FP evaluation set and a disjoint FP set of the same
-size. Per image: MSE and PSNR against the FP image of the same seed, and, as the per-image analogue of the
-noise floor, the mean PSNR between FP images of different seeds. A grid shows FP beside quantized.
-
-Intervals (``evaluate.bootstrap`` resamples of the evaluation seeds, pqd.eval.bootstrap): FID quantized and FP
-vs reference, their difference ΔFID, FID quantized vs FP and the mean PSNR, each paired over seeds; the release
-gate judges them.
+``evaluate.backend = onnxruntime`` measures what ships: the images come from the deployed ONNX graphs; the
+simulated torch model samples the same seeds beside it. Same seeds, scheduler, steps and eta as the FP samples;
+FIDs against the reference and FP, the noise floor (FP a vs FP b), per-image PSNR against FP, and paired bootstrap
+intervals (pqd.eval.bootstrap) that the release gate judges.
 """
 
 from __future__ import annotations

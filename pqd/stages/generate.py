@@ -1,16 +1,10 @@
 """generate stage: FP trajectories for the calibration seeds and FP samples for the evaluation seeds.
 
-Trajectories record, at every step of the inference scheduler, the denoiser's exact inputs: the scaled
-sample x_t (latents for latent models) and the timestep value it receives. They are stored in
-safetensors shards of ``generate.shard_size`` seeds (x: float32 [n, S, C, H, W], t: float32 [S],
-seeds: int64 [n], and for conditioned models prompt: int64 [n], the seed's conditioning row) with
-``index.parquet`` (one row per seed and step) and ``meta.json``. Text models: seed i takes prompt i mod P of
-``generate.prompts``; class-conditional models: seed i takes class i mod K (every class in turn). Every
-prompt's (class's) conditioning inputs are stored once in ``prompts.safetensors`` (by input name, e.g.
-encoder_hidden_states [P + 1, L, D] or class_labels [K + 1], row 0 the unconditional input) and referenced
-by row, so disk grows with the prompts, not with seeds x steps.
-FP samples: set ``a`` (the evaluation seeds, compared image by image with the quantized model) and a
-disjoint set ``b`` of the same size (only for the FID noise floor), as PNGs plus float tensors.
+Trajectories record the denoiser's exact inputs (x_t, latents for latent models, and the timestep) at every step,
+in safetensors shards of ``generate.shard_size`` seeds with ``index.parquet`` (one row per seed and step) and
+``meta.json`` (which states the layout). Seed i takes prompt (or class) i mod P; each prompt's conditioning inputs
+are stored once in ``prompts.safetensors`` and referenced by row, so disk grows with the prompts, not with seeds x
+steps. FP samples: set ``a`` (the evaluation seeds) and a disjoint set ``b`` of the same size (the noise floor).
 """
 
 from __future__ import annotations
@@ -103,8 +97,8 @@ class ShardRange:
 
 
 def record_shard(w: Worker, job: ShardRange) -> list[dict[str, Any]]:
-    """Sample the shard's seeds recording every input of the denoiser network, write ``shard-<index>.safetensors``; returns its
-    index rows (one per seed and step)."""
+    """Sample the shard's seeds recording every input of the denoiser network, write ``shard-<index>.safetensors``;
+    returns its index rows (one per seed and step)."""
     xs: list[torch.Tensor] = []
     ts: list[float] = []
 

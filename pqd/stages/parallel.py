@@ -1,21 +1,11 @@
-"""Seed ranges on a Dask cluster (``parallel.*``): the one module that knows Dask.
+"""Seed ranges on a Dask cluster (``parallel.*``): the one module that knows Dask (docs/scaling.md).
 
-The generate and evaluate stages split their seeds into ranges aligned with the serial run's batches (one
-range per ``generate.batch_size`` / ``evaluate.batch_size`` batch, one per ``generate.shard_size`` trajectory
-shard). Sampling already depends only on a sample's seed and on the composition of its batch, so a range
-computes the same floats wherever it runs, given the same torch thread count: each worker sets
-``parallel.threads_per_worker`` threads, and runs one range at a time.
-
-* ``parallel.scheduler: none``: every range runs in the stage's own process, one after the other;
-* ``local``: a ``distributed.LocalCluster`` of ``parallel.workers`` processes on this machine;
-* ``tcp://host:port``: a running scheduler; its workers must see the project folder at the same path.
-
-A worker loads the model once (a per-process cache keyed by the loader, its arguments and the files'
-identity) and writes the range's own files (PNGs, trajectory shards) into the stage's temporary output
-folder under names fixed by the seeds; tensors it returns travel back as safetensors files in a scratch
-folder. A worker that dies mid-range has its range rerun by Dask's scheduler on another worker: the rerun
-rewrites the same names with the same bytes, and the stage takes each range's result exactly once, in
-range order, so a range is never counted twice or left out (:func:`check_complete`).
+The generate and evaluate stages split their seeds into ranges aligned with the serial run's batches, so a range
+computes the same floats wherever it runs, given the same torch thread count (``parallel.threads_per_worker``,
+one range at a time per worker). A worker loads the model once (a per-process cache) and writes the range's
+files into the stage's temporary output folder under names fixed by the seeds; returned tensors travel back as
+safetensors files in a scratch folder. A range rerun after a worker died rewrites the same names with the same
+bytes, and the stage takes each range's result exactly once, in range order (:func:`check_complete`).
 """
 
 from __future__ import annotations
@@ -235,8 +225,7 @@ def check_complete(folder: Path, names: list[str]) -> None:
         raise RuntimeError(f"{folder}: ranges incomplete: missing {missing[:3]}, unexpected {extra[:3]}")
 
 
-# ----------------------------------------------------------------------------------------------
-# the sampling range shared by generate (FP samples) and evaluate (quantized samples)
+# ---- the sampling range shared by generate (FP samples) and evaluate (quantized samples) -----
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,6 @@
-"""``python -m pqd.stages.preflight [params.yaml]``: everything that can be checked before the first stage, in one line.
-
-``make run``'s first step (the Makefile's ``check-params``). It runs the params layer's check
-(:func:`pqd.params.load.check_params_file`: every key, every path, the device) and adds what needs the eval layer,
-which pqd.params may not import: the reference set of ``evaluate.reference`` holds images clean-fid can read, or
-is a ``.npz`` with ``mu`` and ``sigma`` of the extractor's feature size (:mod:`pqd.eval.reference`). A reference
-that a stage makes (a dvc.yaml output, absent before its stage runs) is checked by the evaluate stage, which runs
-the same check before it samples. Exit status 0 when all is well, 2 with one line otherwise; nothing is written.
+"""``python -m pqd.stages.preflight [params.yaml]``: everything that can be checked before the first stage, in one
+line (``make run``'s first step): the params layer's check plus what needs the eval layer, which pqd.params may not
+import (the reference set, :mod:`pqd.eval.reference`; one a stage makes is checked by the evaluate stage).
 """
 
 from __future__ import annotations

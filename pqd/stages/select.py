@@ -1,14 +1,9 @@
-"""select stage: choose the calibration set among the recorded trajectory inputs.
+"""select stage: choose the calibration set among the recorded trajectory inputs (format: pqd.formats.calibset).
 
-Steps: ``select.num_samples`` draws over the normalised step position u = i / (S - 1) (0 = first,
-noisiest step), from a Gaussian N(mu, sigma) truncated to [0, 1] (``gaussian``) or uniform; no step gives
-more samples than there are trajectories. Samples: at each drawn step, ``kcenter`` picks the candidates
-that cover the step's inputs best (greedy k-center on a pooled feature of x_t), ``random`` picks at random,
-``first`` takes the lowest seeds. ``index.parquet`` records every chosen input and why it was chosen.
-Conditioned models with classifier-free guidance: every chosen input enters the calibration set twice, with its
-prompt or class (branch ``cond``) and with the unconditional one (``uncond``: the empty prompt, the null class),
-as the denoiser sees it at inference.
-The set is written in shards of ``select.shard_size`` inputs (format: pqd.formats.calibset).
+``select.num_samples`` draws over the step position u = i / (S - 1) (0 = first, noisiest step), from a Gaussian
+truncated to [0, 1] or uniform, no step giving more samples than there are trajectories; at each drawn step,
+``select.rule`` picks the inputs. With classifier-free guidance every chosen input enters twice, with its prompt
+or class (branch ``cond``) and with the unconditional one (``uncond``), as the denoiser sees it at inference.
 """
 
 from __future__ import annotations
