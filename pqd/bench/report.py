@@ -48,6 +48,8 @@ def write_outputs(lines: list[dict[str, Any]], rows: list[str], out: Path, confi
     plot_summary(summary, out / "bench.png")
     plot_paired(paired, out / "bench_paired.png")
     return md
+
+
 VERDICT_COLOR = {"better": "#2a9d3a", "worse": "#c0392b", NO_DIFFERENCE: "#7f7f7f"}
 
 

@@ -107,6 +107,7 @@ def weight_layers(state: QState) -> dict[str, LayerQParams]:
     """The entries of ``state`` that hold weights (Conv2d/Linear layers), without the matmuls."""
     return {n: lp for n, lp in state.items() if isinstance(lp, LayerQParams)}
 
+
 # Runs the (float, hooked) model over every calibration batch, calling set_group(g) before a batch of group g.
 ForwardAll = Callable[[nn.Module, Callable[[int], None]], None]
 

@@ -188,7 +188,6 @@ def _traced_groups(net: nn.Module, groups: list[int], den: Denoiser) -> list[onn
     return models
 
 
-
 def _externalize(t: onnx.TensorProto, offset: int, length: int) -> None:
     """Point initializer ``t`` at bytes [offset, offset + length) of the shared weights file."""
     name, dtype, dims = t.name, t.data_type, list(t.dims)

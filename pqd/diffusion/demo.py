@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from pqd.diffusion.digits import DigitNet, demo_images, load_digits_tensor
@@ -25,6 +24,8 @@ DIT_HEAD_DIM = 32  # the demo DiT's attention head width: model.dit_width / 32 h
 NUM_CLASSES = 10
 LABEL_DROP = 0.1  # share of training labels replaced by the null class (DiT's classifier-free guidance training)
 NUM_TRAIN_TIMESTEPS = 1000
+
+
 def build_demo_unet(channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1):
     """A diffusers ``UNet2DModel`` for [B, 1, 8, 8] inputs, every level but the last halving the resolution, with
     attention only at the lowest (last down and first up block: the mid block's is off, for the 2-core budget)."""
@@ -111,7 +112,6 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-
 def _label_tables(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
 
@@ -191,11 +191,12 @@ def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[b, 0, rows.view(-1, 8, 1), cols.view(-1, 1, 8)].unsqueeze(1)
 
 
-
 def train_digit_net(images: torch.Tensor, labels: torch.Tensor, *, seed: int, epochs: int,
                     batch_size: int = 64, lr: float = 2e-3, progress: bool = True) -> tuple[DigitNet, float]:
     """Train a DigitNet on a stratified 80% of (images [N, 1, 8, 8] in [-1, 1], labels int64 [N]), all randomness
     from ``seed``; returns the net (eval mode) and its accuracy on the held-out 20%."""
+    from sklearn.model_selection import train_test_split  # here: a second to import, and only read here
+
     idx_train, idx_test = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.2,
                                            stratify=labels.numpy(), random_state=seed)
     x_tr, y_tr = images[idx_train], labels[idx_train]

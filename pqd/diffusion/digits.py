@@ -13,17 +13,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 DIGITS16_HUE_SEED = 0  # the stroke colours of demo:digits16 are part of the data set, not of a model's seed
 
 
+def _sklearn_digits():
+    """scikit-learn's bundled digits (imported here: scikit-learn takes a second to import, and most stage processes
+    never read the digits)."""
+    from sklearn.datasets import load_digits
+
+    return load_digits()
+
+
 def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled digits: images float32 [1797, 1, 8, 8] in [-1, 1], labels int64 [1797]."""
-    d = load_digits()
+    d = _sklearn_digits()
     images = torch.from_numpy(d.images).float().reshape(-1, 1, 8, 8) / 8.0 - 1.0
     return images, torch.from_numpy(d.target).long()
-
 
 
 def digits16_tensor() -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +57,7 @@ def reference_uint8(source: str) -> np.ndarray:
     or [1797, 16, 16, 3] (digits16)."""
     if source == "demo:digits16":
         return (digits16_tensor()[0].permute(0, 2, 3, 1).add(1).mul(255 / 2)).round().to(torch.uint8).numpy()
-    return np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
+    return np.round(_sklearn_digits().images * 255.0 / 16.0).astype(np.uint8)
 
 
 class DigitNet(nn.Module):

@@ -30,7 +30,6 @@ _LAYER_TENSORS = ("weight_scale", "act_scale", "act_zero_point")
 _OUT_TENSORS = ("out_scale", "out_zero_point")
 
 
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 

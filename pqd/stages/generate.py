@@ -29,6 +29,7 @@ from pqd.stages._cli import stage_main
 from pqd.stages.parallel import (SCRATCH, ModelRef, Pool, Worker, check_complete, folder_stamp, map_ranges, open_pool,
                                  ranges, sample_sets)
 
+
 def seeds(kind: str, n: int, params: Params) -> list[int]:
     """The n seeds of set ``kind``: 'a' (evaluation), 'b' (noise floor) or 'calib' (trajectories, from
     generate.calib_seed_base); disjoint ranges (pqd.params checks that the calibration range stays clear)."""

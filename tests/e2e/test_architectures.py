@@ -50,7 +50,7 @@ COUNTS = {"generate": {"steps": 5, "calib_seeds": 4, "eval_samples": 6, "batch_s
 # the user's model is judged by its own numbers (FID and PSNR over the evaluation seeds): more samples, and the
 # default counts otherwise smaller only to fit the test budget
 USER_COUNTS = {"generate": {"steps": 20, "calib_seeds": 16, "eval_samples": 96, "batch_size": 96, "shard_size": 8},
-               "select": {"num_samples": 128}, "calibrate": {"recon_iters": 60}, "evaluate": {"batch_size": 96}}
+               "select": {"num_samples": 128}, "calibrate": {"recon_iters": 20}, "evaluate": {"batch_size": 96}}
 
 
 @dataclass(frozen=True)
