@@ -15,7 +15,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_
 
 import torch  # noqa: E402
 
-# two threads for one test process; one each when pytest-xdist runs two workers side by side (make test)
+# two threads for one test process; one each when pytest-xdist runs workers side by side (make test)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 from pathlib import Path  # noqa: E402
@@ -23,22 +23,30 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from support.models import build_tiny_pipeline, build_torchscript_features  # noqa: E402
+from support.projects import built_once  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+    return built_once(tmp_path_factory, "tiny", lambda d: build_tiny_pipeline(d / "pipe")) / "pipe"
 
 
 @pytest.fixture(scope="session")
 def ts_features(tmp_path_factory) -> Path:
-    return build_torchscript_features(tmp_path_factory.mktemp("feat") / "feat.pt")
+    return built_once(tmp_path_factory, "feat", lambda d: build_torchscript_features(d / "feat.pt")) / "feat.pt"
 
+
+# files without slow tests whose module fixtures take longest (a whole pipeline run, an ONNX export: `make test-fast`
+# with --durations=0), queued right after the files with slow tests so that they do not finish last
+HEAVY_SETUP = {"tests/stages/test_stages.py", "tests/deploy/test_onnx_graphs.py"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """make test runs the files on two processes (pytest-xdist --dist loadfile --no-loadscope-reorder: a file is one
-    unit of work, so its module fixtures are built once, queued in collection order). The files holding slow tests
-    go first, so that the longest work starts first and the fast files fill the gaps at the end."""
+    """make test runs the files on several processes (pytest-xdist --dist loadfile --no-loadscope-reorder: a file is
+    one unit of work, so its module fixtures are built once, queued in collection order). The files holding slow
+    tests go first, then HEAVY_SETUP, so that the longest work starts first and the short files fill the gaps at the
+    end."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable: a file's tests stay together and in order
+    root = config.rootpath
+    # stable: a file's tests stay together and in order
+    items.sort(key=lambda item: (item.path not in slow, item.path.relative_to(root).as_posix() not in HEAVY_SETUP))

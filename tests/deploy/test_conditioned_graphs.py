@@ -20,6 +20,10 @@ from pqd.diffusion.demo import build_demo_dit
 from pqd.diffusion.encoders import ClassLabels
 from support.models import PROMPTS, build_text_pixart, build_text_sd3
 
+# three transformer exports (DiT, PixArt, SD3), about 15 s: make test-fast leaves them out (the stage tests export
+# and run the UNet graphs there; tests/e2e/test_architectures.py runs every architecture deployed)
+pytestmark = pytest.mark.slow
+
 GROUPS = TimeGroups((500.0,))
 
 

@@ -25,6 +25,10 @@ from pqd.diffusion.quantized import load_quantized_net
 from pqd.formats.export import write_export, write_manifest
 from support.models import fit_two_groups, fp_simulated_deployed
 
+# two whole-network ONNX exports (with and without shared grids) in its module fixture: make test-fast
+# leaves it out (tests/deploy/test_onnx_graphs.py keeps the ONNX export in the fast suite)
+pytestmark = pytest.mark.slow
+
 GROUPS = TimeGroups((50.0,))
 
 

@@ -13,8 +13,10 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
+from filelock import FileLock
 
 from pqd.params import integer_codes, params_from_dict
 
@@ -22,7 +24,6 @@ from pqd.params import integer_codes, params_from_dict
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-_BUILT: dict[str, Path] = {}
 # width of the codes of 8-bit weights on this machine with the default quant.reduce_range (auto): 7 on x86 CPUs
 # without VNNI/AMX, 8 elsewhere (pqd.params.machine)
 CODE_BITS_8 = 7 if integer_codes(params_from_dict({})).reduce_range else 8
@@ -152,11 +153,27 @@ def run_stage_mains(params: Path, data: Path) -> Path:
     return data
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """``build(folder)`` once per test run, shared by every pytest-xdist worker (make test runs several): in the
+    run's common temporary folder, under a file lock, so that a second worker waits for the first's build and then
+    reads it. Read what it holds; clone it to change it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 def reproduced_project(tmp_path_factory, tiny_pipeline: Path, features: Path) -> Path:
-    """The committed project with a complete result, built once per session (clone it to change it)."""
-    key = str(tmp_path_factory.getbasetemp())
-    if key not in _BUILT:
-        d = make_project(tmp_path_factory.mktemp("ops") / "project", tiny_pipeline, features)
+    """The committed project with a complete result, built once per test run (clone it to change it)."""
+    def build(folder: Path) -> None:
+        d = make_project(folder / "project", tiny_pipeline, features)
         run_stages_in_process(d)
         # the W4A8 variant, computed once into DVC's run cache: `dvc exp run -S quant.weight_bits=4` in the
         # tests restores it instead of recomputing (the flows' mechanics are under test, not the stages)
@@ -167,8 +184,13 @@ def reproduced_project(tmp_path_factory, tiny_pipeline: Path, features: Path) ->
         sh([str(BIN / "dvc"), "repro", "-q"], d)  # back to W8A8, from the run cache
         sh(["git", "add", "-A"], d)
         sh(["git", "commit", "-qm", "reproduced"], d)
-        _BUILT[key] = d
-    return _BUILT[key]
+        # its MLflow store created (empty; git ignores it): MLflow's two seconds of schema migrations are paid here
+        # once, not by every test that tracks or releases in a clone
+        from pqd.ops import tracking
+
+        tracking.client(d).search_experiments()
+
+    return built_once(tmp_path_factory, "ops", build) / "project"
 
 
 def clone(src: Path, dest: Path) -> Path:
@@ -202,13 +224,11 @@ def run_tags(project: Path, run_id: str) -> dict[str, str]:
 
 
 def demo_reference(tmp_path_factory) -> Path:
-    """The reduced demo reproduced once per session by one uninterrupted `dvc repro` from a clean data/."""
-    key = "demo:" + str(tmp_path_factory.getbasetemp())
-    if key not in _BUILT:
-        d = make_demo_project(tmp_path_factory.mktemp("demo-ref") / "p")
-        sh([str(BIN / "dvc"), "repro"], d, timeout=1200)
-        _BUILT[key] = d
-    return _BUILT[key]
+    """The reduced demo reproduced once per test run by one uninterrupted `dvc repro` from a clean data/."""
+    def build(folder: Path) -> None:
+        sh([str(BIN / "dvc"), "repro"], make_demo_project(folder / "p"), timeout=1200)
+
+    return built_once(tmp_path_factory, "demo-ref", build) / "p"
 
 
 def stage_outputs(project: Path) -> dict[str, str]:
