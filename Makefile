@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 # slowed demo training from ~0.3 s to ~11 s per step when another job held the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test test-fast check-params clean-data bench bench-deploy bench-memory
+.PHONY: setup run test test-fast check-params clean-data bench bench-deploy bench-memory gpu-check
 
 setup: $(STAMP)
 
@@ -65,6 +65,11 @@ bench-deploy: setup check-params
 # peak RSS of calibrate on a full-size CIFAR-10 DDPM UNet (random weights), 1024 calibration inputs
 bench-memory: setup
 	$(BIN)/python -m pqd.bench.memory --samples 1024 --out data/bench/memory.json
+
+# the pipeline on a CUDA GPU against the same seeds on the CPU (CIFAR-10 UNet config, reduced sizes; at most 8 minutes
+# on one GPU); refuses in one line without CUDA
+gpu-check: setup
+	$(BIN)/python -m pqd.bench.gpu --out data/bench/gpu_check.json
 
 clean-data:
 	rm -rf data/model data/trajectories data/samples data/calib data/qstate data/export data/metrics
