@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 # slowed demo training from ~0.3 s to ~11 s per step when another job held the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test test-fast check-params clean-data bench bench-deploy bench-memory gpu-check
+.PHONY: setup run test test-fast check-params clean-data bench bench-deploy bench-memory bench-coverage gpu-check
 
 setup: $(STAMP)
 
@@ -65,6 +65,10 @@ bench-deploy: setup check-params
 # peak RSS of calibrate on a full-size CIFAR-10 DDPM UNet (random weights), 1024 calibration inputs
 bench-memory: setup
 	$(BIN)/python -m pqd.bench.memory --samples 1024 --out data/bench/memory.json
+
+# coverage of the evaluation's bootstrap intervals where the truth is known (Gaussian features, the demo's sample sizes)
+bench-coverage: setup
+	$(BIN)/python -m pqd.bench.coverage --out data/bench/coverage.json
 
 # the pipeline on a CUDA GPU against the same seeds on the CPU (CIFAR-10 UNet config, reduced sizes; at most 8 minutes
 # on one GPU); refuses in one line without CUDA

@@ -74,12 +74,12 @@ class PairedIntervals:
     psnr_mean: Interval
 
 
-def paired_intervals(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
-                     confidence: float, progress=None) -> PairedIntervals:
-    """Intervals of FID(quantized, ref), FID(FP, ref), ΔFID, FID(quantized, FP) and the mean per-image PSNR, from
-    ``resamples`` draws of the N seeds. quant, fp: features [N, D], row i from seed i of both; ref: (mean,
-    covariance); psnr [N]: quantized image i against FP image i. ``progress`` wraps the resample loop (e.g. tqdm).
-    """
+def paired_resamples(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
+                     progress=None) -> np.ndarray:
+    """FID(quantized, ref), FID(FP, ref), ΔFID, FID(quantized, FP) and the mean per-image PSNR of each of
+    ``resamples`` draws of the N seeds: float64 [resamples, 5]. quant, fp: features [N, D], row i from seed i of
+    both; ref: (mean, covariance); psnr [N]: quantized image i against FP image i. ``progress`` wraps the resample
+    loop (e.g. tqdm)."""
     quant, fp, psnr = (np.asarray(x, dtype=np.float64) for x in (quant, fp, psnr))
     if not (len(quant) == len(fp) == len(psnr)):
         raise ValueError(f"paired sets differ in size: {len(quant)} quantized, {len(fp)} FP, {len(psnr)} PSNR values")
@@ -92,4 +92,11 @@ def paired_intervals(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.nda
             q, f = stats(quant[idx]), stats(fp[idx])
             fid_q, fid_f = _frechet(q, ref, ref_sqrt), _frechet(f, ref, ref_sqrt)
             out[b] = (fid_q, fid_f, fid_q - fid_f, frechet(q, f), psnr[idx].mean())
+    return out
+
+
+def paired_intervals(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
+                     confidence: float, progress=None) -> PairedIntervals:
+    """Percentile intervals of the five paired statistics of :func:`paired_resamples`."""
+    out = paired_resamples(quant, fp, ref, psnr, resamples=resamples, seed=seed, progress=progress)
     return PairedIntervals(*(percentile_interval(out[:, k], confidence) for k in range(5)))
