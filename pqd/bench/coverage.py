@@ -18,16 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from pqd.errors import command
-from pqd.eval.bootstrap import Stats, frechet, paired_resamples, percentile_interval, stats
+from pqd.eval.bootstrap import PairedIntervals, Stats, frechet, paired_resamples, percentile_interval, stats
 from pqd.formats.metrics import Interval
 
-STATISTICS = ("fid_quant_vs_ref", "fid_fp_vs_ref", "delta_fid", "fid_quant_vs_fp")  # columns 0-3 of the resamples
+# the FIDs and ΔFID: the first four columns of paired_resamples, named as PairedIntervals names them
+STATISTICS = tuple(f.name for f in fields(PairedIntervals))[:4]
 
 
 def populations(dim: int, seed: int, ref_fid: float, quant_fid: float) -> tuple[Stats, Stats, Stats, np.ndarray]:

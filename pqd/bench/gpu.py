@@ -26,6 +26,7 @@ import yaml
 
 from pqd.bench.memory import build_model
 from pqd.deploy.onnx import ONNX_DIR, graph_file
+from pqd.deploy.runtime import session_options
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.quantized import load_denoiser_from_export
 from pqd.errors import InputError, command
@@ -82,7 +83,7 @@ def ort_providers(export_dir: Path, x: torch.Tensor) -> dict[str, object]:
     feed = {"sample": x.numpy(), "timestep": t.numpy()}
     out = {}
     for p in ("CPUExecutionProvider", "CUDAExecutionProvider"):
-        s = ort.InferenceSession(graph, providers=[p])
+        s = ort.InferenceSession(graph, session_options(), providers=[p])
         s.run(None, feed)  # warm-up
         t0 = time.perf_counter()
         out[p] = torch.from_numpy(s.run(None, feed)[0])
