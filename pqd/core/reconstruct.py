@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, MutableSequence, Sequence
 
@@ -278,7 +279,9 @@ def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchR
         layers_rel = quant_layers(q_unit)  # {"": q_unit} when the unit is a single layer
         # the float weights the codes stand for (a balanced layer's codes quantize weight x smooth)
         weights = {nm: q.folded(fp_unit.get_submodule(nm).weight.detach()) for nm, q in layers_rel.items()}
+        t0 = time.perf_counter()
         entry = reconstruct_unit(q_unit, weights, batches, cfg, gen)
+        entry["seconds"] = time.perf_counter() - t0
         if not math.isfinite(entry["mse_before"]):
             raise NumericalError(f"reconstruction unit {unit}: the quantized unit's output is non-finite on the "
                                  f"calibration inputs (time groups {sorted(set(groups))})")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pqd.core.affine import dequantize
 from pqd.core.quantize import qstate_of, weight_layers
 from pqd.core.timegroups import TimeGroups
-from pqd.core.modules import quantizable_layers
+from pqd.core.modules import quant_layers, quantizable_layers
 from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
 from pqd.diffusion.qconfig import calibrate_network, recon_config
@@ -52,9 +52,11 @@ def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batch
 
 
 def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int | None = None,
-        output_check: bool = True) -> CalibrateMetrics:
+        output_check: bool = True, unit_log: list[dict[str, Any]] | None = None) -> CalibrateMetrics:
     """Benchmarks only: ``largest_units`` reconstructs just the N units with the largest recordings;
-    ``output_check=False`` skips the final FP-vs-quantized output comparison (two more passes over the set)."""
+    ``output_check=False`` skips the final FP-vs-quantized output comparison (two more passes over the set);
+    ``unit_log`` receives each reconstructed unit's log entry with its ``seconds``, ``parameters`` (of its
+    quantized layers' weights) and ``io_bytes`` (its recorded inputs + FP outputs over the whole set)."""
     device = resolve_device(params)
     c = params.calibrate
     data = CalibSet(calib)  # checks the calibration set before the model is loaded
@@ -100,6 +102,10 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
                                           recon_config(params), seed=c.seed,
                                           store=store_factory(Path(spill), size, c.memory_mb * 2**20))
         on_disk = sum(1 for u in units if size[u] > c.memory_mb * 2**20)
+        if unit_log is not None:
+            unit_log.extend({**r, "parameters": sum(q.weight_int.numel() for q in quant_layers(
+                qden.net.get_submodule(r["unit"])).values()), "io_bytes": size[r["unit"]]} for r in recon_log)
+        recon_log = [{k: v for k, v in r.items() if k != "seconds"} for r in recon_log]  # outputs stay byte-stable
         state = qstate_of(qden.net)
         t_recon = time.perf_counter() - t0
     else:
