@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 # slowed demo training from ~0.3 s to ~11 s per step when another job held the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test test-fast check-params clean-data bench bench-deploy bench-memory bench-coverage gpu-check
+.PHONY: setup run test test-fast check-params clean-data bench bench-deploy bench-memory bench-coverage bench-parallel gpu-check
 
 setup: $(STAMP)
 
@@ -65,6 +65,13 @@ bench-deploy: setup check-params
 # peak RSS of calibrate on a full-size CIFAR-10 DDPM UNet (random weights), 1024 calibration inputs
 bench-memory: setup
 	$(BIN)/python -m pqd.bench.memory --samples 1024 --out data/bench/memory.json
+
+# Dask against serial on this machine: generate, a sweep, per-task overhead, and sharded block reconstruction (serial,
+# a LocalCluster and separate scheduler + worker processes); the model and calibration set come from `dvc repro select`
+BENCH_PARALLEL_ARGS ?= --calibrate-set calibrate.recon_iters=100
+bench-parallel: setup check-params
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro select
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pqd.bench.parallel --out data/bench/parallel.md $(BENCH_PARALLEL_ARGS)
 
 # coverage of the evaluation's bootstrap intervals where the truth is known (Gaussian features, the demo's sample sizes)
 bench-coverage: setup

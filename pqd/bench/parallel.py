@@ -1,9 +1,10 @@
-"""``make bench-parallel``: what Dask buys on this machine, three measurements side by side.
+"""``make bench-parallel``: what Dask buys on this machine, four measurements side by side.
 
 1. **generate**: the generate stage's real command line with ``parallel.scheduler: none`` (default threads, and 1)
    against ``local`` (``--workers`` x 1 thread): wall and stage seconds, and whether the outputs are byte-identical;
 2. **sweep**: the same 2x2 sweep serial and on a LocalCluster, each in a fresh clone that computes every cell;
-3. **overhead**: Dask's cost per range task (an empty one, and one returning a batch of images), after a warm-up.
+3. **overhead**: Dask's cost per range task (an empty one, and one returning a batch of images), after a warm-up;
+4. **calibrate**: sharded block reconstruction (:func:`bench_calibrate`), serial against Dask workers.
 
 Run it where dvc.lock is committed and the cache holds the model and generate outputs (the sweeps clone HEAD).
 Writes ``--out`` (markdown) and a JSON beside it; after a failure its work folder is kept for the logs.
@@ -12,15 +13,17 @@ Writes ``--out`` (markdown) and a JSON beside it; after a failure its work folde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -67,6 +70,78 @@ def bench_generate(root: Path, work: Path, workers: int, overrides: list[str]) -
                      "torch_threads": m["parallel"]["threads_per_worker"]})
     for i, row in enumerate(rows):
         row["same_bytes_as_1_thread"] = "-" if i == 1 else hashes[i] == hashes[1]
+    return rows
+
+
+@contextlib.contextmanager
+def tcp_cluster(workers: int, work: Path) -> Iterator[str]:
+    """A Dask cluster on loopback as a team would run one: ``dask scheduler`` and ``workers`` ``dask worker``
+    processes of 1 thread (separate processes, started here, stopped afterwards); yields the scheduler address."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    log = open(work / "cluster.log", "a")
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], stdout=log, stderr=subprocess.STDOUT)]
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:  # the scheduler answers before the workers start
+            procs += [subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                        "--name", str(i), "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT)
+                      for i in range(workers)]
+            client.wait_for_workers(workers, timeout=120)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_calibrate(root: Path, work: Path, workers: int, overrides: list[str]) -> list[dict[str, Any]]:
+    """The calibrate stage's real command line on ``root``'s data/model and data/calib: the sequential method and
+    the two concurrent variants (FP inputs; waves of ``workers`` units), each serial and on ``workers`` Dask
+    workers (a LocalCluster, and separate scheduler + worker processes on loopback); rows of the table."""
+    base = apply_overrides(yaml.safe_load((root / "params.yaml").read_text()), overrides)
+    local = {"scheduler": "local", "workers": workers, "threads_per_worker": 1}
+    variants = [("sequential (quantized inputs, wave 1)", {}),
+                ("FP inputs", {"recon_inputs": "float"}),
+                (f"quantized inputs, waves of {workers}", {"recon_wave": workers})]
+    rows = []
+    for vi, (variant, calib) in enumerate(variants):
+        runs = [("none, default threads", {"scheduler": "none"}, {}),
+                ("none, 1 thread", {"scheduler": "none"}, {"OMP_NUM_THREADS": "1"})]
+        if vi > 0:
+            runs += [(f"local, {workers} workers x 1 thread", local, {}),
+                     (f"tcp, {workers} worker processes x 1 thread", {"scheduler": "tcp"}, {})]
+        hashes = {}
+        for ri, (name, par, env) in enumerate(runs):
+            d = work / f"calibrate-{vi}-{ri}"
+            d.mkdir(parents=True)
+            cmd = [str(BIN / "python"), "-m", "pqd.stages.calibrate", "--params", str(d / "params.yaml"),
+                   "--model", str(root / "data/model"), "--calib", str(root / "data/calib"), "--out", str(d / "qstate"),
+                   "--metrics", str(d / "metrics.json")]
+            params = {**base, "calibrate": {**base["calibrate"], **calib},
+                      "checkpoint": {**base.get("checkpoint", {}), "dir": str(d / "checkpoints")}}
+            with contextlib.ExitStack() as stack:
+                if par["scheduler"] == "tcp":
+                    par = {**local, "scheduler": stack.enter_context(tcp_cluster(workers, d))}
+                (d / "params.yaml").write_text(yaml.safe_dump({**params, "parallel": par}, sort_keys=False))
+                wall = _run(cmd, d, _env(**env))
+            m = json.loads((d / "metrics.json").read_text())
+            hashes[ri] = dvc_dir_md5(d / "qstate")
+            rows.append({"variant": variant, "run": name, "wall_s": wall, "stage_s": m["seconds"],
+                         "reconstruction_s": m["reconstruction_seconds"], "output_mse": f"{m['output_mse']:.6g}",
+                         "units": m["reconstructed_units"]})
+        for ri, r in enumerate(rows[-len(runs):]):
+            r["same_bytes_as_1_thread"] = "-" if ri == 1 else hashes[ri] == hashes[1]
     return rows
 
 
@@ -140,11 +215,12 @@ def _md(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pqd.bench.parallel", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/bench/parallel.md")
-    ap.add_argument("--parts", default="generate,sweep,overhead")
+    ap.add_argument("--parts", default="generate,sweep,overhead,calibrate")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tasks", type=int, default=200, help="overhead: tasks per measurement")
     ap.add_argument("--generate-set", action="append", default=[], metavar="KEY=VALUE", help="generate: an override")
     ap.add_argument("--sweep-set", action="append", default=[], metavar="KEY=VALUE", help="sweep: an override per cell")
+    ap.add_argument("--calibrate-set", action="append", default=[], metavar="KEY=VALUE", help="calibrate: an override")
     args = ap.parse_args(argv)
     root, parts = Path(".").resolve(), args.parts.split(",")
     work = Path(tempfile.mkdtemp(prefix="pqd-bench-parallel-"))
@@ -156,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         result["sweep"] = bench_sweep(root, work, args.workers, args.sweep_set)
     if "overhead" in parts:
         result["overhead"] = bench_overhead(work, args.workers, args.tasks)
+    if "calibrate" in parts:
+        result["calibrate"] = bench_calibrate(root, work, args.workers, args.calibrate_set)
     shutil.rmtree(work, ignore_errors=True)  # kept after a failure: its bench.log files say why
     lines = [f"# make bench-parallel at commit {str(result['commit'])[:12]}", "",
              f"{result['cpus']} CPUs, default torch threads {result['default_torch_threads']}, "
              f"{args.workers} Dask workers x 1 thread.", ""]
-    for part in ("generate", "sweep", "overhead"):
+    for part in ("generate", "sweep", "overhead", "calibrate"):
         if part in result:
             lines += [f"## {part}", "", _md(result[part]), ""]
     if "generate" in result:

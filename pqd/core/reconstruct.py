@@ -7,7 +7,10 @@ plus the AdaRound regulariser, each activation kept in float at random with prob
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import copy
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -258,33 +261,128 @@ def _capture(model: nn.Module, unit: str, run: BatchRunner, n_batches: int, grou
     return got
 
 
+@dataclass
+class UnitJob:
+    """One unit's reconstruction, self-contained (it can travel to another process): a copy of the quantized
+    unit, its layers' float weights, its recorded calls, the config and its own seed."""
+
+    unit: str
+    module: nn.Module
+    weights: dict[str, torch.Tensor]
+    batches: Sequence[UnitBatch]
+    cfg: ReconConfig
+    seed: int
+
+
+# a finished unit: its state (state_dict of the quantized unit) and its log entry
+UnitResult = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def unit_seed(seed: int, unit: str) -> int:
+    """The seed of one unit's batch sampling and QDrop masks: fixed by (seed, unit name), so a unit draws the same
+    numbers whichever units ran before it, in whatever process."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{unit}".encode()).digest()[:8], "little") >> 1
+
+
+def run_unit(job: UnitJob, device: str | None = None) -> UnitResult:
+    """Reconstruct ``job``'s unit (on ``device``, default where it is) and return its state and log entry."""
+    unit = job.module if device is None else job.module.to(device)
+    move = (lambda v: v) if device is None else (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+    batches: Sequence[UnitBatch] = job.batches if device is None else [
+        UnitBatch(tuple(move(a) for a in b.args), {k: move(v) for k, v in b.kwargs.items()}, move(b.target), b.group)
+        for b in job.batches]
+    weights = {k: move(w) for k, w in job.weights.items()}
+    t0 = time.perf_counter()
+    entry = reconstruct_unit(unit, weights, batches, job.cfg, torch.Generator().manual_seed(job.seed))
+    entry["seconds"] = time.perf_counter() - t0
+    return {k: v.detach().cpu() for k, v in unit.state_dict().items()}, entry
+
+
+class _Inline:
+    """The executor of a serial run: ``submit`` runs the job at once in this process."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_result(fn(*args))
+        return fut
+
+
+def waves(order: list[str], inputs: str, wave: int) -> list[list[str]]:
+    """The units (in forward order) grouped into waves whose inputs are recorded before any of them is reconstructed:
+    with ``inputs='float'`` one wave (every unit learns from the FP model's inputs), with ``'quantized'`` runs of
+    ``wave`` consecutive units (1: each unit sees every unit before it reconstructed, the sequential method)."""
+    if inputs == "float":
+        return [order]
+    return [order[i:i + wave] for i in range(0, len(order), wave)]
+
+
 def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchRunner, groups: list[int],
                       cfg: ReconConfig, seed: int = 0, progress: bool = True,
-                      store: StoreFactory = lambda _unit, _kind: []) -> list[dict[str, Any]]:
-    """Reconstruct every unit of the quantized model ``q`` in forward order against the float model ``fp``.
+                      store: StoreFactory = lambda _unit, _kind: [], *, inputs: str = "quantized", wave: int = 1,
+                      saved: Callable[[str], UnitResult | None] = lambda _u: None,
+                      finished: Callable[[str, UnitResult], None] = lambda _u, _r: None,
+                      executor: Any = None, concurrency: int = 1) -> list[dict[str, Any]]:
+    """Reconstruct every unit of the quantized model ``q`` against the float model ``fp``, wave by wave
+    (:func:`waves`).
 
-    Each unit learns from the inputs the partly reconstructed ``q`` feeds it and the outputs ``fp``'s unit gives
-    on ``fp``'s own inputs. ``groups[i]``: the time group of calibration batch i. A unit's recordings go to
-    ``store(unit, 'out' | 'in')`` and are released before the next unit's. Returns one log entry per unit.
+    A unit learns from its inputs as ``q`` (``inputs='quantized'``: with every earlier wave reconstructed) or ``fp``
+    (``'float'``) feeds them, and the outputs ``fp``'s unit gives on ``fp``'s own inputs. ``groups[i]``: the time
+    group of calibration batch i. A unit's recordings go to ``store(unit, 'out' | 'in')`` and are released when its
+    job is done. ``saved(unit)`` returns a unit's result from an earlier run (then it is not recomputed);
+    ``finished(unit, result)`` gets each new result as it arrives. Jobs go to ``executor.submit(run_unit, job)``
+    (default: this process, one at a time), at most ``concurrency`` in flight; a wave's results are loaded into
+    ``q`` in forward order once all of them are in. Returns one log entry per unit, in forward order.
     """
     from tqdm.auto import tqdm
 
-    gen = torch.Generator().manual_seed(seed)
+    if inputs not in ("quantized", "float") or wave < 1:
+        raise ValueError(f"reconstruction inputs {inputs!r} / wave {wave}: expected 'quantized' or 'float', wave >= 1")
+    remote = executor is not None
+    executor = executor or _Inline()
     n = len(groups)
-    log = []
-    for unit in tqdm(forward_order(fp, units, run), desc="block reconstruction", disable=not progress):
-        batches = RecordedBatches(_capture(q, unit, run, n, groups, "in", store(unit, "in")),
-                                  _capture(fp, unit, run, n, [0] * n, "out", store(unit, "out")), groups)
-        q_unit, fp_unit = q.get_submodule(unit), fp.get_submodule(unit)
-        layers_rel = quant_layers(q_unit)  # {"": q_unit} when the unit is a single layer
-        # the float weights the codes stand for (a balanced layer's codes quantize weight x smooth)
-        weights = {nm: q.folded(fp_unit.get_submodule(nm).weight.detach()) for nm, q in layers_rel.items()}
-        t0 = time.perf_counter()
-        entry = reconstruct_unit(q_unit, weights, batches, cfg, gen)
-        entry["seconds"] = time.perf_counter() - t0
-        if not math.isfinite(entry["mse_before"]):
-            raise NumericalError(f"reconstruction unit {unit}: the quantized unit's output is non-finite on the "
-                                 f"calibration inputs (time groups {sorted(set(groups))})")
-        log.append({"unit": unit, "layers": len(layers_rel), **entry})
-        del batches  # this unit's recordings go before the next unit's are made
-    return log
+    order = forward_order(fp, units, run)
+    log: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(order), desc="block reconstruction", disable=not progress) as bar:
+        for group in waves(order, inputs, wave):
+            results: dict[str, UnitResult] = {}
+            pending: dict[str, concurrent.futures.Future] = {}
+
+            def collect(block: bool) -> None:
+                while pending and (block or len(pending) >= concurrency):
+                    done = next((u for u, f in pending.items() if f.done()), None)
+                    if done is None:
+                        concurrent.futures.wait(list(pending.values()), return_when=concurrent.futures.FIRST_COMPLETED)
+                        continue
+                    results[done] = pending.pop(done).result()
+                    if not math.isfinite(results[done][1]["mse_before"]):
+                        raise NumericalError(f"reconstruction unit {done}: the quantized unit's output is non-finite "
+                                             f"on the calibration inputs (time groups {sorted(set(groups))})")
+                    finished(done, results[done])
+                    bar.update()
+
+            for unit in group:
+                prior = saved(unit)
+                if prior is not None:
+                    results[unit] = prior
+                    bar.update()
+                    continue
+                src = q if inputs == "quantized" else fp
+                batches: Sequence[UnitBatch] = RecordedBatches(
+                    _capture(src, unit, run, n, groups if src is q else [0] * n, "in", store(unit, "in")),
+                    _capture(fp, unit, run, n, [0] * n, "out", store(unit, "out")), groups)
+                q_unit, fp_unit = q.get_submodule(unit), fp.get_submodule(unit)
+                # the float weights the codes stand for (a balanced layer's codes quantize weight x smooth)
+                weights = {nm: ql.folded(fp_unit.get_submodule(nm).weight.detach())
+                           for nm, ql in quant_layers(q_unit).items()}
+                if remote:  # the recordings travel with the job (a store's files stay on this machine)
+                    batches = list(batches)
+                collect(block=False)
+                pending[unit] = executor.submit(run_unit, UnitJob(unit, copy.deepcopy(q_unit), weights, batches, cfg,
+                                                                  unit_seed(seed, unit)))
+                del batches  # this unit's recordings go with its job
+            collect(block=True)
+            for unit in group:  # the wave's results enter q together, in forward order
+                state, entry = results[unit]
+                q.get_submodule(unit).load_state_dict(state)
+                log[unit] = {"unit": unit, "layers": len(quant_layers(q.get_submodule(unit))), **entry}
+    return [log[u] for u in order]

@@ -90,17 +90,19 @@ class Calibration:
 
 
 def calibrate_network(params: Params, den: Denoiser, codes: IntegerCodes, forward_all: ForwardAll,
-                      run_once: Callable[[nn.Module], object]) -> Calibration:
+                      run_once: Callable[[nn.Module], object],
+                      fitted: Callable[[Callable[[], QState]], QState] = lambda fit: fit()) -> Calibration:
     """The product's calibration recipe (without reconstruction), on a copy of ``den``'s network: attention's
     matmuls, then the glue sites (the export loader's order); the shared grids found in ``run_once`` (one forward
     pass of the network it is given); every quantizer fitted over ``forward_all`` (the calibration set), then the
-    shared grids agreed."""
+    shared grids agreed. ``fitted(fit)`` returns the fitted state: ``fit()``'s, or the same kept from an earlier
+    run (the calibrate stage's checkpoint)."""
     work = dataclasses.replace(den, net=copy.deepcopy(den.net))
     attention = install_attention(params, work)
     glue = install_glue(params, work)
     cfg = quant_config(params, work, attention, codes)
     shared = shared_groups(params, work, cfg, run_once)
-    state, shared = share_qparams(fit_qstate(work.net, forward_all, cfg), shared)
+    state, shared = share_qparams(fitted(lambda: fit_qstate(work.net, forward_all, cfg)), shared)
     return Calibration(work.net, state, cfg, shared, glue, attention)
 
 

@@ -72,6 +72,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "calibrate.round_weight": (lambda v: v >= 0, "a number >= 0"),
     "calibrate.act_samples": (lambda v: v >= 1000, "an integer >= 1000"),
     "calibrate.memory_mb": (lambda v: v >= 0, "an integer >= 0 (0: every unit's recordings on disk)"),
+    "calibrate.recon_wave": (lambda v: v >= 1, "an integer >= 1 (1: each unit after the one before it)"),
+    "checkpoint.keep_mb": (lambda v: v >= 0, "an integer >= 0 (0: remove a completed stage's checkpoint)"),
     "evaluate.features": (lambda v: v in ("demo:digits", "inception") or v.startswith(("inception:", "torchscript:")),
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),
     "evaluate.batch_size": (lambda v: v >= 1, "an integer >= 1"),

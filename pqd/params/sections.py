@@ -115,6 +115,8 @@ class CalibrateParams:
     lr_act: float = 1e-3
     round_weight: float = 0.01
     memory_mb: int = 1024  # a reconstruction unit whose recordings (inputs + FP outputs) exceed this keeps them on disk
+    recon_inputs: Literal["quantized", "float"] = "quantized"  # whose inputs a unit learns from: the quantized or FP model's
+    recon_wave: int = 1  # quantized inputs: consecutive units recorded together, then reconstructed concurrently
     seed: int = 0  # reconstruction: batch sampling and QDrop masks (seeded generators, never the global RNG)
 
 
@@ -153,12 +155,22 @@ class ReleaseParams:
 
 @dataclass(frozen=True)
 class ParallelParams:
-    """Where the generate and evaluate stages sample (``parallel.*``): in the stage's process, or seed ranges on
-    a Dask cluster. Results do not depend on it (same images, same bytes), so no stage lists it in dvc.yaml."""
+    """Where the generate and evaluate stages sample and calibrate reconstructs units (``parallel.*``): in the
+    stage's process, or as tasks on a Dask cluster. Results do not depend on it (same bytes at the same torch
+    thread count), so no stage lists it in dvc.yaml."""
 
     scheduler: str = "none"  # none | local (a LocalCluster of `workers`) | tcp://host:port of a running scheduler
     workers: int = 2  # local: worker processes (one per GPU on a multi-GPU box)
     threads_per_worker: int = 1  # torch threads of each worker, which runs one seed range at a time
+
+
+@dataclass(frozen=True)
+class CheckpointParams:
+    """Where calibrate keeps each finished reconstruction unit, so a killed run resumes (``checkpoint.*``).
+    Results do not depend on it (a resumed run writes the same bytes), so no stage lists it in dvc.yaml."""
+
+    dir: str | None = ".pqd/checkpoints"  # relative to the project root; null: no checkpoints
+    keep_mb: int = 0  # after a completed stage: 0 removes its checkpoint; N keeps recent ones up to N MB in all
 
 
 @dataclass(frozen=True)
@@ -173,3 +185,4 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     release: ReleaseParams = field(default_factory=ReleaseParams)
     parallel: ParallelParams = field(default_factory=ParallelParams)
+    checkpoint: CheckpointParams = field(default_factory=CheckpointParams)

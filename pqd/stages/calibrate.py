@@ -21,18 +21,20 @@ from pqd.core.affine import dequantize
 from pqd.core.quantize import qstate_of, weight_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quant_layers, quantizable_layers
-from pqd.core.reconstruct import reconstruct_model, unit_io_bytes
+from pqd.core.reconstruct import UnitResult, reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
 from pqd.diffusion.qconfig import calibrate_network, recon_config
 from pqd.diffusion.sampling import checked_predict
 from pqd.errors import InputError, NumericalError
 from pqd.formats import qstate as qcodec
 from pqd.formats.calibset import CalibSet
+from pqd.formats.checkpoint import UnitCheckpoint, calibrate_key
 from pqd.formats.files import atomic_dir
 from pqd.formats.metrics import CalibrateMetrics
 from pqd.formats.spill import store_factory
 from pqd.params import Params, integer_codes, resolve_device
 from pqd.stages._cli import stage_main
+from pqd.stages.parallel import UnitExecutor, open_pool
 
 
 # one calibration batch: x [B, C, H, W], t [B], the conditioning inputs by name (conditioned models) or None
@@ -51,6 +53,25 @@ def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batch
     return se / n
 
 
+def resume(ckpt: UnitCheckpoint) -> Callable[[str], UnitResult | None]:
+    """``reconstruct_model``'s ``saved``: units from the checkpoint, announcing the first unit recomputed."""
+    done = ckpt.units()
+    if done:
+        print(f"pqd calibrate: checkpoint {ckpt.folder} holds {len(done)} finished units", flush=True)
+    announced = False
+
+    def saved(unit: str) -> UnitResult | None:
+        nonlocal announced
+        result = ckpt.load(unit)
+        if result is None and done and not announced:
+            print(f"pqd calibrate: resuming: units before {unit} come from the checkpoint; recomputing from unit "
+                  f"{unit}", flush=True)
+            announced = True
+        return result
+
+    return saved
+
+
 def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int | None = None,
         output_check: bool = True, unit_log: list[dict[str, Any]] | None = None) -> CalibrateMetrics:
     """Benchmarks only: ``largest_units`` reconstructs just the N units with the largest recordings;
@@ -67,6 +88,12 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
+    ckpt = None
+    if c.reconstruct and params.checkpoint.dir is not None:  # without reconstruction there is little to resume
+        key, what = calibrate_key(model, calib, {
+            "device": device, "quant": dataclasses.asdict(params.quant), "calibrate": dataclasses.asdict(c),
+            "integer_codes": codes.as_dict(), "largest_units": largest_units})
+        ckpt = UnitCheckpoint(Path(params.checkpoint.dir), key, what)
 
     def fetch(i: int) -> Batch:
         """Calibration batch i, read from the shards on disk (never the whole set in memory)."""
@@ -82,7 +109,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
     t0 = time.perf_counter()
-    fit = calibrate_network(params, den, codes, forward_all, lambda m: den.call(m, *fetch(0)))
+    fit = calibrate_network(params, den, codes, forward_all, lambda m: den.call(m, *fetch(0)),
+                            **({"fitted": ckpt.fitted(groups)} if ckpt else {}))
     t_fit = time.perf_counter() - t0
     # the float reference from here on: the network as calibration observed it (attention matmuls, glue sites)
     den = dataclasses.replace(den, net=fit.net)
@@ -97,10 +125,19 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         size = {u: b * len(data) // (plan[0][1] - plan[0][0]) for u, b in unit_io_bytes(den.net, units, runner).items()}
         if largest_units:
             units = sorted(units, key=lambda u: -size[u])[:largest_units]
-        with tempfile.TemporaryDirectory(prefix=".pqd-recordings-", dir=out.parent) as spill:
+        with tempfile.TemporaryDirectory(prefix=".pqd-recordings-", dir=out.parent) as spill, \
+                open_pool(params.parallel, "calibrate") as pool:
+            executor = None if pool.client is None else UnitExecutor(pool, device)
+            if executor is not None and c.recon_inputs == "quantized" and c.recon_wave == 1:
+                print("pqd calibrate: calibrate.recon_wave is 1, so one unit at a time runs on the cluster (set "
+                      "calibrate.recon_wave > 1 or calibrate.recon_inputs: float to reconstruct units concurrently)")
             recon_log = reconstruct_model(den.net, qden.net, units, runner, [b[2] for b in plan],
                                           recon_config(params), seed=c.seed,
-                                          store=store_factory(Path(spill), size, c.memory_mb * 2**20))
+                                          store=store_factory(Path(spill), size, c.memory_mb * 2**20),
+                                          inputs=c.recon_inputs, wave=c.recon_wave,
+                                          saved=resume(ckpt) if ckpt else lambda _u: None,
+                                          finished=ckpt.save if ckpt else lambda _u, _r: None,
+                                          executor=executor, concurrency=pool.info.workers)
         on_disk = sum(1 for u in units if size[u] > c.memory_mb * 2**20)
         if unit_log is not None:
             unit_log.extend({**r, "parameters": sum(q.weight_int.numel() for q in quant_layers(
@@ -138,6 +175,8 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
         errs.to_csv(tmp / "layer_errors.csv", index=False)
         pd.DataFrame(recon_log or [{"unit": "", "layers": 0, "mse_before": 0.0, "mse_after": 0.0}]).to_csv(
             tmp / "reconstruction.csv", index=False)
+    if ckpt is not None:
+        ckpt.close(params.checkpoint.keep_mb)
     improved = [r for r in recon_log if r["mse_after"] < r["mse_before"]]
     return CalibrateMetrics(method=c.method, layers=len(weighted), output_quantized_layers=len(cfg.output_layers),
                             attention_matmuls=len(attention), smoothed_layers=len(cfg.smooth) or None,

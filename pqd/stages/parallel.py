@@ -206,6 +206,22 @@ def map_ranges(pool: Pool, fn: Callable[[Worker, Any], Any], ref: ModelRef, jobs
         return results
 
 
+class UnitExecutor:
+    """Reconstruction units on the pool's Dask workers (:func:`pqd.core.reconstruct.reconstruct_model`'s
+    ``executor``): each job runs with ``parallel.threads_per_worker`` torch threads on the worker's device."""
+
+    def __init__(self, pool: Pool, device: str) -> None:
+        self.inner, self.threads, self.device = pool.client.get_executor(pure=False), pool.info.threads_per_worker, device
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.inner.submit(_run_unit_remote, fn, self.threads, self.device, *args)
+
+
+def _run_unit_remote(fn: Callable[..., Any], threads: int, device: str, *args: Any) -> Any:
+    torch.set_num_threads(threads)
+    return fn(*args, device=worker_device(device))
+
+
 def ranges(seeds: list[int], size: int) -> list[tuple[int, int]]:
     """(start, end) of consecutive ranges of ``size`` seeds: the serial run's batches."""
     return [(s, min(s + size, len(seeds))) for s in range(0, len(seeds), size)]

@@ -1,4 +1,6 @@
+import concurrent.futures
 import copy
+import multiprocessing
 
 import pytest
 import torch
@@ -148,3 +150,82 @@ def test_zero_iterations_leave_the_unit_exactly_as_fitted():
     quantizers = [a for a in q.modules() if isinstance(a, ActQuantizer)]
     assert all(not a.scale.requires_grad for a in quantizers)
     assert all(torch.equal(a.scale, s) for a, s in zip(quantizers, steps))
+
+
+class Chain(nn.Module):
+    """Four quantizable units in a row: enough for waves and a resume part-way."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(3, 8, 1)
+        self.b1, self.b2 = Block(), Block()
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.out(self.b2(self.b1(self.inp(x))))
+
+
+UNITS = ["inp", "b1", "b2", "out"]
+
+
+def chain_setup():
+    torch.manual_seed(0)
+    fp = Chain()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(16, 3, 6, 6, generator=g) for _ in range(2)]
+    state = fit_qstate(fp, lambda m, sg: [m(x) for x in xs], QuantConfig(weight_bits=4))
+    return fp, apply_qstate(copy.deepcopy(fp), state), (lambda m, i: m(xs[i]))
+
+
+def recon(fp, q, run, **kw):
+    return reconstruct_model(fp, q, UNITS, run, [0, 0], ReconConfig(iters=40, batch_size=8), seed=5, progress=False,
+                             **kw)
+
+
+def same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def strip(log):
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in log]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_stopped_part_way_resumes_from_its_finished_units_to_the_same_bytes():
+    fp, q_ref, run = chain_setup()
+    ref_log = recon(fp, q_ref, run)
+    kept = {}
+
+    def finished(unit, result):  # the checkpoint a killed run leaves: the units finished before it died
+        kept[unit] = result
+        if len(kept) == 2:
+            raise Killed
+
+    _, q1, _ = chain_setup()
+    with pytest.raises(Killed):
+        recon(fp, q1, run, finished=finished)
+    assert list(kept) == ["inp", "b1"]
+    fresh = []
+    _, q2, _ = chain_setup()
+    log = recon(fp, q2, run, saved=kept.get, finished=lambda u, r: fresh.append(u))
+    assert fresh == ["b2", "out"]  # only the units not finished before are computed
+    assert same_state(q2, q_ref) and strip(log) == strip(ref_log)
+
+
+def test_units_run_in_another_process_give_the_same_bytes_as_in_this_one():
+    """Waves of two units: recorded together, reconstructed concurrently on a process pool, loaded in forward
+    order; and the FP-input variant, where every unit is independent."""
+    for kw in ({"wave": 2}, {"inputs": "float"}):
+        fp, q_serial, run = chain_setup()
+        serial = recon(fp, q_serial, run, **kw)
+        _, q_pool, _ = chain_setup()
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
+            pooled = recon(fp, q_pool, run, executor=ex, concurrency=2, **kw)
+        assert same_state(q_pool, q_serial) and strip(pooled) == strip(serial), kw
+    _, q_seq, _ = chain_setup()
+    recon(fp, q_seq, run)
+    assert not same_state(q_seq, q_serial)  # the variants are different methods

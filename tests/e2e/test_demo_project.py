@@ -74,8 +74,8 @@ WATCH = {
 class Repro:
     """`dvc repro` in its own process group, its combined output collected by a thread."""
 
-    def __init__(self, project: Path) -> None:
-        self.proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=ops_env(), stdout=subprocess.PIPE,
+    def __init__(self, project: Path, args: tuple[str, ...] | list[str] = ()) -> None:
+        self.proc = subprocess.Popen([str(BIN / "dvc"), "repro", *args], cwd=project, env=ops_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.chunks: list[bytes] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -152,6 +152,49 @@ def test_sigkill_part_way_then_repro_equals_an_uninterrupted_run_bit_for_bit(tmp
     assert hash_tree(d / "data/qstate") == hash_tree(ref / "data/qstate")
     leftovers = [p for p in (d / "data").rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == []  # each re-run removed its killed predecessor's temporary folder
+
+
+# --- resuming a killed calibration from its checkpoint ---
+
+def seed_one_calibration(ref: Path, dest: Path) -> Path:
+    """A copy of the reproduced demo whose calibrate stage has a result no run has made (calibrate.seed 1): no run
+    cache to restore it from, so `dvc repro -s calibrate` computes it."""
+    d = clone(ref, dest)
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["calibrate"]["seed"] = 1
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return d
+
+
+def test_calibrate_killed_after_half_its_units_resumes_to_the_same_bytes(tmp_path, tmp_path_factory):
+    """`kill -9` of `dvc repro` once calibrate's checkpoint holds at least half of its reconstruction units; the
+    next `dvc repro` names the first unit it recomputes, writes the bytes of an uninterrupted run, in less time."""
+    ref = demo_reference(tmp_path_factory)
+    full = seed_one_calibration(ref, tmp_path / "full")
+    sh([str(BIN / "dvc"), "repro", "-s", "calibrate"], full)
+    full_s = json.loads((full / "data/metrics/calibrate.json").read_text())["seconds"]
+    order = [r.split(",")[0] for r in (full / "data/qstate/reconstruction.csv").read_text().splitlines()[1:]]
+    assert not list((full / ".pqd/checkpoints").iterdir())  # a completed stage removes its checkpoint
+
+    d = seed_one_calibration(ref, tmp_path / "killed")
+    r = Repro(d, ["-s", "calibrate"])
+    deadline = time.monotonic() + 900
+    while not (done := list((d / ".pqd/checkpoints").glob("calibrate-*/*.safetensors"))) \
+            or len(done) < (len(order) + 1) // 2:
+        assert r.proc.poll() is None and time.monotonic() < deadline, r.text()[-3000:]
+        time.sleep(0.005)
+    r.kill()
+    kept = {p.name[: -len(".safetensors")] for p in (d / ".pqd/checkpoints").glob("calibrate-*/*.safetensors")}
+    assert len(kept) >= len(order) / 2 and not (d / "data/qstate").exists()
+    first = next(u for u in order if u not in kept)
+
+    out = sh([str(BIN / "dvc"), "repro", "-s", "calibrate"], d)
+    assert f"recomputing from unit {first}" in out, out[-3000:]
+    assert hash_tree(d / "data/qstate") == hash_tree(full / "data/qstate")
+    resumed_s = json.loads((d / "data/metrics/calibrate.json").read_text())["seconds"]
+    print(f"calibrate: {len(order)} units, killed with {len(kept)} finished; full {full_s} s, resumed {resumed_s} s "
+          f"({resumed_s / full_s:.2f})")
+    assert resumed_s < 0.7 * full_s
 
 
 # --- the release gate ---

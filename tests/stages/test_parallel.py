@@ -20,7 +20,7 @@ from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.sampling import make_scheduler, sample
 from pqd.formats.files import load_tensors
 from pqd.params import ParamError, params_from_dict
-from pqd.stages import evaluate, generate, parallel
+from pqd.stages import calibrate, evaluate, generate, parallel
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -160,3 +160,20 @@ def test_a_worker_killed_mid_range_has_its_range_rerun_once(project, tmp_path, o
         assert tree_bytes(tmp_path / "none" / out) == tree_bytes(tmp_path / "tcp" / out), out
     assert len(tree_bytes(tmp_path / "tcp/fp/a")) == 12 and m.parallel.ranges == 1 + 4 + 4
     assert load_tensors(tmp_path / "tcp/fp/a.safetensors")["seeds"].tolist() == list(range(12))
+
+
+@pytest.mark.slow  # a Dask cluster
+def test_calibrate_reconstructs_units_on_a_running_scheduler_to_the_bytes_of_a_serial_run(project, tmp_path, one_thread,
+                                                                                         cluster):
+    """The two concurrent variants of block reconstruction (FP inputs; waves of 2 units), in the stage's process
+    and as Dask tasks: the same qstate bytes."""
+    c, _ = cluster
+    d = project / "data"
+    for i, variant in enumerate(({"recon_inputs": "float"}, {"recon_wave": 2})):
+        for sched in ("none", c.scheduler_address):
+            out = tmp_path / f"{i}-{'tcp' if sched != 'none' else 'none'}"
+            p = params_of(project, calibrate={"method": "pqd", **variant}, parallel={"scheduler": sched},
+                          checkpoint={"dir": str(out) + "-checkpoints"})
+            m = calibrate.run(p, d / "model", d / "calib", out)
+        assert m.reconstructed_units > 2
+        assert tree_bytes(tmp_path / f"{i}-none") == tree_bytes(tmp_path / f"{i}-tcp"), variant

@@ -73,7 +73,7 @@ def init_project(dest: Path, overrides: dict) -> Path:
     for section, values in overrides.items():
         params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dest / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    (dest / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n/.pqd/\n")
     sh(["git", "init", "-q", "-b", "main"], dest)
     sh([str(BIN / "dvc"), "init", "-q"], dest)
     sh([str(BIN / "dvc"), "config", "core.analytics", "false"], dest)
