@@ -4,7 +4,7 @@ The UNet has the architecture of google/ddpm-cifar10-32 (random weights: nothing
 (``--samples`` Gaussian inputs at the 100-step DDIM schedule's timesteps, the real calib/ format) is calibrated in
 this process with the full PQD preset. ``--units`` reconstructs only the N units with the largest recordings (each
 unit's are freed before the next, so the peak is the largest unit's). Peak RSS (ru_maxrss) goes to
-``data/bench/memory.json``.
+``data/bench/memory.json``. The child runner (:func:`measure_calibrate`) also serves ``make bench-calibrate``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import yaml
 from diffusers import DDIMScheduler
 
+from pqd.diffusion.adapter import Conditioning
 from pqd.diffusion.configs import cifar10_ddpm_pipeline
 from pqd.errors import command
 from pqd.formats.calibset import CalibWriter
@@ -42,47 +43,72 @@ def build_model(folder: Path, seed: int = 0) -> int:
     return sum(p.numel() for p in pipe.unet.parameters())
 
 
-def build_calib(folder: Path, n: int, steps: int, shard_size: int, seed: int = 0) -> None:
-    """n calibration inputs in the calib/ format: Gaussian x [3, 32, 32] at DDIM timesteps, decreasing t."""
+def build_calib(folder: Path, n: int, steps: int, shard_size: int, seed: int = 0,
+                shape: tuple[int, int, int] = (3, 32, 32), cond: Conditioning | None = None) -> int:
+    """n calibration inputs in the calib/ format: Gaussian x of ``shape`` [C, H, W] at DDIM timesteps, decreasing t.
+    With ``cond`` (a conditioned model's rows and guidance) each input takes class or prompt row 1 + i mod P and,
+    under guidance, enters again with the unconditional row 0, as select writes them. Returns the inputs written."""
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(steps)
     schedule = [float(t) for t in sched.timesteps]
     g = torch.Generator().manual_seed(seed)
     ts = sorted((schedule[int(i)] for i in torch.randint(steps, (n,), generator=g)), reverse=True)
+    guided = cond is not None and cond.guidance_scale > 1
     folder.mkdir(parents=True)
     writer = CalibWriter(folder, shard_size)
-    for t in ts:
-        writer.add(torch.randn(3, 32, 32, generator=g), t)
-    writer.close({"schedule_timesteps": schedule, "timesteps": "synthetic", "conditioning": None})
+    for i, t in enumerate(ts):
+        x = torch.randn(*shape, generator=g)
+        writer.add(x, t, None if cond is None else 1 + i % cond.choices)
+        if guided:
+            writer.add(x, t, 0)
+    meta = None if cond is None else {"guidance_scale": cond.guidance_scale,
+                                      "branches": ["cond", "uncond"] if guided else ["cond"]}
+    writer.close({"schedule_timesteps": schedule, "timesteps": "synthetic", "conditioning": meta},
+                 None if cond is None else cond.inputs)
+    return n * (2 if guided else 1)
 
 
-def bench_params(config: Path, samples: int, recon_iters: int, batch_size: int | None, device: str | None) -> dict[str, Any]:
-    """The params of the benchmarked calibrate run: ``config``'s quant/calibrate sections (the shipped CIFAR-10
-    config by default) with the calibration set size, the reconstruction iterations and optionally the batch
-    size and device replaced."""
-    cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+def bench_params(config: Path | None, samples: int, recon_iters: int, batch_size: int | None, device: str | None,
+                 steps: int = 100) -> dict[str, Any]:
+    """The params of the benchmarked calibrate run: ``config``'s quant/calibrate sections (None: the package
+    defaults, those of params.yaml) with the calibration set size, the reconstruction iterations and optionally the
+    batch size and device replaced."""
+    cfg = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config is not None else {}
     calib = {**cfg.get("calibrate", {}), "recon_iters": recon_iters}
     if batch_size is not None:
         calib["batch_size"] = batch_size
     return {"device": device or cfg.get("device", "auto"), "quant": cfg.get("quant", {}), "calibrate": calib,
-            "generate": {"steps": 100, "calib_seeds": samples}, "select": {"num_samples": samples}}
+            "generate": {"steps": steps, "calib_seeds": samples}, "select": {"num_samples": samples}}
 
 
 def calibrate_child(root: Path, units: int, output_check: bool) -> int:
     """The measured process: the calibrate stage on root/model and root/calib with root/params.yaml, alone in a
-    fresh interpreter (as ``dvc repro`` runs it); writes its metrics and its own peak RSS to root/child.json."""
+    fresh interpreter (as ``dvc repro`` runs it); writes its metrics, each reconstructed unit's log entry
+    (``calibrate.run``'s ``unit_log``) and its own peak RSS to root/child.json."""
     params = load_params(root / "params.yaml")
     device = resolve_device(params)
+    unit_log: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     metrics = calibrate.run(params, root / "model", root / "calib", root / "qstate", largest_units=units or None,
-                            output_check=output_check)
+                            output_check=output_check, unit_log=unit_log)
     result = {"peak_rss_mb": round(peak_rss_mb(), 1), "calibrate_seconds": round(time.perf_counter() - t0, 1),
               "device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-              "torch_threads": torch.get_num_threads(), "metrics": metrics.to_json()}
+              "torch_threads": torch.get_num_threads(), "metrics": metrics.to_json(), "unit_log": unit_log}
     if device == "cuda":
         result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     (root / "child.json").write_text(json.dumps(result, indent=2))
     return 0
+
+
+def measure_calibrate(root: Path, raw: dict[str, Any], units: int = 0, output_check: bool = True) -> dict[str, Any]:
+    """Run the calibrate stage with params ``raw`` on root/model and root/calib in a fresh child process
+    (:func:`calibrate_child`) and return what it measured: peak RSS, seconds, metrics, ``unit_log``."""
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "pqd.bench.memory", "--child", str(root), "--units", str(units)]
+    # OpenMP threads sleep while they wait: on shared cores spinning threads slowed this run many times over
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    subprocess.run(cmd + ([] if output_check else ["--no-output-check"]), check=True, env=env)
+    return json.loads((root / "child.json").read_text())
 
 
 @command("bench-memory")
@@ -113,14 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         n_params = build_model(root / "model")
         build_calib(root / "calib", args.samples, 100, params.select.shard_size)
-        (root / "params.yaml").write_text(yaml.safe_dump(raw))
         setup_s = time.perf_counter() - t0
-        cmd = [sys.executable, "-m", "pqd.bench.memory", "--child", str(root), "--units", str(args.units)]
-        # OpenMP threads sleep while they wait: on shared cores spinning threads slowed this run many times over
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        subprocess.run(cmd + ([] if args.output_check else ["--no-output-check"]), check=True, env=env)
-        child = json.loads((root / "child.json").read_text())
+        child = measure_calibrate(root, raw, args.units, args.output_check)
     m = child.pop("metrics")
+    child.pop("unit_log")
     c = params.calibrate
     result = {"peak_rss_mb": child["peak_rss_mb"], "target_mb": 4096, "samples": args.samples,
               "measured": "peak RSS (ru_maxrss) of the calibrate process alone",
