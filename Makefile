@@ -73,6 +73,11 @@ bench-parallel: setup check-params
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro select
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pqd.bench.parallel --out data/bench/parallel.md $(BENCH_PARALLEL_ARGS)
 
+# the cost curve of calibrate (seconds and peak RSS per model, seconds per reconstruction unit): the demo UNets, the DiT
+# demo and the CIFAR-10 UNet config at reduced iterations (random weights), fitted and extrapolated to SD-size models
+bench-calibrate: setup
+	$(BIN)/python -m pqd.bench.calibrate --out data/bench/calibrate.json
+
 # coverage of the evaluation's bootstrap intervals where the truth is known (Gaussian features, the demo's sample sizes)
 bench-coverage: setup
 	$(BIN)/python -m pqd.bench.coverage --out data/bench/coverage.json
