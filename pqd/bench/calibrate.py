@@ -209,23 +209,33 @@ def per_step_fit(units: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def fit(runs: list[dict[str, Any]], phi: float) -> dict[str, Any]:
-    """The per-step fits (on io bytes and on FLOPs), the overhead ratios per model, and the log-log line of the
-    whole stage's seconds against the parameters."""
+    """The per-step fits (on io bytes and on FLOPs), the log-log slopes of step seconds against each size, the
+    overhead ratios and step throughput per model, and the log-log line of the whole stage's seconds against the
+    parameters."""
     units = [{"model": r["model"], "parameters": u["parameters"], "io_bytes": u["io_bytes"] / r["calib_inputs"],
               "flops": u["flops_per_input"], "rows": r["rows_per_step"], "step_seconds": s}
              for r in runs for u, s in zip(r["unit_log"], step_seconds(r, phi))]
+    slopes = {}
+    for key in ("parameters", *FITS):  # per step: the unit's parameters, the io bytes or FLOPs of the step's rows
+        x = np.array([u[key] * (1 if key == "parameters" else u["rows"]) for u in units], dtype=float)
+        y = np.array([u["step_seconds"] for u in units])
+        ok = (x > 0) & (y > 0)
+        (_, slope), r2 = least_squares(np.log(x[ok]), np.log(y[ok]))
+        slopes[key] = {"slope": slope, "r2": r2}
     overhead = {}
     for r in runs:
         s = sum(step_seconds(r, phi))
         passes = r["calib_inputs"] / r["rows_per_step"] * s  # one pass over the set, in whole-model step seconds
+        flops = sum(u["flops_per_input"] for u in r["unit_log"]) * r["rows_per_step"] * 3  # backward ~ 2x forward
         overhead[r["model"]] = {
-            "step_seconds_all_units": s,
+            "step_seconds_all_units": s, "step_gflop_per_s": flops / s / 1e9,
             "kappa": (r["reconstruction_seconds"] - r["unit_seconds"]) / (r["units"] * passes),
             "lambda": (r["total_seconds"] - r["reconstruction_seconds"]) / passes}
     (lc, slope), r2_total = least_squares(np.log([r["parameters"] for r in runs]),
                                           np.log([r["total_seconds"] for r in runs]))
     return {"phi": phi, "units": len(units), "per_step": {k: per_step_fit(units, k) for k in FITS},
-            "overhead": overhead, "total_vs_parameters": {"log_slope": slope, "log_intercept": lc, "r2": r2_total}}
+            "log_slopes": slopes, "overhead": overhead,
+            "total_vs_parameters": {"log_slope": slope, "log_intercept": lc, "r2": r2_total}}
 
 
 def extrapolate(f: dict[str, Any], name: str, iters: int, samples: int, rows: int, ref: str) -> dict[str, Any]:
@@ -284,11 +294,16 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {k} | {g['intercept_s']:.3e} | {g['s_per_parameter']:.3e} | {g['s_per_row_unit']:.3e} | "
                      f"{g['r2']:.3f} | {held} |")
     t = f["total_vs_parameters"]
-    lines += ["", f"Whole stage at these settings: log(total s) = {t['log_intercept']:.2f} + {t['log_slope']:.3f} "
-              f"log(parameters), R² {t['r2']:.3f}.", "",
-              "| model | kappa (capture passes per unit) | lambda (fit, output check, loading: passes) |",
-              "|---|---|---|"]
-    lines += [f"| {m} | {o['kappa']:.3f} | {o['lambda']:.3f} |" for m, o in f["overhead"].items()]
+    what = {"parameters": "the unit's parameters", "io_bytes": "the io bytes of the step's rows",
+            "flops": "the FLOPs of the step's rows"}
+    lines += ["", "Log-log slopes of step seconds against " + ", ".join(
+        f"{what[k]} {g['slope']:.3f} (R² {g['r2']:.3f})" for k, g in f["log_slopes"].items()) + ".", "",
+        f"Whole stage at these settings: log(total s) = {t['log_intercept']:.2f} + {t['log_slope']:.3f} "
+        f"log(parameters), R² {t['r2']:.3f}.", "",
+        "| model | step GFLOP/s (3 x forward FLOPs) | kappa (capture passes per unit) | lambda (fit, output check, "
+        "loading: passes) |", "|---|---|---|---|"]
+    lines += [f"| {m} | {o['step_gflop_per_s']:.1f} | {o['kappa']:.3f} | {o['lambda']:.3f} |"
+              for m, o in f["overhead"].items()]
     lines += ["", f"Extrapolated calibrate time ({result['extrapolation_ref']}'s kappa and lambda; range: every "
               "model's):", "",
               "| target | parameters | units | calib inputs | iters | GFLOPs per input | io MiB per input | "

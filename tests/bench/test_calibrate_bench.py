@@ -51,6 +51,7 @@ def test_fit_table_and_plot_come_from_the_runs(bench):
     f = result["fit"]
     assert f["units"] == sum(r["units"] for r in result["runs"])
     assert set(f["overhead"]) == {"demo:digits", "demo:digits-dit"}
+    assert set(f["log_slopes"]) == {"parameters", "io_bytes", "flops"}
     for key in ("io_bytes", "flops"):
         g = f["per_step"][key]
         assert g["r2"] <= 1 and set(g["held_out"]) == {"demo:digits", "demo:digits-dit"}
