@@ -78,6 +78,19 @@ def run(params: Params, model: Path, calib: Path, out: Path, largest_units: int 
     ``output_check=False`` skips the final FP-vs-quantized output comparison (two more passes over the set);
     ``unit_log`` receives each reconstructed unit's log entry with its ``seconds``, ``parameters`` (of its
     quantized layers' weights) and ``io_bytes`` (its recorded inputs + FP outputs over the whole set)."""
+    threads = torch.get_num_threads()
+    if params.calibrate.reconstruct and params.parallel.scheduler != "none":
+        # units' inputs are recorded here and learnt from on the workers: one thread count for both, so the result
+        # is that of a serial run with parallel.threads_per_worker threads (floats depend on the count)
+        torch.set_num_threads(params.parallel.threads_per_worker)
+    try:
+        return _run(params, model, calib, out, largest_units, output_check, unit_log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int | None, output_check: bool,
+         unit_log: list[dict[str, Any]] | None) -> CalibrateMetrics:
     device = resolve_device(params)
     c = params.calibrate
     data = CalibSet(calib)  # checks the calibration set before the model is loaded
