@@ -336,7 +336,7 @@ def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchR
     from tqdm.auto import tqdm
 
     if inputs not in ("quantized", "float") or wave < 1:
-        raise ValueError(f"reconstruction inputs {inputs!r} / wave {wave}: expected 'quantized' or 'float', wave >= 1")
+        raise ValueError(f"reconstruction inputs {inputs!r}, wave {wave}: expected 'quantized' or 'float', wave >= 1")
     remote = executor is not None
     executor = executor or _Inline()
     n = len(groups)
@@ -351,7 +351,7 @@ def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchR
                 while pending and (block or len(pending) >= concurrency):
                     done = next((u for u, f in pending.items() if f.done()), None)
                     if done is None:
-                        concurrent.futures.wait(list(pending.values()), return_when=concurrent.futures.FIRST_COMPLETED)
+                        concurrent.futures.wait(pending.values(), return_when=concurrent.futures.FIRST_COMPLETED)
                         continue
                     results[done] = pending.pop(done).result()
                     if not math.isfinite(results[done][1]["mse_before"]):

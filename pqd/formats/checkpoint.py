@@ -108,4 +108,3 @@ class UnitCheckpoint:
                 break
             shutil.rmtree(p, ignore_errors=True)
             total -= sizes[p]
-

@@ -211,7 +211,8 @@ class UnitExecutor:
     ``executor``): each job runs with ``parallel.threads_per_worker`` torch threads on the worker's device."""
 
     def __init__(self, pool: Pool, device: str) -> None:
-        self.inner, self.threads, self.device = pool.client.get_executor(pure=False), pool.info.threads_per_worker, device
+        self.inner = pool.client.get_executor(pure=False)
+        self.threads, self.device = pool.info.threads_per_worker, device
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.inner.submit(_run_unit_remote, fn, self.threads, self.device, *args)
