@@ -191,6 +191,14 @@ def strip(log):
     return [{k: v for k, v in e.items() if k != "seconds"} for e in log]
 
 
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Killed(Exception):
     pass
 
@@ -216,14 +224,16 @@ def test_a_run_stopped_part_way_resumes_from_its_finished_units_to_the_same_byte
     assert same_state(q2, q_ref) and strip(log) == strip(ref_log)
 
 
-def test_units_run_in_another_process_give_the_same_bytes_as_in_this_one():
+def test_units_run_in_another_process_give_the_same_bytes_as_in_this_one(one_thread):
     """Waves of two units: recorded together, reconstructed concurrently on a process pool, loaded in forward
-    order; and the FP-input variant, where every unit is independent."""
+    order; and the FP-input variant, where every unit is independent. One torch thread here and in the pool's
+    processes (floats depend on the thread count)."""
     for kw in ({"wave": 2}, {"inputs": "float"}):
         fp, q_serial, run = chain_setup()
         serial = recon(fp, q_serial, run, **kw)
         _, q_pool, _ = chain_setup()
-        with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=torch.set_num_threads, initargs=(1,)) as ex:
             pooled = recon(fp, q_pool, run, executor=ex, concurrency=2, **kw)
         assert same_state(q_pool, q_serial) and strip(pooled) == strip(serial), kw
     _, q_seq, _ = chain_setup()
