@@ -45,7 +45,8 @@ def check_cuda(device: str) -> None:
 
 def run_pipeline(root: Path, raw: dict, device: str) -> dict[str, float]:
     """model -> generate -> select -> calibrate -> export under ``root`` with ``device``; seconds per stage."""
-    params = params_from_dict({**raw, "device": device})
+    # timings of whole stages: never a resume from a checkpoint an interrupted check left
+    params = params_from_dict({**raw, "device": device, "checkpoint": {"dir": None}})
     d = {k: root / k for k in ("model", "trajectories", "samples", "calib", "qstate", "export")}
     steps = [("model", lambda: model.run(params, d["model"])),
              ("generate", lambda: generate.run(params, d["model"], d["trajectories"], d["samples"])),

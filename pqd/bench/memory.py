@@ -103,6 +103,8 @@ def calibrate_child(root: Path, units: int, output_check: bool) -> int:
 def measure_calibrate(root: Path, raw: dict[str, Any], units: int = 0, output_check: bool = True) -> dict[str, Any]:
     """Run the calibrate stage with params ``raw`` on root/model and root/calib in a fresh child process
     (:func:`calibrate_child`) and return what it measured: peak RSS, seconds, metrics, ``unit_log``."""
+    # checkpoints in the run's own folder: an interrupted benchmark's rerun measures the whole stage, not a resume
+    raw = {**raw, "checkpoint": raw.get("checkpoint", {"dir": str(root / "checkpoints")})}
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "pqd.bench.memory", "--child", str(root), "--units", str(units)]
     # OpenMP threads sleep while they wait: on shared cores spinning threads slowed this run many times over

@@ -119,7 +119,8 @@ def bench_calibrate(root: Path, work: Path, workers: int, overrides: list[str]) 
         runs = [("none, default threads", {"scheduler": "none"}, {}),
                 ("none, 1 thread", {"scheduler": "none"}, {"OMP_NUM_THREADS": "1"})]
         if vi > 0:
-            runs += [(f"local, {workers} workers x 1 thread", local, {}),
+            runs += [("local, 1 worker x 1 thread", {**local, "workers": 1}, {}),
+                     (f"local, {workers} workers x 1 thread", local, {}),
                      (f"tcp, {workers} worker processes x 1 thread", {"scheduler": "tcp"}, {})]
         hashes = {}
         for ri, (name, par, env) in enumerate(runs):

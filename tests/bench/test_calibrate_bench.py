@@ -24,6 +24,7 @@ def bench(tmp_path_factory):
     return out, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # three calibrate runs in child processes
 def test_runs_record_every_unit_of_each_model(bench):
     _, result = bench
     digits, dit = result["runs"]
@@ -46,6 +47,7 @@ def test_runs_record_every_unit_of_each_model(bench):
     assert (lin["model"], lin["recon_iters"], result["eval_share"]["iters"]) == ("demo:digits", 3, [1, 3])
 
 
+@pytest.mark.slow
 def test_fit_table_and_plot_come_from_the_runs(bench):
     out, result = bench
     f = result["fit"]
