@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch.nn as nn
 
-from pqd.bench.calibrate import eval_share, least_squares, main, target_costs
+from pqd.bench.calibrate import main, target_costs
+from pqd.bench.costfit import eval_share, least_squares
 from pqd.diffusion.demo import build_demo_unet
 
 
