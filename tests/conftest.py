@@ -36,6 +36,16 @@ def ts_features(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "feat", lambda d: build_torchscript_features(d / "feat.pt")) / "feat.pt"
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (a serial run compared with workers of parallel.threads_per_worker 1:
+    floats depend on the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # files without slow tests whose module fixtures take longest (a whole pipeline run, an ONNX export: `make test-fast`
 # with --durations=0), queued right after the files with slow tests so that they do not finish last
 HEAVY_SETUP = {"tests/stages/test_stages.py", "tests/deploy/test_onnx_graphs.py"}

@@ -191,14 +191,6 @@ def strip(log):
     return [{k: v for k, v in e.items() if k != "seconds"} for e in log]
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Killed(Exception):
     pass
 

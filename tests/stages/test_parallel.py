@@ -27,15 +27,6 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture()
-def one_thread():
-    """The serial run with the workers' torch thread count (parallel.threads_per_worker = 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_pipeline, ts_features):
     return clone(reproduced_project(tmp_path_factory, tiny_pipeline, ts_features),
