@@ -1,67 +1,57 @@
-"""Running the deployed graphs: onnxruntime sessions, the kernels it really runs, and a Denoiser on them
-(:class:`OrtDenoiser`, so that the evaluate stage measures the FID of what ships).
-"""
+"""Running the deployed graphs in the runtime a user picks (onnxruntime or OpenVINO, both reading the same QDQ ONNX
+files), the kernel audit of each, and a Denoiser on them (:class:`DeployedDenoiser`, so that the evaluate stage
+measures the FID of what ships)."""
 
 from __future__ import annotations
 
-import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 
 from pqd.core.timegroups import TimeGroups
+from pqd.deploy import openvino, ort
+from pqd.deploy.kernels import KernelAudit, quantized_layers
 from pqd.deploy.onnx import ONNX_DIR, graph_file
 from pqd.diffusion.adapter import Denoiser
 from pqd.diffusion.pipeline import denoiser_component, sample_shape_of
-from pqd.errors import MissingInputError
+from pqd.errors import MissingInputError, ParamError
 from pqd.formats.export import time_groups_of
 from pqd.formats.files import read_json
 
-# onnxruntime kernels that compute in integer arithmetic (layers, then glue between them: quant.glue), and the float
-# ones a quantized layer may fall back to, then the float glue
-INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-                "DynamicQuantizeMatMul", "QAttention",
-                "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat", "QLinearSoftmax")
-FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
-                 "Add", "Mul", "BatchNormalization", "Sigmoid", "QuickGelu", "Gelu", "FastGelu", "Concat", "Softmax")
+RUNTIMES = ("onnxruntime", "openvino")
 
 
-def session_options(threads: int | None = None, optimized_path: Path | None = None, spinning: bool = True):
-    """``spinning=False``: the session's worker threads sleep between calls instead of spinning (several sessions
-    timed in turn in one process, where a spinning pool would take the cores from the next one)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return so
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ParamError(f"runtime = {runtime!r} is not allowed: expected one of {', '.join(RUNTIMES)}")
+    return runtime
 
 
-def open_session(path: Path, threads: int | None = None, spinning: bool = True):
-    return ort.InferenceSession(str(path), session_options(threads, spinning=spinning),
-                                providers=["CPUExecutionProvider"])
+def open_graph(path: Path, runtime: str = "onnxruntime", threads: int | None = None, spinning: bool = True):
+    """A graph ready to run (``.run(feeds)`` gives its first output as a numpy array). ``spinning=False``:
+    onnxruntime's threads sleep between calls (several graphs timed in turn in one process)."""
+    if check_runtime(runtime) == "openvino":
+        return openvino.OvGraph(path, threads)
+    return ort.OrtGraph(path, threads, spinning)
 
 
-def kernel_report(path: Path) -> dict[str, Any]:
-    """Which kernels onnxruntime actually runs for the graph at ``path``, read from its optimised graph."""
-    with tempfile.TemporaryDirectory() as tmp:
-        opt = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(str(path), session_options(optimized_path=opt), providers=["CPUExecutionProvider"])
-        ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
-    return {"int8": {k: v for k, v in sorted(ops.items()) if k in INT8_KERNELS},
-            "float": {k: v for k, v in sorted(ops.items()) if k in FLOAT_KERNELS}}
+def kernel_audit(path: Path, runtime: str = "onnxruntime", threads: int | None = None) -> KernelAudit:
+    """Which kernels ``runtime`` runs for the graph at ``path``, and which quantized layers it runs in float."""
+    layers, by_design = quantized_layers(path)
+    if check_runtime(runtime) == "openvino":
+        return openvino.kernel_audit(path, layers, by_design, threads)
+    return ort.kernel_audit(path, layers, by_design)
 
 
-def ort_feeds(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+def kernel_report(path: Path, runtime: str = "onnxruntime") -> dict[str, Any]:
+    """The audit as the export metrics record it (``onnx_kernels[runtime]``)."""
+    return kernel_audit(path, runtime).as_dict()
+
+
+def graph_feeds(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, np.ndarray]:
     """The feeds of one call of a deployed (or float) graph: ``sample`` x [B, C, H, W] and ``timestep`` [B] (a scalar
     t expanded) as float32, and each conditioning input expanded to the batch, float ones as float32, integer ones
     (labels, masks) as int64."""
@@ -75,13 +65,13 @@ def ort_feeds(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | 
     return feeds
 
 
-class OrtDenoiser(Denoiser):
-    """A :class:`Denoiser` whose network is the deployed ONNX artifact, run by onnxruntime. Its graphs take the
-    conditioning inputs by name, as the torch network does (see pqd.deploy.onnx)."""
+class DeployedDenoiser(Denoiser):
+    """A :class:`Denoiser` whose network is the deployed ONNX artifact, run by onnxruntime or OpenVINO. Its graphs
+    take the conditioning inputs by name, as the torch network does (see pqd.deploy.onnx)."""
 
     def __init__(self, onnx_dir: Path, scheduler_config: dict[str, Any], scheduler_class: str,
                  sample_shape: tuple[int, int, int], time_groups: TimeGroups, threads: int | None = None,
-                 components: Denoiser | None = None) -> None:
+                 components: Denoiser | None = None, runtime: str = "onnxruntime") -> None:
         """``components``: a Denoiser of the same export whose float parts around the network (decoder and latent
         scaling, encoder, architecture) this one uses too; without it, those of a plain pixel UNet."""
         parts = {} if components is None else {
@@ -89,23 +79,27 @@ class OrtDenoiser(Denoiser):
             "latent_shift": components.latent_shift, "encoder": components.encoder, "arch": components.arch}
         super().__init__(net=None, scheduler_config=scheduler_config, scheduler_class=scheduler_class,
                          sample_shape=sample_shape, time_groups=time_groups, **parts)
-        self.onnx_dir = Path(onnx_dir)
+        self.onnx_dir, self.runtime = Path(onnx_dir), check_runtime(runtime)
         # every graph is loaded now: the folder may be temporary (a downloaded release)
-        self._sessions = [open_session(self.onnx_dir / graph_file(g), threads) for g in range(time_groups.count)]
+        self._graphs = [open_graph(self.onnx_dir / graph_file(g), runtime, threads) for g in range(time_groups.count)]
 
-    def session(self, group: int):
-        return self._sessions[group]
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The graphs' input names: sample, timestep, then the conditioning inputs."""
+        return self._graphs[0].inputs
 
     def run_group(self, x: torch.Tensor, t: torch.Tensor, group: int, cond: dict[str, torch.Tensor] | None = None
                   ) -> torch.Tensor:
-        (y,) = self.session(group).run(None, ort_feeds(x, t, cond))
+        y = self._graphs[group].run(graph_feeds(x, t, cond))
         return torch.from_numpy(np.ascontiguousarray(y)).to(x.device)
 
 
-def load_ort_denoiser(export_dir: Path, threads: int | None = None, components: Denoiser | None = None) -> OrtDenoiser:
-    """The deployed denoiser of an export folder (verify its manifest first: see pqd.formats.export).
-    ``components``: a Denoiser of the same export whose float parts around the network (a latent model's
-    decoder, a conditioned model's text encoders or classes) the deployed one uses too."""
+def load_deployed_denoiser(export_dir: Path, runtime: str = "onnxruntime", threads: int | None = None,
+                           components: Denoiser | None = None) -> DeployedDenoiser:
+    """The deployed denoiser of an export folder in ``runtime`` (verify its manifest first: see
+    pqd.formats.export). ``components``: a Denoiser of the same export whose float parts around the network (a
+    latent model's decoder, a conditioned model's text encoders or classes) the deployed one uses too."""
+    check_runtime(runtime)
     export_dir = Path(export_dir)
     onnx_dir = export_dir / ONNX_DIR
     groups = time_groups_of(export_dir)
@@ -115,5 +109,5 @@ def load_ort_denoiser(export_dir: Path, threads: int | None = None, components: 
                                 f"time group (set export.onnx = true and rerun the export stage)")
     index = read_json(export_dir / "model_index.json")
     cfg = read_json(export_dir / denoiser_component(export_dir) / "config.json")
-    return OrtDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"), index["scheduler"][1],
-                       sample_shape_of(cfg), groups, threads, components)
+    return DeployedDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"),
+                            index["scheduler"][1], sample_shape_of(cfg), groups, threads, components, runtime)
