@@ -26,7 +26,7 @@ import yaml
 
 from pqd.bench.memory import build_model
 from pqd.deploy.onnx import ONNX_DIR, graph_file
-from pqd.deploy.runtime import session_options
+from pqd.deploy.ort import session_options
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.quantized import load_denoiser_from_export
 from pqd.errors import InputError, command

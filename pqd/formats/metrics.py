@@ -189,7 +189,9 @@ class ExportMetrics(StageMetrics):
     onnx_graph_bytes: int | None = None
     onnx_rel_dev_max: float | None = None
     onnx_check: tuple[OnnxGroupCheck, ...] | None = None
-    onnx_kernels: dict[str, dict[str, int]] | None = None  # {"int8": {kernel: count}, "float": {...}}
+    # the kernel audit of time group 0's graph per runtime (pqd.deploy.kernels): {runtime: {"int8": {kernel: count},
+    # "float": {...}, "quantized_layers": n, "integer_layers": n, "fallbacks": [layer], "float_output": [layer]}}
+    onnx_kernels: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,7 @@ class EvaluateMetrics(StageMetrics):
     delta_fid: float
     fid_quant_vs_fp: float
     noise_floor: float
-    fid_deployed_vs_ref: float | None = None  # evaluate.backend onnxruntime only
+    fid_deployed_vs_ref: float | None = None  # evaluate.backend onnxruntime | openvino only
     fid_simulated_vs_ref: float | None = None
     deployed_minus_simulated: float | None = None
     fid_deployed_vs_simulated: float | None = None

@@ -14,6 +14,7 @@ from pqd import deploy
 from pqd.diffusion.adapter import Conditioning, Denoiser
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
 from pqd.errors import ParamError
+from pqd.formats.export import MANIFEST
 from pqd.diffusion.quantized import load_denoiser_from_export
 
 
@@ -22,17 +23,25 @@ class Sampler:
     """A released quantized model ready to sample: the export's denoiser + the evaluation's scheduler (and prompts
     or classes, for conditioned models)."""
 
-    denoiser: Denoiser  # the deployed ONNX graphs (onnxruntime) when the export has them, else the torch model
+    denoiser: Denoiser  # the deployed ONNX graphs (onnxruntime or openvino) when the export has them, else torch
     protocol: dict[str, Any]  # scheduler class and config, steps, eta (the FP samples' meta.json)
     device: str = "cpu"
 
     @classmethod
-    def from_folder(cls, export_dir: Path, protocol_file: Path, device: str = "cpu") -> "Sampler":
+    def from_folder(cls, export_dir: Path, protocol_file: Path, device: str = "cpu",
+                    runtime: str | None = None) -> "Sampler":
         """Rebuild from an export folder (hashes verified) and the sampling protocol file. It samples with
-        what ships: the ONNX graphs in onnxruntime when the export has them, else the torch model."""
+        what ships: the ONNX graphs in ``runtime`` (onnxruntime | openvino) when the export has them, else (or with
+        runtime torch) the torch model. ``runtime`` None: the one the release was evaluated in (the export's
+        evaluate.backend)."""
+        if runtime is None:
+            manifest = json.loads((Path(export_dir) / MANIFEST).read_text())
+            runtime = manifest.get("params", {}).get("evaluate", {}).get("backend", "onnxruntime")
+        if runtime != "torch":
+            deploy.check_runtime(runtime)
         den = load_denoiser_from_export(export_dir, device)  # verifies every file, the ONNX graphs included
-        if (Path(export_dir) / deploy.ONNX_DIR / deploy.graph_file(0)).is_file():
-            den = deploy.load_ort_denoiser(export_dir, components=den)
+        if runtime != "torch" and (Path(export_dir) / deploy.ONNX_DIR / deploy.graph_file(0)).is_file():
+            den = deploy.load_deployed_denoiser(export_dir, runtime, components=den)
         return cls(den, json.loads(Path(protocol_file).read_text()), device)
 
     def sample(self, seeds: list[int], steps: int | None = None, batch_size: int = 64) -> torch.Tensor:

@@ -324,13 +324,14 @@ def fetch_release(model_uri: str, dest: Path, root: str | Path = ".") -> dict[st
             "export": model_dir / arts["export"]["path"], "sampling": model_dir / arts["sampling"]["path"], **run}
 
 
-def load_sampler(model_uri: str, root: str | Path = ".") -> Sampler:
+def load_sampler(model_uri: str, root: str | Path = ".", runtime: str | None = None) -> Sampler:
     """A working quantized sampler (:class:`pqd.ops.serving.Sampler`) from ``models:/<name>@<alias>`` (or
     ``models:/<name>/<version>``): downloads the registered export, verifies every manifest hash and rebuilds
-    the denoiser network from safetensors. Nothing is unpickled (``mlflow.pyfunc.load_model`` would unpickle the model)."""
+    the denoiser network from safetensors. Nothing is unpickled (``mlflow.pyfunc.load_model`` would unpickle the model).
+    ``runtime``: onnxruntime | openvino | torch; None: the one the release was evaluated in."""
     with tempfile.TemporaryDirectory() as td:
         rel = fetch_release(model_uri, Path(td), root)
-        return Sampler.from_folder(rel["export"], rel["sampling"])
+        return Sampler.from_folder(rel["export"], rel["sampling"], runtime=runtime)
 
 
 # ---- command line ----------------------------------------------------------------------------

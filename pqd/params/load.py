@@ -184,8 +184,8 @@ def _check_across(p: Params) -> None:
         raise ParamError("params: quant.glue = ['concat', ...] is not allowed with calibrate.split_shortcut = true (the "
                          "split layers quantize the concatenation's two parts themselves): expected "
                          "calibrate.split_shortcut = false or no 'concat'")
-    if p.evaluate.backend == "onnxruntime" and not p.export.onnx:
-        raise ParamError("params: evaluate.backend = 'onnxruntime' is not allowed with export.onnx = false: "
+    if p.evaluate.backend != "torch" and not p.export.onnx:
+        raise ParamError(f"params: evaluate.backend = {p.evaluate.backend!r} is not allowed with export.onnx = false: "
                          "expected export.onnx = true or evaluate.backend = 'torch'")
     g = p.generate
     calib = (g.calib_seed_base, g.calib_seed_base + g.calib_seeds)

@@ -136,8 +136,9 @@ class EvaluateParams:
     reference: str = "demo:digits"  # demo:digits | demo:digits16 | a folder of images | a .npz with mu and sigma
     batch_size: int = 250
     grid_size: int = 64  # images per side of the FP-vs-quantized grid
-    # onnxruntime: the FID of the deployed ONNX artifact (the simulated torch model is measured beside it)
-    backend: Literal["torch", "onnxruntime"] = "onnxruntime"
+    # onnxruntime | openvino: the FID of the deployed ONNX artifact in that runtime (the simulated torch model is
+    # measured beside it); torch: the simulated model only
+    backend: Literal["torch", "onnxruntime", "openvino"] = "onnxruntime"
     bootstrap: int = 1000  # resamples of the evaluation seeds for the intervals (0: no intervals)
     bootstrap_seed: int = 0  # seed of the resampling
     confidence: float = 0.95  # level of the intervals

@@ -1,6 +1,7 @@
 """evaluate stage: sample with the exported quantized denoiser and compare it with FP, honestly (docs/design.md).
 
-``evaluate.backend = onnxruntime`` measures what ships: the images come from the deployed ONNX graphs; the
+``evaluate.backend = onnxruntime | openvino`` measures what ships: the images come from the deployed ONNX graphs in
+that runtime; the
 simulated torch model samples the same seeds beside it. Same seeds, scheduler, steps and eta as the FP samples;
 FIDs against the reference and FP, the noise floor (FP a vs FP b), per-image PSNR against FP, and paired bootstrap
 intervals (pqd.eval.bootstrap) that the release gate judges.
@@ -45,12 +46,13 @@ def weight_codes(manifest: dict[str, Any]) -> str:
 
 
 def quantized_models(export: str, backend: str, device: str) -> dict[str, Denoiser]:
-    """The export's simulated denoiser and, for ``evaluate.backend: onnxruntime``, its deployed ONNX graphs
-    (onnxruntime with torch's thread count), as the stage and each worker load them (:mod:`pqd.stages.parallel`)."""
+    """The export's simulated denoiser and, for ``evaluate.backend: onnxruntime | openvino``, its deployed ONNX
+    graphs (in that runtime, with torch's thread count), as the stage and each worker load them
+    (:mod:`pqd.stages.parallel`)."""
     qden = load_denoiser_from_export(export, device)
     dens: dict[str, Denoiser] = {"simulated": qden}
-    if backend == "onnxruntime":
-        dens["deployed"] = deploy.load_ort_denoiser(Path(export), threads=torch.get_num_threads(), components=qden)
+    if backend in deploy.RUNTIMES:
+        dens["deployed"] = deploy.load_deployed_denoiser(Path(export), backend, torch.get_num_threads(), qden)
     return dens
 
 
@@ -67,7 +69,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
     dens = quantized_models(str(export.resolve()), ev.backend, device)  # verifies every file of the export first
     qden = dens["simulated"]
     manifest = read_json(export / MANIFEST)
-    headline = "deployed" if ev.backend == "onnxruntime" else "simulated"
+    headline = "deployed" if ev.backend in deploy.RUNTIMES else "simulated"
     cond = None
     if proto.get("conditioning"):  # the FP samples' prompts (encoded by the export's own float text encoders) or classes
         pc = proto["conditioning"]
@@ -120,7 +122,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         prompts=cond.choices if cond is not None else 0, architecture=qden.arch.name,
         guidance_scale=cond.guidance_scale if cond is not None else None, features=extractor.name,
         reference=ref_desc, reference_images=ref_n, fid="pqd.eval.bootstrap.frechet (eigenvalue form of the Fréchet distance)",
-        backend="onnxruntime (deployed ONNX, integer kernels)" if headline == "deployed"
+        backend=f"{ev.backend} (deployed ONNX, integer kernels)" if headline == "deployed"
         else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info,
         intervals=f"{ev.confidence:g} percentile bootstrap, {ev.bootstrap} resamples of the {len(seeds)} evaluation "
                   f"seeds (seed {ev.bootstrap_seed}), quantized and FP images of a seed drawn together; reference fixed"

@@ -95,11 +95,15 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
             if not torch.equal(rebuilt[name].weight_int, lp.weight_int.to(torch.int8)):
                 raise RuntimeError(f"export: layer {name} does not round-trip through the export format")  # a bug
         if params.export.onnx:
-            checks = check_onnx(den, qden, deploy.load_ort_denoiser(tmp))
+            checks = check_onnx(den, qden, deploy.load_deployed_denoiser(tmp))
             onnx_info |= {"onnx_rel_dev_max": max(c.rel_to_quant_error for c in checks), "onnx_check": checks}
             if warning := deviation_warning(checks, codes):
                 print(warning, file=sys.stderr)
-            onnx_info["onnx_kernels"] = deploy.kernel_report(tmp / deploy.ONNX_DIR / deploy.graph_file(0))
+            graph = tmp / deploy.ONNX_DIR / deploy.graph_file(0)
+            audits = {r: deploy.kernel_audit(graph, r) for r in deploy.RUNTIMES}
+            onnx_info["onnx_kernels"] = {r: a.as_dict() for r, a in audits.items()}
+            for a in audits.values():
+                print(f"pqd export: kernels: {a.line()}", file=sys.stderr)
     fp_bytes = sum(p.stat().st_size for p in (model / denoiser_component(model)).glob("*.safetensors"))
     q_bytes = quantized_weights_file(out).stat().st_size
     w4 = sum(1 for lp in weight_layers(state).values() if lp.weight_bits <= 4)

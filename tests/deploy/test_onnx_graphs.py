@@ -42,13 +42,36 @@ def artifact(tmp_path_factory, tiny_pipeline):
     return den, state, out
 
 
-def test_onnx_int8_matches_the_torch_fake_quant_model(artifact):
+@pytest.mark.parametrize("runtime", deploy.RUNTIMES)
+def test_onnx_int8_matches_the_torch_fake_quant_model(artifact, runtime):
     """Both compute the same integer arithmetic; the deviation must stay far below the quantization error."""
     den, _, out = artifact
-    y_fp, y_q, y_ort = fp_simulated_deployed(den, out)  # both time groups in one batch
+    y_fp, y_q, y_deployed = fp_simulated_deployed(den, out, runtime)  # both time groups in one batch
     quant_error = (y_q - y_fp).norm()
     assert quant_error > 0
-    assert (y_ort - y_q).norm() <= AGREEMENT * quant_error
+    assert (y_deployed - y_q).norm() <= AGREEMENT * quant_error
+
+
+def test_openvino_and_onnxruntime_agree_on_the_same_artifact(artifact):
+    """The same QDQ files in two runtimes: their outputs differ by rounding flips only, within the bound above."""
+    den, _, out = artifact
+    y_fp, y_q, y_ort = fp_simulated_deployed(den, out, "onnxruntime")
+    _, _, y_ov = fp_simulated_deployed(den, out, "openvino")
+    assert not torch.equal(y_ov, y_q)  # a real second runtime, not the simulation
+    assert (y_ov - y_ort).norm() <= AGREEMENT * (y_q - y_fp).norm()
+
+
+@pytest.mark.parametrize("runtime", deploy.RUNTIMES)
+def test_kernel_audit_finds_every_quantized_layer_on_an_integer_kernel(artifact, runtime):
+    den, state, out = artifact
+    a = deploy.kernel_audit(out / deploy.ONNX_DIR / deploy.graph_file(0), runtime)
+    splits = sum(1 for lp in state.values() if lp.act_split)
+    assert a.quantized_layers == len(state) + splits  # a split layer is two convolutions in the graph
+    assert a.fallbacks == ()
+    # conv_out keeps its float output: onnxruntime has no integer convolution with a float output, OpenVINO has
+    expected_float = 1 if runtime == "onnxruntime" else 0
+    assert len(a.float_output) == expected_float and a.integer_layers == a.quantized_layers - expected_float
+    assert all(n.startswith("unet.conv_out") for n in a.float_output)
 
 
 def test_single_layer_matches_within_one_output_step():
@@ -116,7 +139,7 @@ def test_integer_kernels_run_for_every_quantized_conv(artifact):
 
 def test_time_group_switch_in_the_deployed_model(artifact):
     den, state, out = artifact
-    ort = deploy.load_ort_denoiser(out)
+    ort = deploy.load_deployed_denoiser(out)
     x = torch.randn(3, *den.sample_shape, generator=torch.Generator().manual_seed(2))
     g0 = ort.run_group(x, torch.full((3,), 80.0), 0)
     g1 = ort.run_group(x, torch.full((3,), 80.0), 1)
@@ -149,6 +172,20 @@ def test_load_pipeline_round_trip(artifact):
             assert torch.equal(pipe.unet(x, torch.tensor(t)).sample, qden.predict(x, torch.tensor(t)))
     images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("runtime", deploy.RUNTIMES)
+def test_load_pipeline_on_a_runtime_runs_the_deployed_graphs(artifact, runtime):
+    den, _, out = artifact
+    pipe = load_pipeline(out, runtime=runtime)
+    deployed = deploy.load_deployed_denoiser(out, runtime)
+    x = torch.randn(2, *den.sample_shape, generator=torch.Generator().manual_seed(3))
+    for t in (80.0, 20.0):
+        assert torch.equal(pipe.unet(x, torch.tensor(t)).sample, deployed.predict(x, torch.tensor(t)))
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    with pytest.raises(Exception, match="runtime = 'tensorrt' is not allowed: expected one of onnxruntime, openvino"):
+        load_pipeline(out, runtime="tensorrt")
 
 
 def test_load_pipeline_refuses_a_modified_file(artifact, tmp_path):

@@ -141,7 +141,7 @@ def check_transformer(data: Path, arch: str, edge: list[str], modulation: list[s
     units = set(pd.read_csv(data / "qstate/reconstruction.csv")["unit"])
     assert {"transformer_blocks.0", "transformer_blocks.1"} <= units
     ex = ExportMetrics.read(data / "metrics/export.json")
-    assert ex.onnx_graphs == 2 and sum(ex.onnx_kernels["int8"].values()) > 0
+    assert ex.onnx_graphs == 2 and sum(ex.onnx_kernels["onnxruntime"]["int8"].values()) > 0
     ev = EvaluateMetrics.read(data / "metrics/evaluate.json")
     assert ev.protocol.architecture == arch and ev.protocol.backend.startswith("onnxruntime")
     assert math.isfinite(ev.fid_deployed_vs_simulated) and ev.psnr_deployed_vs_simulated_median > 25
@@ -174,7 +174,7 @@ def check_latent(data: Path) -> None:
     assert matmuls["mid_block.attentions.0.processor.qk"] == (8, 8) and matmuls["mid_block.attentions.0.processor.pv"] == (16, 8)
     assert len(matmuls) == 2 * sum(1 for n in unet_layers(data / "model") if n.endswith(".to_q"))
     assert metrics(data, "calibrate")["attention_matmuls"] == len(matmuls)
-    kernels = metrics(data, "export")["onnx_kernels"]
+    kernels = metrics(data, "export")["onnx_kernels"]["onnxruntime"]
     assert sum(kernels["float"].get(k, 0) for k in ("MatMul", "FusedMatMul")) == len(matmuls) // 2  # softmax·V only
     ev = metrics(data, "evaluate")
     assert ev["protocol"]["family"] == "latent" and ev["protocol"]["backend"].startswith("onnxruntime")
@@ -288,7 +288,7 @@ def test_user_model_in_a_dvc_project_deploys_what_was_calibrated_and_passes_the_
 
     ex = ExportMetrics.read(data / "metrics/export.json")
     ev = EvaluateMetrics.read(data / "metrics/evaluate.json")
-    assert ex.onnx_graphs == 4 and ex.onnx_kernels["int8"].get("QLinearConv", 0) > 0  # PQD preset: 4 time groups
+    assert ex.onnx_graphs == 4 and ex.onnx_kernels["onnxruntime"]["int8"].get("QLinearConv", 0) > 0  # PQD preset: 4 time groups
     groups = qcodec.time_groups(qcodec.read_qmap(data / "export"))  # each probe lies in its own group
     assert [int(groups.group_of(c.timestep)) for c in ex.onnx_check] == [0, 1, 2, 3]
     assert ev.protocol.backend.startswith("onnxruntime") and ev.protocol.features.startswith("torchscript:")

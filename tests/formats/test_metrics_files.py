@@ -21,7 +21,7 @@ def test_round_trip_with_nested_and_optional_fields(tmp_path):
     ex = ExportMetrics(quantized_layers=3, files=9, fp32_unet_bytes=100, export_unet_bytes=30, size_ratio=3.333,
                        packed_int4_layers=0, onnx_graphs=2, onnx_rel_dev_max=0.1,
                        onnx_check=(OnnxGroupCheck(0, 749.5, 0.01, 0.1), OnnxGroupCheck(1, 249.5, 0.02, 0.05)),
-                       onnx_kernels={"int8": {"QLinearConv": 4}, "float": {}})
+                       onnx_kernels={"onnxruntime": {"int8": {"QLinearConv": 4}, "float": {}, "quantized_layers": 4, "integer_layers": 4, "fallbacks": [], "float_output": []}})
     for m in (EVALUATE, ex, ModelMetrics(unet_parameters=10, unet_fp32_bytes=40)):
         path = tmp_path / f"{type(m).__name__}.json"
         m.write(path)

@@ -240,10 +240,11 @@ def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = No
     return fit_qstate(den.net, forward_all, cfg)
 
 
-def fp_simulated_deployed(den, export: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The noise predicted by ``den`` (FP), the export's simulated model and its ONNX graphs in onnxruntime, on one
+def fp_simulated_deployed(den, export: Path, runtime: str = "onnxruntime"
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The noise predicted by ``den`` (FP), the export's simulated model and its ONNX graphs in ``runtime``, on one
     batch whose timesteps fall in both groups of :func:`fit_two_groups`."""
-    qden, ort = load_denoiser_from_export(export), deploy.load_ort_denoiser(export)
+    qden, ort = load_denoiser_from_export(export), deploy.load_deployed_denoiser(export, runtime)
     x = torch.randn(6, *den.sample_shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([90.0, 70.0, 55.0, 40.0, 20.0, 5.0])
     with torch.no_grad():
