@@ -97,6 +97,22 @@ def check_lineage(lock: dict[str, Any] | None, root: Path, commit: str | None, e
     return Finding("lineage", PASS, f"dvc.lock at commit {commit[:12]} records this export ({actual})")
 
 
+def check_kernels(export: Path, manifest: dict[str, Any] | None, runtime: str | None) -> Finding:
+    """Compile time group 0's ONNX graph in ``runtime`` (None: the one the release was evaluated in, from the
+    manifest's evaluate.backend; onnxruntime when that was torch) and check that every quantized layer runs on an
+    integer kernel (pqd.deploy.kernels)."""
+    from pqd import deploy  # imports onnxruntime and OpenVINO: only where the graphs are audited
+
+    graph = export / deploy.ONNX_DIR / deploy.graph_file(0)
+    if not graph.is_file():
+        return Finding("kernels", SKIP, "the export has no ONNX graphs (export.onnx = false)")
+    if runtime is None:
+        runtime = ((manifest or {}).get("params", {}).get("evaluate", {}).get("backend")) or "onnxruntime"
+        runtime = runtime if runtime in deploy.RUNTIMES else "onnxruntime"
+    a = deploy.kernel_audit(graph, deploy.check_runtime(runtime))
+    return Finding("kernels", FAIL if a.fallbacks else PASS, a.line())
+
+
 def check_metrics(lock: dict[str, Any] | None, options: dict[str, dict[str, str]], evaluate_json: Path,
                   registry: dict[str, tuple[str, float]] | None) -> Finding:
     """evaluate.json is tied to the export by dvc.lock, and every registry value equals it. ``registry``:
@@ -120,12 +136,13 @@ def check_metrics(lock: dict[str, Any] | None, options: dict[str, dict[str, str]
     return Finding("metrics", PASS, f"{len(registry)} registry values equal evaluate.json, which dvc.lock ties to this export")
 
 
-def audit_export(export: Path, root: Path | None = None) -> list[Finding]:
-    """Audit an export folder; ``root`` (default: the nearest parent with dvc.yaml) is its project."""
+def audit_export(export: Path, root: Path | None = None, runtime: str | None = None) -> list[Finding]:
+    """Audit an export folder; ``root`` (default: the nearest parent with dvc.yaml) is its project; ``runtime``: the
+    one whose kernels are audited (None: the one the export was evaluated in)."""
     export = export.resolve()
     root = root or next((p for p in export.parents if (p / "dvc.yaml").is_file()), None)
     hashes, manifest = check_hashes(export)
-    found = [hashes]
+    found = [hashes, check_kernels(export, manifest, runtime)]
     proj = _project(root)
     if proj is None:
         found.append(check_source_model(manifest, {}, None) if manifest else Finding("source_model", SKIP, "no manifest"))
@@ -158,7 +175,8 @@ def check_remote(root: Path, tags: dict[str, str]) -> Finding:
     return Finding("remote", PASS if ok else FAIL, detail)
 
 
-def audit_release(model_uri: str, root: Path, from_remote: bool = False) -> tuple[list[Finding], str]:
+def audit_release(model_uri: str, root: Path, from_remote: bool = False, runtime: str | None = None
+                  ) -> tuple[list[Finding], str]:
     """Audit a registered version (``models:/name@alias`` or ``models:/name/N``) against project ``root``
     (its git history holds the recorded commit), and with ``from_remote`` against the outputs pulled from its
     DVC remote. Returns the findings and 'name version N'."""
@@ -179,7 +197,7 @@ def audit_release(model_uri: str, root: Path, from_remote: bool = False) -> tupl
         registry = {f"tag pqd.{k}": (k, float(tags[f"pqd.{k}"])) for k in REGISTRY_METRICS if f"pqd.{k}" in tags}
         registry.update({f"run metric {k}": (k.split(".", 1)[1], v) for k, v in rel["run_metrics"].items()
                          if k.startswith("evaluate.")})
-        findings = [hashes,
+        findings = [hashes, check_kernels(rel["export"], manifest, runtime),
                     check_source_model(manifest, recorded, None) if manifest else Finding("source_model", FAIL, "no manifest"),
                     check_lineage(lock, root, tags.get("git.commit"), rel["export"], options["export"]["out"], tags),
                     check_metrics(lock, options, rel["metrics"] / Path(options["evaluate"]["metrics"]).name, registry)]

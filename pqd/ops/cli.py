@@ -1,6 +1,7 @@
 """The ``pqd`` command (``python -m pqd.ops.cli``).
 
-``pqd audit <export dir | models:/name@alias | models:/name/N> [--root PROJECT] [--remote]`` re-verifies a release
+``pqd audit <export dir | models:/name@alias | models:/name/N> [--root PROJECT] [--remote] [--runtime R]``
+re-verifies a release
 (see :mod:`pqd.ops.audit`), prints one line per check and a verdict, and exits 0 when every check passes,
 1 on any mismatch, 2 when the target cannot be read at all.
 """
@@ -16,10 +17,10 @@ from pqd.ops import audit, tracking
 
 
 @command("pqd audit", tracking.ERRORS)
-def _audit(target: str, root: str | None, from_remote: bool = False) -> int:
+def _audit(target: str, root: str | None, from_remote: bool = False, runtime: str | None = None) -> int:
     if target.startswith("models:/"):
         tracking.quiet_mlflow()
-        findings, what = audit.audit_release(target, Path(root or "."), from_remote)
+        findings, what = audit.audit_release(target, Path(root or "."), from_remote, runtime)
     else:
         export = Path(target)
         if from_remote:
@@ -27,7 +28,7 @@ def _audit(target: str, root: str | None, from_remote: bool = False) -> int:
                              "the remote and output hashes are recorded with a release")
         if not export.is_dir():
             raise InputError(f"{target} is not allowed: expected an export folder or models:/<name>@<alias>")
-        findings, what = audit.audit_export(export, Path(root) if root else None), str(export)
+        findings, what = audit.audit_export(export, Path(root) if root else None, runtime), str(export)
     print(f"pqd audit: {what}")
     for f in findings:
         print(f"  {f.name:<13} {f.status:<4}  {f.detail}")
@@ -50,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "the export's project, or the current folder for a registry URI")
     a.add_argument("--remote", action="store_true",
                    help="also pull the release's outputs from the DVC remote it records and check their hashes")
+    a.add_argument("--runtime", choices=["onnxruntime", "openvino"], default=None,
+                   help="the runtime whose kernels are audited (every quantized layer on an integer kernel); default: "
+                        "the one the release was evaluated in (evaluate.backend)")
     args = ap.parse_args(argv)
-    return _audit(args.target, args.root, args.remote)
+    return _audit(args.target, args.root, args.remote, args.runtime)
 
 
 if __name__ == "__main__":

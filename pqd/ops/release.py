@@ -22,7 +22,7 @@ import yaml
 from pqd.errors import PqdError, command, one_line
 from pqd.formats.export import verify_manifest
 from pqd.formats.lineage import git_commit, git_file, lock_ties_metrics
-from pqd.formats.metrics import EvaluateMetrics, Interval
+from pqd.formats.metrics import EvaluateMetrics, ExportMetrics, Interval
 from pqd.ops import remote, tracking
 from pqd.ops.result import Result, flat_params, lineage_tags, model_slug, read_result
 from pqd.params import ReleaseParams, as_dict, params_from_dict, read_yaml
@@ -177,6 +177,31 @@ def deployment_check(ev: EvaluateMetrics | None) -> Check:
                  f"(deployed vs simulated {ev.psnr_deployed_vs_simulated_median:.2f} dB)")
 
 
+def kernels_check(ex: ExportMetrics | None, backend: str) -> Check:
+    """The export's kernel audit (pqd.deploy.kernels): every quantized layer runs on an integer kernel in the runtime
+    the evaluation used (every audited runtime when it used torch). A fallback to float is refused, by name."""
+    if ex is None:
+        return Check("kernels", False, "export.json is missing: run dvc repro")
+    if not ex.onnx_graphs:
+        return Check("kernels", True, "no ONNX graphs were exported (export.onnx = false): the release ships the "
+                                      "torch model")
+    audits = {r: a for r, a in (ex.onnx_kernels or {}).items() if isinstance(a, dict) and "fallbacks" in a}
+    judged = [backend] if backend in audits else list(audits)
+    if not judged:
+        return Check("kernels", False, "the export records no kernel audit: rerun the export stage (dvc repro)")
+    lines, bad = [], []
+    for r in judged:
+        a = audits[r]
+        line = f"{r}: {a['integer_layers']} of {a['quantized_layers']} quantized layers on integer kernels"
+        if a.get("float_output"):
+            line += f" ({', '.join(a['float_output'])}: float output by design)"
+        if a["fallbacks"]:
+            bad.append(r)
+            line += f"; fell back to float: {', '.join(a['fallbacks'])}"
+        lines.append(line)
+    return Check("kernels", not bad, "; ".join(lines))
+
+
 def committed_check(r: Result, allow_uncommitted: bool) -> Check:
     """The audit's lineage rule, before registering: the result's dvc.lock is the one committed at HEAD (so the
     recorded commit reproduces it). Waived, not passed, with ``allow_uncommitted``."""
@@ -207,7 +232,8 @@ def gate(r: Result, s: GateSettings, allow_uncommitted: bool = False) -> GateRep
     except PqdError as e:
         hashes = Check("hashes", False, one_line(e))
     return GateReport((hashes, lineage_check(r), committed_check(r, allow_uncommitted),
-                       *quality_checks(r.metrics.evaluate, s.thresholds), deployment_check(r.metrics.evaluate)))
+                       *quality_checks(r.metrics.evaluate, s.thresholds), deployment_check(r.metrics.evaluate),
+                       kernels_check(r.metrics.export, r.params.evaluate.backend)))
 
 
 # ---- names, card, tags -----------------------------------------------------------------------
