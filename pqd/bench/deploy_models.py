@@ -229,11 +229,25 @@ def ort_static_reference(fp_path: Path, calib: CalibInputs, out: Path, reduce_ra
     with ``reduce_range``, every op it supports in int8), calibrated on ``batches`` steps spread over the calibration
     trajectories (conditional branch): not a PQD artifact, a yardstick for what integer kernels give on this CPU."""
     picked = calib.steps[::max(1, len(calib.steps) // batches)][:batches]
-    reader = _Feeds([deploy.ort_feeds(x, torch.tensor(t), calib.rows) for x, t in picked])
+    reader = _Feeds([deploy.graph_feeds(x, torch.tensor(t), calib.rows) for x, t in picked])
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp_path), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range)
+    return out
+
+
+def nncf_reference(fp_path: Path, calib: CalibInputs, out: Path, batches: int = 4) -> Path:
+    """NNCF's post-training quantization of the float graph for OpenVINO (``nncf.quantize`` with its defaults, the
+    call optimum-intel makes), calibrated on the same steps as :func:`ort_static_reference`: OpenVINO's own int8
+    yardstick, saved as OpenVINO IR (``out``: an .xml path)."""
+    import nncf
+    import openvino as ov
+
+    picked = calib.steps[::max(1, len(calib.steps) // batches)][:batches]
+    feeds = [deploy.graph_feeds(x, torch.tensor(t), calib.rows) for x, t in picked]
+    quantized = nncf.quantize(ov.Core().read_model(str(fp_path)), nncf.Dataset(feeds), subset_size=len(feeds))
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
     return out
 
 

@@ -55,8 +55,9 @@ class IntegerCodes:
                 "cpu_flags": list(self.cpu_flags), "reason": self.reason}
 
 
-def cpu_vnni_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
-    """The VNNI/AMX flags of this CPU (from /proc/cpuinfo; ``cpuinfo`` gives its text instead), in VNNI_FLAGS order."""
+def cpu_vnni_flags(cpuinfo: str | None = None, wanted: tuple[str, ...] = VNNI_FLAGS) -> tuple[str, ...]:
+    """The VNNI/AMX flags of this CPU (from /proc/cpuinfo; ``cpuinfo`` gives its text instead), in VNNI_FLAGS order
+    (``wanted``: other flags to look for, in their order)."""
     if cpuinfo is None:
         f = Path("/proc/cpuinfo")
         cpuinfo = f.read_text(errors="replace") if f.is_file() else ""
@@ -64,7 +65,7 @@ def cpu_vnni_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags |= set(line.split(":", 1)[-1].split())
-    return tuple(f for f in VNNI_FLAGS if f in flags)
+    return tuple(f for f in wanted if f in flags)
 
 
 def saturates_full_range(machine: str | None = None, cpuinfo: str | None = None) -> bool:

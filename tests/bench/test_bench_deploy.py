@@ -1,6 +1,7 @@
-"""``make bench-deploy`` at tiny sizes: the PQD graphs with and without glue and the quantize_static yardstick are
-timed in one run for a UNet and for a class-conditional DiT (fed its labels), with this machine's integer codes, and
-the table gives the CPU flags and PQD / quantize_static for every PQD graph at every batch."""
+"""``make bench-deploy`` at tiny sizes: the PQD graphs with and without glue in onnxruntime and OpenVINO, the float
+backends and both int8 yardsticks (quantize_static, NNCF) are timed in one run for a UNet and for a class-conditional
+DiT (fed its labels), with this machine's integer codes, beside the CPU's ceilings; the table gives the CPU flags,
+each backend's fraction of its ceiling and, per batch, the default PQD graph against the float and int8 rivals."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from diffusers import DiTPipeline
 
 from pqd.bench import deploy as bench
+from pqd.bench.deploy import in_openvino
+from pqd.deploy.openvino import cpu_supports_bf16
 from pqd.bench.deploy_models import (ATTENTION, ATTENTION_SHARED, GLUE, GLUE_ATTENTION, GLUE_ATTENTION_SHARED,
                                      GLUE_NO_SPLIT, variants)
 from pqd.diffusion.adapter import load_denoiser
@@ -34,6 +37,26 @@ def run_bench(tmp_path, *argv: str) -> tuple[pd.DataFrame, str]:
     return pd.read_csv(out / "deploy.csv"), (out / "deploy.md").read_text()
 
 
+def backends(*pqd: str) -> set[str]:
+    """Every backend a run times for the PQD graphs ``pqd`` (onnxruntime names) on this CPU."""
+    bf16 = {"openvino bf16", bench.OV_INT8_BF16} if cpu_supports_bf16() else set()
+    return {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", "openvino fp32", bench.REFERENCE,
+            bench.NNCF, *bf16, *pqd, *(in_openvino(b) for b in pqd)}
+
+
+def check_verdicts(rows: pd.DataFrame, md: str) -> None:
+    """Every backend has a rate and every integer one a fraction of its runtime's measured int8 ceiling; the table has
+    the ceilings, the flags and a verdict per batch."""
+    assert rows.ms_per_call.notna().all() and (rows.gmac_s > 0).all()
+    int8 = rows[rows.backend.str.contains("int8")]
+    assert (int8.of_ceiling > 0).all() and set(int8.ceiling) <= {"onnxruntime int8", "openvino int8"}
+    assert set(rows[~rows.backend.str.contains("int8")].ceiling) <= {"torch fp32", "torch bf16"}
+    assert "flags (`grep -o 'avx512_vnni" in md and "| onnxruntime int8 | 2048x2048x2048 u8 x s8 GEMM" in md
+    assert "| openvino int8 | 2048x2048x2048 u8 x s8 GEMM, QDQ MatMul (FullyConnected u8 1)" in md
+    for b in (1, 2):
+        assert f"- batch {b}: PQD int8, default settings, best runtime (" in md
+
+
 def test_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
     unet, dit = load_denoiser(tiny_pipeline), load_denoiser(tiny_dit)
     assert list(variants(unet)) == [GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, GLUE_ATTENTION_SHARED]
@@ -45,27 +68,23 @@ def test_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
 @pytest.mark.slow  # about a minute: three calibrations and exports, four timed backends
 def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
     rows, md = run_bench(tmp_path, "--only", "demo", "--model", str(tiny_pipeline), "--variants", "split")
-    assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8, GLUE,
-                                 bench.REFERENCE}
+    assert set(rows.backend) == backends(bench.INT8, GLUE)
     codes = integer_codes(params_from_dict({}))
     assert f"quantize_static yardstick: reduce_range={codes.reduce_range}" in md
-    assert "int8 dot-product flags" in md
     assert ("W8 (7-bit codes) export safetensors" in md) == codes.reduce_range
-    for b in (1, 2):
-        for graph in ("int8", "int8 + glue"):
-            assert f"batch {b}: PQD {graph} / quantize_static = **" in md
-    glue_row = next(ln for ln in md.splitlines() if ln.startswith(f"| {GLUE} |"))
+    check_verdicts(rows, md)
+    glue_row = next(ln for ln in md.splitlines() if ln.startswith("| int8 + glue |"))
     assert "QLinearAdd" in glue_row and "sites" in glue_row
 
 
 @pytest.mark.slow  # about 20 s: three calibrations and exports of the DiT, timed backends
 def test_dit_is_fed_its_class_labels_and_its_attention_runs_on_integer_kernels(tiny_dit, tmp_path):
     rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit))
-    assert set(rows.backend) == {"torch fp32 eager", "torch bf16 autocast", "onnxruntime fp32", bench.INT8, ATTENTION,
-                                 ATTENTION_SHARED, bench.REFERENCE}
-    assert rows.ms_per_call.notna().all()
-    assert "batch 2: PQD int8 / quantize_static = **" in md and "No glue backend" in md
-    assert "batch 2: PQD int8 + attention matmuls / quantize_static = **" in md
-    plain, attention = (next(ln for ln in md.splitlines() if ln.startswith(f"| {b} |")) for b in (bench.INT8, ATTENTION))
+    assert set(rows.backend) == backends(bench.INT8, ATTENTION, ATTENTION_SHARED)
+    check_verdicts(rows, md)
+    assert "No glue backend" in md
+    plain, attention = (next(ln for ln in md.splitlines() if ln.startswith(f"| {b} |"))
+                        for b in ("int8", "int8 + attention matmuls"))
     assert "QLinearMatMul" not in plain and "QLinearMatMul" in attention and "softmax_bits 8" in attention
-    assert "batch 2: PQD int8 + attention matmuls + shared grids / quantize_static = **" in md
+    nncf = next(ln for ln in md.splitlines() if ln.startswith(f"| {bench.NNCF} |"))
+    assert "not PQD" in nncf and "u8" in nncf  # OpenVINO runs NNCF's graph on integer kernels too
