@@ -1,7 +1,7 @@
 """The deployable graphs: ONNX of the quantized denoiser that onnxruntime runs with integer kernels.
 
 Every quantized layer is traced as QuantizeLinear/DequantizeLinear around a float Conv/MatMul/Gemm, with int8
-weight initializers (4-bit weights are int8 values on the 4-bit grid) and constant scales, the pattern onnxruntime
+weight initializers (4-bit weights stored as INT4, two a byte: :mod:`pqd.deploy.int4`) and constant scales, the pattern onnxruntime
 fuses into QLinearConv / QLinearMatMul / QGemm. One graph per time group (``onnx/unet.g<g>.onnx``: graph and
 scales only), all reading the initializers they share (weights, biases, norms) from ``onnx/weights.bin``. A graph
 takes the denoiser's inputs by name (:meth:`pqd.diffusion.adapter.Denoiser.example_inputs`); its output is ``noise``.
@@ -34,6 +34,7 @@ from onnxscript import opset20 as op
 import pqd.core.onnx_qdq  # noqa: F401 (registers the pqd:: operators the translations below refer to)
 from pqd.core.modules import onnx_values, set_onnx_mode
 from pqd.core.timegroups import set_time_group, TimeGroups
+from pqd.deploy.int4 import pack_int4
 from pqd.deploy.rewrite import rewrite
 from pqd.diffusion.adapter import Denoiser
 
@@ -205,11 +206,12 @@ def write_onnx(net: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path) 
     names the tracer gave the tensors it folded). ``den`` says how the network is called (its inputs)."""
     folder.mkdir(parents=True, exist_ok=True)
     models = _traced_groups(net, list(range(groups.count)), den)
+    packed = [pack_int4(m) for m in models][0]  # 4-bit codes stored as 4 bits (pqd.deploy.int4)
     blobs: dict[bytes, tuple[int, int]] = {}
     with open(folder / WEIGHTS_FILE, "wb") as f:
         for m in models:
             for t in m.graph.initializer:
-                data = numpy_helper.to_array(t).tobytes()
+                data = t.raw_data if t.data_type == onnx.TensorProto.INT4 else numpy_helper.to_array(t).tobytes()
                 if len(data) < _INLINE_MAX:
                     continue
                 key = hashlib.sha256(data).digest() + bytes([t.data_type])
@@ -225,7 +227,7 @@ def write_onnx(net: nn.Module, groups: TimeGroups, den: Denoiser, folder: Path) 
         onnx.save(m, folder / graph_file(g))
     codes = {n.input[0] for n in models[0].graph.node if n.op_type == "DequantizeLinear"}
     int8 = [t for t in models[0].graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name in codes]
-    return {"onnx_graphs": groups.count, "onnx_int8_initializers": len(int8),
+    return {"onnx_graphs": groups.count, "onnx_int8_initializers": len(int8), "onnx_int4_initializers": packed,
             "onnx_shared_bytes": (folder / WEIGHTS_FILE).stat().st_size,
             "onnx_graph_bytes": sum((folder / graph_file(g)).stat().st_size for g in range(groups.count))}
 

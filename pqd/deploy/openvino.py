@@ -5,12 +5,14 @@ the same ONNX files as onnxruntime."""
 from __future__ import annotations
 
 import functools
+import io
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
+from pqd.deploy.int4 import runnable_graph
 from pqd.deploy.kernels import KernelAudit
 
 LAYER_TYPES = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm")
@@ -27,15 +29,19 @@ def cpu_supports_bf16() -> bool:
     return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def compile_graph(path: Path, threads: int | None = None, precision: str = "f32"):
+def compile_graph(path: Path, threads: int | None = None, precision: str = "f32", profile: bool = False):
     """The graph compiled for the CPU at one latency stream; ``precision`` is that of the float ops (f32 keeps the
-    deployed numerics those of onnxruntime and the simulation; the quantized layers run in int8 either way)."""
+    deployed numerics those of onnxruntime and the simulation; the quantized layers run in int8 either way);
+    ``profile``: with OpenVINO's performance counters. An ONNX graph with 4-bit weights is widened first
+    (pqd.deploy.int4); an OpenVINO IR (.xml) is read as it is."""
     if precision not in PRECISIONS:
         raise ValueError(f"OpenVINO precision {precision!r} is not allowed: expected one of {', '.join(PRECISIONS)}")
-    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profile}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    return core().compile_model(str(path), "CPU", config)
+    graph = runnable_graph(path) if Path(path).suffix == ".onnx" else str(path)
+    model = core().read_model(io.BytesIO(graph)) if isinstance(graph, bytes) else graph
+    return core().compile_model(model, "CPU", config)
 
 
 class OvGraph:

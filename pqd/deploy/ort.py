@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from pqd.deploy.int4 import runnable_graph
 from pqd.deploy.kernels import KernelAudit, weight_from_dequantize
 
 # onnxruntime kernels that compute in integer arithmetic (layers, then glue between them: quant.glue), and the float
@@ -38,7 +39,7 @@ def session_options(threads: int | None = None, optimized_path: Path | None = No
 
 
 def open_session(path: Path, threads: int | None = None, spinning: bool = True):
-    return ort.InferenceSession(str(path), session_options(threads, spinning=spinning),
+    return ort.InferenceSession(runnable_graph(path), session_options(threads, spinning=spinning),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -61,7 +62,7 @@ def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...]
     source node's name on a node it did not fuse)."""
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(str(path), session_options(optimized_path=opt), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(runnable_graph(path), session_options(optimized_path=opt), providers=["CPUExecutionProvider"])
         graph = onnx.load(str(opt), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
     producers = {o: n for n in graph.node for o in n.output}

@@ -185,8 +185,10 @@ class ExportMetrics(StageMetrics):
     packed_int4_layers: int
     onnx_graphs: int | None = None  # export.onnx only
     onnx_int8_initializers: int | None = None
+    onnx_int4_initializers: int | None = None  # weight codes stored as 4 bits (pqd.deploy.int4)
     onnx_shared_bytes: int | None = None
     onnx_graph_bytes: int | None = None
+    onnx_size_ratio: float | None = None  # fp32 denoiser bytes / deployable ONNX bytes (graphs + weights.bin)
     onnx_rel_dev_max: float | None = None
     onnx_check: tuple[OnnxGroupCheck, ...] | None = None
     # the kernel audit of time group 0's graph per runtime (pqd.deploy.kernels): {runtime: {"int8": {kernel: count},

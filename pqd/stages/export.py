@@ -107,6 +107,8 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
     fp_bytes = sum(p.stat().st_size for p in (model / denoiser_component(model)).glob("*.safetensors"))
     q_bytes = quantized_weights_file(out).stat().st_size
     w4 = sum(1 for lp in weight_layers(state).values() if lp.weight_bits <= 4)
+    if "onnx_shared_bytes" in onnx_info:
+        onnx_info["onnx_size_ratio"] = round(fp_bytes / (onnx_info["onnx_shared_bytes"] + onnx_info["onnx_graph_bytes"]), 3)
     return ExportMetrics(**info, fp32_unet_bytes=fp_bytes, export_unet_bytes=q_bytes,
                          size_ratio=round(fp_bytes / q_bytes, 3), packed_int4_layers=w4, **onnx_info)
 

@@ -202,14 +202,15 @@ def test_load_pipeline_refuses_a_modified_file(artifact, tmp_path):
         load_pipeline(bad)
 
 
-def test_w4_graph_holds_the_4bit_grid_in_int8():
-    """4-bit codes ship as int8 initializers on the 4-bit grid (the tiny UNet's W4A8 export: tests/stages)."""
+def test_w4_graph_stores_the_4bit_codes_as_int4_and_runs_them_on_int8_kernels(tmp_path):
+    """4-bit codes are traced as int8 initializers on the 4-bit grid and written as INT4 (two a byte); each runtime
+    widens them back and runs the same int8 kernels, with the outputs of the int8-stored graph."""
     from pqd.core.modules import set_onnx_mode
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(16 * 36, 10))
     x = torch.randn(4, 8, 6, 6)
-    state = fit_qstate(model.eval(), lambda m, sg: m(x), QuantConfig(weight_bits=4))
+    state = fit_qstate(model.eval(), lambda m, sg: m(x), QuantConfig(weight_bits=4, output_layers=frozenset({"0"})))
     q = apply_qstate(copy.deepcopy(model), state)
     set_onnx_mode(q, True)
     graph = deploy.export_graph(q, (x,), ["x"], ["y"])
@@ -219,3 +220,17 @@ def test_w4_graph_holds_the_4bit_grid_in_int8():
     for name, c in codes.items():
         assert c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7
         assert np.array_equal(c, state[name.removesuffix(".weight_int")].weight_int.numpy())
+    onnx.save(graph, tmp_path / "w8.onnx")
+    assert deploy.pack_int4(graph) == 2
+    packed = {t.name: t for t in graph.graph.initializer if t.name in codes}
+    for name, t in packed.items():
+        assert t.data_type == onnx.TensorProto.INT4 and len(t.raw_data) == (codes[name].size + 1) // 2
+        assert np.array_equal(onnx.numpy_helper.to_array(t).astype(np.int8), codes[name])
+    onnx.save(graph, tmp_path / "w4.onnx")
+    assert (tmp_path / "w4.onnx").stat().st_size < (tmp_path / "w8.onnx").stat().st_size - 16 * 72 // 2
+    feeds = {"x": x.numpy()}
+    for runtime in deploy.RUNTIMES:
+        want = deploy.open_graph(tmp_path / "w8.onnx", runtime).run(feeds)
+        assert np.array_equal(deploy.open_graph(tmp_path / "w4.onnx", runtime).run(feeds), want)
+        audit = deploy.kernel_audit(tmp_path / "w4.onnx", runtime)
+        assert audit.integer_layers == audit.quantized_layers == 2 and not audit.fallbacks, audit.line()

@@ -104,6 +104,11 @@ def test_calibrate_and_export_are_4bit_packed(pipeline_run):
     assert packed.numel() == (math.prod(layers["mid_block.resnets.0.conv1"]["shape"]) + 1) // 2  # two codes per byte
     # whole-file ratio of this 8/16-channel UNet: per-layer scales and the safetensors header weigh a lot here
     assert metrics(pipeline_run, "export")["size_ratio"] > 2.5
+    # the deployable graphs hold the 4-bit codes as INT4 too, and every runtime still runs them on int8 kernels
+    ex = metrics(pipeline_run, "export")
+    assert ex["onnx_int4_initializers"] > 0 and ex["onnx_size_ratio"] > 0  # (graph files dominate at this size)
+    for runtime, audit in ex["onnx_kernels"].items():
+        assert not audit["fallbacks"] and audit["integer_layers"] > 0, runtime
 
 
 def test_calibrate_with_shared_grids_reconstructs_one_grid_per_tensor(pipeline_run, tiny_pipeline):
