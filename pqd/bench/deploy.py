@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pqd import deploy
 from pqd.bench.ceiling import ceiling_of, measure_ceilings, model_macs
+from pqd.bench.profile import openvino_profile, ort_profile, shares
 from pqd.bench.deploy_models import (GLUE, GLUE_NO_SPLIT, VARIANT_CHOICES, BenchModel, bench_params, calibrate, cifar_model,
                                      demo_dit_params, demo_model, describe, dit_model, export, float_onnx, nncf_reference,
                                      ort_static_reference, sizes, trajectory_inputs, variants, weights_label)
@@ -160,9 +161,12 @@ def bench_model(m: BenchModel, a: argparse.Namespace, batches: list[int], codes:
                          "of_ceiling": rate / ceilings[ceiling]["gmac_s"] if ceiling else float("nan")})
             if how.startswith("one call"):
                 too_slow[backend] = f"{sec:.1f} s per call at batch {b}"
+    # where the default graph's time goes at the largest batch, from each runtime's profiler
+    profile = {"onnxruntime": shares(ort_profile(graphs[INT8], feeds, a.threads)),
+               "openvino": shares(openvino_profile(graphs[INT8], feeds, a.threads))}
     return rows, {"model": m.name, "weights": m.weights, "params": sum(p.numel() for p in den.net.parameters()),
-                  "glue": glue, "kernels": kernels_of(graphs, nncf_path, a.threads),
-                  "sizes": sizes(den, exports, work)}
+                  "glue": glue, "kernels": kernels_of(graphs, nncf_path, a.threads), "profile": profile,
+                  "profile_batch": max(batches), "sizes": sizes(den, exports, work)}
 
 
 def verdict_lines(rows: list[dict[str, Any]], model: str) -> list[str]:
@@ -231,6 +235,9 @@ def table(rows: list[dict[str, Any]], extra: list[dict[str, Any]], threads: int,
             ort_k, ov_k = k.get("onnxruntime"), k.get("openvino")
             cells = [f"{_counts(a['int8'])} | {_counts(a['float'])}" if a else "- | -" for a in (ort_k, ov_k)]
             lines.append(f"| {backend.removeprefix('onnxruntime ')} | {what} | {cells[0]} | {cells[1]} |")
+        lines += ["", f"Where the PQD int8 graph's time goes (default settings, batch {e['profile_batch']}, share of the "
+                      "profiled op time):", ""]
+        lines += [f"- {r}: {v}" for r, v in e["profile"].items()]
         if not any(k in (GLUE, GLUE_NO_SPLIT) for k in e["glue"]):
             lines += ["", "No glue backend: quant.glue puts no site in this network (its kinds are points of UNet "
                           "ResNet and attention blocks)."]

@@ -12,6 +12,7 @@ from diffusers import DiTPipeline
 
 from pqd.bench import deploy as bench
 from pqd.bench.deploy import in_openvino
+from pqd.deploy import INT8_KERNELS
 from pqd.deploy.openvino import cpu_supports_bf16
 from pqd.bench.deploy_models import (ATTENTION, ATTENTION_SHARED, GLUE, GLUE_ATTENTION, GLUE_ATTENTION_SHARED,
                                      GLUE_NO_SPLIT, variants)
@@ -55,6 +56,10 @@ def check_verdicts(rows: pd.DataFrame, md: str) -> None:
     assert "| openvino int8 | 2048x2048x2048 u8 x s8 GEMM, QDQ MatMul (FullyConnected u8 1)" in md
     for b in (1, 2):
         assert f"- batch {b}: PQD int8, default settings, best runtime (" in md
+    profiles = [ln for ln in md.splitlines() if ln.startswith(("- onnxruntime: ", "- openvino: "))]
+    assert profiles and all("%" in ln for ln in profiles)
+    ort_line, ov_line = (next(ln for ln in profiles if ln.startswith(f"- {r}: ")) for r in ("onnxruntime", "openvino"))
+    assert any(f"{k} " in ort_line for k in INT8_KERNELS) and "I8" in ov_line  # integer kernels among the timed ops
 
 
 def test_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
