@@ -165,7 +165,7 @@ def bench_model(m: BenchModel, a: argparse.Namespace, batches: list[int], codes:
     profile = {"onnxruntime": shares(ort_profile(graphs[INT8], feeds, a.threads)),
                "openvino": shares(openvino_profile(graphs[INT8], feeds, a.threads))}
     return rows, {"model": m.name, "weights": m.weights, "params": sum(p.numel() for p in den.net.parameters()),
-                  "glue": glue, "kernels": kernels_of(graphs, nncf_path, a.threads), "profile": profile,
+                  "glue": glue, "kernels": kernels_of(graphs, nncf_path, a.threads), "profile": profile, "glue_sites": GLUE in variants(den),
                   "profile_batch": max(batches), "sizes": sizes(den, exports, work)}
 
 
@@ -238,7 +238,7 @@ def table(rows: list[dict[str, Any]], extra: list[dict[str, Any]], threads: int,
         lines += ["", f"Where the PQD int8 graph's time goes (default settings, batch {e['profile_batch']}, share of the "
                       "profiled op time):", ""]
         lines += [f"- {r}: {v}" for r, v in e["profile"].items()]
-        if not any(k in (GLUE, GLUE_NO_SPLIT) for k in e["glue"]):
+        if not e["glue_sites"]:
             lines += ["", "No glue backend: quant.glue puts no site in this network (its kinds are points of UNet "
                           "ResNet and attention blocks)."]
         lines += ["", "| file | bytes | fp32 / file |", "|---|---:|---:|"]
