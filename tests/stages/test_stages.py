@@ -8,6 +8,7 @@ import pandas as pd
 import scipy.linalg
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -203,3 +204,27 @@ def test_evaluate_records_intervals_and_the_per_image_floor(pipeline_run):
     a, b = load_file(fp / "a.safetensors")["images"], load_file(fp / "b.safetensors")["images"]
     mse = ((a.double() - b.double()) ** 2).mean(dim=(1, 2, 3))
     assert ev["psnr_other_seed_mean"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-5)
+
+
+def test_evaluate_on_openvino_judges_the_graphs_openvino_runs(pipeline_run):
+    """evaluate.backend: openvino scores the images of the same W4 graphs run by OpenVINO, and the release gate's
+    deployment and kernel checks judge that runtime."""
+    from pqd.formats.metrics import EvaluateMetrics, ExportMetrics
+    from pqd.ops.release import deployment_check, kernels_check
+
+    d = pipeline_run
+    data = yaml.safe_load((d / "params.yaml").read_text())
+    data["evaluate"]["backend"] = "openvino"
+    (d / "ov").mkdir()
+    params = write_params(d / "ov", data)
+    out = d / "ov-metrics.json"
+    assert evaluate.main(["--params", str(params), "--metrics", str(out), "--model", str(d / "data/model"),
+                          "--export", str(d / "data/export"), "--fp-samples", str(d / "data/samples/fp"),
+                          "--out", str(d / "data/samples/quant-ov"), "--grid", str(d / "ov-grid.png")]) == 0
+    ev = EvaluateMetrics.read(out)
+    assert ev.protocol.backend == "openvino (deployed ONNX, integer kernels)"
+    assert ev.fid_deployed_vs_simulated is not None and ev.psnr_deployed_vs_simulated_median > 20
+    check = deployment_check(ev)
+    assert check.passed, check.detail
+    kernels = kernels_check(ExportMetrics.read(d / "data/metrics/export.json"), "openvino")
+    assert kernels.passed and kernels.detail.startswith("openvino: "), kernels.detail
