@@ -8,7 +8,7 @@
 """
 
 from pqd.deploy import load_deployed_denoiser
-from pqd.diffusion.quantized import load_pipeline
+from pqd.deploy.runtime import load_pipeline
 from pqd.ops.serving import Sampler
 from pqd.ops.tracking import load_sampler
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pqd import deploy
 from pqd.bench.ceiling import ceiling_of, measure_ceilings, model_macs
 from pqd.bench.profile import openvino_profile, ort_profile, shares
-from pqd.bench.deploy_models import (GLUE, GLUE_NO_SPLIT, VARIANT_CHOICES, BenchModel, bench_params, calibrate, cifar_model,
+from pqd.bench.deploy_models import (GLUE, VARIANT_CHOICES, BenchModel, bench_params, calibrate, cifar_model,
                                      demo_dit_params, demo_model, describe, dit_model, export, float_onnx, nncf_reference,
                                      ort_static_reference, sizes, trajectory_inputs, variants, weights_label)
 from pqd.deploy import openvino

@@ -9,13 +9,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
+from diffusers.utils import BaseOutput
 
 from pqd.core.timegroups import TimeGroups
 from pqd.deploy import openvino, ort
 from pqd.deploy.kernels import KernelAudit, quantized_layers
 from pqd.deploy.onnx import ONNX_DIR, graph_file
+from pqd.diffusion import quantized
 from pqd.diffusion.adapter import Denoiser
 from pqd.diffusion.pipeline import denoiser_component, sample_shape_of
+from pqd.diffusion.pipeline import load_pipeline as load_pipeline_folder
 from pqd.errors import MissingInputError, ParamError
 from pqd.formats.export import time_groups_of
 from pqd.formats.files import read_json
@@ -111,3 +115,40 @@ def load_deployed_denoiser(export_dir: Path, runtime: str = "onnxruntime", threa
     cfg = read_json(export_dir / denoiser_component(export_dir) / "config.json")
     return DeployedDenoiser(onnx_dir, read_json(export_dir / "scheduler" / "scheduler_config.json"),
                             index["scheduler"][1], sample_shape_of(cfg), groups, threads, components, runtime)
+
+
+def load_pipeline(export_dir: str | Path, device: str = "cpu", runtime: str = "torch"):
+    """The export as a diffusers ``DiffusionPipeline`` (every file verified first). ``runtime``: torch (the simulated
+    integer arithmetic: :func:`pqd.diffusion.quantized.load_pipeline`), or onnxruntime / openvino: the denoiser's
+    forward runs the export's deployed ONNX graphs in that runtime, on the CPU (a batch whose timesteps fall in
+    several time groups is split by group)."""
+    if runtime == "torch":
+        return quantized.load_pipeline(export_dir, device)
+    check_runtime(runtime)
+    export_dir = Path(export_dir)
+    net = quantized.load_quantized_net(export_dir, device)  # verifies the manifest
+    run_deployed(net, load_deployed_denoiser(export_dir, runtime))
+    return load_pipeline_folder(export_dir, device, net)
+
+
+def run_deployed(net: nn.Module, deployed: DeployedDenoiser) -> None:
+    """Make ``net(sample, timestep, **conditioning)`` run ``deployed`` (a DeployedDenoiser of the same export)
+    instead of its torch layers; the module keeps its config, dtype and device, which a pipeline reads. The graphs
+    give the noise prediction: a transformer with learned variance gets zeros in its variance channels (the DiT
+    pipeline discards them)."""
+    names = [n for n in deployed.inputs if n not in ("sample", "timestep")]
+    channels = int(getattr(net.config, "out_channels", 0) or 0)
+
+    def forward(sample: torch.Tensor, timestep=None, *args, return_dict: bool = True, **kwargs):
+        t = kwargs.pop("timesteps", timestep if timestep is not None else (args[0] if args else None))
+        missing = [n for n in names if kwargs.get(n) is None]
+        if t is None or missing:
+            raise ValueError(f"the deployed graphs take sample, timestep and {', '.join(names) or 'nothing else'}: "
+                             f"missing {'timestep' if t is None else ', '.join(missing)}")
+        y = deployed.predict(sample.float().cpu(), torch.as_tensor(t).float().cpu(), {n: kwargs[n] for n in names})
+        if channels == 2 * y.shape[1]:
+            y = torch.cat([y, torch.zeros_like(y)], dim=1)
+        y = y.to(sample.device, sample.dtype)
+        return BaseOutput(sample=y) if return_dict else (y,)
+
+    net.forward = forward

@@ -76,46 +76,13 @@ def select_group_by_timestep(net: nn.Module, groups: TimeGroups) -> None:
     net.register_forward_pre_hook(pick, with_kwargs=True)
 
 
-def load_pipeline(export_dir: str | Path, device: str = "cpu", runtime: str = "torch"):
+def load_pipeline(export_dir: str | Path, device: str = "cpu"):
     """The export as a diffusers ``DiffusionPipeline`` whose denoiser (UNet or transformer) is the quantized one: ``pipe(...)``
     samples with the calibrated integer weights and time-aware activation parameters. Every file is verified
-    first. ``runtime``: torch (the simulated integer arithmetic), or onnxruntime / openvino: the denoiser's forward
-    runs the export's deployed ONNX graphs in that runtime (on the CPU; a batch whose timesteps fall in several time
-    groups is split by group). (A pixel-space DiT pipeline, like the DiT demo's, has no autoencoder: its own
-    ``__call__`` cannot decode; sample it with :class:`pqd.ops.serving.Sampler`.)"""
-    from pqd import deploy  # deploy builds on this module
-
-    if runtime != "torch":
-        deploy.check_runtime(runtime)
+    first. (A pixel-space DiT pipeline, like the DiT demo's, has no autoencoder: its own ``__call__`` cannot
+    decode; sample it with :class:`pqd.ops.serving.Sampler`.) To sample with the deployed ONNX graphs instead:
+    :func:`pqd.deploy.runtime.load_pipeline` (``pqd.api.load_pipeline(..., runtime=...)``)."""
     export_dir = Path(export_dir)
     net = load_quantized_net(export_dir, device)
-    if runtime == "torch":
-        select_group_by_timestep(net, time_groups_of(export_dir))
-    else:
-        run_deployed(net, deploy.load_deployed_denoiser(export_dir, runtime))
+    select_group_by_timestep(net, time_groups_of(export_dir))
     return load_pipeline_folder(export_dir, device, net)
-
-
-def run_deployed(net: nn.Module, deployed: Denoiser) -> None:
-    """Make ``net(sample, timestep, **conditioning)`` run ``deployed`` (a DeployedDenoiser of the same export)
-    instead of its torch layers; the module keeps its config, dtype and device, which a pipeline reads. The graphs
-    give the noise prediction: a transformer with learned variance gets zeros in its variance channels (the DiT
-    pipeline discards them)."""
-    from diffusers.utils import BaseOutput
-
-    names = [n for n in deployed.inputs if n not in ("sample", "timestep")]
-    channels = int(getattr(net.config, "out_channels", 0) or 0)
-
-    def forward(sample: torch.Tensor, timestep=None, *args, return_dict: bool = True, **kwargs):
-        t = kwargs.pop("timesteps", timestep if timestep is not None else (args[0] if args else None))
-        missing = [n for n in names if kwargs.get(n) is None]
-        if t is None or missing:
-            raise ValueError(f"the deployed graphs take sample, timestep and {', '.join(names) or 'nothing else'}: "
-                             f"missing {'timestep' if t is None else ', '.join(missing)}")
-        y = deployed.predict(sample.float().cpu(), torch.as_tensor(t).float().cpu(), {n: kwargs[n] for n in names})
-        if channels == 2 * y.shape[1]:
-            y = torch.cat([y, torch.zeros_like(y)], dim=1)
-        y = y.to(sample.device, sample.dtype)
-        return BaseOutput(sample=y) if return_dict else (y,)
-
-    net.forward = forward

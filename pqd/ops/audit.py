@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pqd import deploy
 from pqd.errors import PqdError, TrackingError, one_line
 from pqd.formats.export import FORMAT_VERSION, MANIFEST, verify_manifest
 from pqd.formats.files import read_json
@@ -101,8 +102,6 @@ def check_kernels(export: Path, manifest: dict[str, Any] | None, runtime: str | 
     """Compile time group 0's ONNX graph in ``runtime`` (None: the one the release was evaluated in, from the
     manifest's evaluate.backend; onnxruntime when that was torch) and check that every quantized layer runs on an
     integer kernel (pqd.deploy.kernels)."""
-    from pqd import deploy  # imports onnxruntime and OpenVINO: only where the graphs are audited
-
     graph = export / deploy.ONNX_DIR / deploy.graph_file(0)
     if not graph.is_file():
         return Finding("kernels", SKIP, "the export has no ONNX graphs (export.onnx = false)")

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pqd.deploy.kernels import KernelAudit
 from pqd.errors import PqdError, command, one_line
 from pqd.formats.export import verify_manifest
 from pqd.formats.lineage import git_commit, git_file, lock_ties_metrics
@@ -189,17 +190,9 @@ def kernels_check(ex: ExportMetrics | None, backend: str) -> Check:
     judged = [backend] if backend in audits else list(audits)
     if not judged:
         return Check("kernels", False, "the export records no kernel audit: rerun the export stage (dvc repro)")
-    lines, bad = [], []
-    for r in judged:
-        a = audits[r]
-        line = f"{r}: {a['integer_layers']} of {a['quantized_layers']} quantized layers on integer kernels"
-        if a.get("float_output"):
-            line += f" ({', '.join(a['float_output'])}: float output by design)"
-        if a["fallbacks"]:
-            bad.append(r)
-            line += f"; fell back to float: {', '.join(a['fallbacks'])}"
-        lines.append(line)
-    return Check("kernels", not bad, "; ".join(lines))
+    found = [KernelAudit(**{**audits[r], "fallbacks": tuple(audits[r]["fallbacks"]),
+                            "float_output": tuple(audits[r].get("float_output", ()))}) for r in judged]
+    return Check("kernels", not any(a.fallbacks for a in found), "; ".join(a.line() for a in found))
 
 
 def committed_check(r: Result, allow_uncommitted: bool) -> Check:
