@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from pqd.bench.memory import build_model
+from pqd.deploy.int4 import runnable_graph
 from pqd.deploy.onnx import ONNX_DIR, graph_file
 from pqd.deploy.ort import session_options
 from pqd.diffusion.adapter import load_denoiser
@@ -79,7 +80,7 @@ def ort_providers(export_dir: Path, x: torch.Tensor) -> dict[str, object]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return {"onnxruntime_cuda": f"not available (onnxruntime {ort.__version__} providers: {', '.join(available)})"}
-    graph = str(export_dir / ONNX_DIR / graph_file(0))
+    graph = runnable_graph(export_dir / ONNX_DIR / graph_file(0))  # a W4 graph's INT4 codes widened to int8
     t = torch.full((len(x),), 999.0)  # the noisiest step: time group 0 of every schedule
     feed = {"sample": x.numpy(), "timestep": t.numpy()}
     out = {}
