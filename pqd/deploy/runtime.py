@@ -27,9 +27,12 @@ from pqd.formats.files import read_json
 RUNTIMES = ("onnxruntime", "openvino")
 
 
-def check_runtime(runtime: str) -> str:
-    if runtime not in RUNTIMES:
-        raise ParamError(f"runtime = {runtime!r} is not allowed: expected one of {', '.join(RUNTIMES)}")
+def check_runtime(runtime: str, torch_too: bool = False) -> str:
+    """``runtime`` when it names a runtime of the deployed graphs (or, with ``torch_too``, torch: the simulated
+    model), else a one-line ParamError listing the allowed names."""
+    allowed = ("torch", *RUNTIMES) if torch_too else RUNTIMES
+    if runtime not in allowed:
+        raise ParamError(f"runtime = {runtime!r} is not allowed: expected one of {', '.join(allowed)}")
     return runtime
 
 
@@ -122,9 +125,8 @@ def load_pipeline(export_dir: str | Path, device: str = "cpu", runtime: str = "t
     integer arithmetic: :func:`pqd.diffusion.quantized.load_pipeline`), or onnxruntime / openvino: the denoiser's
     forward runs the export's deployed ONNX graphs in that runtime, on the CPU (a batch whose timesteps fall in
     several time groups is split by group)."""
-    if runtime == "torch":
+    if check_runtime(runtime, torch_too=True) == "torch":
         return quantized.load_pipeline(export_dir, device)
-    check_runtime(runtime)
     export_dir = Path(export_dir)
     net = quantized.load_quantized_net(export_dir, device)  # verifies the manifest
     run_deployed(net, load_deployed_denoiser(export_dir, runtime))

@@ -37,8 +37,7 @@ class Sampler:
         if runtime is None:
             manifest = json.loads((Path(export_dir) / MANIFEST).read_text())
             runtime = manifest.get("params", {}).get("evaluate", {}).get("backend", "onnxruntime")
-        if runtime != "torch":
-            deploy.check_runtime(runtime)
+        deploy.check_runtime(runtime, torch_too=True)
         den = load_denoiser_from_export(export_dir, device)  # verifies every file, the ONNX graphs included
         if runtime != "torch" and (Path(export_dir) / deploy.ONNX_DIR / deploy.graph_file(0)).is_file():
             den = deploy.load_deployed_denoiser(export_dir, runtime, components=den)

@@ -184,7 +184,7 @@ def test_load_pipeline_on_a_runtime_runs_the_deployed_graphs(artifact, runtime):
         assert torch.equal(pipe.unet(x, torch.tensor(t)).sample, deployed.predict(x, torch.tensor(t)))
     images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
-    with pytest.raises(Exception, match="runtime = 'tensorrt' is not allowed: expected one of onnxruntime, openvino"):
+    with pytest.raises(Exception, match="runtime = 'tensorrt' is not allowed: expected one of torch, onnxruntime, openvino"):
         load_pipeline(out, runtime="tensorrt")
 
 
