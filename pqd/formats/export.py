@@ -94,5 +94,11 @@ def verify_manifest(export_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def evaluated_backend(manifest: dict[str, Any]) -> str:
+    """The ``evaluate.backend`` an export was made for (its manifest's params): the runtime that ships it, or torch.
+    Manifests without it (older exports) are onnxruntime's, the default then."""
+    return manifest.get("params", {}).get("evaluate", {}).get("backend") or "onnxruntime"
+
+
 def time_groups_of(export_dir: Path) -> TimeGroups:
     return qcodec.time_groups(qcodec.read_qmap(export_dir))

@@ -15,7 +15,7 @@ import yaml
 
 from pqd import deploy
 from pqd.errors import PqdError, TrackingError, one_line
-from pqd.formats.export import FORMAT_VERSION, MANIFEST, verify_manifest
+from pqd.formats.export import FORMAT_VERSION, MANIFEST, evaluated_backend, verify_manifest
 from pqd.formats.files import read_json
 from pqd.formats.metrics import EvaluateMetrics
 from pqd.formats.qstate import QMAP
@@ -106,8 +106,8 @@ def check_kernels(export: Path, manifest: dict[str, Any] | None, runtime: str | 
     if not graph.is_file():
         return Finding("kernels", SKIP, "the export has no ONNX graphs (export.onnx = false)")
     if runtime is None:
-        runtime = ((manifest or {}).get("params", {}).get("evaluate", {}).get("backend")) or "onnxruntime"
-        runtime = runtime if runtime in deploy.RUNTIMES else "onnxruntime"
+        backend = evaluated_backend(manifest or {})
+        runtime = backend if backend in deploy.RUNTIMES else "onnxruntime"
     a = deploy.kernel_audit(graph, deploy.check_runtime(runtime))
     return Finding("kernels", FAIL if a.fallbacks else PASS, a.line())
 

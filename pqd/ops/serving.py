@@ -14,7 +14,7 @@ from pqd import deploy
 from pqd.diffusion.adapter import Conditioning, Denoiser
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
 from pqd.errors import ParamError
-from pqd.formats.export import MANIFEST
+from pqd.formats.export import MANIFEST, evaluated_backend
 from pqd.diffusion.quantized import load_denoiser_from_export
 
 
@@ -35,8 +35,7 @@ class Sampler:
         runtime torch) the torch model. ``runtime`` None: the one the release was evaluated in (the export's
         evaluate.backend)."""
         if runtime is None:
-            manifest = json.loads((Path(export_dir) / MANIFEST).read_text())
-            runtime = manifest.get("params", {}).get("evaluate", {}).get("backend", "onnxruntime")
+            runtime = evaluated_backend(json.loads((Path(export_dir) / MANIFEST).read_text()))
         deploy.check_runtime(runtime, torch_too=True)
         den = load_denoiser_from_export(export_dir, device)  # verifies every file, the ONNX graphs included
         if runtime != "torch" and (Path(export_dir) / deploy.ONNX_DIR / deploy.graph_file(0)).is_file():
