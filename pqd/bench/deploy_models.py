@@ -224,12 +224,18 @@ class _Feeds(CalibrationDataReader):
         return next(self.feeds, None)
 
 
+def yardstick_feeds(calib: CalibInputs, batches: int = 4) -> list[dict[str, np.ndarray]]:
+    """The calibration feeds of both yardsticks: ``batches`` steps spread over the calibration trajectories
+    (conditional branch)."""
+    picked = calib.steps[::max(1, len(calib.steps) // batches)][:batches]
+    return [deploy.graph_feeds(x, torch.tensor(t), calib.rows) for x, t in picked]
+
+
 def ort_static_reference(fp_path: Path, calib: CalibInputs, out: Path, reduce_range: bool, batches: int = 4) -> Path:
     """onnxruntime's own static QDQ quantization of the float graph (u8 activations, s8 per-channel weights, 7-bit
     with ``reduce_range``, every op it supports in int8), calibrated on ``batches`` steps spread over the calibration
     trajectories (conditional branch): not a PQD artifact, a yardstick for what integer kernels give on this CPU."""
-    picked = calib.steps[::max(1, len(calib.steps) // batches)][:batches]
-    reader = _Feeds([deploy.graph_feeds(x, torch.tensor(t), calib.rows) for x, t in picked])
+    reader = _Feeds(yardstick_feeds(calib, batches))
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp_path), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
@@ -244,8 +250,7 @@ def nncf_reference(fp_path: Path, calib: CalibInputs, out: Path, batches: int = 
     import nncf
     import openvino as ov
 
-    picked = calib.steps[::max(1, len(calib.steps) // batches)][:batches]
-    feeds = [deploy.graph_feeds(x, torch.tensor(t), calib.rows) for x, t in picked]
+    feeds = yardstick_feeds(calib, batches)
     quantized = nncf.quantize(ov.Core().read_model(str(fp_path)), nncf.Dataset(feeds), subset_size=len(feeds))
     ov.save_model(quantized, str(out), compress_to_fp16=False)
     return out
