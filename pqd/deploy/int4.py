@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 INT4_OPSET = 21  # DequantizeLinear takes INT4 from opset 21 on
 _LOW, _HIGH = -8, 7
@@ -79,22 +80,25 @@ def pack_int4(model: onnx.ModelProto) -> int:
     return packed
 
 
-def has_int4(path: Path) -> bool:
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_type == TensorProto.INT4 for t in model.graph.initializer)
-
-
-def widened(path: Path) -> bytes:
-    """The graph at ``path`` with its external data loaded and every INT4 initializer widened to INT8 (the same
-    values), serialized: what a runtime compiles from memory."""
-    model = onnx.load(str(path))
+def _widen(model: onnx.ModelProto) -> bytes:
+    """``model`` (its external data loaded) with every INT4 initializer widened to INT8, the same values, serialized."""
     for t in model.graph.initializer:
         if t.data_type == TensorProto.INT4:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int8), t.name))
     return model.SerializeToString()
 
 
+def widened(path: Path) -> bytes:
+    """The graph at ``path`` with its external data loaded and every INT4 initializer widened to INT8 (the same
+    values), serialized: what a runtime compiles from memory."""
+    return _widen(onnx.load(str(path)))
+
+
 def runnable_graph(path: Path) -> str | bytes:
     """What a runtime should load for the graph at ``path``: the path itself, or the widened graph's bytes when it
-    holds 4-bit weights."""
-    return widened(path) if has_int4(path) else str(path)
+    holds 4-bit weights (the graph file is read once; weights.bin only then)."""
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(t.data_type == TensorProto.INT4 for t in model.graph.initializer):
+        return str(path)
+    load_external_data_for_model(model, str(Path(path).parent))
+    return _widen(model)
