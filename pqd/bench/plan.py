@@ -84,6 +84,8 @@ _ROWS = [
         {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True}}),
     Row("pqd, attention matmuls, softmax 8-bit" + SHARED, 8,
         {**_PQD, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
+    # error-compensating rounding (calibrate.rounding: gptq) before reconstruction, against w4-pqd / w8-pqd
+    *[Row("pqd, gptq rounding", bits, {"calibrate": {"method": "pqd", "rounding": "gptq"}}) for bits in (4, 8)],
 ]
 ROWS: dict[str, Row] = {r.name: r for r in _ROWS}
 assert len(ROWS) == len(_ROWS), "two rows with one name"

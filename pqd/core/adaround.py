@@ -18,15 +18,26 @@ class AdaRound(nn.Module):
     ``h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)``; V starts where h equals the fractional
     part of W/s, i.e. at the float weight. ``regularizer(beta)`` pushes every h to 0 or 1; ``codes()``
     gives the hard rounding (h >= 0.5) as int8.
+
+    ``start``: codes to start from instead (GPTQ's): each weight may then end on its start code or on the
+    neighbour on the float weight's side of it, and h starts on the start code's side of 0.5, as close to the float
+    weight as that allows.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, qtype: QType) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, qtype: QType,
+                 start: torch.Tensor | None = None) -> None:
         super().__init__()
         self.qtype = qtype
         s = scale.reshape(-1, *[1] * (weight.ndim - 1)).to(torch.float32)
         x = weight.detach().to(torch.float32) / s
-        floor = torch.floor(x)
-        rest = (x - floor).clamp(1e-4, 1 - 1e-4)
+        if start is None:
+            floor = torch.floor(x)
+            rest = (x - floor).clamp(1e-4, 1 - 1e-4)
+        else:
+            c = start.to(x.device, torch.float32)
+            above = x >= c  # the float weight lies above its start code: the code is the lower of the two choices
+            floor = torch.where(above, c, c - 1)
+            rest = torch.where(above, (x - c).clamp(1e-4, 0.5 - 1e-4), (x - floor).clamp(0.5, 1 - 1e-4))
         self.register_buffer("scale", s)
         self.register_buffer("floor", floor)
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))

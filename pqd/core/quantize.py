@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from pqd.core.affine import quantize, weight_scales
+from pqd.core.gptq import Hessian, gptq_codes, supported
 from pqd.core.guards import NumericalError, check_act_qparams, check_layer_qparams, check_smoothing
 from pqd.core.modules import (ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul, QuantSite, matmul_modules,
                               quant_layers, quant_matmuls, quant_sites, quantizable_layers, set_module, sites)
@@ -29,6 +30,8 @@ class QuantConfig:
     product when split), as integer kernels require. Every MatMul is quantized too, its operands at
     ``operand_bits[name]`` = (bits of a, bits of b), default ``act_bits``; every Site at ``act_bits``. ``smooth``:
     linear layers balanced against their weight (:mod:`pqd.core.smooth`, migration strength ``smooth_alpha``).
+    ``rounding``: the weight codes' rounding, ``nearest`` or ``gptq`` (:mod:`pqd.core.gptq`, damping ``gptq_damp``,
+    Hessians pooled over the calibration set and its time groups).
     """
 
     weight_bits: int = 8
@@ -43,6 +46,8 @@ class QuantConfig:
     operand_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
     smooth: frozenset[str] = frozenset()
     smooth_alpha: float = 0.5
+    rounding: str = "nearest"  # nearest | gptq
+    gptq_damp: float = 0.01
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
@@ -164,6 +169,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         {n: ("a", "b") for n in matmuls} | {n: ("in",) for n in glue}
     obs = {(n, g, p, side): ActObserver(config.act_samples, seed=2 * i + (side in ("out", "b")))
            for i, n in enumerate(sides) for g in range(G) for p in range(parts[n]) for side in sides[n]}
+    hessians = {n: Hessian(m) for n, m in layers.items() if supported(m)} if config.rounding == "gptq" else {}
     current = {"group": 0}
 
     def set_group(g: int) -> None:
@@ -193,6 +199,8 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
             k = config.splits[n]
             observe(n, 0, "in", x[:, :k])
             observe(n, 1, "in", x[:, k:])
+        if n in hessians:  # after the observers, which refuse non-finite inputs with the layer's name
+            hessians[n].update(x / factors[n].to(x.device) if n in factors else x)
 
     def out_hook(m: nn.Module, args: tuple, y: torch.Tensor, n: str) -> None:
         if parts[n] == 1:
@@ -230,6 +238,8 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         smooth = factors.get(name)
         w = layer.weight if smooth is None else layer.weight * smooth.to(layer.weight.device)
         codes, w_scale = quantize_weight(w, bits, config.weight_range)
+        if name in hessians:
+            codes = gptq_codes(w, w_scale, hessians.pop(name).value(), weight_qtype(bits), config.gptq_damp)
         state[name] = LayerQParams(
             kind="conv2d" if isinstance(layer, nn.Conv2d) else "linear",
             weight_bits=bits, act_bits=config.act_bits, weight_int=codes, weight_scale=w_scale,

@@ -35,6 +35,7 @@ class ReconConfig:
     qdrop_p: float = 0.5  # probability of keeping an activation element in float during reconstruction
     adaround: bool = True
     lsq: bool = True
+    start_from_codes: bool = False  # AdaRound starts from the fitted codes (GPTQ's), not from the float weights
 
 
 @dataclass
@@ -120,8 +121,8 @@ def unit_mse(unit: nn.Module, batches: Sequence[UnitBatch]) -> float:
 def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], batches: Sequence[UnitBatch],
                      cfg: ReconConfig, generator: torch.Generator) -> dict[str, float]:
     """Optimise the unit's rounding and activation steps in place; returns a log of the losses. ``float_weights``:
-    each quantized layer's float weight, by name in the unit. A result worse than nearest rounding on the recorded
-    inputs is reverted to nearest rounding and the initial steps (the log says so)."""
+    each quantized layer's float weight, by name in the unit. A result worse than the fitted codes (nearest or GPTQ
+    rounding) on the recorded inputs is reverted to those codes and the initial steps (the log says so)."""
     layers = quant_layers(unit)
     # LSQ learns the step sizes of grids up to 8 bits; a wider grid (a 16-bit softmax output) has a rounding
     # error far below anything learning could fix, and Adam's steps of ~lr_act would dwarf its tiny step size
@@ -134,7 +135,8 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
     params: list[dict[str, Any]] = []
     if cfg.adaround:
         for n, q in layers.items():
-            q.rounding = AdaRound(float_weights[n], q.weight_scale, q.wqtype).to(q.weight_int.device)
+            start = q.weight_int if cfg.start_from_codes else None
+            q.rounding = AdaRound(float_weights[n], q.weight_scale, q.wqtype, start).to(q.weight_int.device)
         params.append({"params": [q.rounding.V for q in layers.values()], "lr": cfg.lr_round})
     if cfg.lsq:
         for a in aqs:
@@ -175,7 +177,7 @@ def reconstruct_unit(unit: nn.Module, float_weights: dict[str, torch.Tensor], ba
             a.scale.requires_grad_(False)
     after = unit_mse(unit, batches)
     reverted = 0.0
-    if not after <= before:  # never leave a unit worse than nearest rounding
+    if not after <= before:  # never leave a unit worse than its fitted codes
         for n, q in layers.items():
             q.set_codes(saved_codes[n])
         for a, scale in zip(aqs, saved_scales):

@@ -43,7 +43,7 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
                        operand_bits={n: (q.softmax_bits if role == "pv" else q.act_bits, q.act_bits)
                                      for n, role in (attention or {}).items()},
                        smooth=frozenset(den.smooth_layers(names)) if q.smooth else frozenset(),
-                       smooth_alpha=q.smooth_alpha)
+                       smooth_alpha=q.smooth_alpha, rounding=c.rounding, gptq_damp=c.gptq_damp)
 
 
 def install_glue(params: Params, den: Denoiser) -> list[str]:
@@ -109,4 +109,5 @@ def calibrate_network(params: Params, den: Denoiser, codes: IntegerCodes, forwar
 def recon_config(params: Params) -> ReconConfig:
     c = params.calibrate
     return ReconConfig(iters=c.recon_iters, batch_size=c.recon_batch_size, lr_round=c.lr_round, lr_act=c.lr_act,
-                       round_weight=c.round_weight, qdrop_p=c.qdrop_p, adaround=c.adaround, lsq=c.lsq)
+                       round_weight=c.round_weight, qdrop_p=c.qdrop_p, adaround=c.adaround, lsq=c.lsq,
+                       start_from_codes=c.rounding == "gptq")

@@ -73,6 +73,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "calibrate.act_samples": (lambda v: v >= 1000, "an integer >= 1000"),
     "calibrate.memory_mb": (lambda v: v >= 0, "an integer >= 0 (0: every unit's recordings on disk)"),
     "calibrate.recon_wave": (lambda v: v >= 1, "an integer >= 1 (1: each unit after the one before it)"),
+    "calibrate.gptq_damp": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "checkpoint.keep_mb": (lambda v: v >= 0, "an integer >= 0 (0: remove a completed stage's checkpoint)"),
     "evaluate.features": (lambda v: v in ("demo:digits", "inception") or v.startswith(("inception:", "torchscript:")),
                           "'demo:digits', 'inception', 'inception:<weights file>' or 'torchscript:<file>'"),

@@ -117,6 +117,8 @@ class CalibrateParams:
     memory_mb: int = 1024  # a reconstruction unit whose recordings (inputs + FP outputs) exceed this keeps them on disk
     recon_inputs: Literal["quantized", "float"] = "quantized"  # whose inputs a unit learns from: the quantized or FP model's
     recon_wave: int = 1  # quantized inputs: consecutive units recorded together, then reconstructed concurrently
+    rounding: Literal["nearest", "gptq"] = "nearest"  # weight codes before reconstruction: nearest or GPTQ
+    gptq_damp: float = 0.01  # GPTQ: share of the mean Hessian diagonal added to the diagonal
     seed: int = 0  # reconstruction: batch sampling and QDrop masks (seeded generators, never the global RNG)
 
 
