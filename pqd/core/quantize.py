@@ -193,14 +193,16 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         elif n in matmuls:
             observe(n, 0, "a", x)
             observe(n, 0, "b", args[1])
-        elif parts[n] == 1:
-            observe(n, 0, "in", x / factors[n].to(x.device) if n in factors else x)
         else:
-            k = config.splits[n]
-            observe(n, 0, "in", x[:, :k])
-            observe(n, 1, "in", x[:, k:])
-        if n in hessians:  # after the observers, which refuse non-finite inputs with the layer's name
-            hessians[n].update(x / factors[n].to(x.device) if n in factors else x)
+            x = x / factors[n].to(x.device) if n in factors else x  # a balanced layer sees x / s (never split)
+            if parts[n] == 1:
+                observe(n, 0, "in", x)
+            else:
+                k = config.splits[n]
+                observe(n, 0, "in", x[:, :k])
+                observe(n, 1, "in", x[:, k:])
+            if n in hessians:  # after the observers, which refuse non-finite inputs with the layer's name
+                hessians[n].update(x)
 
     def out_hook(m: nn.Module, args: tuple, y: torch.Tensor, n: str) -> None:
         if parts[n] == 1:
