@@ -376,8 +376,13 @@ def reconstruct_model(fp: nn.Module, q: nn.Module, units: list[str], run: BatchR
                 # the float weights the codes stand for (a balanced layer's codes quantize weight x smooth)
                 weights = {nm: ql.folded(fp_unit.get_submodule(nm).weight.detach())
                            for nm, ql in quant_layers(q_unit).items()}
-                if remote:  # the recordings travel with the job (a store's files stay on this machine)
-                    batches = list(batches)
+                if remote:
+                    # the recordings travel with the job (a store's files stay on this machine), and the job owns its
+                    # tensors: a process pool moves a pickled tensor's storage into shared memory from its feeder
+                    # thread, while this thread still runs the models on the storages a capture or a weight may
+                    # share with them (the model's input, fp's weights); that race handed jobs garbage
+                    batches = copy.deepcopy(list(batches))
+                    weights = {nm: w.clone() for nm, w in weights.items()}
                 collect(block=False)
                 pending[unit] = executor.submit(run_unit, UnitJob(unit, copy.deepcopy(q_unit), weights, batches, cfg,
                                                                   unit_seed(seed, unit)))
