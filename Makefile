@@ -78,9 +78,12 @@ bench-parallel: setup check-params
 bench-calibrate: setup
 	$(BIN)/python -m pqd.bench.calibrate --out data/bench/calibrate.json
 
-# coverage of the evaluation's bootstrap intervals where the truth is known (Gaussian features, the demo's sample sizes)
+# coverage of the evaluation's intervals where the truth is known: Gaussian features at the demo's sizes and at a
+# second size, then (after make run) the demo's own evaluation features as the population
 bench-coverage: setup
 	$(BIN)/python -m pqd.bench.coverage --out data/bench/coverage.json
+	$(BIN)/python -m pqd.bench.coverage --trials 300 --n 500 --dim 64 --out data/bench/coverage-n500-d64.json
+	$(BIN)/python -m pqd.bench.coverage --pool data --n 500 --out data/bench/coverage-demo-features.json
 
 # the pipeline on a CUDA GPU against the same seeds on the CPU (CIFAR-10 UNet config, reduced sizes; at most 8 minutes
 # on one GPU); refuses in one line without CUDA

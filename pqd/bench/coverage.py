@@ -4,9 +4,11 @@ Simulated where the truth is known: Gaussian features. The FP population N(mu_f,
 reference statistics (mu_r, S_r) are fixed and exact, as the evaluate stage's are, and a quantized feature is its
 FP feature plus a shift and independent noise, q_i = f_i + delta + e_i, so both populations, and so the true FID
 vs reference, FID vs FP and ΔFID, are known in closed form. Each trial draws N paired samples and computes the
-evaluate stage's intervals from ``--resamples`` bootstrap draws (pqd.eval.bootstrap.paired_resamples) in two ways:
+evaluate stage's intervals from ``--resamples`` bootstrap draws (pqd.eval.bootstrap.paired_resamples) in three ways:
 
-- percentile: the central interval of the resampled values (what the evaluate stage reports);
+- corrected: the bias-corrected normal interval, (point - jackknife bias) -/+ z x sd of the resamples (what the
+  evaluate stage reports and the release gate reads: pqd.eval.bootstrap.corrected_interval, jackknife_bias);
+- percentile: the central interval of the resampled values (what the evaluate stage reported before);
 - basic: the percentile interval reflected about the point value, [2 x point - hi, 2 x point - lo], which carries
   the bias that resampling shows (an FID's resamples sit above its point value) back onto the point value.
 
@@ -19,17 +21,20 @@ import argparse
 import json
 import time
 from dataclasses import fields
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from pqd.errors import command
-from pqd.eval.bootstrap import PairedIntervals, Stats, frechet, paired_resamples, percentile_interval, stats
+from pqd.errors import MissingInputError, command
+from pqd.eval.bootstrap import (FLOORS, PairedIntervals, Stats, corrected_interval, frechet, jackknife_bias,
+                                paired_points, paired_resamples, percentile_interval)
 from pqd.formats.metrics import Interval
 
 # the FIDs and ΔFID: the first four columns of paired_resamples, named as PairedIntervals names them
 STATISTICS = tuple(f.name for f in fields(PairedIntervals))[:4]
+METHODS = ("corrected", "percentile", "basic")
 
 
 def populations(dim: int, seed: int, ref_fid: float, quant_fid: float) -> tuple[Stats, Stats, Stats, np.ndarray]:
@@ -57,34 +62,82 @@ def basic_interval(values: np.ndarray, point: float, confidence: float) -> Inter
     return Interval(2 * point - iv.hi, 2 * point - iv.lo)
 
 
-def simulate(trials: int, n: int, dim: int, resamples: int, confidence: float, seed: int, ref_fid: float,
-             quant_fid: float) -> dict:
-    fp_pop, q_pop, ref, noise_sd = populations(dim, seed, ref_fid, quant_fid)
-    truth = {"fid_quant_vs_ref": frechet(q_pop, ref), "fid_fp_vs_ref": frechet(fp_pop, ref),
-             "fid_quant_vs_fp": frechet(q_pop, fp_pop)}
-    truth["delta_fid"] = truth["fid_quant_vs_ref"] - truth["fid_fp_vs_ref"]
-    delta = q_pop[0] - fp_pop[0]
+Draw = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]  # (rng, n) -> paired (quant, fp) [n, D]
+
+
+def truths(q_pop: Stats, fp_pop: Stats, ref: Stats) -> dict[str, float]:
+    t = {"fid_quant_vs_ref": frechet(q_pop, ref), "fid_fp_vs_ref": frechet(fp_pop, ref),
+         "fid_quant_vs_fp": frechet(q_pop, fp_pop)}
+    t["delta_fid"] = t["fid_quant_vs_ref"] - t["fid_fp_vs_ref"]
+    return t
+
+
+def coverage_trials(draw: Draw, truth: dict[str, float], ref: Stats, trials: int, n: int, resamples: int,
+                    confidence: float, seed: int) -> dict:
+    """``trials`` draws of n paired samples; per trial and statistic, whether each method's interval holds the truth."""
     rng = np.random.default_rng(seed + 1)
-    chol = np.linalg.cholesky(fp_pop[1] + 1e-12 * np.eye(dim))
-    hits = {m: {s: 0 for s in STATISTICS} for m in ("percentile", "basic")}
-    points = {s: [] for s in STATISTICS}
+    hits = {m: {s: 0 for s in STATISTICS} for m in METHODS}
+    points: dict[str, list[float]] = {s: [] for s in STATISTICS}
     for trial in tqdm(range(trials), desc="coverage trials", unit="trial"):
-        fp = fp_pop[0] + rng.standard_normal((n, dim)) @ chol.T
-        quant = fp + delta + rng.standard_normal((n, dim)) * noise_sd
+        quant, fp = draw(rng, n)
         draws = paired_resamples(quant, fp, ref, np.zeros(n), resamples=resamples, seed=seed + 2 + trial)
-        q, f = stats(quant), stats(fp)
-        point = {"fid_quant_vs_ref": frechet(q, ref), "fid_fp_vs_ref": frechet(f, ref), "fid_quant_vs_fp": frechet(q, f)}
-        point["delta_fid"] = point["fid_quant_vs_ref"] - point["fid_fp_vs_ref"]
+        point, bias = paired_points(quant, fp, ref, np.zeros(n)), jackknife_bias(quant, fp, ref, np.zeros(n))
         for k, s in enumerate(STATISTICS):
-            points[s].append(point[s])
-            for m, iv in (("percentile", percentile_interval(draws[:, k], confidence)),
-                          ("basic", basic_interval(draws[:, k], point[s], confidence))):
+            points[s].append(float(point[k]))
+            for m, iv in (("corrected", corrected_interval(draws[:, k], point[k], bias[k], confidence, FLOORS[k])),
+                          ("percentile", percentile_interval(draws[:, k], confidence)),
+                          ("basic", basic_interval(draws[:, k], point[k], confidence))):
                 hits[m][s] += iv.lo <= truth[s] <= iv.hi
     se = lambda p: float(np.sqrt(p * (1 - p) / trials))  # noqa: E731
-    return {"trials": trials, "n": n, "dim": dim, "resamples": resamples, "confidence": confidence, "seed": seed,
-            "truth": truth, "mean_point_value": {s: float(np.mean(v)) for s, v in points.items()},
+    return {"trials": trials, "n": n, "resamples": resamples, "confidence": confidence, "seed": seed, "truth": truth,
+            "mean_point_value": {s: float(np.mean(v)) for s, v in points.items()},
+            "sd_point_value": {s: float(np.std(v, ddof=1)) for s, v in points.items()},
             "coverage": {m: {s: {"coverage": h / trials, "se": se(h / trials)} for s, h in c.items()}
                          for m, c in hits.items()}}
+
+
+def simulate(trials: int, n: int, dim: int, resamples: int, confidence: float, seed: int, ref_fid: float,
+             quant_fid: float) -> dict:
+    """Coverage on Gaussian features (:func:`populations`)."""
+    fp_pop, q_pop, ref, noise_sd = populations(dim, seed, ref_fid, quant_fid)
+    delta = q_pop[0] - fp_pop[0]
+    chol = np.linalg.cholesky(fp_pop[1] + 1e-12 * np.eye(dim))
+
+    def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        fp = fp_pop[0] + rng.standard_normal((n, dim)) @ chol.T
+        return fp + delta + rng.standard_normal((n, dim)) * noise_sd, fp
+
+    return {"population": "gaussian", "dim": dim,
+            **coverage_trials(draw, truths(q_pop, fp_pop, ref), ref, trials, n, resamples, confidence, seed)}
+
+
+def simulate_pool(quant: np.ndarray, fp: np.ndarray, ref: Stats, trials: int, n: int, resamples: int,
+                  confidence: float, seed: int) -> dict:
+    """Coverage on real features: the population is a pool of paired features (quant[i], fp[i]) itself (each pair
+    weighs 1/P), drawn with replacement, so its FIDs are known exactly (population covariances)."""
+    pop = lambda x: (x.mean(axis=0), np.cov(x, rowvar=False, bias=True))  # noqa: E731
+
+    def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = rng.integers(0, len(quant), n)
+        return quant[idx], fp[idx]
+
+    return {"population": f"pool of {len(quant)} feature pairs", "dim": quant.shape[1],
+            **coverage_trials(draw, truths(pop(quant), pop(fp), ref), ref, trials, n, resamples, confidence, seed)}
+
+
+def pool_from_run(data: Path, params_file: Path) -> tuple[np.ndarray, np.ndarray, Stats]:
+    """(quantized features, FP features, reference statistics) of a pipeline run's evaluation: the quantized and FP
+    images of the evaluation seeds under ``data`` (data/samples/quant, data/samples/fp/a), through the extractor and
+    reference of ``params_file``'s evaluate section."""
+    from pqd.eval import fid
+    from pqd.params import load_params
+
+    ev = load_params(params_file).evaluate
+    ex = fid.build_extractor(ev.features, data / "model")
+    ref, _, _ = fid.reference_stats(ev.reference, ex, ev.batch_size, "cpu",
+                                    fid.probe_size(ex, data / "samples/fp/a"))
+    quant = fid.folder_features(data / "samples/quant/images", ex, ev.batch_size)
+    return quant, fid.folder_features(data / "samples/fp/a", ex, ev.batch_size), ref
 
 
 @command("bench-coverage")
@@ -93,16 +146,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--n", type=int, default=1000, help="paired samples per trial (generate.eval_samples)")
     ap.add_argument("--dim", type=int, default=128, help="feature dimension (the demo's DigitNet features: 128)")
-    ap.add_argument("--resamples", type=int, default=200, help="bootstrap draws per trial")
+    ap.add_argument("--resamples", type=int, default=1000, help="bootstrap draws per trial (evaluate.bootstrap: 1000)")
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--ref-fid", type=float, default=6.0, help="true FID(FP, reference)")
     ap.add_argument("--quant-fid", type=float, default=0.05, help="true FID(quantized, FP)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", metavar="DATA", help="real features instead of Gaussian ones: the quantized and FP "
+                    "evaluation images of the pipeline run under DATA (e.g. data, after make run), as the population")
+    ap.add_argument("--params", default="params.yaml", help="with --pool: whose evaluate.features and reference")
     ap.add_argument("--out", default="data/bench/coverage.json")
     args = ap.parse_args(argv)
+    if args.pool and not (Path(args.pool) / "samples/quant/images").is_dir():
+        raise MissingInputError(f"--pool {args.pool}: no evaluation images under it ({args.pool}/samples/quant/images); "
+                        f"expected a pipeline's data folder after the evaluate stage (make run)")
     t0 = time.perf_counter()
-    result = simulate(args.trials, args.n, args.dim, args.resamples, args.confidence, args.seed, args.ref_fid,
-                      args.quant_fid)
+    if args.pool:
+        quant, fp, ref = pool_from_run(Path(args.pool), Path(args.params))
+        result = simulate_pool(quant, fp, ref, args.trials, args.n, args.resamples, args.confidence, args.seed)
+    else:
+        result = simulate(args.trials, args.n, args.dim, args.resamples, args.confidence, args.seed, args.ref_fid,
+                          args.quant_fid)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -23,7 +23,7 @@ from pqd.diffusion.adapter import Denoiser
 from pqd.diffusion.sampling import scheduler_from_protocol
 from pqd.errors import NumericalError
 from pqd.eval import fid
-from pqd.eval.bootstrap import frechet, paired_intervals, stats
+from pqd.eval.bootstrap import JACKKNIFE_GROUPS, frechet, paired_intervals, stats
 from pqd.eval.metrics import per_image_mse, psnr
 from pqd.diffusion.quantized import load_denoiser_from_export
 from pqd.formats.calibset import META
@@ -124,7 +124,7 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         reference=ref_desc, reference_images=ref_n, fid="pqd.eval.bootstrap.frechet (eigenvalue form of the Fréchet distance)",
         backend=f"{ev.backend} (deployed ONNX, integer kernels)" if headline == "deployed"
         else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info,
-        intervals=f"{ev.confidence:g} percentile bootstrap, {ev.bootstrap} resamples of the {len(seeds)} evaluation "
+        intervals=f"{ev.confidence:g} normal, jackknife bias-corrected ({JACKKNIFE_GROUPS} groups), sd of {ev.bootstrap} bootstrap resamples of the {len(seeds)} evaluation "
                   f"seeds (seed {ev.bootstrap_seed}), quantized and FP images of a seed drawn together; reference fixed"
         if ev.bootstrap else None)
     return EvaluateMetrics(fid_quant_vs_ref=fid_q, fid_fp_vs_ref=fid_fp, delta_fid=fid_q - fid_fp,

@@ -26,7 +26,7 @@ def evaluation(delta=(0.1, 0.3), fid_vs_fp=(0.02, 0.05), psnr=(40.0, 41.0), fp_f
     """Evaluate metrics with the given intervals (lo, hi) and the model's own numbers the checks compare them with:
     FP FID vs reference, noise floor, PSNR between FP images of other seeds (the rest is not read by the checks)."""
     protocol = EvalProtocol(8, 8, "0..7", "DDIMScheduler", 6, 0.0, "pixel", 0, None, "f", "r", 8, "clean-fid", "torch",
-                            "8-bit weight codes", "0.95 percentile bootstrap" if intervals else None)
+                            "8-bit weight codes", "0.95 normal, jackknife bias-corrected (25 groups)" if intervals else None)
     ci = (lambda lo_hi: Interval(*lo_hi)) if intervals else (lambda lo_hi: None)
     return EvaluateMetrics(fid_quant_vs_ref=fp_fid + sum(delta) / 2, fid_fp_vs_ref=fp_fid, delta_fid=sum(delta) / 2,
                            fid_quant_vs_fp=sum(fid_vs_fp) / 2, noise_floor=floor, mse_mean=0.0,
