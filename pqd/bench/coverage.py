@@ -21,16 +21,18 @@ import argparse
 import json
 import time
 from dataclasses import fields
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from pqd.errors import MissingInputError, command
+from pqd.eval import fid
 from pqd.eval.bootstrap import (FLOORS, PairedIntervals, Stats, corrected_interval, frechet, jackknife_bias,
                                 paired_points, paired_resamples, percentile_interval)
 from pqd.formats.metrics import Interval
+from pqd.params import load_params
 
 # the FIDs and ΔFID: the first four columns of paired_resamples, named as PairedIntervals names them
 STATISTICS = tuple(f.name for f in fields(PairedIntervals))[:4]
@@ -78,12 +80,14 @@ def coverage_trials(draw: Draw, truth: dict[str, float], ref: Stats, trials: int
     rng = np.random.default_rng(seed + 1)
     hits = {m: {s: 0 for s in STATISTICS} for m in METHODS}
     points: dict[str, list[float]] = {s: [] for s in STATISTICS}
+    spreads: dict[str, list[float]] = {s: [] for s in STATISTICS}  # each trial's sd of the resampled values
     for trial in tqdm(range(trials), desc="coverage trials", unit="trial"):
         quant, fp = draw(rng, n)
         draws = paired_resamples(quant, fp, ref, np.zeros(n), resamples=resamples, seed=seed + 2 + trial)
         point, bias = paired_points(quant, fp, ref, np.zeros(n)), jackknife_bias(quant, fp, ref, np.zeros(n))
         for k, s in enumerate(STATISTICS):
             points[s].append(float(point[k]))
+            spreads[s].append(float(draws[:, k].std(ddof=1)))
             for m, iv in (("corrected", corrected_interval(draws[:, k], point[k], bias[k], confidence, FLOORS[k])),
                           ("percentile", percentile_interval(draws[:, k], confidence)),
                           ("basic", basic_interval(draws[:, k], point[k], confidence))):
@@ -92,6 +96,8 @@ def coverage_trials(draw: Draw, truth: dict[str, float], ref: Stats, trials: int
     return {"trials": trials, "n": n, "resamples": resamples, "confidence": confidence, "seed": seed, "truth": truth,
             "mean_point_value": {s: float(np.mean(v)) for s, v in points.items()},
             "sd_point_value": {s: float(np.std(v, ddof=1)) for s, v in points.items()},
+            # the spread the intervals use, against the point values' own sd above
+            "median_resample_sd": {s: float(np.median(v)) for s, v in spreads.items()},
             "coverage": {m: {s: {"coverage": h / trials, "se": se(h / trials)} for s, h in c.items()}
                          for m, c in hits.items()}}
 
@@ -129,9 +135,6 @@ def pool_from_run(data: Path, params_file: Path) -> tuple[np.ndarray, np.ndarray
     """(quantized features, FP features, reference statistics) of a pipeline run's evaluation: the quantized and FP
     images of the evaluation seeds under ``data`` (data/samples/quant, data/samples/fp/a), through the extractor and
     reference of ``params_file``'s evaluate section."""
-    from pqd.eval import fid
-    from pqd.params import load_params
-
     ev = load_params(params_file).evaluate
     ex = fid.build_extractor(ev.features, data / "model")
     ref, _, _ = fid.reference_stats(ev.reference, ex, ev.batch_size, "cpu",

@@ -28,6 +28,7 @@ def test_small_simulation_reports_coverage_per_method_and_statistic():
     assert set(r["coverage"]) == {"corrected", "percentile", "basic"}
     # finite-sample bias: the point values of the FIDs sit above the truth on average
     assert r["mean_point_value"]["fid_quant_vs_fp"] > r["truth"]["fid_quant_vs_fp"]
+    assert all(v > 0 for v in r["median_resample_sd"].values()) and set(r["sd_point_value"]) == set(r["truth"])
     for method in r["coverage"].values():
         assert all(0 <= c["coverage"] <= 1 for c in method.values())
 

@@ -194,7 +194,7 @@ def test_evaluate_records_intervals_and_the_per_image_floor(pipeline_run):
     """Bootstrap intervals of the paired statistics (200 resamples here), and the mean PSNR between FP images of
     different seeds computed by hand from the two FP sets."""
     ev = metrics(pipeline_run, "evaluate")
-    assert "200 resamples of the 12 evaluation seeds" in ev["protocol"]["intervals"]
+    assert "200 bootstrap resamples of the 12 evaluation seeds" in ev["protocol"]["intervals"]
     for k in ("fid_quant_vs_ref", "fid_fp_vs_ref", "delta_fid", "fid_quant_vs_fp", "psnr_mean"):
         lo, hi = ev[f"{k}_ci"]["lo"], ev[f"{k}_ci"]["hi"]
         assert math.isfinite(lo) and lo <= hi, k
