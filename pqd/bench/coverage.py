@@ -4,10 +4,10 @@ Simulated where the truth is known: Gaussian features. The FP population N(mu_f,
 reference statistics (mu_r, S_r) are fixed and exact, as the evaluate stage's are, and a quantized feature is its
 FP feature plus a shift and independent noise, q_i = f_i + delta + e_i, so both populations, and so the true FID
 vs reference, FID vs FP and ΔFID, are known in closed form. Each trial draws N paired samples and computes the
-evaluate stage's intervals from ``--resamples`` bootstrap draws (pqd.eval.bootstrap.paired_resamples) in three ways:
+evaluate stage's intervals from ``--resamples`` bootstrap draws (pqd.eval.bootstrap.paired_estimates) in three ways:
 
 - corrected: the bias-corrected normal interval, (point - jackknife bias) -/+ z x sd of the resamples (what the
-  evaluate stage reports and the release gate reads: pqd.eval.bootstrap.corrected_interval, jackknife_bias);
+  evaluate stage reports and the release gate reads: pqd.eval.bootstrap.corrected_interval, paired_estimates);
 - percentile: the central interval of the resampled values (what the evaluate stage reported before);
 - basic: the percentile interval reflected about the point value, [2 x point - hi, 2 x point - lo], which carries
   the bias that resampling shows (an FID's resamples sit above its point value) back onto the point value.
@@ -29,12 +29,11 @@ from tqdm.auto import tqdm
 
 from pqd.errors import MissingInputError, command
 from pqd.eval import fid
-from pqd.eval.bootstrap import (FLOORS, PairedIntervals, Stats, corrected_interval, frechet, jackknife_bias,
-                                paired_points, paired_resamples, percentile_interval)
+from pqd.eval.bootstrap import FLOORS, PairedIntervals, Stats, corrected_interval, frechet, paired_estimates, percentile_interval
 from pqd.formats.metrics import Interval
 from pqd.params import load_params
 
-# the FIDs and ΔFID: the first four columns of paired_resamples, named as PairedIntervals names them
+# the FIDs and ΔFID: the first four columns of the bootstrap draws, named as PairedIntervals names them
 STATISTICS = tuple(f.name for f in fields(PairedIntervals))[:4]
 METHODS = ("corrected", "percentile", "basic")
 
@@ -83,8 +82,7 @@ def coverage_trials(draw: Draw, truth: dict[str, float], ref: Stats, trials: int
     spreads: dict[str, list[float]] = {s: [] for s in STATISTICS}  # each trial's sd of the resampled values
     for trial in tqdm(range(trials), desc="coverage trials", unit="trial"):
         quant, fp = draw(rng, n)
-        draws = paired_resamples(quant, fp, ref, np.zeros(n), resamples=resamples, seed=seed + 2 + trial)
-        point, bias = paired_points(quant, fp, ref, np.zeros(n)), jackknife_bias(quant, fp, ref, np.zeros(n))
+        draws, point, bias = paired_estimates(quant, fp, ref, np.zeros(n), resamples=resamples, seed=seed + 2 + trial)
         for k, s in enumerate(STATISTICS):
             points[s].append(float(point[k]))
             spreads[s].append(float(draws[:, k].std(ddof=1)))
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.pool and not (Path(args.pool) / "samples/quant/images").is_dir():
         raise MissingInputError(f"--pool {args.pool}: no evaluation images under it ({args.pool}/samples/quant/images); "
-                        f"expected a pipeline's data folder after the evaluate stage (make run)")
+                                f"expected a pipeline's data folder after the evaluate stage (make run)")
     t0 = time.perf_counter()
     if args.pool:
         quant, fp, ref = pool_from_run(Path(args.pool), Path(args.params))

@@ -132,25 +132,15 @@ def _resampled(paired: _Paired, resamples: int, seed: int, progress=None) -> np.
     return out
 
 
-def paired_points(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray) -> np.ndarray:
-    """The point values of :func:`paired_resamples`' five statistics, from all N seeds: float64 [5]."""
-    return _Paired(quant, fp, ref, psnr).point()
-
-
 # delete-a-group jackknife: seeds i and j are in one group when i = j mod JACKKNIFE_GROUPS
 JACKKNIFE_GROUPS = 25
 
 
-def jackknife_bias(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray,
-                   groups: int = JACKKNIFE_GROUPS) -> np.ndarray:
+def _jackknife(paired: _Paired, point: np.ndarray, groups: int = JACKKNIFE_GROUPS) -> np.ndarray:
     """The delete-a-group jackknife's estimate of the bias of each of the five point values: float64 [5],
     (G - 1) x (mean of the G values with one group of seeds left out - the point value). It removes a bias of order
     1/N, as an FID's is; the bootstrap's own estimate (mean of the resamples - point value) fell short of the FIDs'
     bias at the demo's sizes (docs/benchmarks.md, make bench-coverage)."""
-    return _jackknife(_Paired(quant, fp, ref, psnr), groups)
-
-
-def _jackknife(paired: _Paired, groups: int = JACKKNIFE_GROUPS) -> np.ndarray:
     n = len(paired.quant)
     g = min(groups, n)
     if g < 2:
@@ -158,7 +148,17 @@ def _jackknife(paired: _Paired, groups: int = JACKKNIFE_GROUPS) -> np.ndarray:
     member = np.arange(n) % g
     with threadpool_limits(paired.blas_threads, user_api="blas"):
         left_out = np.array([paired(member != j) for j in range(g)])
-    return (g - 1) * (left_out.mean(axis=0) - paired.point())
+    return (g - 1) * (left_out.mean(axis=0) - point)
+
+
+def paired_estimates(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
+                     progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Everything an interval of the five paired statistics is built from, with the reference decomposed once:
+    the ``resamples`` bootstrap draws [resamples, 5] (:func:`paired_resamples`), the point values of all N seeds
+    [5] and their jackknife bias [5] (:func:`_jackknife`)."""
+    paired = _Paired(quant, fp, ref, psnr)
+    point = paired.point()
+    return _resampled(paired, resamples, seed, progress), point, _jackknife(paired, point)
 
 
 # the lowest value each of the five statistics can take: the FIDs are distances, ΔFID and the mean PSNR are not bounded
@@ -168,7 +168,6 @@ FLOORS = (0.0, 0.0, None, 0.0, None)
 def paired_intervals(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
                      confidence: float, progress=None) -> PairedIntervals:
     """Bias-corrected intervals (:func:`corrected_interval`) of the five paired statistics: centred on the point
-    value less its jackknife bias, with the spread of :func:`paired_resamples`."""
-    paired = _Paired(quant, fp, ref, psnr)
-    out, point, bias = _resampled(paired, resamples, seed, progress), paired.point(), _jackknife(paired)
+    value less its jackknife bias, with the spread of the bootstrap draws (:func:`paired_estimates`)."""
+    out, point, bias = paired_estimates(quant, fp, ref, psnr, resamples=resamples, seed=seed, progress=progress)
     return PairedIntervals(*(corrected_interval(out[:, k], point[k], bias[k], confidence, FLOORS[k]) for k in range(5)))

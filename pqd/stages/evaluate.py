@@ -124,8 +124,9 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         reference=ref_desc, reference_images=ref_n, fid="pqd.eval.bootstrap.frechet (eigenvalue form of the Fréchet distance)",
         backend=f"{ev.backend} (deployed ONNX, integer kernels)" if headline == "deployed"
         else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info,
-        intervals=f"{ev.confidence:g} normal, jackknife bias-corrected ({JACKKNIFE_GROUPS} groups), sd of {ev.bootstrap} bootstrap resamples of the {len(seeds)} evaluation "
-                  f"seeds (seed {ev.bootstrap_seed}), quantized and FP images of a seed drawn together; reference fixed"
+        intervals=f"{ev.confidence:g} normal, jackknife bias-corrected ({JACKKNIFE_GROUPS} groups), sd of "
+                  f"{ev.bootstrap} bootstrap resamples of the {len(seeds)} evaluation seeds (seed {ev.bootstrap_seed}), "
+                  f"quantized and FP images of a seed drawn together; reference fixed"
         if ev.bootstrap else None)
     return EvaluateMetrics(fid_quant_vs_ref=fid_q, fid_fp_vs_ref=fid_fp, delta_fid=fid_q - fid_fp,
                            fid_quant_vs_fp=frechet(st[headline], st["fp"]), noise_floor=floor, **deployed,
