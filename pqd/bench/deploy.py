@@ -117,7 +117,7 @@ def kernels_of(graphs: dict[str, Path], nncf_path: Path, threads: int) -> dict[s
     """Each int8 graph's kernel audit per runtime that runs it in the benchmark."""
     out = {k: {r: deploy.kernel_report(p, r) for r in (deploy.RUNTIMES if k != REFERENCE else ("onnxruntime",))}
            for k, p in graphs.items()}
-    out[NNCF] = {"openvino": openvino.kernel_audit(nncf_path, (), (), threads).as_dict()}
+    out[NNCF] = {"openvino": openvino.kernel_audit(nncf_path, (), (), threads=threads).as_dict()}
     return out
 
 

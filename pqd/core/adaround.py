@@ -1,4 +1,5 @@
-"""AdaRound: learned up/down rounding of weights (Nagel et al., 2020), per-channel symmetric grid."""
+"""AdaRound: learned up/down rounding of weights (Nagel et al., 2020) on their symmetric grid (per output channel
+or per group of input channels)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
+from pqd.core.affine import weight_scale_like
 from pqd.core.qtypes import QType
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, so h reaches exactly 0 and 1
@@ -28,7 +30,7 @@ class AdaRound(nn.Module):
                  start: torch.Tensor | None = None) -> None:
         super().__init__()
         self.qtype = qtype
-        s = scale.reshape(-1, *[1] * (weight.ndim - 1)).to(torch.float32)
+        s = weight_scale_like(scale.to(torch.float32), weight.shape)
         x = weight.detach().to(torch.float32) / s
         if start is None:
             floor = torch.floor(x)

@@ -1,8 +1,9 @@
 """Affine quantization math: pure functions on tensors.
 
 ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and ``x_hat = (q - zero_point) * scale``.
-Weights use a symmetric signed grid per output channel (zero_point = 0); activations an asymmetric
-unsigned grid per tensor.
+Weights use a symmetric signed grid per output channel (zero_point = 0), or per group of input channels within an
+output channel (scale [out, groups]: :func:`weight_scales` with a group size); activations an asymmetric unsigned
+grid per tensor.
 """
 
 from __future__ import annotations
@@ -70,11 +71,41 @@ def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, qtype: QType) -> tupl
     return scale, zero_point
 
 
-def weight_scales(w: torch.Tensor, qtype: QType, method: str, grid: int = 80,
-                  min_ratio: float = 0.3) -> torch.Tensor:
-    """Per-output-channel symmetric scales for a weight [out, ...] -> float32 [out]: each channel's absolute
-    maximum (``minmax``) or, ``mse``, the clipping ratio in [min_ratio, 1] of it with the least squared error."""
-    flat = w.detach().reshape(w.shape[0], -1).to(torch.float32)
+def group_width(channels: int, groups: int) -> int:
+    """Input channels per group when ``channels`` are split into ``groups`` groups: ceil(channels / groups) (the
+    last group may be narrower)."""
+    return -(-channels // groups)
+
+
+def weight_groups(channels: int, group_size: int) -> int:
+    """How many groups of at most ``group_size`` input channels ``channels`` take (1: per output channel).
+    ``group_size`` 0 is per output channel."""
+    return 1 if group_size <= 0 else -(-channels // group_size)
+
+
+def weight_scale_like(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A weight scale (per output channel [out], or per group of input channels [out, groups]) shaped to broadcast
+    against a weight of ``shape`` [out, in, ...]: [out, 1, ...] or [out, in, 1, ...] (each group's scale repeated
+    over its channels)."""
+    rest = [1] * (len(shape) - 1)
+    if scale.ndim == 1:
+        return scale.reshape(-1, *rest)
+    width = group_width(shape[1], scale.shape[1])
+    return scale.repeat_interleave(width, dim=1)[:, :shape[1]].reshape(shape[0], shape[1], *rest[1:])
+
+
+def weight_codes(w: torch.Tensor, scale: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """Nearest-rounded integer codes (int8, ``w``'s shape) of a weight on its symmetric grid ``scale``."""
+    s = weight_scale_like(scale, w.shape)
+    return quantize(w.detach().to(torch.float32), s, torch.zeros_like(s), qtype).to(torch.int8)
+
+
+def weight_values(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 weight ``codes x scale`` (per output channel or per group of input channels)."""
+    return codes.to(torch.float32) * weight_scale_like(scale, codes.shape)
+
+
+def _row_scales(flat: torch.Tensor, qtype: QType, method: str, grid: int, min_ratio: float) -> torch.Tensor:
     absmax = flat.abs().amax(dim=1)
     if method == "minmax":
         return symmetric_scale(absmax, qtype)
@@ -90,6 +121,23 @@ def weight_scales(w: torch.Tensor, qtype: QType, method: str, grid: int = 80,
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
     return best
+
+
+def weight_scales(w: torch.Tensor, qtype: QType, method: str, grid: int = 80,
+                  min_ratio: float = 0.3, group_size: int = 0) -> torch.Tensor:
+    """Symmetric scales for a weight [out, in, ...]: each row's absolute maximum (``minmax``) or, ``mse``, the
+    clipping ratio in [min_ratio, 1] of it with the least squared error. A row is an output channel (float32 [out])
+    or, with ``group_size`` > 0 and more input channels than that, a group of ceil(in / groups) input channels of an
+    output channel (float32 [out, groups], groups = ceil(in / group_size))."""
+    w = w.detach().to(torch.float32)
+    groups = weight_groups(w.shape[1], group_size) if w.ndim > 1 else 1
+    if groups == 1:
+        return _row_scales(w.reshape(w.shape[0], -1), qtype, method, grid, min_ratio)
+    width = group_width(w.shape[1], groups)
+    pad = groups * width - w.shape[1]  # zero channels change neither a group's maximum nor its error
+    padded = torch.cat([w, w.new_zeros(w.shape[0], pad, *w.shape[2:])], dim=1) if pad else w
+    rows = padded.reshape(w.shape[0] * groups, -1)
+    return _row_scales(rows, qtype, method, grid, min_ratio).reshape(w.shape[0], groups)
 
 
 def act_qparams(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype: QType, method: str,

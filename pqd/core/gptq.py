@@ -1,4 +1,5 @@
-"""Error-compensating weight rounding (GPTQ: Frantar et al., 2023) on the product's per-output-channel grid.
+"""Error-compensating weight rounding (GPTQ: Frantar et al., 2023) on the product's weight grids (per output channel
+or per group of input channels).
 
 The weights of a layer are rounded one input column at a time; each column's rounding error is spread over the
 columns not yet rounded, in proportion to the layer's input Hessian ``H = E[x xᵀ]`` from the calibration set, so
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pqd.core.affine import weight_scale_like
 from pqd.core.qtypes import QType
 
 BLOCK = 128  # columns updated together (the result does not depend on it; lazy batch updates)
@@ -59,20 +61,21 @@ class Hessian:
 
 def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, qtype: QType,
                damp: float = 0.01) -> torch.Tensor:
-    """Integer codes (int8, ``weight``'s shape) for ``weight`` [out, ...] on the symmetric per-output-channel grid
-    ``scale`` [out], rounded with error compensation under ``hessian`` [d, d] (d = weight[0].numel()). ``damp``:
-    the fraction of the mean diagonal added to the diagonal (numerical stability; larger is closer to nearest)."""
+    """Integer codes (int8, ``weight``'s shape) for ``weight`` [out, ...] on the symmetric grid ``scale`` ([out] per
+    output channel, or [out, groups] per group of input channels), rounded with error compensation under ``hessian``
+    [d, d] (d = weight[0].numel()). ``damp``: the fraction of the mean diagonal added to the diagonal (numerical
+    stability; larger is closer to nearest)."""
     shape = weight.shape
     W = weight.detach().reshape(shape[0], -1).to(torch.float64).clone()
     H = hessian.detach().to(torch.float64).clone()
     d = W.shape[1]
     if H.shape != (d, d):
         raise ValueError(f"gptq: a Hessian of shape {tuple(H.shape)} for a weight with {d} input columns")
-    s = scale.detach().to(torch.float64).reshape(-1, 1)
+    s = weight_scale_like(scale.detach().to(torch.float64), shape).expand(shape).reshape(shape[0], -1)  # per column
     dead = torch.diagonal(H) <= 0  # inputs that are always zero: their weights do not matter, keep them nearest
     H[dead, dead] = 1.0
     order = torch.argsort(torch.diagonal(H), descending=True)
-    W, H = W[:, order], H[order][:, order]
+    W, H, s = W[:, order], H[order][:, order], s[:, order].contiguous()
     H.diagonal().add_(damp * float(torch.diagonal(H).mean()))
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H⁻¹ = Uᵀ U
     Q = torch.empty_like(W)
@@ -81,9 +84,10 @@ def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor,
         Wb, Ub = W[:, a:b].clone(), U[a:b, a:b]
         err = torch.empty_like(Wb)
         for i in range(b - a):
-            q = torch.clamp(torch.round(Wb[:, i:i + 1] / s), qtype.qmin, qtype.qmax)
+            si = s[:, a + i:a + i + 1]
+            q = torch.clamp(torch.round(Wb[:, i:i + 1] / si), qtype.qmin, qtype.qmax)
             Q[:, a + i:a + i + 1] = q
-            e = (Wb[:, i:i + 1] - q * s) / Ub[i, i]
+            e = (Wb[:, i:i + 1] - q * si) / Ub[i, i]
             Wb[:, i:] -= e @ Ub[i:i + 1, i:]
             err[:, i:i + 1] = e
         W[:, b:] -= err @ U[a:b, b:]

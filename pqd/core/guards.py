@@ -21,7 +21,8 @@ def check_layer_qparams(name: str, weight_int: torch.Tensor, weight_scale: torch
     grid, scales finite and > 0, zero points inside the unsigned grid, and the worst-case integer accumulator
     (fan_in x max |weight code| x activation code span) inside int32, as an integer kernel computes it.
 
-    weight_int: integer codes [out, ...]; weight_scale: [out]; act_* and out_* (output quantizer): [G, P]."""
+    weight_int: integer codes [out, ...]; weight_scale: [out] or [out, groups]; act_* and out_* (output quantizer):
+    [G, P]."""
     wq, aq = weight_qtype(weight_bits), act_qtype(act_bits)
     if weight_int.is_floating_point():
         raise NumericalError(f"layer {name}: weight codes are {weight_int.dtype}: expected an integer tensor")
@@ -31,7 +32,7 @@ def check_layer_qparams(name: str, weight_int: torch.Tensor, weight_scale: torch
                              f"expected [{wq.qmin}, {wq.qmax}]")
     if not bool(torch.isfinite(weight_scale).all()) or not bool((weight_scale > 0).all()):
         raise NumericalError(f"layer {name}: weight scale {_first_bad(weight_scale)} is not allowed: expected a "
-                             "finite number > 0 per output channel")
+                             "finite number > 0 per output channel (or group)")
     check_act_qparams(name, "activation", act_scale, act_zero_point, act_bits)
     if out_scale is not None:
         check_act_qparams(name, "output", out_scale, out_zero_point, act_bits)

@@ -1,7 +1,7 @@
 """Quantized drop-in replacements for nn.Conv2d and nn.Linear (simulated integer arithmetic).
 
 A quantized layer holds int8 weight codes (4-bit codes are int8 values in [-8, 7]), a float32 scale per output
-channel, a float bias, an input quantizer with (scale, zero point) per time group (and per channel part when
+channel (or per group of input channels of an output channel: scale [out, groups]), a float bias, an input quantizer with (scale, zero point) per time group (and per channel part when
 split) and optionally an output quantizer: integer kernels (onnxruntime's QLinearConv/QLinearMatMul) take uint8
 in and give uint8 out, so with one the layer computes what the deployed kernel computes. A split input gives two
 partial products, each with its own output quantizer, plus the bias (two integer kernels and a float add when
@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pqd.core.adaround import AdaRound
-from pqd.core.affine import dequantize, fake_quantize, fake_quantize_ste
-from pqd.core.onnx_qdq import act_qdq, weight_dq
+from pqd.core.affine import fake_quantize, fake_quantize_ste, group_width, weight_values
+from pqd.core.onnx_qdq import act_qdq, weight_dq, weight_dq_blocked
 from pqd.core.qtypes import QType, act_qtype, weight_qtype
 from pqd.core.timegroups import TimeGrouped, set_time_group  # noqa: F401 (re-exported)
 
@@ -104,7 +104,8 @@ class ActQuantizer(TimeGrouped, nn.Module):
 
 
 class _QuantWeight:
-    """Mixin: integer weight codes + per-channel scales, dequantized once and cached."""
+    """Mixin: integer weight codes + scales (per output channel [out], or per group of input channels [out, groups]:
+    ``grouped``), dequantized once and cached."""
 
     weight_int: torch.Tensor
     weight_scale: torch.Tensor
@@ -118,7 +119,14 @@ class _QuantWeight:
         if codes.numel() and (int(codes.min()) < self.wqtype.qmin or int(codes.max()) > self.wqtype.qmax):
             raise ValueError(f"weight codes outside the {self.wqtype.name} range")
         self.register_buffer("weight_int", codes.clone())
-        self.register_buffer("weight_scale", weight_scale.reshape(-1).to(torch.float32).clone())
+        scale = weight_scale.to(torch.float32)
+        if scale.ndim == 2 and scale.shape[1] == 1:
+            scale = scale.reshape(-1)  # one group is per output channel
+        if scale.ndim not in (1, 2) or scale.shape[0] != codes.shape[0] or (
+                scale.ndim == 2 and group_width(codes.shape[1], scale.shape[1]) * (scale.shape[1] - 1) >= codes.shape[1]):
+            raise ValueError(f"weight scales of shape {tuple(weight_scale.shape)} for codes of shape {tuple(codes.shape)}: "
+                             "expected [out] or [out, groups] with groups <= input channels")
+        self.register_buffer("weight_scale", scale.clone())
         self._w_cache: torch.Tensor | None = None
         self.rounding = None
         self.register_buffer("smooth", None)  # set by a balanced QuantLinear
@@ -127,6 +135,11 @@ class _QuantWeight:
     def folded(self, weight: torch.Tensor) -> torch.Tensor:
         """The float weight that the codes quantize: ``weight``, or weight x smooth when the layer is balanced."""
         return weight if self.smooth is None else weight * self.smooth.to(weight.device)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the weight has a scale per group of input channels (no integer kernel takes it: weight-only)."""
+        return self.weight_scale.ndim == 2
 
     def _split(self) -> int | None:
         return None if self.act is None or self.out is None else self.act.split
@@ -138,7 +151,7 @@ class _QuantWeight:
         if self.bias is None:
             return None
         b, act = self.bias.to(dtype), self.act
-        if act is not None and self.out is not None and act.split is None:
+        if act is not None and self.out is not None and act.split is None and not self.grouped:
             # an integer kernel adds the bias as int32 on the accumulator's grid
             step = act.scale[act.group, 0].detach() * self.weight_scale
             b = torch.round(b / step) * step
@@ -147,8 +160,10 @@ class _QuantWeight:
     def freeze_for_onnx(self, on: bool) -> None:
         """Hold what a traced graph needs of the current group in buffers (``on``) or drop them: ``onnx_bias``,
         the weight's zero points ``onnx_weight_zero_point`` (int8 zeros [out]) and, for a split input, the two
-        parts' codes ``onnx_codes0`` / ``onnx_codes1`` (so each part is an int8 initializer of its own)."""
-        for name in ("onnx_bias", "onnx_weight_zero_point", "onnx_codes0", "onnx_codes1", "onnx_zero_bias"):
+        parts' codes ``onnx_codes0`` / ``onnx_codes1`` (so each part is an int8 initializer of its own); a grouped
+        weight's codes as one [out, in x kernel] initializer ``onnx_codes2d`` (what a blocked DequantizeLinear takes)."""
+        for name in ("onnx_bias", "onnx_weight_zero_point", "onnx_codes0", "onnx_codes1", "onnx_zero_bias",
+                     "onnx_codes2d"):
             self._buffers.pop(name, None)
         self.onnx = False
         if not on:
@@ -159,7 +174,10 @@ class _QuantWeight:
         zeros = torch.zeros(self.weight_int.shape[0], dtype=torch.int8, device=self.weight_int.device)
         self.register_buffer("onnx_weight_zero_point", zeros, persistent=False)
         k = self._split()
-        if k is not None:
+        if self.grouped:
+            self.register_buffer("onnx_codes2d", self.weight_int.reshape(self.weight_int.shape[0], -1).contiguous(),
+                                 persistent=False)
+        elif k is not None:
             self.register_buffer("onnx_codes0", self.weight_int[:, :k].contiguous(), persistent=False)
             self.register_buffer("onnx_codes1", self.weight_int[:, k:].contiguous(), persistent=False)
             # the partial products have no bias; a zero one keeps the exporter from building one at run time
@@ -182,7 +200,7 @@ class _QuantWeight:
                 return op(act(x), w, b)
             return out.part(op(act.part(x, 0), w, b), 0)
         zero = None
-        if self.onnx:  # each part's int8 codes keep their own DequantizeLinear
+        if self.onnx and not self.grouped:  # each part's int8 codes keep their own DequantizeLinear
             w0, w1 = (weight_dq(c, self.weight_scale, self.onnx_weight_zero_point) for c in (self.onnx_codes0, self.onnx_codes1))
             zero = self.onnx_zero_bias
         else:
@@ -197,13 +215,17 @@ class _QuantWeight:
         self._w_cache = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 weight = weight_int * weight_scale (per output channel); soft weights while learning rounding."""
+        """float32 weight = weight_int * weight_scale; soft weights while learning rounding."""
         if self.rounding is not None:
             return self.rounding.soft_weight()
         if self.onnx:  # the codes stay an int8 tensor in the traced graph
+            if self.grouped:
+                codes = self.weight_int
+                block = group_width(codes.shape[1], self.weight_scale.shape[1]) * codes[0, 0].numel()
+                return weight_dq_blocked(self.onnx_codes2d, self.weight_scale, block, list(codes.shape))
             return weight_dq(self.weight_int, self.weight_scale, self.onnx_weight_zero_point)
         if self._w_cache is None or self._w_cache.device != self.weight_int.device:
-            self._w_cache = dequantize(self.weight_int, self.weight_scale, torch.zeros_like(self.weight_scale), axis=0)
+            self._w_cache = weight_values(self.weight_int, self.weight_scale)
         return self._w_cache
 
 

@@ -3,7 +3,8 @@
 Two custom operators (``torch.library``) that compute exactly what the simulated layers compute; ``torch.export``
 keeps each as one node, and :mod:`pqd.deploy.onnx` translates ``pqd::act_qdq`` into QuantizeLinear +
 DequantizeLinear and ``pqd::weight_dq`` into one DequantizeLinear (axis 0), which onnxruntime fuses into integer
-kernels. Their parameters are tensors, not numbers, so that they are graph initializers named after the buffers
+kernels, and ``pqd::weight_dq_blocked`` (per-group weight scales) into a blocked DequantizeLinear (axis 1, opset 21)
+and a Reshape: a weight-only layer, which no runtime here runs on an integer kernel. Their parameters are tensors, not numbers, so that they are graph initializers named after the buffers
 that hold them (:func:`pqd.core.modules.set_onnx_mode`).
 """
 
@@ -38,3 +39,16 @@ def weight_dq(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 @weight_dq.register_fake
 def _weight_dq_shape(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+@torch.library.custom_op("pqd::weight_dq_blocked", mutates_args=())
+def weight_dq_blocked(codes: torch.Tensor, scale: torch.Tensor, block: int, shape: list[int]) -> torch.Tensor:
+    """int8 codes [out, d] (a weight [out, in, ...] flattened per output channel) -> float32 weight of ``shape``:
+    column j of row o times scale[o, j // block] (scale [out, ceil(d / block)])."""
+    s = scale.repeat_interleave(block, dim=1)[:, :codes.shape[1]]
+    return (codes.to(torch.float32) * s).reshape(shape)
+
+
+@weight_dq_blocked.register_fake
+def _weight_dq_blocked_shape(codes: torch.Tensor, scale: torch.Tensor, block: int, shape: list[int]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device=codes.device)

@@ -11,7 +11,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from pqd.core.affine import quantize, weight_scales
+from pqd.core.affine import weight_codes, weight_scales
 from pqd.core.gptq import Hessian, gptq_codes, supported
 from pqd.core.guards import NumericalError, check_act_qparams, check_layer_qparams, check_smoothing
 from pqd.core.modules import (ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul, QuantSite, matmul_modules,
@@ -31,7 +31,9 @@ class QuantConfig:
     ``operand_bits[name]`` = (bits of a, bits of b), default ``act_bits``; every Site at ``act_bits``. ``smooth``:
     linear layers balanced against their weight (:mod:`pqd.core.smooth`, migration strength ``smooth_alpha``).
     ``rounding``: the weight codes' rounding, ``nearest`` or ``gptq`` (:mod:`pqd.core.gptq`, damping ``gptq_damp``,
-    Hessians pooled over the calibration set and its time groups).
+    Hessians pooled over the calibration set and its time groups). ``weight_group_size``: 0 gives each output
+    channel one weight scale; N > 0 gives layers below 8 bits one per group of at most N input channels
+    (:func:`pqd.core.affine.weight_scales`).
     """
 
     weight_bits: int = 8
@@ -48,9 +50,14 @@ class QuantConfig:
     smooth_alpha: float = 0.5
     rounding: str = "nearest"  # nearest | gptq
     gptq_damp: float = 0.01
+    weight_group_size: int = 0
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
+
+    def group_size_for(self, name: str) -> int:
+        """The weight group size of layer ``name``: ``weight_group_size`` below 8 bits, 0 (per channel) at 8."""
+        return self.weight_group_size if self.bits_for(name) < 8 else 0
 
     def operand_bits_for(self, name: str) -> tuple[int, int]:
         return self.operand_bits.get(name, (self.act_bits, self.act_bits))
@@ -60,7 +67,8 @@ class QuantConfig:
 class LayerQParams:
     """One layer's quantizer parameters.
 
-    weight_int: int8, the weight's shape; weight_scale: float32 [out]; act_scale / act_zero_point: float32 [G, P]
+    weight_int: int8, the weight's shape; weight_scale: float32 [out] (per output channel) or [out, groups]
+    (per group of input channels); act_scale / act_zero_point: float32 [G, P]
     (P = 2 when the input is split at channel ``act_split``); out_scale / out_zero_point: the same for the output
     (partial outputs when split), or None (float output); smooth: float32 [in], a balanced linear's input
     divisors (its codes quantize weight x smooth), or None.
@@ -113,6 +121,13 @@ def weight_layers(state: QState) -> dict[str, LayerQParams]:
     return {n: lp for n, lp in state.items() if isinstance(lp, LayerQParams)}
 
 
+def mean_weight_bits(state: QState) -> float:
+    """Average bits per weight of ``state``'s layers: the codes at their width and every scale as a float32."""
+    layers = weight_layers(state).values()
+    bits = sum(lp.weight_int.numel() * lp.weight_bits + 32 * lp.weight_scale.numel() for lp in layers)
+    return bits / max(1, sum(lp.weight_int.numel() for lp in layers))
+
+
 # Runs the (float, hooked) model over every calibration batch, calling set_group(g) before a batch of group g.
 ForwardAll = Callable[[nn.Module, Callable[[int], None]], None]
 
@@ -135,12 +150,11 @@ def channel_maxima(model: nn.Module, forward_all: ForwardAll, names: list[str], 
     return {n: torch.stack([obs[(n, g)].value for g in range(groups)]) for n in names}
 
 
-def quantize_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric quantization with nearest rounding -> (codes int8, scale float32 [out])."""
+def quantize_weight(w: torch.Tensor, bits: int, method: str, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization with nearest rounding -> (codes int8, scale float32 [out] or [out, groups])."""
     qt = weight_qtype(bits)
-    scale = weight_scales(w, qt, method)
-    codes = quantize(w.detach().to(torch.float32), scale, torch.zeros_like(scale), qt, axis=0)
-    return codes.to(torch.int8), scale
+    scale = weight_scales(w, qt, method, group_size=group_size)
+    return weight_codes(w, scale, qt), scale
 
 
 @torch.no_grad()
@@ -239,9 +253,11 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         bits = config.bits_for(name)
         smooth = factors.get(name)
         w = layer.weight if smooth is None else layer.weight * smooth.to(layer.weight.device)
-        codes, w_scale = quantize_weight(w, bits, config.weight_range)
-        if name in hessians:
+        if name in hessians:  # GPTQ keeps the nearest fit's scales and chooses the codes itself
+            w_scale = weight_scales(w, weight_qtype(bits), config.weight_range, group_size=config.group_size_for(name))
             codes = gptq_codes(w, w_scale, hessians.pop(name).value(), weight_qtype(bits), config.gptq_damp)
+        else:
+            codes, w_scale = quantize_weight(w, bits, config.weight_range, config.group_size_for(name))
         state[name] = LayerQParams(
             kind="conv2d" if isinstance(layer, nn.Conv2d) else "linear",
             weight_bits=bits, act_bits=config.act_bits, weight_int=codes, weight_scale=w_scale,

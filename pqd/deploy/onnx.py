@@ -30,6 +30,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 import onnxscript.optimizer
 from onnxscript import opset20 as op
+from onnxscript import opset21 as op21
 
 import pqd.core.onnx_qdq  # noqa: F401 (registers the pqd:: operators the translations below refer to)
 from pqd.core.modules import onnx_values, set_onnx_mode
@@ -41,6 +42,7 @@ from pqd.diffusion.adapter import Denoiser
 ONNX_DIR = "onnx"
 WEIGHTS_FILE = "weights.bin"
 OPSET = 20  # 20: GELU is one node (Gelu, approximate="tanh" in DiT blocks), not seven float ops
+BLOCKED_OPSET = 21  # a graph with per-group weight scales (blocked DequantizeLinear)
 _ALIGN = 64
 _INLINE_MAX = 64  # initializers smaller than this (scalars, per-group constants) stay in the graph
 # on-disk name of the export format (format_version 1, released): the graph files (onnx/unet.g<g>.onnx) and the
@@ -63,6 +65,14 @@ def _weight_dq(codes, scale, zero_point):
     return op.DequantizeLinear(codes, scale, zero_point, axis=0)
 
 
+def _weight_dq_blocked(codes, scale, block: int, shape):
+    """pqd::weight_dq_blocked: int8 codes [out, d] dequantized per block of ``block`` columns (a blocked
+    DequantizeLinear, opset 21: the graph's opset is raised to 21 where one is, see :func:`export_graph`), reshaped to
+    the weight's ``shape``."""
+    w = op21.DequantizeLinear(codes, scale, axis=1, block_size=block)
+    return op.Reshape(w, op.Constant(value_ints=list(shape)))
+
+
 def _squeeze_dim(x, dim: int):
     """aten::squeeze.dim as torch computes it: a no-op where dimension ``dim`` is not 1 (torchlib's translation
     emits Squeeze regardless, which onnxruntime refuses: PixArt's ``squeeze(1)`` of its [B, tokens, C] output)."""
@@ -73,19 +83,23 @@ def _squeeze_dim(x, dim: int):
 
 
 TRANSLATIONS = {torch.ops.pqd.act_qdq.default: _act_qdq, torch.ops.pqd.weight_dq.default: _weight_dq,
+                torch.ops.pqd.weight_dq_blocked.default: _weight_dq_blocked,
                 torch.ops.aten.squeeze.dim: _squeeze_dim}
 
 
 def export_graph(module: nn.Module, args: Sequence[torch.Tensor], input_names: list[str],
                  output_names: list[str]) -> onnx.ModelProto:
-    """``module(*args)`` as an ONNX graph (opset ``OPSET``, dimension 0 of every input and output dynamic), traced
+    """``module(*args)`` as an ONNX graph (opset ``OPSET``, or ``BLOCKED_OPSET`` with per-group weight scales; dimension 0 of every input and output dynamic), traced
     by torch.export with pqd's quantization operators translated to QuantizeLinear/DequantizeLinear. Parameters
     and buffers become initializers named by their qualified names (kept: constant folding only, see below)."""
     batch = torch.export.Dim.DYNAMIC  # not Dim("batch"): diffusers branches on batch >= 64 (a no-op for ONNX)
+    # per-group weight scales need the blocked DequantizeLinear of opset 21 (which changes no op the graphs use
+    # otherwise: 21 only widens types)
+    opset = BLOCKED_OPSET if any(getattr(m, "grouped", False) for m in module.modules()) else OPSET
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # tracer notes about diffusers' shape checks
         program = torch.onnx.export(module.eval(), tuple(args), dynamo=True, optimize=False, verbose=False,
-                                    opset_version=OPSET, input_names=input_names, output_names=output_names,
+                                    opset_version=opset, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=_batch_dims(module, len(args), batch),
                                     custom_translation_table=TRANSLATIONS)
     # fold what is constant (casts and expansions of parameters) but nothing else: onnxscript's full optimizer

@@ -64,8 +64,8 @@ def _info(op, key: str) -> str:
     return info[key].astype(str) if key in info else ""
 
 
-def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...], threads: int | None = None
-                 ) -> KernelAudit:
+def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...], weight_only: tuple[str, ...] = (),
+                 threads: int | None = None) -> KernelAudit:
     """The kernels of the compiled graph at ``path`` (its runtime model: each op's layer type, runtime precision
     and the source nodes fused into it). A quantized layer fell back to float where the layer kernel that holds its
     source node runs at a float precision, or where no layer kernel holds it."""
@@ -84,5 +84,5 @@ def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...]
         return any(ok for name, ok in held.items() if name == layer or name.startswith(layer + "/"))
 
     on_float = [name for name in layers if not integer(name)]
-    return KernelAudit.of("openvino", layers, by_design, on_float, int8=dict(sorted(counts["int8"].items())),
-                          float_=dict(sorted(counts["float"].items())))
+    return KernelAudit.of("openvino", layers, by_design, weight_only, on_float,
+                          int8=dict(sorted(counts["int8"].items())), float_=dict(sorted(counts["float"].items())))

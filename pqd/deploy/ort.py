@@ -56,7 +56,8 @@ class OrtGraph:
         return self.session.run(None, feeds)[0]
 
 
-def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...]) -> KernelAudit:
+def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...],
+                 weight_only: tuple[str, ...] = ()) -> KernelAudit:
     """The kernels onnxruntime runs for the graph at ``path``, read from its optimised graph. A quantized layer fell
     back to float where a float layer kernel still takes its weight from a DequantizeLinear (onnxruntime keeps the
     source node's name on a node it did not fuse)."""
@@ -69,6 +70,6 @@ def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...]
     constants = {t.name for t in graph.initializer}
     on_float = [n.name for n in graph.node
                 if n.op_type in FLOAT_LAYER_KERNELS and weight_from_dequantize(n, producers, constants)]
-    return KernelAudit.of("onnxruntime", layers, by_design, on_float,
+    return KernelAudit.of("onnxruntime", layers, by_design, weight_only, on_float,
                           int8={k: v for k, v in sorted(ops.items()) if k in INT8_KERNELS},
                           float_={k: v for k, v in sorted(ops.items()) if k in FLOAT_KERNELS})

@@ -46,10 +46,10 @@ def open_graph(path: Path, runtime: str = "onnxruntime", threads: int | None = N
 
 def kernel_audit(path: Path, runtime: str = "onnxruntime", threads: int | None = None) -> KernelAudit:
     """Which kernels ``runtime`` runs for the graph at ``path``, and which quantized layers it runs in float."""
-    layers, by_design = quantized_layers(path)
+    layers, by_design, weight_only = quantized_layers(path)
     if check_runtime(runtime) == "openvino":
-        return openvino.kernel_audit(path, layers, by_design, threads)
-    return ort.kernel_audit(path, layers, by_design)
+        return openvino.kernel_audit(path, layers, by_design, weight_only, threads)
+    return ort.kernel_audit(path, layers, by_design, weight_only)
 
 
 def kernel_report(path: Path, runtime: str = "onnxruntime") -> dict[str, Any]:

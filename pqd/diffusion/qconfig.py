@@ -43,7 +43,8 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
                        operand_bits={n: (q.softmax_bits if role == "pv" else q.act_bits, q.act_bits)
                                      for n, role in (attention or {}).items()},
                        smooth=frozenset(den.smooth_layers(names)) if q.smooth else frozenset(),
-                       smooth_alpha=q.smooth_alpha, rounding=c.rounding, gptq_damp=c.gptq_damp)
+                       smooth_alpha=q.smooth_alpha, rounding=c.rounding, gptq_damp=c.gptq_damp,
+                       weight_group_size=q.weight_group_size)
 
 
 def install_glue(params: Params, den: Denoiser) -> list[str]:
@@ -91,16 +92,20 @@ class Calibration:
 
 def calibrate_network(params: Params, den: Denoiser, codes: IntegerCodes, forward_all: ForwardAll,
                       run_once: Callable[[nn.Module], object],
-                      fitted: Callable[[Callable[[], QState]], QState] = lambda fit: fit()) -> Calibration:
+                      fitted: Callable[[Callable[[], QState]], QState] = lambda fit: fit(),
+                      promoted: dict[str, int] | None = None) -> Calibration:
     """The product's calibration recipe (without reconstruction), on a copy of ``den``'s network: attention's
     matmuls, then the glue sites (the export loader's order); the shared grids found in ``run_once`` (one forward
     pass of the network it is given); every quantizer fitted over ``forward_all`` (the calibration set), then the
     shared grids agreed. ``fitted(fit)`` returns the fitted state: ``fit()``'s, or the same kept from an earlier
-    run (the calibrate stage's checkpoint)."""
+    run (the calibrate stage's checkpoint). ``promoted``: layers given other weight bits (mixed precision,
+    pqd.diffusion.mixed)."""
     work = dataclasses.replace(den, net=copy.deepcopy(den.net))
     attention = install_attention(params, work)
     glue = install_glue(params, work)
     cfg = quant_config(params, work, attention, codes)
+    if promoted:
+        cfg = dataclasses.replace(cfg, layer_weight_bits={**cfg.layer_weight_bits, **promoted})
     shared = shared_groups(params, work, cfg, run_once)
     state, shared = share_qparams(fitted(lambda: fit_qstate(work.net, forward_all, cfg)), shared)
     return Calibration(work.net, state, cfg, shared, glue, attention)

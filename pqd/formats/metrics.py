@@ -163,6 +163,8 @@ class CalibrateMetrics(StageMetrics):
     reduce_range: bool  # quant.reduce_range as resolved for the calibrating machine
     integer_codes: str  # why (pqd.params.machine.IntegerCodes.reason)
     smoothed_layers: int | None = None  # linears balanced by quant.smooth (absent when none)
+    weight_bits_mean: float | None = None  # average bits per weight: codes at their width + fp32 scales, every layer
+    mixed_high_layers: int | None = None  # quant.weight_bits_budget: layers moved to 8 bits (absent when off)
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class ExportMetrics(StageMetrics):
     export_unet_bytes: int
     size_ratio: float
     packed_int4_layers: int
+    weight_bits_mean: float | None = None  # average bits per quantized weight: codes + fp32 scales
     onnx_graphs: int | None = None  # export.onnx only
     onnx_int8_initializers: int | None = None
     onnx_int4_initializers: int | None = None  # weight codes stored as 4 bits (pqd.deploy.int4)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from pqd.core.affine import group_width
 from pqd.core.packing import pack_int4, unpack_int4
 from pqd.core.quantize import LayerQParams, MatMulQParams, QState, SiteQParams
 from pqd.core.timegroups import TimeGroups
@@ -34,6 +35,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _granularity(lp: LayerQParams) -> dict[str, Any]:
+    if lp.weight_scale.ndim == 1:
+        return {"weight_granularity": "per_output_channel"}
+    groups = int(lp.weight_scale.shape[1])
+    return {"weight_granularity": "per_group", "weight_groups": groups,
+            "weight_group_width": group_width(int(lp.weight_int.shape[1]), groups)}
+
+
 def _encode_layer(name: str, lp: LayerQParams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     codes = lp.weight_int.to(torch.int8)
     tensors = {f"{name}.qweight": pack_int4(codes) if lp.weight_bits <= 4 else codes.contiguous()}
@@ -43,7 +52,7 @@ def _encode_layer(name: str, lp: LayerQParams) -> tuple[dict[str, torch.Tensor],
     if lp.smooth is not None:
         tensors[f"{name}.smooth"] = _f32(lp.smooth)
     entry = {"kind": lp.kind, "shape": list(codes.shape), "weight_bits": lp.weight_bits,
-             "weight_granularity": "per_output_channel", "weight_symmetric": True,
+             **_granularity(lp), "weight_symmetric": True,
              "weight_storage": "int4_packed" if lp.weight_bits <= 4 else "int8", "act_bits": lp.act_bits,
              "act_granularity": "per_tensor", "act_symmetric": False,
              "act_time_groups": int(lp.act_scale.shape[0]), "act_split": lp.act_split,

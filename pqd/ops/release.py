@@ -1,4 +1,4 @@
-"""Releases: the quality gate, the model card and ``python -m pqd.ops.release``.
+"""Releases: the quality gate, registration (the model card is :mod:`pqd.ops.card`) and ``python -m pqd.ops.release``.
 
 A release is the current pipeline result, gated and registered in the MLflow Model Registry as a version of
 ``pqd-<model>-w<W>a<A>`` with the alias ``candidate``. The gate's checks are in docs/operations.md; the quality
@@ -25,10 +25,11 @@ from pqd.formats.export import verify_manifest
 from pqd.formats.lineage import git_commit, git_file, lock_ties_metrics
 from pqd.formats.metrics import EvaluateMetrics, ExportMetrics, Interval
 from pqd.ops import remote, tracking
+from pqd.ops.card import PRODUCTION, model_card
 from pqd.ops.result import Result, flat_params, lineage_tags, model_slug, read_result
 from pqd.params import ReleaseParams, as_dict, params_from_dict, read_yaml
 
-CANDIDATE, PRODUCTION = "candidate", "production"
+CANDIDATE = "candidate"
 GATE_KEYS = tuple(f.name for f in dataclasses.fields(ReleaseParams))  # release.*: each a --<key> override
 DOUBLED_ERROR_DB = 10 * math.log10(2)  # a PSNR this much lower: twice the mean squared error
 
@@ -190,8 +191,7 @@ def kernels_check(ex: ExportMetrics | None, backend: str) -> Check:
     judged = [backend] if backend in audits else list(audits)
     if not judged:
         return Check("kernels", False, "the export records no kernel audit: rerun the export stage (dvc repro)")
-    found = [KernelAudit(**{**audits[r], "fallbacks": tuple(audits[r]["fallbacks"]),
-                            "float_output": tuple(audits[r].get("float_output", ()))}) for r in judged]
+    found = [KernelAudit.from_dict(audits[r]) for r in judged]
     return Check("kernels", not any(a.fallbacks for a in found), "; ".join(a.line() for a in found))
 
 
@@ -237,61 +237,6 @@ def release_name(r: Result) -> str:
     return f"pqd-{model_slug(r.params)}-{r.bits}"
 
 
-def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _num(v: Any) -> str:
-    return f"{v:.5g}" if isinstance(v, float) else str(v)
-
-
-def model_card(r: Result, report: GateReport, s: GateSettings, run: tracking.TrackedRun) -> str:
-    """Markdown: method, metrics, gate, evaluation protocol, lineage, parameters, how to load."""
-    p, ev, ex = r.params, r.metrics.evaluate, r.metrics.export
-    name, tags = release_name(r), lineage_tags(r)
-    q = p.quant
-    method = [("bits", f"weights {q.weight_bits}-bit per output channel (symmetric), activations "
-                       f"{q.act_bits}-bit per tensor (asymmetric), edge layers {q.edge_bits}-bit"),
-              ("attention matmuls", f"Q·Kᵀ and softmax·V quantized, softmax output {q.softmax_bits}-bit"
-               if q.attention else "Q·Kᵀ and softmax·V in float (projections quantized)")]
-    method += [(f"{sec}.{k}", v) for sec in ("select", "calibrate") for k, v in as_dict(getattr(p, sec)).items()]
-    metrics = []
-    if ev is not None:  # each with its bootstrap interval over the evaluation seeds, where evaluate recorded one
-        metrics += [(f"evaluate.{k}", _num(getattr(ev, k)), str(ev.get(f"{k}_ci") or "-")) for k in
-                    ("delta_fid", "fid_quant_vs_ref", "fid_fp_vs_ref", "fid_quant_vs_fp", "noise_floor", "psnr_mean",
-                     "psnr_other_seed_mean")]
-    if ex is not None:
-        metrics += [(f"export.{k}", _num(getattr(ex, k)), "-")
-                    for k in ("size_ratio", "export_unet_bytes", "fp32_unet_bytes")]
-    lineage = [("git commit", f"{tags['git.commit']} (dirty: {tags['git.dirty']})"), ("MLflow run", run.run_id),
-               ("result hash", run.result_hash), ("source model", tags["pqd.source_model"]),
-               ("source model sha256", tags["pqd.model_sha256"])]
-    lineage += [(k, v) for k, v in sorted(tags.items()) if k.startswith("dvc.lock")]
-    lineage += sorted(remote.release_tags(r.root, r.lock).items())
-    protocol = sorted(dataclasses.asdict(ev.protocol).items()) if ev is not None else []
-    return "\n\n".join([
-        f"# {name}",
-        f"PQD post-training quantization of `{p.model.source}` at {r.bits.upper()}: integer "
-        "weights and time-aware activation quantizers calibrated on samples from the model's own denoising "
-        "trajectories. The artifact is the export folder (`export/`, hashes in `manifest.json`)."
-        + ("\n\n**Released with --allow-uncommitted**: its dvc.lock is not the one committed at the recorded git "
-           "commit, so that commit does not reproduce it (`pqd audit` reports lineage FAILED)." if report.waived else ""),
-        "## Method\n\n" + _table(method, ("setting", "value")),
-        "## Metrics\n\n" + (f"Intervals: {ev.protocol.intervals}.\n\n" if ev is not None and ev.protocol.intervals
-                              else "") + _table(metrics, ("metric", "value", "interval")),
-        f"## Quality gate (thresholds from {s.source})\n\n"
-        + _table([(c.name, c.verdict, c.detail) for c in report.checks], ("check", "result", "detail")),
-        "## Evaluation protocol\n\n" + _table(protocol, ("key", "value")),
-        "## Lineage\n\n" + _table(lineage, ("what", "value")),
-        "## Load\n\n```python\nfrom pqd.ops.tracking import load_sampler\n"
-        f'sampler = load_sampler("models:/{name}@{PRODUCTION}")\nimages = sampler.sample([0, 1, 2, 3])  '
-        "# float32 [4, C, H, W] in [0, 1]\n```",
-        "## Parameters\n\n" + _table(sorted(flat_params(r).items()), ("key", "value")),
-    ]) + "\n"
-
-
 # registry tags pqd.<metric>: the evaluation's numbers a version carries (the audit compares them with evaluate.json)
 REGISTRY_METRICS = ("delta_fid", "noise_floor", "fid_quant_vs_fp", "delta_fid_ci.lo", "delta_fid_ci.hi",
                     "fid_quant_vs_fp_ci.lo", "fid_quant_vs_fp_ci.hi", "psnr_mean_ci.lo", "psnr_mean_ci.hi")
@@ -333,8 +278,9 @@ def register_candidate(root: str | Path = ".", experiment: str = tracking.DEFAUL
     if not report.passed:
         raise GateFailed(report.summary())
     run = tracking.track(r.root, experiment)
-    return tracking.register_version(run, r.root, release_name(r), model_card(r, report, s, run),
-                                     version_tags(r, report, s), alias=CANDIDATE)
+    name, checks = release_name(r), [(c.name, c.verdict, c.detail) for c in report.checks]
+    card = model_card(r, name, checks, s.source, bool(report.waived), run)
+    return tracking.register_version(run, r.root, name, card, version_tags(r, report, s), alias=CANDIDATE)
 
 
 def promote(root: str | Path, name: str, version: str | None = None) -> str:

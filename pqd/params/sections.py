@@ -75,6 +75,12 @@ class QuantParams:
     # embedding, final projection and timestep/text embeddings (never below weight_bits)
     edge_bits: int = 8
     modulation_bits: int = 8  # transformers' adaLN modulation linears (shift/scale/gate; never below weight_bits)
+    # weights below 8 bits get a scale per group of this many input channels (0: one per output channel); 8-bit
+    # layers keep per-channel scales (integer kernels). A grouped layer is weight-only when deployed
+    weight_group_size: int = 0
+    # average weight bits (codes and scales of every quantized layer) to spend: the layers below 8 bits whose
+    # 4-bit error costs the network's output most move to 8 bits while the average stays within it (null: off)
+    weight_bits_budget: float | None = None
     # quantize each layer's output too (but the last convolution's): integer kernels (onnxruntime's
     # QLinearConv/QLinearMatMul/QGemm) read and write uint8, so this is what the deployed model computes
     outputs: bool = True
@@ -119,6 +125,7 @@ class CalibrateParams:
     recon_wave: int = 1  # quantized inputs: consecutive units recorded together, then reconstructed concurrently
     rounding: Literal["nearest", "gptq"] = "nearest"  # weight codes before reconstruction: nearest or GPTQ
     gptq_damp: float = 0.01  # GPTQ: share of the mean Hessian diagonal added to the diagonal
+    sensitivity_samples: int = 256  # quant.weight_bits_budget: calibration samples the layer sensitivities run on
     seed: int = 0  # reconstruction: batch sampling and QDrop masks (seeded generators, never the global RNG)
 
 

@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pqd.core.affine import dequantize
-from pqd.core.quantize import qstate_of, weight_layers
+from pqd.core.affine import weight_values
+from pqd.core.quantize import mean_weight_bits, qstate_of, weight_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quant_layers, quantizable_layers
 from pqd.core.reconstruct import UnitResult, reconstruct_model, unit_io_bytes
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
-from pqd.diffusion.qconfig import calibrate_network, recon_config
+from pqd.diffusion.mixed import check_budget, mixed_precision
+from pqd.diffusion.qconfig import calibrate_network, quant_config, recon_config
 from pqd.diffusion.sampling import checked_predict
 from pqd.errors import InputError, NumericalError
 from pqd.formats import qstate as qcodec
@@ -51,6 +52,14 @@ def output_mse(fp: Denoiser, q: Denoiser, fetch: Callable[[int], Batch], n_batch
                                                                run=lambda: q.predict(xb, tb, cb))).pow(2).sum())
         n += xb.numel()
     return se / n
+
+
+def sensitivity_batches(plan: list, samples: int) -> list[int]:
+    """Indices of whole calibration batches holding at least ``samples`` samples (or all), spread evenly over the
+    plan (and so over its time groups)."""
+    size = max(1, plan[0][1] - plan[0][0])
+    n = min(len(plan), -(-samples // size))
+    return sorted({round(i * (len(plan) - 1) / max(1, n - 1)) for i in range(n)})
 
 
 def resume(ckpt: UnitCheckpoint) -> Callable[[str], UnitResult | None]:
@@ -101,6 +110,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
         raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
+    check_budget(params, den, quant_config(params, den, None, codes), codes)
     ckpt = None
     if c.reconstruct and params.checkpoint.dir is not None:  # without reconstruction there is little to resume
         key, what = calibrate_key(model, calib, {
@@ -122,8 +132,14 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
                 raise NumericalError(f"{e} at timesteps {sorted(set(tb.tolist()), reverse=True)[:4]}") from None
 
     t0 = time.perf_counter()
+    mixed = None
+    if params.quant.weight_bits_budget is not None:
+        batches = sensitivity_batches(plan, c.sensitivity_samples)
+        mixed = mixed_precision(params, den, quant_config(params, den, None, codes), codes,
+                                lambda net: [den.call(net, *fetch(i)) for i in batches])
     fit = calibrate_network(params, den, codes, forward_all, lambda m: den.call(m, *fetch(0)),
-                            **({"fitted": ckpt.fitted(groups)} if ckpt else {}))
+                            **({"fitted": ckpt.fitted(groups)} if ckpt else {}),
+                            promoted={n: mixed.high_bits for n in mixed.high} if mixed else None)
     t_fit = time.perf_counter() - t0
     # the float reference from here on: the network as calibration observed it (attention matmuls, glue sites)
     den = dataclasses.replace(den, net=fit.net)
@@ -169,7 +185,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
     for name, lp in weighted.items():
         w = floats[name].weight.detach().float().cpu()
         w = w if lp.smooth is None else w * lp.smooth  # a balanced layer's codes stand for weight x smooth
-        wq = dequantize(lp.weight_int, lp.weight_scale, torch.zeros_like(lp.weight_scale), axis=0)
+        wq = weight_values(lp.weight_int, lp.weight_scale)
         rows.append({"layer": name, "kind": lp.kind, "weight_bits": lp.weight_bits,
                      "weight_rel_mse": float((w - wq).pow(2).sum() / w.pow(2).sum().clamp_min(1e-12)),
                      "act_split": lp.act_split or 0})
@@ -179,7 +195,8 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
             "method": c.method, "integer_codes": codes.as_dict(),
             "config": {k: v for k, v in vars(cfg).items()
                        if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits", "smooth")},
-            "edge_layers": sorted(cfg.layer_weight_bits), "split_layers": cfg.splits,
+            "edge_layers": sorted(set(cfg.layer_weight_bits) - set(mixed.high if mixed else ())),
+            "split_layers": cfg.splits, "mixed_precision": mixed.as_dict() if mixed else None,
             "float_output_layers": sorted(set(weighted) - cfg.output_layers),
             "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention},
             "smoothed_layers": sorted(cfg.smooth),
@@ -199,6 +216,8 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
                             units_recorded_on_disk=on_disk, weight_rel_mse_mean=float(errs["weight_rel_mse"].mean()),
                             weight_rel_mse_max=float(errs["weight_rel_mse"].max()),
                             weight_code_bits=cfg.weight_bits, reduce_range=codes.reduce_range,
+                            weight_bits_mean=round(mean_weight_bits(state), 4),
+                            mixed_high_layers=len(mixed.high) if mixed else None,
                             integer_codes=codes.reason)
 
 

@@ -17,7 +17,7 @@ import torch
 from pqd import deploy
 from pqd.core.modules import quant_layers
 from pqd.core.timegroups import TimeGroups
-from pqd.core.quantize import weight_layers
+from pqd.core.quantize import mean_weight_bits, weight_layers
 from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.pipeline import denoiser_component
 from pqd.diffusion.sampling import initial_noise
@@ -81,7 +81,10 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
     den = load_denoiser(model)
     source = read_json(model / MODEL_RECORD)
     extra = {"source_model": {"source": source["source"], "model_sha256": source["model_sha256"]},
-             "params": as_dict(params), "git": dataclasses.asdict(git_commit()), "integer_codes": codes}
+             "params": as_dict(params), "git": dataclasses.asdict(git_commit()), "integer_codes": codes,
+             # the bits each layer got: mean over the weights (scales included), and quant.weight_bits_budget's choice
+             "weights": {"bits_mean": round(mean_weight_bits(state), 4), "group_size": params.quant.weight_group_size,
+                         "mixed_precision": qmap.get("mixed_precision")}}
     onnx_info: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
         info = write_export(model, den.net, state, groups, tmp, float_dtype=getattr(torch, params.export.float_dtype))
@@ -110,7 +113,8 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
     if "onnx_shared_bytes" in onnx_info:
         onnx_info["onnx_size_ratio"] = round(fp_bytes / (onnx_info["onnx_shared_bytes"] + onnx_info["onnx_graph_bytes"]), 3)
     return ExportMetrics(**info, fp32_unet_bytes=fp_bytes, export_unet_bytes=q_bytes,
-                         size_ratio=round(fp_bytes / q_bytes, 3), packed_int4_layers=w4, **onnx_info)
+                         size_ratio=round(fp_bytes / q_bytes, 3), packed_int4_layers=w4,
+                         weight_bits_mean=extra["weights"]["bits_mean"], **onnx_info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pqd.core import affine
 from pqd.core.affine import (act_qparams, asymmetric_qparams, dequantize, fake_quantize, quantize, symmetric_scale,
                              weight_scales)
 from pqd.core.qtypes import QType, act_qtype, weight_qtype
@@ -97,3 +98,24 @@ def test_act_mse_search_beats_minmax_with_outliers():
 
 def test_symmetric_scale_never_zero():
     assert float(symmetric_scale(torch.tensor(0.0), weight_qtype(8))) > 0
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_group_scales_fit_each_group_of_input_channels(method):
+    """40 input channels in groups of at most 16: 3 groups of 14, 14 and 12 channels, each with its own scale, never
+    worse than one scale per output channel; an input channel with outliers only coarsens its own group."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 40, 3, 3, generator=g)
+    w[:, 30] *= 20  # outliers in the last group
+    qt = weight_qtype(4)
+    per_channel = affine.weight_scales(w, qt, method)
+    grouped = affine.weight_scales(w, qt, method, group_size=16)
+    assert per_channel.shape == (6,) and grouped.shape == (6, 3)
+    if method == "minmax":
+        for k, (a, b) in enumerate([(0, 14), (14, 28), (28, 40)]):
+            want = affine.symmetric_scale(w[:, a:b].abs().amax(dim=(1, 2, 3)), qt)
+            assert torch.allclose(grouped[:, k], want)
+    err = lambda s: (affine.weight_values(affine.weight_codes(w, s, qt), s) - w)[:, :28].pow(2).sum()  # noqa: E731
+    assert err(grouped) < 0.25 * err(per_channel)  # the first two groups no longer pay for the outliers
+    assert affine.weight_scales(w, qt, method, group_size=40).shape == (6,)  # one group is per output channel
+    assert affine.weight_scale_like(grouped, w.shape).shape == (6, 40, 1, 1)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pqd.core.adaround import AdaRound
+from pqd.core.affine import weight_values
 from pqd.core.gptq import Hessian, gptq_codes, layer_rows
 from pqd.core.modules import quant_layers
 from pqd.core.qtypes import weight_qtype
@@ -24,21 +25,22 @@ def correlated(n, d, seed=0):
 
 
 def output_mse(layer_w, codes, scale, x):
-    shape = (-1,) + (1,) * (layer_w.ndim - 1)
     w = layer_w.reshape(len(layer_w), -1)
-    q = (codes.to(torch.float32) * scale.reshape(shape)).reshape(len(layer_w), -1)
+    q = weight_values(codes, scale).reshape(len(layer_w), -1)
     return float((x @ (q - w).T).pow(2).mean())
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_gptq_lowers_the_layer_output_error_of_nearest_rounding(bits):
+@pytest.mark.parametrize("bits,group_size", [(4, 0), (8, 0), (4, 32)])
+def test_gptq_lowers_the_layer_output_error_of_nearest_rounding(bits, group_size):
+    """On per-channel scales and on a scale per 32 input channels (each column rounded on its own group's grid)."""
     torch.manual_seed(bits)
     layer = nn.Linear(96, 48)
     x = correlated(2048, 96)
     h = Hessian(layer)
     h.update(x[:1024])
     h.update(x[1024:])
-    nearest, scale = quantize_weight(layer.weight, bits, "mse")
+    nearest, scale = quantize_weight(layer.weight, bits, "mse", group_size)
+    assert scale.shape == ((48, 3) if group_size else (48,))
     codes = gptq_codes(layer.weight, scale, h.value(), weight_qtype(bits))
     qt = weight_qtype(bits)
     assert codes.dtype == torch.int8 and codes.shape == nearest.shape

@@ -43,11 +43,12 @@ def inputs(n=3, b=32, seed=0):
     return [torch.randn(b, 8, 6, 6, generator=g) for _ in range(n)]
 
 
-def quantized_block(bits=4, seed=0):
+def quantized_block(bits=4, seed=0, group_size=0):
     torch.manual_seed(seed)
     fp = Block()
     xs = inputs()
-    state = fit_qstate(fp, lambda m, sg: [m(x) for x in xs], QuantConfig(weight_bits=bits, act_bits=8))
+    state = fit_qstate(fp, lambda m, sg: [m(x) for x in xs],
+                       QuantConfig(weight_bits=bits, act_bits=8, weight_group_size=group_size))
     q = apply_qstate(copy.deepcopy(fp), state)
     with torch.no_grad():
         batches = [UnitBatch((x,), {}, fp(x)) for x in xs]
@@ -77,9 +78,11 @@ def test_beta_schedule_anneals_from_20_to_2():
     assert beta_schedule(99, 100, 0.2) == pytest.approx(2.0, abs=0.05)
 
 
-@pytest.mark.parametrize("bits", [4, 3])
-def test_reconstruction_beats_nearest_rounding(bits):
-    fp, q, batches = quantized_block(bits)
+@pytest.mark.parametrize("bits,group_size", [(4, 0), (3, 0), (4, 4)])
+def test_reconstruction_beats_nearest_rounding(bits, group_size):
+    """Also with a weight scale per 4 of the 8 input channels (AdaRound rounds each weight on its group's grid)."""
+    fp, q, batches = quantized_block(bits, group_size=group_size)
+    assert all((layer.weight_scale.ndim == 2) == bool(group_size) for layer in quant_layers(q).values())
     before = unit_mse(q, batches)
     weights = {n: fp.get_submodule(n).weight.detach() for n in quant_layers(q)}
     log = reconstruct_unit(q, weights, batches, ReconConfig(iters=300, batch_size=32, qdrop_p=0.0),

@@ -234,3 +234,33 @@ def test_w4_graph_stores_the_4bit_codes_as_int4_and_runs_them_on_int8_kernels(tm
         assert np.array_equal(deploy.open_graph(tmp_path / "w4.onnx", runtime).run(feeds), want)
         audit = deploy.kernel_audit(tmp_path / "w4.onnx", runtime)
         assert audit.integer_layers == audit.quantized_layers == 2 and not audit.fallbacks, audit.line()
+
+
+def test_per_group_weights_deploy_weight_only_and_agree_in_both_runtimes(tiny_pipeline, tmp_path):
+    """4-bit weights with a scale per 8 input channels: the graphs carry them as a blocked DequantizeLinear (opset 21)
+    of INT4 codes; both runtimes compute what the simulation does, and the kernel audit counts each grouped layer as
+    weight-only (not a fallback) and every other one on an integer kernel."""
+    den = load_denoiser(tiny_pipeline)
+    state = fit_two_groups(den, 4, den.skip_splits(), group_size=8)
+    grouped = {n for n, lp in state.items() if lp.weight_scale.ndim == 2}
+    assert grouped and len(grouped) < len(state)  # layers with at most 8 input channels stay per channel
+    out = tmp_path / "export"
+    out.mkdir()
+    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
+    write_manifest(out, {})
+    path = out / deploy.ONNX_DIR / deploy.graph_file(0)
+    graph = onnx.load(str(path), load_external_data=False)
+    blocked = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    splits = sum(1 for n in grouped if state[n].act_split)
+    assert len(blocked) == len(grouped) and max(o.version for o in graph.opset_import if o.domain == "") == 21
+    codes = {t.name: t for t in graph.graph.initializer}
+    assert all(codes[n.input[0]].data_type == onnx.TensorProto.INT4 for n in blocked)
+    for runtime in deploy.RUNTIMES:
+        y_fp, y_q, y_deployed = fp_simulated_deployed(den, out, runtime)
+        assert (y_deployed - y_q).norm() <= AGREEMENT * (y_q - y_fp).norm(), runtime
+        a = deploy.kernel_audit(path, runtime)
+        assert a.fallbacks == () and len(a.weight_only) == len(grouped) + splits, a.line()
+        assert a.integer_layers == a.quantized_layers - len(a.weight_only) - len(a.float_output), a.line()
+        assert "weight-only by design" in a.line()

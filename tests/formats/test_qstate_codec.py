@@ -12,13 +12,13 @@ from pqd.errors import ArtifactError
 from pqd.formats import qstate as qcodec
 
 
-def layer(kind, shape, bits, split=None, out=False, groups=2, seed=0):
+def layer(kind, shape, bits, split=None, out=False, groups=2, seed=0, scale_groups=0):
     g = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     parts = 2 if split else 1
     return LayerQParams(kind=kind, weight_bits=bits, act_bits=8, act_split=split,
                         weight_int=torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.int8),
-                        weight_scale=torch.rand(shape[0], generator=g) + 0.01,
+                        weight_scale=torch.rand(shape[0], *([scale_groups] if scale_groups else []), generator=g) + 0.01,
                         act_scale=torch.rand(groups, parts, generator=g) + 0.01,
                         act_zero_point=torch.randint(0, 256, (groups, parts), generator=g).float(),
                         out_scale=torch.rand(groups, parts, generator=g) + 0.01 if out else None,
@@ -31,6 +31,8 @@ def state():
     return {"conv_in": layer("conv2d", (8, 3, 3, 3), 8, out=True),
             "up.conv1": layer("conv2d", (8, 16, 3, 3), 4, split=12, out=True, seed=1),
             "odd.linear": layer("linear", (5, 7), 3, seed=2),  # 35 codes: an odd count packs with a pad nibble
+            # a scale per group of input channels: 40 channels in 3 groups of 14, 14 and 12
+            "grouped.conv": layer("conv2d", (6, 40, 3, 3), 4, out=True, seed=5, scale_groups=3),
             "ff.proj": dataclasses.replace(layer("linear", (4, 6), 8, seed=4), smooth=torch.rand(6, generator=g) + 0.5),
             "attn.processor.qk": MatMulQParams(8, 8, *(torch.rand(2, 1, generator=g) for _ in range(4))),
             "down.resnets.0.glue_residual": SiteQParams(8, torch.rand(2, 1, generator=g) + 0.01,
@@ -52,6 +54,10 @@ def test_round_trip_is_exact(state, tmp_path):
             a, b = getattr(lp, f, None), getattr(got, f, None)
             assert (a is None and b is None) or (a == b if isinstance(a, int) else torch.equal(a, b)), (name, f)
     assert back["up.conv1"].act_split == 12 and back["odd.linear"].out_scale is None
+    assert back["grouped.conv"].weight_scale.shape == (6, 3)
+    entry = qmap["layers"]["grouped.conv"]
+    assert (entry["weight_granularity"], entry["weight_groups"], entry["weight_group_width"]) == ("per_group", 3, 14)
+    assert qmap["layers"]["conv_in"]["weight_granularity"] == "per_output_channel"
     assert back["ff.proj"].smooth is not None and back["odd.linear"].smooth is None
     assert [n for n, e in qmap["layers"].items() if e.get("act_smooth")] == ["ff.proj"]  # balanced layers only
 

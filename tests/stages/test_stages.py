@@ -228,3 +228,35 @@ def test_evaluate_on_openvino_judges_the_graphs_openvino_runs(pipeline_run):
     assert check.passed, check.detail
     kernels = kernels_check(ExportMetrics.read(d / "data/metrics/export.json"), "openvino")
     assert kernels.passed and kernels.detail.startswith("openvino: "), kernels.detail
+
+
+def test_mixed_precision_under_a_budget_moves_the_most_sensitive_layers_to_8_bits(pipeline_run, tiny_pipeline):
+    """quant.weight_bits_budget with per-group scales: calibrate measures every 4-bit layer's sensitivity, moves the
+    layers it chose to 8 bits, stays within the budget (scales included), and qstate, export manifest and metrics
+    record the choice; a budget below the all-4-bit cost is refused before any work."""
+    d = pipeline_run / "data"
+    base = small_params(model={"source": str(tiny_pipeline)}, quant={"weight_bits": 4, "weight_group_size": 4},
+                        calibrate={"reconstruct": False, "sensitivity_samples": 8})
+    floor = calibrate.run(params_from_dict(base), d / "model", d / "calib", d / "qstate-g4").weight_bits_mean
+    budget = round(floor + 0.5, 2)
+    params = params_from_dict({**base, "quant": {**base["quant"], "weight_bits_budget": budget}})
+    m = calibrate.run(params, d / "model", d / "calib", d / "qstate-mixed")
+    state, _, _, trailer = qcodec.read(d / "qstate-mixed", qcodec.STATE_TENSORS)
+    mixed = trailer["mixed_precision"]
+    assert floor < m.weight_bits_mean <= budget and m.mixed_high_layers == len(mixed["high_layers"]) > 0
+    assert mixed["mean_bits"] == pytest.approx(m.weight_bits_mean, abs=1e-3)
+    for name in mixed["high_layers"]:
+        assert state[name].weight_bits == CODE_BITS_8 and state[name].weight_scale.dim() == 1  # per channel at 8 bits
+    low = [n for n in mixed["sensitivity"] if n not in mixed["high_layers"]]
+    assert low and all(state[n].weight_bits == 4 and state[n].weight_scale.dim() == 2 for n in low)
+    # the greedy choice favours sensitive layers: the promoted ones are, on average, the more sensitive
+    sens = mixed["sensitivity"]
+    assert np.mean([sens[n] for n in mixed["high_layers"]]) > np.mean([sens[n] for n in low])
+    ex = export.run(params, d / "model", d / "qstate-mixed", d / "export-mixed")
+    manifest = json.loads((d / "export-mixed/manifest.json").read_text())
+    assert manifest["weights"]["mixed_precision"]["high_layers"] == mixed["high_layers"]
+    assert ex.weight_bits_mean == manifest["weights"]["bits_mean"] == pytest.approx(m.weight_bits_mean, abs=1e-3)
+    too_low = params_from_dict({**base, "quant": {**base["quant"], "weight_bits_budget": round(floor - 0.3, 2)}})
+    with pytest.raises(ValueError, match="quant.weight_bits_budget = .* is not allowed for this model"):
+        calibrate.run(too_low, d / "model", d / "calib", d / "qstate-too-low")
+    assert not (d / "qstate-too-low").exists()

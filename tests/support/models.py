@@ -222,7 +222,7 @@ def write_reference_images(folder: Path, n: int = 256, size: int = 16, seed: int
     return folder
 
 
-def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = None):
+def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = None, group_size: int = 0):
     """A qstate of ``den``'s network fitted over 2 time groups with very different input ranges (group 0: t = 80,
     inputs x 2; group 1: t = 20, inputs x 0.5), every layer's output quantized but the float-output layers'."""
     g = torch.Generator().manual_seed(0)
@@ -235,7 +235,7 @@ def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = No
             m(xs[k], ts[k])
 
     names = list(quantizable_layers(den.net))
-    cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=splits or {},
+    cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=splits or {}, weight_group_size=group_size,
                       output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
     return fit_qstate(den.net, forward_all, cfg)
 
