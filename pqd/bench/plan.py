@@ -48,6 +48,7 @@ def slug(text: str) -> str:
 
 SHARED = ", shared grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
 _PQD = {"calibrate": {"method": "pqd"}}
+W4_BUDGET = 4.5  # average weight bits (scales included) of the mixed-precision rows: 7.1x smaller than float32
 _ALL_GLUE = ["residual", "temb", "silu", "concat", "attention"]
 _ALL_GLUE_ATTENTION = {"calibrate": {"method": "pqd", "split_shortcut": False},
                        "quant": {"glue": _ALL_GLUE, "attention": True, "softmax_bits": 8}}
@@ -86,6 +87,14 @@ _ROWS = [
         {**_PQD, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
     # error-compensating rounding (calibrate.rounding: gptq) before reconstruction, against w4-pqd / w8-pqd
     *[Row("pqd, gptq rounding", bits, {"calibrate": {"method": "pqd", "rounding": "gptq"}}) for bits in (4, 8)],
+    # 4-bit weight tools (quant.weight_group_size, quant.weight_bits_budget), each against w4-pqd; the budget counts
+    # scales, so groups of 32 (one float32 scale per 32 x kernel weights) leave less of it for 8-bit layers
+    Row("pqd, groups of 32", 4, {**_PQD, "quant": {"weight_group_size": 32}}),
+    Row(f"pqd, mixed {W4_BUDGET} bits", 4, {**_PQD, "quant": {"weight_bits_budget": W4_BUDGET}}),
+    Row(f"pqd, groups of 32, mixed {W4_BUDGET} bits", 4,
+        {**_PQD, "quant": {"weight_group_size": 32, "weight_bits_budget": W4_BUDGET}}),
+    Row(f"pqd, gptq rounding, mixed {W4_BUDGET} bits", 4,
+        {"calibrate": {"method": "pqd", "rounding": "gptq"}, "quant": {"weight_bits_budget": W4_BUDGET}}),
 ]
 ROWS: dict[str, Row] = {r.name: r for r in _ROWS}
 assert len(ROWS) == len(_ROWS), "two rows with one name"
@@ -100,6 +109,8 @@ ROW_SETS: dict[str, list[str]] = {
                     "w4-pqd-g-1", "w8-pqd-quant-smooth", "w4-pqd-quant-smooth"],
     "glue": ["w8-pqd", *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
                          and "attention matmuls" not in r.label)],
+    "w4": ["w8-pqd", "w4-pqd", *(r.name for r in _ROWS if r.bits == 4 and ("gptq" in r.label or "groups" in r.label
+                                                                            or "mixed" in r.label))],
     "shared": ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
                "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
                "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],

@@ -23,7 +23,7 @@ DIRECTION = {"evaluate.fid_quant_vs_fp": True, "evaluate.delta_fid": True, "eval
 # metrics summarised over replicates (mean and t-interval)
 SUMMARY = ("evaluate.fid_quant_vs_ref", "evaluate.fid_fp_vs_ref", "evaluate.delta_fid", "evaluate.fid_quant_vs_fp",
            "evaluate.noise_floor", "evaluate.psnr_mean", "evaluate.psnr_other_seed_mean", "calibrate.output_mse",
-           "calibrate.seconds", "export.size_ratio")
+           "calibrate.seconds", "export.size_ratio", "export.weight_bits_mean")
 # the release gate's statistics of each cell (pqd.ops.release.gate_statistics): summarised by their range
 GATE = ("gate.delta_fid_fraction", "gate.fid_vs_fp_fraction", "gate.psnr_margin_db")
 # metrics with a per-replicate bootstrap interval over samples (the evaluation's <m>_ci.lo, <m>_ci.hi)
