@@ -95,6 +95,9 @@ _ROWS = [
         {**_PQD, "quant": {"weight_group_size": 32, "weight_bits_budget": W4_BUDGET}}),
     Row(f"pqd, gptq rounding, mixed {W4_BUDGET} bits", 4,
         {"calibrate": {"method": "pqd", "rounding": "gptq"}, "quant": {"weight_bits_budget": W4_BUDGET}}),
+    # W4A4 (simulated: integer kernels take 8-bit activations, so no ONNX graphs and a torch evaluation)
+    Row("pqd, 4-bit activations, groups of 32", 4, {**_PQD, "quant": {"act_bits": 4, "weight_group_size": 32},
+                                                     "export": {"onnx": False}, "evaluate": {"backend": "torch"}}),
 ]
 ROWS: dict[str, Row] = {r.name: r for r in _ROWS}
 assert len(ROWS) == len(_ROWS), "two rows with one name"
@@ -109,8 +112,8 @@ ROW_SETS: dict[str, list[str]] = {
                     "w4-pqd-g-1", "w8-pqd-quant-smooth", "w4-pqd-quant-smooth"],
     "glue": ["w8-pqd", *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
                          and "attention matmuls" not in r.label)],
-    "w4": ["w8-pqd", "w4-pqd", *(r.name for r in _ROWS if r.bits == 4 and ("gptq" in r.label or "groups" in r.label
-                                                                            or "mixed" in r.label))],
+    "w4": ["w8-pqd", "w4-pqd", *(r.name for r in _ROWS if r.bits == 4 and "activations" not in r.label
+                                 and ("gptq" in r.label or "groups" in r.label or "mixed" in r.label))],
     "shared": ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
                "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
                "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],

@@ -3,8 +3,8 @@ cell with the stages' own metrics (``<stage>.<key>``) and the release gate's sta
 pqd.ops.release.gate_statistics); means with intervals per model and row, paired verdicts.
 
 Outputs in ``out``: ``bench.md`` (tables with intervals and paired verdicts), ``bench.csv`` (one line per model and
-row: means and intervals; a DVC plot), ``bench_replicates.csv`` (every cell), ``bench_paired.csv``, ``bench.png`` and
-``bench_paired.png``.
+row: means and intervals; a DVC plot), ``bench_replicates.csv`` (every cell), ``bench_paired.csv``, ``bench.png``,
+``bench_paired.png`` and ``bench_frontier.png`` (weight bits against FID vs FP).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pqd.ops.result import Result, flat_metrics
 FID_VS_FP, DELTA_FID, PSNR, FID_VS_DATA = ("evaluate.fid_quant_vs_fp", "evaluate.delta_fid", "evaluate.psnr_mean",
                                            "evaluate.fid_quant_vs_ref")
 LABELS = {FID_VS_FP: "FID vs FP", DELTA_FID: "ΔFID", PSNR: "PSNR dB", FID_VS_DATA: "FID vs data"}
+BITS = "export.weight_bits_mean"  # average bits per quantized weight, scales included
 GATE_DELTA, GATE_FID, GATE_PSNR = ("gate.delta_fid_fraction", "gate.fid_vs_fp_fraction", "gate.psnr_margin_db")
 
 
@@ -47,6 +48,7 @@ def write_outputs(lines: list[dict[str, Any]], rows: list[str], out: Path, confi
     (out / "bench.md").write_text(md)
     plot_summary(summary, out / "bench.png")
     plot_paired(paired, out / "bench_paired.png")
+    plot_frontier(summary, out / "bench_frontier.png")
     return md
 
 
@@ -79,7 +81,7 @@ def summary_table(summary: pd.DataFrame) -> str:
     """One markdown table per model: each metric as mean [t-interval over replicates], and the bootstrap interval
     over samples (mean of the replicates' bounds) beside FID vs FP, ΔFID and FID vs data."""
     cols = ["row", "bits", "R", "FID vs FP", "(bootstrap)", "ΔFID", "(bootstrap)", "PSNR dB", "FID vs data",
-            "(bootstrap)", "FP FID vs data", "noise floor", "calib s"]
+            "(bootstrap)", "FP FID vs data", "noise floor", "weight bits", "calib s"]
     parts = []
     for model, g in summary.groupby("model", sort=False):
         lines = [f"**{model}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -87,7 +89,7 @@ def summary_table(summary: pd.DataFrame) -> str:
             cells = [r["row"], r["bits"], str(r["n"]), _mean_ci(r, FID_VS_FP), _boot(r, FID_VS_FP),
                      _mean_ci(r, DELTA_FID), _boot(r, DELTA_FID), _mean_ci(r, PSNR, 2), _mean_ci(r, FID_VS_DATA),
                      _boot(r, FID_VS_DATA), _mean_ci(r, "evaluate.fid_fp_vs_ref"), _mean_ci(r, "evaluate.noise_floor"),
-                     _num(r.get("calibrate.seconds", math.nan), 1)]
+                     _num(r.get(BITS, math.nan), 2), _num(r.get("calibrate.seconds", math.nan), 1)]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -200,6 +202,41 @@ def plot_paired(paired: pd.DataFrame, path) -> None:
             ax.set_yticks(range(len(g)), [f"{a} - {b}" for a, b in zip(g["first"], g["second"])], fontsize=7)
             ax.invert_yaxis()
             ax.set_title(f"{model}: {LABELS[m]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def frontier(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (bits, error) points no other point beats on both (fewer or equal bits and lower error, or
+    lower bits and equal error), ordered by bits: the size-quality frontier."""
+    keep = [i for i, (b, e) in enumerate(points)
+            if not any((b2 <= b and e2 < e) or (b2 < b and e2 <= e) for b2, e2 in points)]
+    return sorted(keep, key=lambda i: points[i])
+
+
+def plot_frontier(summary: pd.DataFrame, path) -> None:
+    """Size against quality, one panel per model: each row at its average weight bits (scales included) and its FID
+    vs FP (mean and interval over replicates), the frontier joined by a line."""
+    if BITS not in summary or summary[BITS].isna().all():
+        return
+    plt = _pyplot()
+    models = list(summary["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        g = summary[(summary["model"] == model) & summary[BITS].notna()].reset_index(drop=True)
+        err = [(g[FID_VS_FP] - g[f"{FID_VS_FP}_lo"]).clip(lower=0).fillna(0),
+               (g[f"{FID_VS_FP}_hi"] - g[FID_VS_FP]).clip(lower=0).fillna(0)]
+        ax.errorbar(g[BITS], g[FID_VS_FP], yerr=err, fmt="o", capsize=3, color="#4c72b0")
+        for _, r in g.iterrows():
+            ax.annotate(f"{r['row']} {r['bits']}", (r[BITS], r[FID_VS_FP]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        best = g.iloc[frontier(list(zip(g[BITS], g[FID_VS_FP])))]
+        ax.plot(best[BITS], best[FID_VS_FP], "-", color="#dd8452", lw=1.5, label="frontier")
+        ax.set_xlabel("average weight bits (codes + float32 scales)")
+        ax.set_ylabel("FID vs FP")
+        ax.set_title(f"{model}: size against FID vs FP", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

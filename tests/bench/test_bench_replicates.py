@@ -70,7 +70,7 @@ def test_bench_over_two_replicates_then_a_rerun_restores_every_stage(harness, tm
     assert paired.loc["evaluate.psnr_mean", "diff"] == pytest.approx((by_rep["w8-pqd"] - by_rep["w8-minmax"]).mean())
     md = (out / "bench.md").read_text()
     assert "t-interval over R replicates" in md and "| pqd W8A8 | minmax W8A8 | 2 |" in md.replace("W7A8", "W8A8")
-    assert (out / "bench.png").is_file() and (out / "bench_paired.png").is_file()
+    assert all((out / f).is_file() for f in ("bench.png", "bench_paired.png", "bench_frontier.png"))
     # the workspace is put back; each cell is an experiment
     assert (project / "params.yaml").read_text() == params_before
     assert set(first.cells) <= set(run_dvc(project, ["exp", "list", "--name-only"]).output.split())

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from pqd.bench import stats
+from pqd.bench import report, stats
 
 
 def test_t_interval_is_scipys():
@@ -66,3 +66,10 @@ def test_comparisons_use_only_the_replicates_both_rows_have():
     df = df[~((df["key"] == "w4-b") & (df["replicate"] == 2))]
     paired = stats.compare(df, [("w4-a", "w4-b"), ("w4-a", "w4-missing")], 0.95)
     assert set(paired["n"]) == {2} and set(paired["second"]) == {"b W4A8"}
+
+
+def test_the_frontier_keeps_the_points_nothing_beats_on_both_size_and_error():
+    # (bits, FID vs FP): 4.18 per channel, 4.5 mixed (better), 4.33 groups (worse than per channel: off the
+    # frontier), 8.1 (best); a tie in error at more bits is off the frontier too
+    points = [(4.18, 0.31), (4.5, 0.12), (4.33, 0.35), (8.1, 0.02), (8.3, 0.02)]
+    assert report.frontier(points) == [0, 1, 3]
