@@ -149,11 +149,14 @@ def _cell_tags(cell: Cell, kind: str) -> dict[str, str]:
 
 def _serial(root: str, cells: list[Cell], experiment: str, parent: tracking.TrackedRun, restore: bool,
             kind: str) -> list[CellResult]:
-    """Each cell in the workspace, one after the other; the workspace is put back afterwards."""
+    """Each cell in the workspace, one after the other, each from the sweep's params.yaml (``dvc exp run -S`` writes
+    into the workspace's file, so a key one cell set would otherwise stay set for the next); the workspace is put
+    back afterwards."""
     params_text = (Path(root) / "params.yaml").read_text()
     results = []
     try:
         for c in cells:
+            (Path(root) / "params.yaml").write_text(params_text)
             ran = dvc_exp_run(root, list(c.overrides), c.name)
             run = track_result(root, experiment, parent_run_id=parent.run_id, run_name=c.name, tags=_cell_tags(c, kind))
             results.append(read_cell(root, c, run, ran))

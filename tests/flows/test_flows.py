@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.tasks import apply_overrides, run_dvc
 from support.projects import ROOT, active_runs, clone, db_rows, free_port, reproduced_project, run_tags
@@ -179,3 +180,23 @@ def test_release_flow_refuses_then_registers(harness, project):
 
 # The scheduled deployment served against a real Prefect server: tests/ops/test_team.py (the team's server on
 # PostgreSQL, support.servers.served_benchmark_run), one server set for both concerns.
+
+
+@pytest.mark.slow  # real flow runs (Prefect, dvc exp run): make test-fast leaves them out
+def test_serial_cells_each_start_from_the_sweeps_params(harness, project):
+    """A key one cell sets is not carried into the next cell (dvc exp run -S writes into the workspace's
+    params.yaml): each experiment's params are the sweep's params.yaml plus its own overrides. The keys here are
+    release thresholds, which no stage reads, so both cells restore every stage."""
+    from flows.sweep import Cell, open_parent_run, run_cells
+
+    base = (project / "params.yaml").read_text()
+    cells = [Cell("w8-first", ("release.psnr_margin_db=19",), labels=(("row", "first"),)),
+             Cell("w8-second", ("release.delta_fid_fraction=0.3",), labels=(("row", "second"),))]
+    parent = open_parent_run(str(project), "pqd", "two cells", cells, {})
+    run_cells(str(project), cells, "pqd", parent)
+    exps = _exp_cells(project)
+    first, second = exps["w8-first"]["params"]["release"], exps["w8-second"]["params"]["release"]
+    default = yaml.safe_load(base)["release"]
+    assert (first["psnr_margin_db"], first["delta_fid_fraction"]) == (19, default["delta_fid_fraction"])
+    assert (second["psnr_margin_db"], second["delta_fid_fraction"]) == (default["psnr_margin_db"], 0.3)
+    assert (project / "params.yaml").read_text() == base
