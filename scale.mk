@@ -3,8 +3,7 @@
 #   make push / make pull                        every cached output and DVC's run cache to / from it
 #   make team-up / team-down / team-status       PostgreSQL + MLflow server + Prefect server on loopback
 #   make postgres-server                         install the PostgreSQL server binaries when missing (Debian)
-#   make bench-parallel                          generate serial vs a 2-worker LocalCluster, a 2x2 sweep serial vs
-#                                                on 2 workers, Dask's overhead per task (data/bench/parallel.md)
+#   (make bench-parallel, Dask against serial, is in the Makefile)
 REMOTE ?= $(abspath $(CURDIR)/../pqd-dvc-remote)
 TEAM_DIR ?= $(CURDIR)/.team
 TEAM_ARTIFACTS ?= $(TEAM_DIR)/mlartifacts
@@ -14,7 +13,7 @@ TEAM_FLAGS = --dir $(TEAM_DIR) --artifacts $(TEAM_ARTIFACTS) --pg-port $(TEAM_PG
              --prefect-port $(PREFECT_PORT) $(if $(PG_BIN),--pg-bin $(PG_BIN))
 PG_FOUND = $(or $(PG_BIN),$(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb)))
 
-.PHONY: remote push pull team-up team-down team-status postgres-server bench-parallel
+.PHONY: remote push pull team-up team-down team-status postgres-server
 
 remote: setup
 	@case "$(REMOTE)" in s3://*) $(BIN)/python -c "import dvc_s3" 2>/dev/null || \
@@ -41,7 +40,3 @@ team-down: setup
 team-status: setup
 	$(BIN)/python -m pqd.ops.team status --dir $(TEAM_DIR)
 
-# needs the model and generate outputs in the cache and dvc.lock committed (the sweeps run in clones of HEAD)
-bench-parallel: setup check-params
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro generate
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pqd.bench.parallel --out data/bench/parallel.md
