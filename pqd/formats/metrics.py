@@ -165,6 +165,8 @@ class CalibrateMetrics(StageMetrics):
     smoothed_layers: int | None = None  # linears balanced by quant.smooth (absent when none)
     weight_bits_mean: float | None = None  # average bits per weight: codes at their width + fp32 scales, every layer
     mixed_high_layers: int | None = None  # quant.weight_bits_budget: layers moved to 8 bits (absent when off)
+    # reconstructed_units taken from checkpoint.dir (an interrupted run's results), not recomputed (absent when off)
+    units_from_checkpoint: int | None = None
 
 
 @dataclass(frozen=True)

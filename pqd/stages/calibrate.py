@@ -62,8 +62,9 @@ def sensitivity_batches(plan: list, samples: int) -> list[int]:
     return sorted({round(i * (len(plan) - 1) / max(1, n - 1)) for i in range(n)})
 
 
-def resume(ckpt: UnitCheckpoint) -> Callable[[str], UnitResult | None]:
-    """``reconstruct_model``'s ``saved``: units from the checkpoint, announcing the first unit recomputed."""
+def resume(ckpt: UnitCheckpoint, taken: list[str]) -> Callable[[str], UnitResult | None]:
+    """``reconstruct_model``'s ``saved``: units from the checkpoint (appended to ``taken``), announcing the first
+    unit recomputed."""
     done = ckpt.units()
     if done:
         print(f"pqd calibrate: checkpoint {ckpt.folder} holds {len(done)} finished units", flush=True)
@@ -72,7 +73,9 @@ def resume(ckpt: UnitCheckpoint) -> Callable[[str], UnitResult | None]:
     def saved(unit: str) -> UnitResult | None:
         nonlocal announced
         result = ckpt.load(unit)
-        if result is None and done and not announced:
+        if result is not None:
+            taken.append(unit)
+        elif done and not announced:
             print(f"pqd calibrate: resuming: units before {unit} come from the checkpoint; recomputing from unit "
                   f"{unit}", flush=True)
             announced = True
@@ -146,6 +149,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
     qden = dataclasses.replace(den, net=fit.quantized(), time_groups=groups)
     state, cfg, attention, glue, shared = fit.state, fit.config, fit.attention, fit.glue, fit.shared
     recon_log: list[dict[str, Any]] = []
+    from_checkpoint: list[str] = []  # units whose result an interrupted run left in the checkpoint
     if c.reconstruct:
         t0 = time.perf_counter()
         runner = lambda m, i: den.call(m, *fetch(i))  # noqa: E731
@@ -164,7 +168,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
                                           recon_config(params), seed=c.seed,
                                           store=store_factory(Path(spill), size, c.memory_mb * 2**20),
                                           inputs=c.recon_inputs, wave=c.recon_wave,
-                                          saved=resume(ckpt) if ckpt else lambda _u: None,
+                                          saved=resume(ckpt, from_checkpoint) if ckpt else lambda _u: None,
                                           finished=ckpt.save if ckpt else lambda _u, _r: None,
                                           executor=executor, concurrency=pool.info.workers)
         on_disk = sum(1 for u in units if size[u] > c.memory_mb * 2**20)
@@ -218,6 +222,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
                             weight_code_bits=cfg.weight_bits, reduce_range=codes.reduce_range,
                             weight_bits_mean=round(mean_weight_bits(state), 4),
                             mixed_high_layers=len(mixed.high) if mixed else None,
+                            units_from_checkpoint=len(from_checkpoint) if ckpt else None,
                             integer_codes=codes.reason)
 
 
