@@ -22,6 +22,7 @@ from diffusers import Transformer2DModel, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pqd.bench.costfit import FITS, eval_share, fit, step_seconds
+from pqd.bench.figures import panels
 from pqd.bench.memory import bench_params, build_calib, build_model, measure_calibrate
 from pqd.core.modules import quantizable_layers
 from pqd.core.reconstruct import unit_io_bytes
@@ -241,25 +242,21 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> bool:
     """Step seconds of each unit against its parameters and its FLOPs (log-log); False without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in result["runs"]:
-        s = step_seconds(r, result["fit"]["phi"])
-        for ax, key in zip(axes, ("parameters", "flops_per_input")):
-            ax.scatter([max(1, u[key]) for u in r["unit_log"]], s, s=14,
-                       label=f"{r['model']} ({r['rows_per_step']:.0f} rows per step)")
-    for ax, label in zip(axes, ("unit parameters", "unit forward FLOPs per input")):
-        ax.set(xscale="log", yscale="log", xlabel=label, ylabel="seconds per reconstruction step")
-        ax.grid(True, which="major", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"calibrate: seconds per unit-step ({result['cpus']} CPUs, commit {str(result['commit'])[:7]})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with panels(path, 1, 2, (11, 4.2), dpi=110) as (fig, axes):
+        axes = axes[0]
+        for r in result["runs"]:
+            s = step_seconds(r, result["fit"]["phi"])
+            for ax, key in zip(axes, ("parameters", "flops_per_input")):
+                ax.scatter([max(1, u[key]) for u in r["unit_log"]], s, s=14,
+                           label=f"{r['model']} ({r['rows_per_step']:.0f} rows per step)")
+        for ax, label in zip(axes, ("unit parameters", "unit forward FLOPs per input")):
+            ax.set(xscale="log", yscale="log", xlabel=label, ylabel="seconds per reconstruction step")
+            ax.grid(True, which="major", alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"calibrate: seconds per unit-step ({result['cpus']} CPUs, commit {str(result['commit'])[:7]})")
     return True
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
+from pqd.bench.figures import panels
 from pqd.diffusion.adapter import load_denoiser
 from pqd.errors import command
 from pqd.formats import qstate as qcodec
@@ -122,24 +123,15 @@ def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str) 
 
 def plot(per_step: list[pd.DataFrame], first: str, second: str, path: Path) -> None:
     """Per-step error of the two rows, one panel per replicate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(per_step), figsize=(5 * len(per_step), 3.8), squeeze=False)
-    for ax, df in zip(axes[0], per_step):
-        for name in (first, second):
-            ax.plot(df["u"], df[name], label=name)
-        for b in np.flatnonzero(np.diff(df["group"].to_numpy())):
-            ax.axvline(df["u"].iloc[b + 1], color="k", lw=0.6, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlabel("step position u (0 = noisiest)")
-        ax.set_title(f"{df['replicate'].iloc[0]}: UNet output rel. MSE vs FP", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with panels(path, 1, len(per_step), (5 * len(per_step), 3.8)) as (_fig, axes):
+        for ax, df in zip(axes[0], per_step):
+            for name in (first, second):
+                ax.plot(df["u"], df[name], label=name)
+            for b in np.flatnonzero(np.diff(df["group"].to_numpy())):
+                ax.axvline(df["u"].iloc[b + 1], color="k", lw=0.6, ls=":")
+            ax.set(yscale="log", xlabel="step position u (0 = noisiest)")
+            ax.set_title(f"{df['replicate'].iloc[0]}: UNet output rel. MSE vs FP", fontsize=10)
+            ax.legend(fontsize=8)
 
 
 @command("pqd diagnose")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from pqd.bench.figures import panels
 from pqd.bench.plan import ROWS, comparison_pairs
 from pqd.bench.stats import NO_DIFFERENCE, compare, summarize
 from pqd.ops.release import gate_statistics
@@ -149,35 +150,26 @@ def markdown(summary: pd.DataFrame, paired: pd.DataFrame, confidence: float, tim
             + "\n\n" + "\n".join(f"- {k}: {v:.0f} s" for k, v in times.items()) + "\n")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_summary(summary: pd.DataFrame, path) -> None:
     """One row of panels per model (FID vs FP, ΔFID, PSNR), each row of the bench a bar with its t-interval."""
-    plt = _pyplot()
     models = list(summary["model"].unique())
     metrics = (FID_VS_FP, DELTA_FID, PSNR)
-    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.6 * len(models)), squeeze=False)
-    for ax_row, model in zip(axes, models):
-        g = summary[summary["model"] == model].reset_index(drop=True)
-        colors = ["#4c72b0" if str(b).startswith(("W8", "W7")) else "#dd8452" for b in g["bits"]]
-        for ax, m in zip(ax_row, metrics):
-            err = [(g[m] - g[f"{m}_lo"]).clip(lower=0).fillna(0), (g[f"{m}_hi"] - g[m]).clip(lower=0).fillna(0)]
-            ax.bar(range(len(g)), g[m], color=colors, yerr=err, capsize=3)
-            if m == DELTA_FID:
-                ax.axhline(0, color="k", lw=0.8)
-            ax.set_xticks(range(len(g)), [f"{r} {b}" for r, b in zip(g["row"], g["bits"])], rotation=45, ha="right",
-                          fontsize=8)
-            ax.set_title(f"{model}: {LABELS[m]} (mean, interval over replicates)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with panels(path, len(models), 3, (16, 4.6 * len(models))) as (_fig, axes):
+        for ax_row, model in zip(axes, models):
+            g = summary[summary["model"] == model].reset_index(drop=True)
+            colors = ["#4c72b0" if str(b).startswith(("W8", "W7")) else "#dd8452" for b in g["bits"]]
+            for ax, m in zip(ax_row, metrics):
+                ax.bar(range(len(g)), g[m], color=colors, yerr=error_bars(g, m), capsize=3)
+                if m == DELTA_FID:
+                    ax.axhline(0, color="k", lw=0.8)
+                ax.set_xticks(range(len(g)), [f"{r} {b}" for r, b in zip(g["row"], g["bits"])], rotation=45,
+                              ha="right", fontsize=8)
+                ax.set_title(f"{model}: {LABELS[m]} (mean, interval over replicates)", fontsize=10)
+
+
+def error_bars(g: pd.DataFrame, m: str) -> list[pd.Series]:
+    """Column ``m``'s distances to its interval's ends (``m_lo``, ``m_hi``), as matplotlib's yerr takes them."""
+    return [(g[m] - g[f"{m}_lo"]).clip(lower=0).fillna(0), (g[f"{m}_hi"] - g[m]).clip(lower=0).fillna(0)]
 
 
 def plot_paired(paired: pd.DataFrame, path) -> None:
@@ -185,26 +177,21 @@ def plot_paired(paired: pd.DataFrame, path) -> None:
     comparison, coloured by the verdict for the first row."""
     if paired.empty:
         return
-    plt = _pyplot()
     models, metrics = list(paired["model"].unique()), list(paired["metric"].unique())
     n = paired.groupby("model").size().max() // len(metrics)
-    fig, axes = plt.subplots(len(models), len(metrics), figsize=(5.2 * len(metrics), 0.45 * n + 1.6 * len(models)),
-                             squeeze=False)
-    for ax_row, model in zip(axes, models):
-        for ax, m in zip(ax_row, metrics):
-            g = paired[(paired["model"] == model) & (paired["metric"] == m)].reset_index(drop=True)
-            for y, r in g.iterrows():
-                c = VERDICT_COLOR[r["verdict"]]
-                if math.isfinite(r["diff_lo"]):
-                    ax.plot([r["diff_lo"], r["diff_hi"]], [y, y], color=c, lw=2)
-                ax.plot(r["diff"], y, "o", color=c)
-            ax.axvline(0, color="k", lw=0.8)
-            ax.set_yticks(range(len(g)), [f"{a} - {b}" for a, b in zip(g["first"], g["second"])], fontsize=7)
-            ax.invert_yaxis()
-            ax.set_title(f"{model}: {LABELS[m]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with panels(path, len(models), len(metrics), (5.2 * len(metrics), 0.45 * n + 1.6 * len(models))) as (_f, axes):
+        for ax_row, model in zip(axes, models):
+            for ax, m in zip(ax_row, metrics):
+                g = paired[(paired["model"] == model) & (paired["metric"] == m)].reset_index(drop=True)
+                for y, r in g.iterrows():
+                    c = VERDICT_COLOR[r["verdict"]]
+                    if math.isfinite(r["diff_lo"]):
+                        ax.plot([r["diff_lo"], r["diff_hi"]], [y, y], color=c, lw=2)
+                    ax.plot(r["diff"], y, "o", color=c)
+                ax.axvline(0, color="k", lw=0.8)
+                ax.set_yticks(range(len(g)), [f"{a} - {b}" for a, b in zip(g["first"], g["second"])], fontsize=7)
+                ax.invert_yaxis()
+                ax.set_title(f"{model}: {LABELS[m]}", fontsize=10)
 
 
 def frontier(points: list[tuple[float, float]]) -> list[int]:
@@ -220,23 +207,16 @@ def plot_frontier(summary: pd.DataFrame, path) -> None:
     vs FP (mean and interval over replicates), the frontier joined by a line."""
     if BITS not in summary or summary[BITS].isna().all():
         return
-    plt = _pyplot()
     models = list(summary["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        g = summary[(summary["model"] == model) & summary[BITS].notna()].reset_index(drop=True)
-        err = [(g[FID_VS_FP] - g[f"{FID_VS_FP}_lo"]).clip(lower=0).fillna(0),
-               (g[f"{FID_VS_FP}_hi"] - g[FID_VS_FP]).clip(lower=0).fillna(0)]
-        ax.errorbar(g[BITS], g[FID_VS_FP], yerr=err, fmt="o", capsize=3, color="#4c72b0")
-        for _, r in g.iterrows():
-            ax.annotate(f"{r['row']} {r['bits']}", (r[BITS], r[FID_VS_FP]), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
-        best = g.iloc[frontier(list(zip(g[BITS], g[FID_VS_FP])))]
-        ax.plot(best[BITS], best[FID_VS_FP], "-", color="#dd8452", lw=1.5, label="frontier")
-        ax.set_xlabel("average weight bits (codes + float32 scales)")
-        ax.set_ylabel("FID vs FP")
-        ax.set_title(f"{model}: size against FID vs FP", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with panels(path, 1, len(models), (6.5 * len(models), 5)) as (_fig, axes):
+        for ax, model in zip(axes[0], models):
+            g = summary[(summary["model"] == model) & summary[BITS].notna()].reset_index(drop=True)
+            ax.errorbar(g[BITS], g[FID_VS_FP], yerr=error_bars(g, FID_VS_FP), fmt="o", capsize=3, color="#4c72b0")
+            for _, r in g.iterrows():
+                ax.annotate(f"{r['row']} {r['bits']}", (r[BITS], r[FID_VS_FP]), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+            best = g.iloc[frontier(list(zip(g[BITS], g[FID_VS_FP])))]
+            ax.plot(best[BITS], best[FID_VS_FP], "-", color="#dd8452", lw=1.5, label="frontier")
+            ax.set(xlabel="average weight bits (codes + float32 scales)", ylabel="FID vs FP")
+            ax.set_title(f"{model}: size against FID vs FP", fontsize=10)
+            ax.legend(fontsize=8)
