@@ -95,9 +95,14 @@ _ROWS = [
         {**_PQD, "quant": {"weight_group_size": 32, "weight_bits_budget": W4_BUDGET}}),
     Row(f"pqd, gptq rounding, mixed {W4_BUDGET} bits", 4,
         {"calibrate": {"method": "pqd", "rounding": "gptq"}, "quant": {"weight_bits_budget": W4_BUDGET}}),
+    # rotations folded into attention's value and output projections (quant.rotate), against w4-pqd
+    Row("pqd, hadamard rotation", 4, {**_PQD, "quant": {"rotate": "hadamard"}}),
+    Row(f"pqd, hadamard rotation, mixed {W4_BUDGET} bits", 4,
+        {**_PQD, "quant": {"rotate": "hadamard", "weight_bits_budget": W4_BUDGET}}),
     # W4A4 (simulated: integer kernels take 8-bit activations, so no ONNX graphs and a torch evaluation)
-    Row("pqd, 4-bit activations, groups of 32", 4, {**_PQD, "quant": {"act_bits": 4, "weight_group_size": 32},
-                                                     "export": {"onnx": False}, "evaluate": {"backend": "torch"}}),
+    *[Row("pqd, 4-bit activations, groups of 32" + rot, 4,
+          {**_PQD, "quant": {"act_bits": 4, "weight_group_size": 32, **({"rotate": "hadamard"} if rot else {})},
+           "export": {"onnx": False}, "evaluate": {"backend": "torch"}}) for rot in ("", ", hadamard rotation")],
 ]
 ROWS: dict[str, Row] = {r.name: r for r in _ROWS}
 assert len(ROWS) == len(_ROWS), "two rows with one name"
@@ -113,7 +118,7 @@ ROW_SETS: dict[str, list[str]] = {
     "glue": ["w8-pqd", *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
                          and "attention matmuls" not in r.label)],
     "w4": ["w8-pqd", "w4-pqd", *(r.name for r in _ROWS if r.bits == 4 and "activations" not in r.label
-                                 and ("gptq" in r.label or "groups" in r.label or "mixed" in r.label))],
+                                 and any(k in r.label for k in ("gptq", "groups", "mixed", "rotation")))],
     "shared": ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
                "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
                "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],

@@ -167,6 +167,7 @@ class CalibrateMetrics(StageMetrics):
     mixed_high_layers: int | None = None  # quant.weight_bits_budget: layers moved to 8 bits (absent when off)
     # reconstructed_units taken from checkpoint.dir (an interrupted run's results), not recomputed (absent when off)
     units_from_checkpoint: int | None = None
+    rotated_attention: int | None = None  # quant.rotate: attention modules whose value path was rotated (absent: off)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pqd.core.quantize import mean_weight_bits, qstate_of, weight_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.core.modules import quant_layers, quantizable_layers
 from pqd.core.reconstruct import UnitResult, reconstruct_model, unit_io_bytes
+from pqd.core.rotate import rotate_attention
 from pqd.diffusion.adapter import Cond, Denoiser, load_denoiser
 from pqd.diffusion.mixed import check_budget, mixed_precision
 from pqd.diffusion.qconfig import calibrate_network, quant_config, recon_config
@@ -109,6 +110,8 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
     groups = TimeGroups.from_schedule(data.schedule, c.time_groups)
     plan = data.batches(groups, c.batch_size)
     den = load_denoiser(model, device)
+    # quant.rotate: exact rotations folded into the float weights first; export folds the same into the float model
+    rotation = rotate_attention(den.net, params.quant.rotate)
     if den.conditional != (data.cond is not None):
         raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
@@ -201,6 +204,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
                        if k not in ("layer_weight_bits", "splits", "output_layers", "operand_bits", "smooth")},
             "edge_layers": sorted(set(cfg.layer_weight_bits) - set(mixed.high if mixed else ())),
             "split_layers": cfg.splits, "mixed_precision": mixed.as_dict() if mixed else None,
+            "rotation": {"kind": params.quant.rotate, **rotation.as_dict()},
             "float_output_layers": sorted(set(weighted) - cfg.output_layers),
             "attention_matmuls": {n: list(cfg.operand_bits_for(n)) for n in attention},
             "smoothed_layers": sorted(cfg.smooth),
@@ -223,6 +227,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
                             weight_bits_mean=round(mean_weight_bits(state), 4),
                             mixed_high_layers=len(mixed.high) if mixed else None,
                             units_from_checkpoint=len(from_checkpoint) if ckpt else None,
+                            rotated_attention=len(rotation.rotated) if params.quant.rotate != "none" else None,
                             integer_codes=codes.reason)
 
 

@@ -18,6 +18,7 @@ from pqd import deploy
 from pqd.core.modules import quant_layers
 from pqd.core.timegroups import TimeGroups
 from pqd.core.quantize import mean_weight_bits, weight_layers
+from pqd.core.rotate import rotate_attention
 from pqd.diffusion.adapter import Denoiser, load_denoiser
 from pqd.diffusion.pipeline import denoiser_component
 from pqd.diffusion.sampling import initial_noise
@@ -79,6 +80,7 @@ def run(params: Params, model: Path, qstate: Path, out: Path) -> ExportMetrics:
     state, groups, _, qmap = qcodec.read(qstate, qcodec.STATE_TENSORS)
     codes = qmap.get("integer_codes") or {}
     den = load_denoiser(model)
+    rotate_attention(den.net, (qmap.get("rotation") or {}).get("kind", "none"))  # as calibrate folded it
     source = read_json(model / MODEL_RECORD)
     extra = {"source_model": {"source": source["source"], "model_sha256": source["model_sha256"]},
              "params": as_dict(params), "git": dataclasses.asdict(git_commit()), "integer_codes": codes,

@@ -260,3 +260,35 @@ def test_mixed_precision_under_a_budget_moves_the_most_sensitive_layers_to_8_bit
     with pytest.raises(ValueError, match="quant.weight_bits_budget = .* is not allowed for this model"):
         calibrate.run(too_low, d / "model", d / "calib", d / "qstate-too-low")
     assert not (d / "qstate-too-low").exists()
+
+
+def test_rotated_attention_calibrates_exports_and_deploys_what_it_calibrated(pipeline_run, tiny_pipeline):
+    """quant.rotate: hadamard folds a rotation into every attention's value and output projections before calibration;
+    the export folds the same into the float tensors it ships (the value projection's bias), so the exported model
+    is as close to the original FP model as an unrotated export is, and qstate and metrics record what was rotated."""
+    from pqd.core.rotate import rotate_attention
+    from pqd.diffusion.adapter import load_denoiser
+    from pqd.diffusion.quantized import load_denoiser_from_export
+
+    d = pipeline_run / "data"
+    errs = {}
+    for kind in ("none", "hadamard"):
+        params = params_from_dict(small_params(model={"source": str(tiny_pipeline)}, quant={"rotate": kind},
+                                               calibrate={"reconstruct": False}))
+        m = calibrate.run(params, d / "model", d / "calib", d / f"qstate-{kind}")
+        export.run(params, d / "model", d / f"qstate-{kind}", d / f"export-{kind}")
+        trailer = qcodec.read_qmap(d / f"qstate-{kind}")["rotation"]
+        assert trailer["kind"] == kind and m.rotated_attention == (None if kind == "none" else trailer["rotated"])
+        fp, q = load_denoiser(d / "model"), load_denoiser_from_export(d / f"export-{kind}")
+        torch.manual_seed(0)
+        x, t = torch.randn(8, 1, 8, 8), torch.randint(0, 100, (8,))
+        with torch.no_grad():
+            ref = fp.predict(x, t, None)
+            errs[kind] = float((q.predict(x, t, None) - ref).norm() / ref.norm())
+        if kind == "hadamard":
+            assert trailer["rotated"] == 4 and not trailer["skipped"]
+            rotate_attention(fp.net, kind)
+            name = next(n for n, p in fp.net.named_parameters() if n.endswith("to_v.bias"))
+            assert torch.allclose(dict(q.net.named_parameters())[name].float(), dict(fp.net.named_parameters())[name])
+    print(f"relative output error vs FP: {errs}")
+    assert errs["hadamard"] < 1.5 * errs["none"] + 1e-3
