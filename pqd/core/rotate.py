@@ -48,7 +48,9 @@ def head_rotation(head_dim: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     if p == head_dim:
         return hadamard(head_dim), "hadamard"
     q = random_orthogonal(head_dim // p, seed)
-    return (torch.kron(hadamard(p), q), f"hadamard {p} x orthogonal {head_dim // p}") if p > 1 else (q, f"orthogonal {head_dim}")
+    if p == 1:
+        return q, f"orthogonal {head_dim}"
+    return torch.kron(hadamard(p), q), f"hadamard {p} x orthogonal {head_dim // p}"
 
 
 @dataclass

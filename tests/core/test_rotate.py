@@ -38,16 +38,16 @@ def test_a_unet_computes_the_same_function_after_rotation():
 
     torch.manual_seed(1)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
     for m in unet.modules():  # non-zero biases, so that a bias left unrotated would show
         if isinstance(m, torch.nn.Linear) and m.bias is not None:
             torch.nn.init.normal_(m.bias, std=0.5)
-    report, dev = _same_function(unet, lambda: {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([3, 70])})
+    inputs = lambda: {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([3, 70])}  # noqa: E731
+    report, dev = _same_function(unet, inputs)
     assert len(report.rotated) == 4 and set(report.rotated.values()) == {"hadamard"} and not report.skipped
     assert dev < 1e-5
-    unchanged, dev0 = _same_function(unet, lambda: {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([3, 70])},
-                                     "none")
+    unchanged, dev0 = _same_function(unet, inputs, "none")
     assert not unchanged.rotated and dev0 == 0
 
 
@@ -57,8 +57,8 @@ def test_a_dit_with_24_channel_heads_computes_the_same_function_after_rotation()
     torch.manual_seed(2)
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4,
                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-    report, dev = _same_function(dit, lambda: {"hidden_states": torch.randn(2, 4, 8, 8),
-                                               "timestep": torch.tensor([5, 900]), "class_labels": torch.tensor([1, 7])})
+    report, dev = _same_function(dit, lambda: {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor(
+        [5, 900]), "class_labels": torch.tensor([1, 7])})
     assert set(report.rotated.values()) == {"hadamard 8 x orthogonal 3"} and len(report.rotated) == 2
     assert dev < 1e-5
 
