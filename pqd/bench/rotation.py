@@ -42,7 +42,8 @@ def probe(folder: Path, kind: str, bits: int, method: str) -> dict[str, object]:
     after = [weight_stats(rotated.get_submodule(n).weight, bits, method) for n in names]
     mean = lambda xs, i: sum(x[i] for x in xs) / max(1, len(xs))  # noqa: E731
     kinds = ", ".join(sorted(set(report.rotated.values())))
-    return {"model": str(folder), "rotated": len(report.rotated), "kinds": kinds, "skipped": len(report.skipped), "err": (mean(before, 0), mean(after, 0)),
+    return {"model": str(folder), "rotated": len(report.rotated), "kinds": kinds, "skipped": len(report.skipped),
+            "err": (mean(before, 0), mean(after, 0)),
             "crest": (mean(before, 1), mean(after, 1))}
 
 
