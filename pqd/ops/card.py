@@ -43,6 +43,9 @@ def model_card(r: Result, name: str, checks: list[tuple[str, str, str]], thresho
               ("mixed precision", "off" if q.weight_bits_budget is None else
                f"budget {q.weight_bits_budget:g} average weight bits: "
                f"{cal.mixed_high_layers if cal is not None else '?'} layers moved to 8 bits by sensitivity"),
+              ("rotation", "off" if q.rotate == "none" else
+               f"{q.rotate}, folded into {cal.rotated_attention if cal is not None else '?'} attention modules' value "
+               "and output projections (exact)"),
               ("attention matmuls", f"Q·Kᵀ and softmax·V quantized, softmax output {q.softmax_bits}-bit"
                if q.attention else "Q·Kᵀ and softmax·V in float (projections quantized)")]
     method += [(f"{sec}.{k}", v) for sec in ("select", "calibrate") for k, v in as_dict(getattr(p, sec)).items()]

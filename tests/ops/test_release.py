@@ -157,6 +157,7 @@ def test_register_promote_and_load_the_production_sampler(project, capsys):
     assert run_id in desc and head in desc
     card = project / "mlartifacts/pqd" / run_id / "artifacts/release/model_card.md"
     assert card.read_text().startswith(f"# {name}") and "## Parameters" in card.read_text()
+    assert "| mixed precision | off |" in card.read_text() and "| rotation | off |" in card.read_text()
 
     # registering the same result again: no new version, no new run
     assert cli(capsys, project, "register")[0] == 0
