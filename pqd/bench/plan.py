@@ -91,6 +91,10 @@ _ROWS = [
     # scales, so groups of 32 (one float32 scale per 32 x kernel weights) leave less of it for 8-bit layers
     Row("pqd, groups of 32", 4, {**_PQD, "quant": {"weight_group_size": 32}}),
     Row(f"pqd, mixed {W4_BUDGET} bits", 4, {**_PQD, "quant": {"weight_bits_budget": W4_BUDGET}}),
+    # edge and modulation layers as mixed-precision candidates too (at 4 bits unless the solver moves them): on the
+    # DiT demo they hold so many weights that with them fixed at 8 bits no layer choice reaches the budget
+    Row(f"pqd, mixed {W4_BUDGET} bits, edge and modulation layers included", 4,
+        {**_PQD, "quant": {"weight_bits_budget": W4_BUDGET, "edge_bits": 4, "modulation_bits": 4}}),
     Row(f"pqd, groups of 32, mixed {W4_BUDGET} bits", 4,
         {**_PQD, "quant": {"weight_group_size": 32, "weight_bits_budget": W4_BUDGET}}),
     Row(f"pqd, gptq rounding, mixed {W4_BUDGET} bits", 4,
