@@ -37,7 +37,7 @@ def probe(folder: Path, kind: str, bits: int, method: str) -> dict[str, object]:
     net = load_denoiser(folder).net
     rotated = copy.deepcopy(net)
     report = rotate_attention(rotated, kind)
-    names = [f"{a}.{p}" for a in report.rotated for p in ("to_v", "to_out.0")]
+    names = [n for pair in report.linears.values() for n in pair]
     before = [weight_stats(net.get_submodule(n).weight, bits, method) for n in names]
     after = [weight_stats(rotated.get_submodule(n).weight, bits, method) for n in names]
     mean = lambda xs, i: sum(x[i] for x in xs) / max(1, len(xs))  # noqa: E731
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--models {f}: not a diffusers pipeline folder (no model_index.json)")
     if not 2 <= a.bits <= 8:
         raise InputError(f"--bits {a.bits} is not allowed: expected an integer in [2, 8]")
-    print(f"| model | attention rotated ({a.rotate}) | skipped | W{a.bits} rel. error of to_v / to_out, without -> "
+    print(f"| model | attention rotated ({a.rotate}) | skipped | W{a.bits} rel. error of value / output projections, without -> "
           f"with | row peak / rms, without -> with |\n|---|---|---:|---|---|")
     for f in folders:
         r = probe(f, a.rotate, a.bits, a.method)

@@ -55,10 +55,12 @@ def head_rotation(head_dim: int, seed: int = 0) -> tuple[torch.Tensor, str]:
 
 @dataclass
 class RotationReport:
-    """What :func:`rotate_attention` did: the modules rotated (name -> rotation kind) and those left (name ->
-    why)."""
+    """What :func:`rotate_attention` did: the modules rotated (name -> rotation kind), the linears each rotation
+    changed (name -> (value projection, output projection), full names in the network) and the modules left
+    (name -> why)."""
 
     rotated: dict[str, str] = field(default_factory=dict)
+    linears: dict[str, tuple[str, str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
@@ -78,6 +80,12 @@ def _value_path(attn: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | str:
     if heads < 1 or to_v.out_features % heads or out.in_features != to_v.out_features:
         return f"{to_v.out_features} value channels, {out.in_features} output-projection inputs, {heads} heads"
     return to_v, out, heads
+
+
+def _names_within(prefix: str, parent: nn.Module, *modules: nn.Module) -> tuple[str, ...]:
+    """The full names of ``modules`` (submodules of ``parent``, itself named ``prefix`` in the network)."""
+    within = {id(m): n for n, m in parent.named_modules()}
+    return tuple(".".join(p for p in (prefix, within[id(m)]) if p) for m in modules)
 
 
 def attention_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -109,4 +117,5 @@ def rotate_attention(net: nn.Module, kind: str, seed: int = 0) -> RotationReport
             to_v.bias.copy_((big.T @ to_v.bias.double()).to(to_v.bias.dtype))
         out.weight.copy_((out.weight.double() @ big).to(out.weight.dtype))
         report.rotated[name] = what
+        report.linears[name] = _names_within(name, attn, to_v, out)
     return report

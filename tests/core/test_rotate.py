@@ -47,6 +47,9 @@ def test_a_unet_computes_the_same_function_after_rotation():
     report, dev = _same_function(unet, inputs)
     assert len(report.rotated) == 4 and set(report.rotated.values()) == {"hadamard"} and not report.skipped
     assert dev < 1e-5
+    names = dict(unet.named_modules())
+    for attn, (v, o) in report.linears.items():  # the full names of the linears each rotation changed
+        assert v == f"{attn}.to_v" and o == f"{attn}.to_out.0" and isinstance(names[o], torch.nn.Linear)
     unchanged, dev0 = _same_function(unet, inputs, "none")
     assert not unchanged.rotated and dev0 == 0
 
@@ -90,7 +93,8 @@ def test_rotation_lowers_the_peak_of_an_output_projection_with_an_outlier_channe
         return float(t.abs().amax(1).mean() / t.pow(2).mean(1).sqrt().mean())
 
     before = crest(w)
-    rotate_attention(attn, "hadamard")
+    report = rotate_attention(attn, "hadamard")
+    assert report.linears == {"": ("to_v", "to_out.0")}  # the network itself is the attention module
     assert crest(attn.to_out[0].weight) < 0.5 * before
     with pytest.raises(ValueError, match="rotation 'pca' is not allowed: expected one of none, hadamard"):
         rotate_attention(attn, "pca")
