@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--models {f}: not a diffusers pipeline folder (no model_index.json)")
     if not 2 <= a.bits <= 8:
         raise InputError(f"--bits {a.bits} is not allowed: expected an integer in [2, 8]")
-    print(f"| model | attention rotated ({a.rotate}) | skipped | W{a.bits} rel. error of value / output projections, without -> "
-          f"with | row peak / rms, without -> with |\n|---|---|---:|---|---|")
+    print(f"| model | attention rotated ({a.rotate}) | skipped | W{a.bits} rel. error of value / output projections, "
+          f"without -> with | row peak / rms, without -> with |\n|---|---|---:|---|---|")
     for f in folders:
         r = probe(f, a.rotate, a.bits, a.method)
         print(f"| {r['model']} | {r['rotated']} ({r['kinds']}) | {r['skipped']} | {r['err'][0]:.5f} -> "

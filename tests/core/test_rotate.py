@@ -48,6 +48,7 @@ def test_a_unet_computes_the_same_function_after_rotation():
     assert len(report.rotated) == 4 and set(report.rotated.values()) == {"hadamard"} and not report.skipped
     assert dev < 1e-5
     names = dict(unet.named_modules())
+    assert set(report.linears) == set(report.rotated)
     for attn, (v, o) in report.linears.items():  # the full names of the linears each rotation changed
         assert v == f"{attn}.to_v" and o == f"{attn}.to_out.0" and isinstance(names[o], torch.nn.Linear)
     unchanged, dev0 = _same_function(unet, inputs, "none")
