@@ -99,6 +99,14 @@ _ROWS = [
         {**_PQD, "quant": {"weight_group_size": 32, "weight_bits_budget": W4_BUDGET}}),
     Row(f"pqd, gptq rounding, mixed {W4_BUDGET} bits", 4,
         {"calibrate": {"method": "pqd", "rounding": "gptq"}, "quant": {"weight_bits_budget": W4_BUDGET}}),
+    # GPTQ with the edge and modulation layers at 4 bits: a modulation linear's input is the conditioning embedding,
+    # which takes one value per (time step, class), so its Hessian has low rank and GPTQ can push rounding error into
+    # directions the calibration inputs never reach; with and without the budget's 8-bit layers
+    Row(f"pqd, gptq rounding, mixed {W4_BUDGET} bits, edge and modulation layers included", 4,
+        {"calibrate": {"method": "pqd", "rounding": "gptq"},
+         "quant": {"weight_bits_budget": W4_BUDGET, "edge_bits": 4, "modulation_bits": 4}}),
+    Row("pqd, gptq rounding, edge and modulation layers at 4 bits", 4,
+        {"calibrate": {"method": "pqd", "rounding": "gptq"}, "quant": {"edge_bits": 4, "modulation_bits": 4}}),
     # rotations folded into attention's value and output projections (quant.rotate), against w4-pqd
     Row("pqd, hadamard rotation", 4, {**_PQD, "quant": {"rotate": "hadamard"}}),
     Row(f"pqd, hadamard rotation, mixed {W4_BUDGET} bits", 4,
