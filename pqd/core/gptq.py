@@ -9,6 +9,8 @@ that the layer's output ``W x`` moves as little as possible. Columns are taken i
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,6 +59,19 @@ class Hessian:
         if self.sum is None:
             raise RuntimeError("the layer received no input")
         return self.sum / self.rows
+
+
+@torch.no_grad()
+def input_hessian(net: nn.Module, layer: nn.Module, run: Callable[[nn.Module], object]) -> torch.Tensor:
+    """``layer``'s input Hessian (:class:`Hessian`) over what ``run(net)`` feeds it (``layer`` is a module of
+    ``net``)."""
+    h = Hessian(layer)
+    handle = layer.register_forward_pre_hook(lambda _m, args: h.update(args[0]))
+    try:
+        run(net)
+    finally:
+        handle.remove()
+    return h.value()
 
 
 def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, qtype: QType,

@@ -150,11 +150,14 @@ def channel_maxima(model: nn.Module, forward_all: ForwardAll, names: list[str], 
     return {n: torch.stack([obs[(n, g)].value for g in range(groups)]) for n in names}
 
 
-def quantize_weight(w: torch.Tensor, bits: int, method: str, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric quantization with nearest rounding -> (codes int8, scale float32 [out] or [out, groups])."""
+def quantize_weight(w: torch.Tensor, bits: int, method: str, group_size: int = 0,
+                    hessian: torch.Tensor | None = None, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization -> (codes int8, scale float32 [out] or [out, groups]): nearest rounding, or GPTQ's
+    error-compensating rounding under the layer's input ``hessian`` (same scales; damping ``damp``)."""
     qt = weight_qtype(bits)
     scale = weight_scales(w, qt, method, group_size=group_size)
-    return weight_codes(w, scale, qt), scale
+    codes = weight_codes(w, scale, qt) if hessian is None else gptq_codes(w, scale, hessian, qt, damp)
+    return codes, scale
 
 
 @torch.no_grad()
@@ -253,11 +256,9 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         bits = config.bits_for(name)
         smooth = factors.get(name)
         w = layer.weight if smooth is None else layer.weight * smooth.to(layer.weight.device)
-        if name in hessians:  # GPTQ keeps the nearest fit's scales and chooses the codes itself
-            w_scale = weight_scales(w, weight_qtype(bits), config.weight_range, group_size=config.group_size_for(name))
-            codes = gptq_codes(w, w_scale, hessians.pop(name).value(), weight_qtype(bits), config.gptq_damp)
-        else:
-            codes, w_scale = quantize_weight(w, bits, config.weight_range, config.group_size_for(name))
+        hessian = hessians.pop(name).value() if name in hessians else None
+        codes, w_scale = quantize_weight(w, bits, config.weight_range, config.group_size_for(name), hessian,
+                                         config.gptq_damp)
         state[name] = LayerQParams(
             kind="conv2d" if isinstance(layer, nn.Conv2d) else "linear",
             weight_bits=bits, act_bits=config.act_bits, weight_int=codes, weight_scale=w_scale,

@@ -15,6 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pqd.core.affine import weight_groups, weight_values
+from pqd.core.gptq import input_hessian, supported
 from pqd.core.mixed import LayerCost, choose_high, layer_cost, mean_bits, weight_sensitivity
 from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import QuantConfig, quantize_weight
@@ -65,9 +66,9 @@ def check_budget(params: Params, den: Denoiser, cfg: QuantConfig, codes: Integer
 
 def mixed_precision(params: Params, den: Denoiser, cfg: QuantConfig, codes: IntegerCodes,
                     outputs: Callable[[nn.Module], list[torch.Tensor]]) -> MixedPrecision:
-    """Measure the sensitivity of each of ``den``'s layers below 8 bits under ``cfg`` (its weight nearest-rounded on
-    its low grid, ``outputs(net)``: the network's outputs on the sensitivity batches) and choose the layers to move
-    to 8 bits within quant.weight_bits_budget."""
+    """Measure the sensitivity of each of ``den``'s layers below 8 bits under ``cfg`` (its weight on its low grid,
+    rounded as ``cfg.rounding`` says; ``outputs(net)``: the network's outputs on the sensitivity batches) and choose
+    the layers to move to 8 bits within quant.weight_bits_budget."""
     budget = params.quant.weight_bits_budget
     if budget is None:
         raise ValueError("mixed_precision: quant.weight_bits_budget is not set")
@@ -76,8 +77,12 @@ def mixed_precision(params: Params, den: Denoiser, cfg: QuantConfig, codes: Inte
     layers = quantizable_layers(den.net)
 
     def low(name: str) -> torch.Tensor:
-        codes_, scale = quantize_weight(layers[name].weight, cfg.bits_for(name), cfg.weight_range,
-                                        cfg.group_size_for(name))
+        layer = layers[name]
+        # GPTQ rounding: the layer's codes as calibration will round them (its Hessian from the same batches, one
+        # more pass per layer), so that a layer GPTQ repairs is not moved to 8 bits for nearest rounding's error
+        hessian = input_hessian(den.net, layer, outputs) if cfg.rounding == "gptq" and supported(layer) else None
+        codes_, scale = quantize_weight(layer.weight, cfg.bits_for(name), cfg.weight_range, cfg.group_size_for(name),
+                                        hessian, cfg.gptq_damp)
         return weight_values(codes_, scale)
 
     sens = weight_sensitivity(den.net, outputs, candidates, low,

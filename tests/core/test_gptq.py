@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pqd.core.adaround import AdaRound
 from pqd.core.affine import weight_values
-from pqd.core.gptq import Hessian, gptq_codes, layer_rows
+from pqd.core.gptq import Hessian, gptq_codes, input_hessian, layer_rows
 from pqd.core.modules import quant_layers
 from pqd.core.qtypes import weight_qtype
 from pqd.core.quantize import QuantConfig, apply_qstate, fit_qstate, quantize_weight
@@ -65,6 +65,22 @@ def test_conv_rows_are_the_patches_its_reshaped_weight_multiplies():
     rows = layer_rows(conv, x)
     y = (rows @ conv.weight.reshape(5, -1).T).reshape(2, -1, 5).permute(0, 2, 1)
     assert torch.allclose(y.reshape(2, 5, 4, 4), conv(x), atol=1e-5)
+
+
+def test_on_low_rank_inputs_gptq_rounding_leaves_almost_no_output_error():
+    # a DiT modulation linear's input is the conditioning embedding, one vector per (time step, class): a few
+    # directions, so GPTQ can move the rounding error where no input goes
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 64)
+    x = torch.randn(256, 3) @ torch.randn(3, 32)
+    net = nn.Sequential(nn.Identity(), layer)
+    h = input_hessian(net, layer, lambda m: m(x))
+    assert torch.allclose(h, x.T @ x / len(x), rtol=1e-4, atol=1e-4)
+    near = quantize_weight(layer.weight, 4, "minmax")
+    gptq = quantize_weight(layer.weight, 4, "minmax", hessian=h, damp=0.01)
+    assert torch.equal(gptq[1], near[1]) and not torch.equal(gptq[0], near[0])  # same grid, other codes
+    assert output_mse(layer.weight, *gptq, x) < 0.05 * output_mse(layer.weight, *near, x)
+    assert len(layer._forward_pre_hooks) == 0
 
 
 def test_a_hessian_of_the_wrong_size_is_refused():
