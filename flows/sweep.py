@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.tasks import (MLFLOW_RETRIES, MLFLOW_RETRY_DELAY_S, DvcOutcome, dvc_exp_run, run_dvc, thread_env,
+from flows.tasks import (MLFLOW_RETRIES, MLFLOW_RETRY_DELAY_S, DvcOutcome, dvc_exp_run, run_dvc, concurrent_env,
                          track_result, validate_params)
 from flows.workspace import SWEEP_DIR, prepare_workspace, push_experiment, shared_stages
 from pqd.errors import ParamError
@@ -172,7 +172,7 @@ def _isolated(root: str, cells: list[Cell], experiment: str, parent: tracking.Tr
     model and generate stages of each group of cells with the same ``shared`` overrides are computed once first."""
     root = str(Path(root).resolve())
     base = Path(root) / SWEEP_DIR / parent.result_hash[:8]
-    env = thread_env()
+    env = concurrent_env()
     groups = {c.shared: None for c in cells}
     for i, overrides in enumerate(groups):
         groups[overrides] = shared_stages.submit(root, str(base / f"shared-{i}"), list(overrides), SHARED_STAGE, env)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.tasks import apply_overrides, run_dvc
+from flows.tasks import apply_overrides, concurrent_env, run_dvc
 from support.projects import ROOT, active_runs, clone, db_rows, free_port, reproduced_project, run_tags
 from pqd.params import ParamError
 
@@ -34,6 +34,15 @@ def test_overrides_apply_like_dvc_set_param():
     assert p["quant"]["weight_bits"] == 8  # the input is not changed
     with pytest.raises(ParamError, match="override 'quant.weight_bits' is not allowed: expected key.subkey=value"):
         apply_overrides(p, ["quant.weight_bits"])
+
+
+def test_cells_side_by_side_get_openmp_threads_that_sleep_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    env = concurrent_env()
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert concurrent_env()["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_validate_params_task_refuses_a_bad_override_in_one_line(tmp_path):
