@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pqd.formats.repo import DvcOutcome, dvc
 from pqd.ops import release as pqd_release
 from pqd.ops import tracking
-from pqd.params import apply_overrides, params_from_dict
+from pqd.params import apply_overrides, check_pipeline, params_from_dict
 
 # thread settings a stage inherits: Dask workers set them to 1 for their own processes, so a stage run from a task
 # on a worker gets the flow's values instead (the same thread count as a serial run: the same floats)
@@ -50,7 +50,7 @@ def run_dvc(root: str | Path, args: list[str], log: Callable[[str], None] | None
 def validate_params(root: str, overrides: list[str]) -> None:
     """Fail before any work when params.yaml with the overrides would be refused by a stage."""
     data = yaml.safe_load((Path(root) / "params.yaml").read_text(encoding="utf-8")) or {}
-    params_from_dict(apply_overrides(data, overrides))
+    check_pipeline(params_from_dict(apply_overrides(data, overrides)))
 
 
 @task(name="dvc repro", cache_policy=NO_CACHE)

@@ -5,7 +5,8 @@ The bottom of the import graph beside :mod:`pqd.errors`: nothing here imports to
 """
 
 from pqd.errors import ParamError
-from pqd.params.load import apply_overrides, as_dict, check_paths, load_params, params_from_dict, read_yaml
+from pqd.params.load import (apply_overrides, as_dict, check_paths, check_pipeline, load_params, params_from_dict,
+                             read_yaml)
 from pqd.params.machine import IntegerCodes, integer_codes, resolve_device
 from pqd.params.sections import (DEMO_SOURCES, SAMPLE_SEED_BASE, CalibrateParams, EvaluateParams, ExportParams,
                                  GenerateParams, ModelParams, ParallelParams, Params, QuantParams, ReleaseParams,
@@ -14,6 +15,6 @@ from pqd.params.sections import (DEMO_SOURCES, SAMPLE_SEED_BASE, CalibrateParams
 __all__ = [
     "DEMO_SOURCES", "SAMPLE_SEED_BASE", "CalibrateParams", "EvaluateParams", "ExportParams", "GenerateParams",
     "IntegerCodes", "ModelParams", "ParallelParams", "ParamError", "Params", "QuantParams", "ReleaseParams",
-    "SelectParams", "apply_overrides", "as_dict", "check_paths", "load_params", "params_from_dict", "integer_codes",
-    "read_yaml", "resolve_device",
+    "SelectParams", "apply_overrides", "as_dict", "check_paths", "check_pipeline", "load_params", "params_from_dict",
+    "integer_codes", "read_yaml", "resolve_device",
 ]

@@ -341,6 +341,17 @@ def pipeline_outputs(dvc_yaml: Path) -> tuple[str, ...]:
     return tuple(o if isinstance(o, str) else next(iter(o)) for st in stages.values() for o in st.get("outs", []))
 
 
+def check_pipeline(p: Params) -> None:
+    """Rules that a whole pipeline run must meet and one stage alone need not (the model stage takes any pipeline
+    folder whatever evaluate says): checked by ``python -m pqd.params`` and by the flows before their first stage,
+    so a run does not calibrate for minutes and then fail in evaluate."""
+    if p.evaluate.features == "demo:digits" and p.model.source not in DEMO_SOURCES:
+        raise ParamError(f"params: evaluate.features = 'demo:digits' is not allowed with model.source = "
+                         f"{p.model.source!r}: the digit feature network comes with the demo models only; expected "
+                         f"model.source {', '.join(repr(s) for s in DEMO_SOURCES)} or evaluate.features 'inception', "
+                         "'inception:<weights file>' or 'torchscript:<file>'")
+
+
 def check_params_file(path: str | Path) -> Params:
     """The params file at ``path``, with every key valid, every path it names present (or an ``outs`` of the dvc.yaml
     beside it: a stage makes it) and its device usable on this machine; a ParamError otherwise. Everything about
@@ -348,5 +359,6 @@ def check_params_file(path: str | Path) -> Params:
     path = Path(path)
     p = load_params(path)
     check_paths(p, pipeline_outputs(path.parent / "dvc.yaml"))
+    check_pipeline(p)
     resolve_device(p)
     return p

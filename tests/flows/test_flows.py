@@ -52,6 +52,10 @@ def test_validate_params_task_refuses_a_bad_override_in_one_line(tmp_path):
     validate_params.fn(str(tmp_path), ["quant.weight_bits=4"])
     with pytest.raises(ParamError, match=r"quant.weight_bits = 9 is not allowed: expected an integer in \[2, 8\]"):
         validate_params.fn(str(tmp_path), ["quant.weight_bits=9"])
+    # a bench or sweep cell of a user's model with the demo's digit features would calibrate, then fail in evaluate
+    with pytest.raises(ParamError, match=r"evaluate.features = 'demo:digits' is not allowed with model.source = "):
+        validate_params.fn(str(tmp_path), ["model.source=/models/mine"])
+    validate_params.fn(str(tmp_path), ["model.source=/models/mine", "evaluate.features=inception"])
 
 
 @pytest.fixture(scope="module")

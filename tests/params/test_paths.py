@@ -41,6 +41,17 @@ def test_the_params_command_checks_paths_and_knows_pipeline_outputs(tmp_path, ca
     assert err.startswith("pqd: error: params: evaluate.reference = 'data/samples/fq/b'") and "\n" not in err
 
 
+def test_a_pipeline_of_a_users_model_needs_other_features_than_the_demos(tmp_path, capsys, tiny_pipeline, ts_features):
+    f = tmp_path / "params.yaml"
+    f.write_text(f"model:\n  source: {tiny_pipeline}\n")
+    assert params_main([str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "evaluate.features = 'demo:digits' is not allowed with model.source = " in err and "\n" not in err
+    f.write_text(f"model:\n  source: {tiny_pipeline}\nevaluate:\n  features: torchscript:{ts_features}\n")
+    assert params_main([str(f)]) == 0, capsys.readouterr().err
+    params_from_dict({"model": {"source": str(tiny_pipeline)}})  # one stage alone (the model stage) takes it
+
+
 def test_a_key_written_twice_is_an_error(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text("quant:\n  weight_bits: 4\n  act_bits: 8\n  weight_bits: 8\n")
