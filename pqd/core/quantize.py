@@ -55,6 +55,10 @@ class QuantConfig:
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
 
+    def gptq_for(self, layer: nn.Module) -> bool:
+        """Whether ``layer``'s codes come from GPTQ (``rounding: gptq`` and a layer GPTQ covers), not nearest."""
+        return self.rounding == "gptq" and supported(layer)
+
     def group_size_for(self, name: str) -> int:
         """The weight group size of layer ``name``: ``weight_group_size`` below 8 bits, 0 (per channel) at 8."""
         return self.weight_group_size if self.bits_for(name) < 8 else 0
@@ -186,7 +190,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
         {n: ("a", "b") for n in matmuls} | {n: ("in",) for n in glue}
     obs = {(n, g, p, side): ActObserver(config.act_samples, seed=2 * i + (side in ("out", "b")))
            for i, n in enumerate(sides) for g in range(G) for p in range(parts[n]) for side in sides[n]}
-    hessians = {n: Hessian(m) for n, m in layers.items() if supported(m)} if config.rounding == "gptq" else {}
+    hessians = {n: Hessian(m) for n, m in layers.items() if config.gptq_for(m)}
     current = {"group": 0}
 
     def set_group(g: int) -> None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pqd.core.affine import weight_groups, weight_values
-from pqd.core.gptq import input_hessian, supported
+from pqd.core.gptq import input_hessian
 from pqd.core.mixed import LayerCost, choose_high, layer_cost, mean_bits, weight_sensitivity
 from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import QuantConfig, quantize_weight
@@ -80,7 +80,7 @@ def mixed_precision(params: Params, den: Denoiser, cfg: QuantConfig, codes: Inte
         layer = layers[name]
         # GPTQ rounding: the layer's codes as calibration will round them (its Hessian from the same batches, one
         # more pass per layer), so that a layer GPTQ repairs is not moved to 8 bits for nearest rounding's error
-        hessian = input_hessian(den.net, layer, outputs) if cfg.rounding == "gptq" and supported(layer) else None
+        hessian = input_hessian(den.net, layer, outputs) if cfg.gptq_for(layer) else None
         codes_, scale = quantize_weight(layer.weight, cfg.bits_for(name), cfg.weight_range, cfg.group_size_for(name),
                                         hessian, cfg.gptq_damp)
         return weight_values(codes_, scale)
