@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", choices=list(VARIANT_CHOICES), default="all",
                     help="which PQD graphs beyond the plain int8 one to time: glue (with the skips split: split, all glue "
                          "with the split off: nosplit, both: glue), attention matmuls (alone and with glue: attention), "
-                         "all, none")
+                         "one grid per tensor on the fastest of those (shared), those and the plain graph with "
+                         "activation grids without an offset (symmetric), all, none")
     ap.add_argument("--max-call-s", type=float, default=5.0,
                     help="a backend slower than this and 20x the fastest per call is timed once and not run at larger batches")
     a = ap.parse_args(argv)

@@ -51,21 +51,27 @@ GLUE_ATTENTION = "onnxruntime int8 + glue + attention matmuls"
 ATTENTION_SHARED = "onnxruntime int8 + attention matmuls + shared grids"
 GLUE_ATTENTION_SHARED = "onnxruntime int8 + glue + attention matmuls + shared grids"
 _SHARED = (ATTENTION_SHARED, GLUE_ATTENTION_SHARED)
-VARIANT_CHOICES = {"all": (GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, *_SHARED), "glue": (GLUE, GLUE_NO_SPLIT),
-                   "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,), "attention": (ATTENTION, GLUE_ATTENTION, *_SHARED),
-                   "shared": _SHARED, "none": ()}
+# ... and with activation grids without an offset (quant.act_symmetric), alone and on the shared-grid graphs
+SYM = " + symmetric activations"
+SYMMETRIC = "onnxruntime int8" + SYM
+_SYMMETRIC = (SYMMETRIC, *(v + SYM for v in _SHARED))
+VARIANT_CHOICES = {"all": (GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, *_SHARED, *_SYMMETRIC),
+                   "glue": (GLUE, GLUE_NO_SPLIT), "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,),
+                   "attention": (ATTENTION, GLUE_ATTENTION, *_SHARED), "shared": _SHARED,
+                   "symmetric": (*_SHARED, *_SYMMETRIC), "none": ()}
 ATTENTION_SOFTMAX_BITS = 8  # integer kernels take 8-bit operands; the 16-bit default keeps softmax·V in float
 
 
 @dataclass(frozen=True)
 class Variant:
     """A PQD int8 graph beyond the plain one: glue kinds, calibrate.split_shortcut, quant.attention,
-    quant.share_grids."""
+    quant.share_grids, quant.act_symmetric."""
 
     glue: tuple[str, ...] = ()
     split: bool = True
     attention: bool = False
     share: bool = False
+    symmetric: bool = False
 
 
 @dataclass
@@ -110,7 +116,7 @@ def bench_params(weight_bits: int, v: Variant = Variant()) -> Params:
     stays at its default, auto (the caller resolves it once: pqd.params.integer_codes)."""
     attention = {"attention": True, "softmax_bits": ATTENTION_SOFTMAX_BITS} if v.attention else {}
     return params_from_dict({"quant": {"weight_bits": weight_bits, "glue": list(v.glue), "share_grids": v.share,
-                                       **attention},
+                                       "act_symmetric": v.symmetric, **attention},
                              "calibrate": {"method": "pqd", "act_samples": 20_000, "time_groups": GROUPS,
                                            "split_shortcut": v.split}})
 
@@ -119,7 +125,8 @@ def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
     """The PQD graphs beyond the plain int8 one for ``den`` (of those ``choice`` names, see VARIANT_CHOICES): every
     glue kind but 'concat' with the skip concatenations split; where the network has skip concatenations, every kind
     with the split off; attention's matmuls on integer kernels, alone and with the most glue; the most of those with
-    one grid per tensor (quant.share_grids). A variant that changes nothing in the network (a DiT's blocks have no
+    one grid per tensor (quant.share_grids); the plain graph and those with activation grids without an offset
+    (quant.act_symmetric). A variant that changes nothing in the network (a DiT's blocks have no
     glue points) is left out."""
     splits = den.skip_splits()
     glue = Variant(tuple(k for k in GLUE_KINDS if k != "concat"), True)
@@ -135,6 +142,8 @@ def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
             out[GLUE_ATTENTION_SHARED] = dataclasses.replace(out[GLUE_ATTENTION], share=True)
         else:
             out[ATTENTION_SHARED] = dataclasses.replace(out[ATTENTION], share=True)
+    out[SYMMETRIC] = Variant(symmetric=True)
+    out |= {name + SYM: dataclasses.replace(out[name], symmetric=True) for name in _SHARED if name in out}
     return {name: v for name, v in out.items() if name in VARIANT_CHOICES[choice]}
 
 
@@ -144,6 +153,8 @@ def describe(v: Variant, sites: int) -> str:
         parts.append(f"quant.attention, softmax_bits {ATTENTION_SOFTMAX_BITS}")
     if v.share:
         parts.append("quant.share_grids")
+    if v.symmetric:
+        parts.append("quant.act_symmetric")
     return "; ".join(parts)
 
 

@@ -80,7 +80,8 @@ def ort_providers(export_dir: Path, x: torch.Tensor) -> dict[str, object]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return {"onnxruntime_cuda": f"not available (onnxruntime {ort.__version__} providers: {', '.join(available)})"}
-    graph = runnable_graph(export_dir / ONNX_DIR / graph_file(0))  # a W4 graph's INT4 codes widened to int8
+    # a W4 graph's INT4 codes widened to int8, its activations on uint8 grids (onnxruntime's kernels)
+    graph = runnable_graph(export_dir / ONNX_DIR / graph_file(0), unsigned_activations=True)
     t = torch.full((len(x),), 999.0)  # the noisiest step: time group 0 of every schedule
     feed = {"sample": x.numpy(), "timestep": t.numpy()}
     out = {}

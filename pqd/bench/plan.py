@@ -85,6 +85,8 @@ _ROWS = [
         {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True}}),
     Row("pqd, attention matmuls, softmax 8-bit" + SHARED, 8,
         {**_PQD, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
+    # activation grids without an offset (quant.act_symmetric): what the zero points cost, against w8-pqd
+    Row("pqd, symmetric activation grids", 8, {**_PQD, "quant": {"act_symmetric": True}}),
     # error-compensating rounding (calibrate.rounding: gptq) before reconstruction, against w4-pqd / w8-pqd
     *[Row("pqd, gptq rounding", bits, {"calibrate": {"method": "pqd", "rounding": "gptq"}}) for bits in (4, 8)],
     # 4-bit weight tools (quant.weight_group_size, quant.weight_bits_budget), each against w4-pqd; the budget counts
@@ -134,6 +136,7 @@ ROW_SETS: dict[str, list[str]] = {
     "shared": ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
                "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
                "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],
+    "symmetric": ["w8-pqd", "w8-pqd-symmetric-activation-grids"],
 }
 DEFAULT_MODELS = ("demo:digits", "demo:digits16")
 # bench settings of the demos, over params.yaml. demo:digits16: a two-level UNet trained in minutes here, measured

@@ -25,7 +25,7 @@ def ort_profile(path: Path, feeds: dict[str, np.ndarray], threads: int, calls: i
         so = session_options(threads, spinning=False)
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ort")
-        s = ort.InferenceSession(runnable_graph(path), so, providers=["CPUExecutionProvider"])
+        s = ort.InferenceSession(runnable_graph(path, unsigned_activations=True), so, providers=["CPUExecutionProvider"])
         for _ in range(calls + 1):
             s.run(None, feeds)
         events = json.loads(Path(s.end_profiling()).read_text())

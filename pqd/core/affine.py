@@ -3,7 +3,7 @@
 ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and ``x_hat = (q - zero_point) * scale``.
 Weights use a symmetric signed grid per output channel (zero_point = 0), or per group of input channels within an
 output channel (scale [out, groups]: :func:`weight_scales` with a group size); activations an asymmetric unsigned
-grid per tensor.
+grid per tensor, or (:func:`symmetric_act_qparams`) one with its zero point at code 0 or at the middle code.
 """
 
 from __future__ import annotations
@@ -69,6 +69,18 @@ def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, qtype: QType) -> tupl
     scale = ((hi - lo) / (qtype.qmax - qtype.qmin)).clamp_min(_EPS)
     zero_point = (qtype.qmin - torch.round(lo / scale)).clamp(qtype.qmin, qtype.qmax)
     return scale, zero_point
+
+
+def symmetric_act_qparams(lo: torch.Tensor, hi: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    """An unsigned grid with no offset to subtract: a range that never goes below 0 gets zero point 0 and every code
+    over [0, hi]; any other gets the middle code (128 for uint8) as its zero point and max(-lo, hi) / (middle - 1) as
+    its step, which is the grid of a signed integer with zero point 0 (int8: codes -128..127), as the exporter writes
+    it (:func:`pqd.deploy.rewrite.signed_activation_grids`)."""
+    if bool(lo >= 0):
+        return (hi / (qtype.qmax - qtype.qmin)).clamp_min(_EPS), torch.tensor(float(qtype.qmin))
+    mid = (qtype.qmax - qtype.qmin + 1) // 2
+    absmax = torch.maximum(-lo, hi)
+    return (absmax / (mid - 1)).clamp_min(_EPS), torch.tensor(float(qtype.qmin + mid))
 
 
 def group_width(channels: int, groups: int) -> int:
@@ -141,13 +153,17 @@ def weight_scales(w: torch.Tensor, qtype: QType, method: str, grid: int = 80,
 
 
 def act_qparams(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype: QType, method: str,
-                grid: int = 60, min_ratio: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+                grid: int = 60, min_ratio: float = 0.2, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor asymmetric (scale, zero_point), both float32 scalars, from the observed extremes ``lo`` / ``hi``;
-    ``mse`` shrinks each side by ratios in [min_ratio, 1], keeping the least squared error on ``values`` (a sample)."""
+    ``mse`` shrinks each side by ratios in [min_ratio, 1], keeping the least squared error on ``values`` (a sample).
+    ``symmetric``: the grid of :func:`symmetric_act_qparams` (``mse`` shrinks both sides by one ratio)."""
+    if method not in ("minmax", "mse"):
+        raise ValueError(f"activation range method {method!r} is not allowed: expected 'minmax' or 'mse'")
+    if symmetric:
+        return _symmetric_search(values, lo, hi, qtype, grid, min_ratio) if method == "mse" \
+            else symmetric_act_qparams(lo, hi, qtype)
     if method == "minmax":
         return asymmetric_qparams(lo, hi, qtype)
-    if method != "mse":
-        raise ValueError(f"activation range method {method!r} is not allowed: expected 'minmax' or 'mse'")
     v = values.detach().reshape(-1).to(torch.float32)
     ratios = torch.linspace(min_ratio, 1.0, grid)
     best_err, best = float("inf"), asymmetric_qparams(lo, hi, qtype)
@@ -161,6 +177,21 @@ def act_qparams(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype:
             best_err, best, best_hi = err, (s, z), hi * r
     for r in ratios.tolist():
         s, z = asymmetric_qparams(lo * r, best_hi, qtype)
+        err = (fake_quantize(v, s, z, qtype) - v).pow(2).sum().item()
+        if err < best_err:
+            best_err, best = err, (s, z)
+    return best
+
+
+def _symmetric_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype: QType, grid: int,
+                      min_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`symmetric_act_qparams` of [lo, hi] shrunk by the ratio in [min_ratio, 1] with the least squared error on
+    ``values`` (the zero point, 0 or the middle code, is the full range's)."""
+    v = values.detach().reshape(-1).to(torch.float32)
+    best_err, best = float("inf"), symmetric_act_qparams(lo, hi, qtype)
+    for r in torch.linspace(min_ratio, 1.0, grid).tolist():
+        s, z = symmetric_act_qparams(lo, hi, qtype)
+        s = s * r
         err = (fake_quantize(v, s, z, qtype) - v).pow(2).sum().item()
         if err < best_err:
             best_err, best = err, (s, z)

@@ -45,8 +45,8 @@ class ActObserver:
             keep = torch.randperm(allv.numel(), generator=self._gen)[: self.max_samples]
             self._chunks, self._count = [allv[keep]], self.max_samples
 
-    def qparams(self, qtype: QType, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def qparams(self, qtype: QType, method: str, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.seen:
             raise RuntimeError("ActObserver.qparams: the observer saw no data")
         values = torch.cat(self._chunks)
-        return act_qparams(values, self.lo, self.hi, qtype, method)
+        return act_qparams(values, self.lo, self.hi, qtype, method, symmetric=symmetric)

@@ -33,7 +33,9 @@ class QuantConfig:
     ``rounding``: the weight codes' rounding, ``nearest`` or ``gptq`` (:mod:`pqd.core.gptq`, damping ``gptq_damp``,
     Hessians pooled over the calibration set and its time groups). ``weight_group_size``: 0 gives each output
     channel one weight scale; N > 0 gives layers below 8 bits one per group of at most N input channels
-    (:func:`pqd.core.affine.weight_scales`).
+    (:func:`pqd.core.affine.weight_scales`). ``act_symmetric``: every activation grid has its zero point at code 0
+    (a range that never goes below 0) or at the middle code (the grid of a signed integer with zero point 0)
+    (:func:`pqd.core.affine.symmetric_act_qparams`), not where the observed range puts it.
     """
 
     weight_bits: int = 8
@@ -51,6 +53,7 @@ class QuantConfig:
     rounding: str = "nearest"  # nearest | gptq
     gptq_damp: float = 0.01
     weight_group_size: int = 0
+    act_symmetric: bool = False
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
@@ -250,7 +253,7 @@ def fit_qstate(model: nn.Module, forward_all: ForwardAll, config: QuantConfig,
                 o = obs.pop((name, g, p, side))  # each observer's sample is freed once fitted
                 if not o.seen:
                     raise RuntimeError(f"fit_qstate: layer {name} received no input in time group {g} during calibration")
-                scales[g, p], zps[g, p] = o.qparams(aq, config.act_range)
+                scales[g, p], zps[g, p] = o.qparams(aq, config.act_range, config.act_symmetric)
         return scales, zps
 
     state: QState = {}

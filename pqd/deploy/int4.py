@@ -7,7 +7,8 @@ whose values fit in [-8, 7] as an ONNX INT4 tensor (two codes a byte, opset 21),
 Neither onnxruntime nor OpenVINO has a 4-bit convolution kernel, and onnxruntime fuses a DequantizeLinear into an
 integer kernel only from int8: an INT4 weight left as it is would run as a float layer (the kernel audit would name
 it). So where a graph is opened (:func:`runnable_graph`), its INT4 initializers are widened to INT8 in memory, exactly,
-and the layers run on the same int8 kernels as a W8 export's.
+and the layers run on the same int8 kernels as a W8 export's. The same place gives onnxruntime its activations on
+uint8 grids (quant.act_symmetric's signed ones turned back, exactly).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
+
+from pqd.deploy.rewrite import activation_zero_points, unsigned_activation_grids
 
 INT4_OPSET = 21  # DequantizeLinear takes INT4 from opset 21 on
 _LOW, _HIGH = -8, 7
@@ -94,11 +97,16 @@ def widened(path: Path) -> bytes:
     return _widen(onnx.load(str(path)))
 
 
-def runnable_graph(path: Path) -> str | bytes:
+def runnable_graph(path: Path, unsigned_activations: bool = False) -> str | bytes:
     """What a runtime should load for the graph at ``path``: the path itself, or the widened graph's bytes when it
-    holds 4-bit weights (the graph file is read once; weights.bin only then)."""
+    holds 4-bit weights (the graph file is read once; weights.bin only then). ``unsigned_activations`` (onnxruntime):
+    its int8 activation grids as uint8 ones too (:func:`pqd.deploy.rewrite.unsigned_activation_grids`, exact)."""
     model = onnx.load(str(path), load_external_data=False)
-    if not any(t.data_type == TensorProto.INT4 for t in model.graph.initializer):
+    int4 = any(t.data_type == TensorProto.INT4 for t in model.graph.initializer)
+    signed = unsigned_activations and bool(activation_zero_points(model.graph, TensorProto.INT8))
+    if not int4 and not signed:
         return str(path)
     load_external_data_for_model(model, str(Path(path).parent))
+    if signed:
+        unsigned_activation_grids(model)
     return _widen(model)

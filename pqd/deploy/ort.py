@@ -39,8 +39,8 @@ def session_options(threads: int | None = None, optimized_path: Path | None = No
 
 
 def open_session(path: Path, threads: int | None = None, spinning: bool = True):
-    return ort.InferenceSession(runnable_graph(path), session_options(threads, spinning=spinning),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(runnable_graph(path, unsigned_activations=True),
+                                session_options(threads, spinning=spinning), providers=["CPUExecutionProvider"])
 
 
 class OrtGraph:
@@ -63,7 +63,8 @@ def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...]
     source node's name on a node it did not fuse)."""
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(runnable_graph(path), session_options(optimized_path=opt), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(runnable_graph(path, unsigned_activations=True), session_options(optimized_path=opt),
+                             providers=["CPUExecutionProvider"])
         graph = onnx.load(str(opt), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
     producers = {o: n for n in graph.node for o in n.output}

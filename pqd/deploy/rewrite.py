@@ -178,6 +178,7 @@ def rewrite(model: onnx.ModelProto, values: list[dict[str, Any]]) -> None:
     initializers."""
     fold_pads(model)
     merge_equal_quantizers(model, values)
+    signed_activation_grids(model, values)
     quantize_before_layout(model)
     affine_as_batchnorm(model)
     drop_unused(model)
@@ -221,3 +222,72 @@ def merge_equal_quantizers(model: onnx.ModelProto, values: list[dict[str, Any]])
         if o.name in renamed:
             raise RuntimeError(f"ONNX export: graph output {o.name} is a merged quantizer's")
     _forget_shapes(g, set(renamed))
+
+
+def signed_activation_grids(model: onnx.ModelProto, values: list[dict[str, Any]]) -> None:
+    """Activation grids whose uint8 zero point is the middle code (128) in every time group's graph written as int8
+    grids with zero point 0 (in place, in ``model`` and ``values``): the same values, since round(x / s) + 128 on
+    [0, 255] less 128 is round(x / s) on [-128, 127], and no runtime has an offset to subtract (OpenVINO subtracts an
+    activation's zero point in float before a FullyConnected). quant.act_symmetric puts every signed tensor there.
+    Where a graph is opened in onnxruntime, :func:`unsigned_activation_grids` turns them back."""
+    g = model.graph
+    held = {t.name: t for t in g.initializer}
+
+    def middle(name: str) -> bool:
+        if name not in held:
+            return False
+        if name in values[0]:
+            return all(v[name].dtype == np.uint8 and v[name].size == 1 and int(v[name].reshape(-1)[0]) == 128
+                       for v in values)
+        t = held[name]
+        return t.data_type == onnx.TensorProto.UINT8 and \
+            numpy_helper.to_array(t).size == 1 and int(numpy_helper.to_array(t).reshape(-1)[0]) == 128
+
+    readers = _readers(g)
+    zps = {n.input[2] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
+    # only zero points that no other kind of node reads, so every reader changes together
+    signed = {z for z in zps if middle(z) and all(r.op_type in ("QuantizeLinear", "DequantizeLinear") and
+                                                  list(r.input).index(z) == 2 for r in readers[z])}
+    for z in signed:
+        zero = np.zeros(numpy_helper.to_array(held[z]).shape, np.int8)
+        held[z].CopyFrom(numpy_helper.from_array(zero, z))
+        for v in values:
+            if z in v:
+                v[z] = zero.copy()
+    _forget_shapes(g, {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+                       and n.input[2] in signed})
+
+
+def activation_zero_points(graph: onnx.GraphProto, data_type: int) -> set[str]:
+    """The scalar ``data_type`` zero-point initializers that only activation QuantizeLinear/DequantizeLinear pairs
+    read (never a weight's DequantizeLinear, whose codes are an initializer)."""
+    held = {t.name: t for t in graph.initializer}
+    readers = _readers(graph)
+    out = set()
+    for n in graph.node:
+        z = n.input[2] if n.op_type == "QuantizeLinear" and len(n.input) > 2 else None
+        t = held.get(z)
+        if t is None or t.data_type != data_type or numpy_helper.to_array(t).size != 1:
+            continue
+        if all(r.op_type in ("QuantizeLinear", "DequantizeLinear") and list(r.input).index(z) == 2
+               and r.input[0] not in held for r in readers[z]):
+            out.add(z)
+    return out
+
+
+def unsigned_activation_grids(model: onnx.ModelProto) -> int:
+    """The inverse of :func:`signed_activation_grids`, in place: every int8 activation grid (zero point 0) as uint8
+    with zero point 128, the same values. onnxruntime's x86 integer kernels read uint8 activations: its QDQ fusions
+    leave int8 ones in float on CPUs without VNNI. Returns how many zero points it changed."""
+    g = model.graph
+    held = {t.name: t for t in g.initializer}
+    zps = activation_zero_points(g, onnx.TensorProto.INT8)
+    for z in zps:
+        a = numpy_helper.to_array(held[z])
+        if int(a.reshape(-1)[0]) != 0:
+            raise ValueError(f"ONNX graph: activation zero point {z} is int8 {int(a.reshape(-1)[0])}: only 0 (a "
+                             "signed grid written by the exporter) is allowed")
+        held[z].CopyFrom(numpy_helper.from_array(np.full(a.shape, 128, np.uint8), z))
+    _forget_shapes(g, {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+                       and n.input[2] in zps})
+    return len(zps)

@@ -98,6 +98,9 @@ class QuantParams:
     # layers (and glue sites) that read the same tensor share one input grid: one QuantizeLinear of it in the
     # deployed graph, as onnxruntime's own quantizer has (pqd.core.sharing)
     share_grids: bool = False
+    # every activation grid without an offset: zero point 0 for a tensor that never goes below 0, else the middle code
+    # (a signed int8 grid with zero point 0 in the deployed graph), so no runtime subtracts a zero point in float
+    act_symmetric: bool = False
     # fold an orthogonal rotation per head into attention's value and output projections (exact: the float network
     # computes the same function), so the output projection's weights and inputs have smaller peaks (pqd.core.rotate)
     rotate: Literal["none", "hadamard"] = "none"

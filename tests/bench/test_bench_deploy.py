@@ -15,7 +15,7 @@ from pqd.bench.deploy import in_openvino
 from pqd.deploy import INT8_KERNELS
 from pqd.deploy.openvino import cpu_supports_bf16
 from pqd.bench.deploy_models import (ATTENTION, ATTENTION_SHARED, GLUE, GLUE_ATTENTION, GLUE_ATTENTION_SHARED,
-                                     GLUE_NO_SPLIT, variants)
+                                     GLUE_NO_SPLIT, SYM, SYMMETRIC, Variant, variants)
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.demo import build_demo_dit, build_demo_scheduler
 from pqd.params import integer_codes, params_from_dict
@@ -64,10 +64,15 @@ def check_verdicts(rows: pd.DataFrame, md: str) -> None:
 
 def test_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
     unet, dit = load_denoiser(tiny_pipeline), load_denoiser(tiny_dit)
-    assert list(variants(unet)) == [GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, GLUE_ATTENTION_SHARED]
+    assert list(variants(unet)) == [GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, GLUE_ATTENTION_SHARED, SYMMETRIC,
+                                    GLUE_ATTENTION_SHARED + SYM]
     assert list(variants(unet, "split")) == [GLUE]
-    assert list(variants(dit)) == [ATTENTION, ATTENTION_SHARED]  # a DiT has attention but no glue points
+    # a DiT has attention but no glue points
+    assert list(variants(dit)) == [ATTENTION, ATTENTION_SHARED, SYMMETRIC, ATTENTION_SHARED + SYM]
     assert variants(unet, "shared")[GLUE_ATTENTION_SHARED].share and variants(dit, "shared")[ATTENTION_SHARED].share
+    sym = variants(dit, "symmetric")
+    assert list(sym) == [ATTENTION_SHARED, SYMMETRIC, ATTENTION_SHARED + SYM]
+    assert sym[SYMMETRIC] == Variant(symmetric=True) and sym[ATTENTION_SHARED + SYM].share
 
 
 @pytest.mark.slow  # about a minute: three calibrations and exports, four timed backends

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pqd.core import affine
-from pqd.core.affine import (act_qparams, asymmetric_qparams, dequantize, fake_quantize, quantize, symmetric_scale,
-                             weight_scales)
+from pqd.core.affine import (act_qparams, asymmetric_qparams, dequantize, fake_quantize, quantize,
+                             symmetric_act_qparams, symmetric_scale, weight_scales)
 from pqd.core.qtypes import QType, act_qtype, weight_qtype
 
 
@@ -94,6 +94,31 @@ def test_act_mse_search_beats_minmax_with_outliers():
         s, z = act_qparams(v, lo, hi, qt, m)
         errs[m] = float((fake_quantize(v, s, z, qt) - v).pow(2).mean())
     assert errs["mse"] < errs["minmax"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_symmetric_activation_grids_have_no_offset(method):
+    """quant.act_symmetric: a range that never goes below 0 takes all 256 codes from zero point 0; a signed one the
+    middle code, i.e. a signed int8 grid with zero point 0 (its extremes at +-127 steps at minmax)."""
+    qt = act_qtype(8)
+    g = torch.Generator().manual_seed(4)
+    relu = torch.randn(20_000, generator=g).clamp_min(0)
+    s, z = act_qparams(relu, relu.min(), relu.max(), qt, method, symmetric=True)
+    assert float(z) == 0.0 and float(fake_quantize(torch.tensor(0.0), s, z, qt)) == 0.0
+    silu = torch.nn.functional.silu(torch.randn(20_000, generator=g) * 3)
+    s2, z2 = act_qparams(silu, silu.min(), silu.max(), qt, method, symmetric=True)
+    assert float(z2) == 128.0
+    if method == "minmax":
+        assert torch.isclose(s, relu.max() / 255) and torch.isclose(s2, silu.abs().max() / 127)
+        assert torch.isclose(fake_quantize(silu.max(), s2, z2, qt), silu.max())
+    else:  # the search never does worse than the full range
+        full = symmetric_act_qparams(silu.min(), silu.max(), qt)
+        err = lambda p: float((fake_quantize(silu, *p, qt) - silu).pow(2).sum())  # noqa: E731
+        assert err((s2, z2)) <= err(full)
+    # the asymmetric grid of the same signed tensor spends its codes on the range it has: less error
+    sa, za = act_qparams(silu, silu.min(), silu.max(), qt, method)
+    assert float((fake_quantize(silu, sa, za, qt) - silu).pow(2).sum()) < \
+        float((fake_quantize(silu, s2, z2, qt) - silu).pow(2).sum())
 
 
 def test_symmetric_scale_never_zero():

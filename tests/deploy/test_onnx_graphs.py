@@ -264,3 +264,30 @@ def test_per_group_weights_deploy_weight_only_and_agree_in_both_runtimes(tiny_pi
         assert a.fallbacks == () and len(a.weight_only) == len(grouped) + splits, a.line()
         assert a.integer_layers == a.quantized_layers - len(a.weight_only) - len(a.float_output), a.line()
         assert "weight-only by design" in a.line()
+
+
+def test_symmetric_activation_grids_deploy_as_int8_without_zero_points(tiny_pipeline, tmp_path):
+    """quant.act_symmetric: every activation zero point is 0 or the middle code; the graphs carry the signed ones as
+    int8 grids with zero point 0 and the others as uint8 from 0, so no runtime has an offset to subtract. Both runtimes
+    compute what the simulation does and run every quantized layer on an integer kernel."""
+    den = load_denoiser(tiny_pipeline)
+    state = fit_two_groups(den, 7, den.skip_splits(), symmetric=True)
+    zps = torch.cat([t.reshape(-1) for lp in state.values() for t in (lp.act_zero_point, lp.out_zero_point)
+                     if t is not None])
+    assert set(zps.tolist()) <= {0.0, 128.0} and 128.0 in zps.tolist()  # the tiny UNet's layers read signed tensors
+    out = tmp_path / "export"
+    out.mkdir()
+    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
+    write_manifest(out, {})
+    path = out / deploy.ONNX_DIR / deploy.graph_file(0)
+    graph = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    act = [inits[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert act and all(int(z.reshape(-1)[0]) == 0 for z in act)
+    assert np.dtype(np.int8) in {z.dtype for z in act}
+    for runtime in deploy.RUNTIMES:
+        y_fp, y_q, y_deployed = fp_simulated_deployed(den, out, runtime)
+        assert (y_deployed - y_q).norm() <= AGREEMENT * (y_q - y_fp).norm(), runtime
+        a = deploy.kernel_audit(path, runtime)
+        assert a.fallbacks == () and a.integer_layers == a.quantized_layers - len(a.float_output), a.line()

@@ -8,7 +8,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from pqd.deploy.rewrite import affine_as_batchnorm, drop_unused, fold_pads, merge_equal_quantizers, quantize_before_layout
+from pqd.deploy.rewrite import (affine_as_batchnorm, drop_unused, fold_pads, merge_equal_quantizers,
+                                quantize_before_layout, signed_activation_grids, unsigned_activation_grids)
 
 RNG = np.random.default_rng(0)
 
@@ -111,3 +112,25 @@ def test_group_norm_affine_becomes_one_batchnorm():
     assert [n.op_type for n in m.graph.node] == ["Reshape", "InstanceNormalization", "Reshape", "BatchNormalization"]
     assert not {"w", "b"} & {t.name for t in m.graph.initializer}
     np.testing.assert_allclose(_run(m, x), before, rtol=0, atol=1e-6)
+
+
+def test_middle_code_zero_points_become_signed_grids_only_where_every_group_has_one():
+    """uint8 with zero point 128 is int8 with zero point 0: the same outputs. A zero point that is 128 in one time
+    group's graph but not in another's stays uint8 (the groups share one graph structure)."""
+    nodes = [*_qdq("x", "a"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s2", "z2"], ["r_q"]),
+             helper.make_node("DequantizeLinear", ["r_q", "s2", "z2"], ["y"])]
+    m = _model(nodes, {"s": np.array(0.03, np.float32), "z": np.array(128, np.uint8),
+                       "s2": np.array(0.02, np.float32), "z2": np.array(128, np.uint8)}, [2, 3, 8])
+    x = RNG.standard_normal((2, 3, 8)).astype(np.float32) * 3
+    before = _run(m, x)
+    values = [{"z2": np.array(128, np.uint8)}, {"z2": np.array(100, np.uint8)}]
+    signed_activation_grids(m, values)
+    zp = {t.name: t.data_type for t in m.graph.initializer}
+    assert zp["z"] == TensorProto.INT8 and zp["z2"] == TensorProto.UINT8
+    assert values[0]["z2"].dtype == np.uint8
+    np.testing.assert_array_equal(_run(m, x), before)
+    # and back, where onnxruntime opens the graph: uint8 grids again, the same outputs
+    assert unsigned_activation_grids(m) == 1
+    assert {t.name: t.data_type for t in m.graph.initializer}["z"] == TensorProto.UINT8
+    np.testing.assert_array_equal(_run(m, x), before)

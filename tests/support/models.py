@@ -222,9 +222,11 @@ def write_reference_images(folder: Path, n: int = 256, size: int = 16, seed: int
     return folder
 
 
-def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = None, group_size: int = 0):
+def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = None, group_size: int = 0,
+                   symmetric: bool = False):
     """A qstate of ``den``'s network fitted over 2 time groups with very different input ranges (group 0: t = 80,
-    inputs x 2; group 1: t = 20, inputs x 0.5), every layer's output quantized but the float-output layers'."""
+    inputs x 2; group 1: t = 20, inputs x 0.5), every layer's output quantized but the float-output layers';
+    ``symmetric``: quant.act_symmetric's grids."""
     g = torch.Generator().manual_seed(0)
     xs = {0: torch.randn(8, *den.sample_shape, generator=g) * 2, 1: torch.randn(8, *den.sample_shape, generator=g) * 0.5}
     ts = {0: torch.full((8,), 80.0), 1: torch.full((8,), 20.0)}
@@ -236,7 +238,7 @@ def fit_two_groups(den, weight_bits: int = 8, splits: dict[str, int] | None = No
 
     names = list(quantizable_layers(den.net))
     cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=splits or {}, weight_group_size=group_size,
-                      output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
+                      act_symmetric=symmetric, output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
     return fit_qstate(den.net, forward_all, cfg)
 
 
