@@ -156,7 +156,8 @@ def act_qparams(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype:
                 grid: int = 60, min_ratio: float = 0.2, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor asymmetric (scale, zero_point), both float32 scalars, from the observed extremes ``lo`` / ``hi``;
     ``mse`` shrinks each side by ratios in [min_ratio, 1], keeping the least squared error on ``values`` (a sample).
-    ``symmetric``: the grid of :func:`symmetric_act_qparams` (``mse`` shrinks both sides by one ratio)."""
+    ``symmetric``: the grid of :func:`symmetric_act_qparams` (``mse``: the least-error grid without an offset,
+    :func:`_symmetric_search`)."""
     if method not in ("minmax", "mse"):
         raise ValueError(f"activation range method {method!r} is not allowed: expected 'minmax' or 'mse'")
     if symmetric:
@@ -185,14 +186,19 @@ def act_qparams(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype:
 
 def _symmetric_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qtype: QType, grid: int,
                       min_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`symmetric_act_qparams` of [lo, hi] shrunk by the ratio in [min_ratio, 1] with the least squared error on
-    ``values`` (the zero point, 0 or the middle code, is the full range's)."""
+    """The grid without an offset with the least squared error on ``values``: :func:`symmetric_act_qparams` of
+    [lo, hi] with its step shrunk by a ratio in [min_ratio, 1], or, for a tensor that goes below 0, the unsigned grid
+    from 0 (its negatives clipped to 0) shrunk the same way: a SiLU output's few small negatives can cost less clipped
+    than the bit a signed grid spends on them."""
     v = values.detach().reshape(-1).to(torch.float32)
-    best_err, best = float("inf"), symmetric_act_qparams(lo, hi, qtype)
-    for r in torch.linspace(min_ratio, 1.0, grid).tolist():
-        s, z = symmetric_act_qparams(lo, hi, qtype)
-        s = s * r
-        err = (fake_quantize(v, s, z, qtype) - v).pow(2).sum().item()
-        if err < best_err:
-            best_err, best = err, (s, z)
+    full = symmetric_act_qparams(lo, hi, qtype)
+    starts = [full] + ([symmetric_act_qparams(torch.zeros_like(lo), hi, qtype)] if bool(lo < 0) and bool(hi > 0)
+                       else [])
+    best_err, best = float("inf"), full
+    for s0, z in starts:
+        for r in torch.linspace(min_ratio, 1.0, grid).tolist():
+            s = s0 * r
+            err = (fake_quantize(v, s, z, qtype) - v).pow(2).sum().item()
+            if err < best_err:
+                best_err, best = err, (s, z)
     return best

@@ -99,7 +99,8 @@ def test_act_mse_search_beats_minmax_with_outliers():
 @pytest.mark.parametrize("method", ["minmax", "mse"])
 def test_symmetric_activation_grids_have_no_offset(method):
     """quant.act_symmetric: a range that never goes below 0 takes all 256 codes from zero point 0; a signed one the
-    middle code, i.e. a signed int8 grid with zero point 0 (its extremes at +-127 steps at minmax)."""
+    middle code, i.e. a signed int8 grid with zero point 0 (minmax: its extremes at +-127 steps), or at mse whichever
+    grid without an offset has the least error, the unsigned one with the few negatives clipped included."""
     qt = act_qtype(8)
     g = torch.Generator().manual_seed(4)
     relu = torch.randn(20_000, generator=g).clamp_min(0)
@@ -107,18 +108,17 @@ def test_symmetric_activation_grids_have_no_offset(method):
     assert float(z) == 0.0 and float(fake_quantize(torch.tensor(0.0), s, z, qt)) == 0.0
     silu = torch.nn.functional.silu(torch.randn(20_000, generator=g) * 3)
     s2, z2 = act_qparams(silu, silu.min(), silu.max(), qt, method, symmetric=True)
-    assert float(z2) == 128.0
+    err = lambda p: float((fake_quantize(silu, *p, qt) - silu).pow(2).sum())  # noqa: E731
+    signed = symmetric_act_qparams(silu.min(), silu.max(), qt)
     if method == "minmax":
-        assert torch.isclose(s, relu.max() / 255) and torch.isclose(s2, silu.abs().max() / 127)
-        assert torch.isclose(fake_quantize(silu.max(), s2, z2, qt), silu.max())
-    else:  # the search never does worse than the full range
-        full = symmetric_act_qparams(silu.min(), silu.max(), qt)
-        err = lambda p: float((fake_quantize(silu, *p, qt) - silu).pow(2).sum())  # noqa: E731
-        assert err((s2, z2)) <= err(full)
-    # the asymmetric grid of the same signed tensor spends its codes on the range it has: less error
+        assert float(z2) == 128.0 and torch.isclose(s2, silu.abs().max() / 127)
+        assert torch.isclose(s, relu.max() / 255) and torch.isclose(fake_quantize(silu.max(), s2, z2, qt), silu.max())
+    else:  # the search never does worse than either full range
+        unsigned = symmetric_act_qparams(torch.tensor(0.0), silu.max(), qt)
+        assert float(z2) in (0.0, 128.0) and err((s2, z2)) <= min(err(signed), err(unsigned))
+    # the asymmetric grid of the same signed tensor spends its codes on the range it has: less error than the signed
     sa, za = act_qparams(silu, silu.min(), silu.max(), qt, method)
-    assert float((fake_quantize(silu, sa, za, qt) - silu).pow(2).sum()) < \
-        float((fake_quantize(silu, s2, z2, qt) - silu).pow(2).sum())
+    assert err((sa, za)) < err(signed)
 
 
 def test_symmetric_scale_never_zero():
