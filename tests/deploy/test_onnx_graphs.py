@@ -30,16 +30,20 @@ def calibrated(den: Denoiser, weight_bits: int):
 AGREEMENT = 0.25
 
 
+def exported(pipeline, den: Denoiser, state, out):
+    """The export of ``state`` (time groups GROUPS) with its ONNX graphs, in the new folder ``out``."""
+    out.mkdir()
+    write_export(pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
+    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
+    write_manifest(out, {})
+    return out
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_pipeline):
     den = load_denoiser(tiny_pipeline)
     state = calibrated(den, 7)
-    out = tmp_path_factory.mktemp("deploy") / "export"
-    out.mkdir()
-    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
-    write_manifest(out, {})
-    return den, state, out
+    return den, state, exported(tiny_pipeline, den, state, tmp_path_factory.mktemp("deploy") / "export")
 
 
 @pytest.mark.parametrize("runtime", deploy.RUNTIMES)
@@ -244,11 +248,7 @@ def test_per_group_weights_deploy_weight_only_and_agree_in_both_runtimes(tiny_pi
     state = fit_two_groups(den, 4, den.skip_splits(), group_size=8)
     grouped = {n for n, lp in state.items() if lp.weight_scale.ndim == 2}
     assert grouped and len(grouped) < len(state)  # layers with at most 8 input channels stay per channel
-    out = tmp_path / "export"
-    out.mkdir()
-    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
-    write_manifest(out, {})
+    out = exported(tiny_pipeline, den, state, tmp_path / "export")
     path = out / deploy.ONNX_DIR / deploy.graph_file(0)
     graph = onnx.load(str(path), load_external_data=False)
     blocked = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"
@@ -275,11 +275,7 @@ def test_symmetric_activation_grids_deploy_as_int8_without_zero_points(tiny_pipe
     zps = torch.cat([t.reshape(-1) for lp in state.values() for t in (lp.act_zero_point, lp.out_zero_point)
                      if t is not None])
     assert set(zps.tolist()) <= {0.0, 128.0} and 128.0 in zps.tolist()  # the tiny UNet's layers read signed tensors
-    out = tmp_path / "export"
-    out.mkdir()
-    write_export(tiny_pipeline, den.net, state, GROUPS, out, float_dtype=torch.float32)
-    deploy.write_onnx(load_quantized_net(out, verify=False), GROUPS, den, out / deploy.ONNX_DIR)
-    write_manifest(out, {})
+    out = exported(tiny_pipeline, den, state, tmp_path / "export")
     path = out / deploy.ONNX_DIR / deploy.graph_file(0)
     graph = onnx.load(str(path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
