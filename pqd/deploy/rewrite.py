@@ -276,18 +276,16 @@ def activation_zero_points(graph: onnx.GraphProto, data_type: int) -> set[str]:
 
 
 def unsigned_activation_grids(model: onnx.ModelProto) -> int:
-    """The inverse of :func:`signed_activation_grids`, in place: every int8 activation grid (zero point 0) as uint8
-    with zero point 128, the same values. onnxruntime's x86 integer kernels read uint8 activations: its QDQ fusions
-    leave int8 ones in float on CPUs without VNNI. Returns how many zero points it changed."""
+    """The inverse of :func:`signed_activation_grids`, in place: every int8 activation grid with zero point 0 as uint8
+    with zero point 128, the same values (other int8 grids are left as they are). onnxruntime's x86 integer kernels
+    read uint8 activations: its QDQ fusions leave int8 ones in float on CPUs without VNNI. Returns how many zero
+    points it changed."""
     g = model.graph
     held = {t.name: t for t in g.initializer}
-    zps = activation_zero_points(g, onnx.TensorProto.INT8)
+    zps = {z for z in activation_zero_points(g, onnx.TensorProto.INT8)
+           if int(numpy_helper.to_array(held[z]).reshape(-1)[0]) == 0}
     for z in zps:
-        a = numpy_helper.to_array(held[z])
-        if int(a.reshape(-1)[0]) != 0:
-            raise ValueError(f"ONNX graph: activation zero point {z} is int8 {int(a.reshape(-1)[0])}: only 0 (a "
-                             "signed grid written by the exporter) is allowed")
-        held[z].CopyFrom(numpy_helper.from_array(np.full(a.shape, 128, np.uint8), z))
+        held[z].CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(held[z]).shape, 128, np.uint8), z))
     _forget_shapes(g, {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
                        and n.input[2] in zps})
     return len(zps)

@@ -89,7 +89,7 @@ def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
 
 @pytest.mark.slow  # about 20 s: three calibrations and exports of the DiT, timed backends
 def test_dit_is_fed_its_class_labels_and_its_attention_runs_on_integer_kernels(tiny_dit, tmp_path):
-    rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit))
+    rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit), "--variants", "attention")
     assert set(rows.backend) == backends(bench.INT8, ATTENTION, ATTENTION_SHARED)
     check_verdicts(rows, md)
     assert "No glue backend" in md

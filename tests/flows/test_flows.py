@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from flows.tasks import apply_overrides, concurrent_env, run_dvc
-from support.projects import ROOT, active_runs, clone, db_rows, free_port, reproduced_project, run_tags
+from support.projects import RELEASE_NAME, ROOT, active_runs, clone, db_rows, free_port, reproduced_project, run_tags
 from pqd.params import ParamError
 
 
@@ -187,7 +187,7 @@ def test_release_flow_refuses_then_registers(harness, project):
     assert db_rows(project, "SELECT name FROM model_versions") == []
     f.write_text(good)
     v = release(str(project))
-    assert (v.name, v.version, v.alias, v.created) == ("pqd-pipe-w8a8", "1", "candidate", True)
+    assert (v.name, v.version, v.alias, v.created) == (RELEASE_NAME, "1", "candidate", True)
     assert dict(db_rows(project, "SELECT alias, version FROM registered_model_aliases")) == {"candidate": 1}
 
 

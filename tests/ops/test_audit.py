@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from support.projects import BIN, clone, reproduced_project, sh
+from support.projects import BIN, RELEASE_NAME, clone, reproduced_project, sh
 from pqd.ops import cli, release
 
 
@@ -78,10 +78,10 @@ def _sql(project, statement, *args):
 
 def test_registered_release_audit(project, capsys):
     assert release.main(["register", "--root", str(project)]) == 0
-    uri = "models:/pqd-pipe-w8a8@candidate"
+    uri = f"models:/{RELEASE_NAME}@candidate"
     rc, text = audit(capsys, uri, "--root", str(project))
     assert rc == 0, text
-    assert "pqd-pipe-w8a8 version 1" in text and "registry tag pqd.model_sha256" in text
+    assert f"{RELEASE_NAME} version 1" in text and "registry tag pqd.model_sha256" in text
     assert [status(text, c) for c in ("hashes", "source_model", "lineage", "metrics")] == ["pass"] * 4
 
     # a registry value that no longer equals the evaluation recorded with the release

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from support.projects import (BIN, active_runs, clone, db_rows, ops_env, reproduced_project,
+from support.projects import (BIN, RELEASE_NAME, active_runs, clone, db_rows, ops_env, reproduced_project,
                               run_stages_in_process)
 from pqd.ops import release, tracking
 from pqd.ops.result import bits_label, model_slug
@@ -142,7 +142,7 @@ def test_failing_gate_registers_nothing_and_names_the_check(project, tamper, che
 def test_register_promote_and_load_the_production_sampler(project, capsys):
     rc, out, err = cli(capsys, project, "register")  # the project's own thresholds (OPEN_GATE)
     assert rc == 0, err
-    name = "pqd-pipe-w8a8"  # model.source is a folder named 'pipe'; W8A8
+    name = RELEASE_NAME  # model.source is a folder named 'pipe'; W8A8
     assert registry(project) == ([name], [(name, 1)], {"candidate": 1})
     tags = dict(db_rows(project, "SELECT key, value FROM model_version_tags WHERE name = ? AND version = 1", name))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()

@@ -27,6 +27,9 @@ GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME
 # width of the codes of 8-bit weights on this machine with the default quant.reduce_range (auto): 7 on x86 CPUs
 # without VNNI/AMX, 8 elsewhere (pqd.params.machine)
 CODE_BITS_8 = 7 if integer_codes(params_from_dict({})).reduce_range else 8
+# the registered name of a W8A8 release of a pipeline folder named 'pipe' on this machine (W7A8 where the CPU takes
+# 7-bit codes)
+RELEASE_NAME = f"pqd-pipe-w{CODE_BITS_8}a8"
 
 
 def small_params(**sections) -> dict:
