@@ -54,6 +54,7 @@ class QuantConfig:
     gptq_damp: float = 0.01
     weight_group_size: int = 0
     act_symmetric: bool = False
+    eight_bit_codes: int = 8  # the code width of 8-bit layers (7 where quant.reduce_range takes 7-bit codes)
 
     def bits_for(self, name: str) -> int:
         return self.layer_weight_bits.get(name, self.weight_bits)
@@ -63,8 +64,9 @@ class QuantConfig:
         return self.rounding == "gptq" and supported(layer)
 
     def group_size_for(self, name: str) -> int:
-        """The weight group size of layer ``name``: ``weight_group_size`` below 8 bits, 0 (per channel) at 8."""
-        return self.weight_group_size if self.bits_for(name) < 8 else 0
+        """The weight group size of layer ``name``: ``weight_group_size`` below 8 bits, 0 (per channel) for an 8-bit
+        layer (``eight_bit_codes`` wide)."""
+        return self.weight_group_size if self.bits_for(name) < self.eight_bit_codes else 0
 
     def operand_bits_for(self, name: str) -> tuple[int, int]:
         return self.operand_bits.get(name, (self.act_bits, self.act_bits))

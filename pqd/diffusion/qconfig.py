@@ -44,7 +44,8 @@ def quant_config(params: Params, den: Denoiser, attention: dict[str, str] | None
                                      for n, role in (attention or {}).items()},
                        smooth=frozenset(den.smooth_layers(names)) if q.smooth else frozenset(),
                        smooth_alpha=q.smooth_alpha, rounding=c.rounding, gptq_damp=c.gptq_damp,
-                       weight_group_size=q.weight_group_size, act_symmetric=q.act_symmetric)
+                       weight_group_size=q.weight_group_size, act_symmetric=q.act_symmetric,
+                       eight_bit_codes=code_bits(8, reduce))
 
 
 def install_glue(params: Params, den: Denoiser) -> list[str]:
