@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
-from pqd.deploy.rewrite import activation_zero_points, unsigned_activation_grids
+from pqd.deploy.rewrite import unsigned_activation_grids, zero_int8_grids
 
 INT4_OPSET = 21  # DequantizeLinear takes INT4 from opset 21 on
 _LOW, _HIGH = -8, 7
@@ -103,7 +103,7 @@ def runnable_graph(path: Path, unsigned_activations: bool = False) -> str | byte
     its int8 activation grids as uint8 ones too (:func:`pqd.deploy.rewrite.unsigned_activation_grids`, exact)."""
     model = onnx.load(str(path), load_external_data=False)
     int4 = any(t.data_type == TensorProto.INT4 for t in model.graph.initializer)
-    signed = unsigned_activations and bool(activation_zero_points(model.graph, TensorProto.INT8))
+    signed = unsigned_activations and bool(zero_int8_grids(model.graph))
     if not int4 and not signed:
         return str(path)
     load_external_data_for_model(model, str(Path(path).parent))

@@ -230,37 +230,22 @@ def signed_activation_grids(model: onnx.ModelProto, values: list[dict[str, Any]]
     [0, 255] less 128 is round(x / s) on [-128, 127], and no runtime has an offset to subtract (OpenVINO subtracts an
     activation's zero point in float before a FullyConnected). quant.act_symmetric puts every signed tensor there.
     Where a graph is opened in onnxruntime, :func:`unsigned_activation_grids` turns them back."""
-    g = model.graph
-    held = {t.name: t for t in g.initializer}
+    held = {t.name: t for t in model.graph.initializer}
 
     def middle(name: str) -> bool:
-        if name not in held:
-            return False
-        if name in values[0]:
-            return all(v[name].dtype == np.uint8 and v[name].size == 1 and int(v[name].reshape(-1)[0]) == 128
-                       for v in values)
-        t = held[name]
-        return t.data_type == onnx.TensorProto.UINT8 and \
-            numpy_helper.to_array(t).size == 1 and int(numpy_helper.to_array(t).reshape(-1)[0]) == 128
+        per_group = [v[name] for v in values] if name in values[0] else [numpy_helper.to_array(held[name])]
+        return all(a.dtype == np.uint8 and int(a.reshape(-1)[0]) == 128 for a in per_group)
 
-    readers = _readers(g)
-    zps = {n.input[2] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
-    # only zero points that no other kind of node reads, so every reader changes together
-    signed = {z for z in zps if middle(z) and all(r.op_type in ("QuantizeLinear", "DequantizeLinear") and
-                                                  list(r.input).index(z) == 2 for r in readers[z])}
-    for z in signed:
-        zero = np.zeros(numpy_helper.to_array(held[z]).shape, np.int8)
-        held[z].CopyFrom(numpy_helper.from_array(zero, z))
-        for v in values:
-            if z in v:
-                v[z] = zero.copy()
-    _forget_shapes(g, {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
-                       and n.input[2] in signed})
+    signed = {z for z in activation_zero_points(model.graph, onnx.TensorProto.UINT8) if middle(z)}
+    zero = np.zeros((), np.int8)
+    _retype(model.graph, {z: zero for z in signed})
+    for v in values:
+        v.update({z: np.zeros(v[z].shape, np.int8) for z in signed if z in v})
 
 
 def activation_zero_points(graph: onnx.GraphProto, data_type: int) -> set[str]:
     """The scalar ``data_type`` zero-point initializers that only activation QuantizeLinear/DequantizeLinear pairs
-    read (never a weight's DequantizeLinear, whose codes are an initializer)."""
+    read (never a weight's DequantizeLinear, whose codes are an initializer): a rewrite changes all their readers."""
     held = {t.name: t for t in graph.initializer}
     readers = _readers(graph)
     out = set()
@@ -275,17 +260,29 @@ def activation_zero_points(graph: onnx.GraphProto, data_type: int) -> set[str]:
     return out
 
 
+def zero_int8_grids(graph: onnx.GraphProto) -> set[str]:
+    """The int8 activation zero points that are 0: the grids :func:`signed_activation_grids` wrote."""
+    held = {t.name: t for t in graph.initializer}
+    return {z for z in activation_zero_points(graph, onnx.TensorProto.INT8)
+            if int(numpy_helper.to_array(held[z]).reshape(-1)[0]) == 0}
+
+
 def unsigned_activation_grids(model: onnx.ModelProto) -> int:
     """The inverse of :func:`signed_activation_grids`, in place: every int8 activation grid with zero point 0 as uint8
     with zero point 128, the same values (other int8 grids are left as they are). onnxruntime's x86 integer kernels
     read uint8 activations: its QDQ fusions leave int8 ones in float on CPUs without VNNI. Returns how many zero
     points it changed."""
-    g = model.graph
-    held = {t.name: t for t in g.initializer}
-    zps = {z for z in activation_zero_points(g, onnx.TensorProto.INT8)
-           if int(numpy_helper.to_array(held[z]).reshape(-1)[0]) == 0}
-    for z in zps:
-        held[z].CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(held[z]).shape, 128, np.uint8), z))
-    _forget_shapes(g, {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
-                       and n.input[2] in zps})
+    zps = zero_int8_grids(model.graph)
+    _retype(model.graph, {z: np.full((), 128, np.uint8) for z in zps})
     return len(zps)
+
+
+def _retype(graph: onnx.GraphProto, zero_points: dict[str, np.ndarray]) -> None:
+    """Give each named zero-point initializer its new value (and type), keeping its shape, and drop the recorded
+    shapes of the QuantizeLinear outputs that change type with it."""
+    for t in graph.initializer:
+        if t.name in zero_points:
+            shape = numpy_helper.to_array(t).shape
+            t.CopyFrom(numpy_helper.from_array(np.broadcast_to(zero_points[t.name], shape).copy(), t.name))
+    _forget_shapes(graph, {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+                           and n.input[2] in zero_points})

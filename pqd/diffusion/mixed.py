@@ -21,7 +21,6 @@ from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import QuantConfig, quantize_weight
 from pqd.diffusion.adapter import Denoiser
 from pqd.params import Params
-from pqd.params.machine import IntegerCodes, code_bits
 
 
 @dataclass(frozen=True)
@@ -56,15 +55,15 @@ def storage(cfg: QuantConfig, net: nn.Module, high_bits: int) -> tuple[dict[str,
     return costs, candidates
 
 
-def check_budget(params: Params, den: Denoiser, cfg: QuantConfig, codes: IntegerCodes) -> None:
+def check_budget(params: Params, den: Denoiser, cfg: QuantConfig) -> None:
     """Refuse a budget below what every candidate layer at its low width costs (before any long work)."""
     budget = params.quant.weight_bits_budget
     if budget is not None:
-        costs, _ = storage(cfg, den.net, code_bits(8, codes.reduce_range))
+        costs, _ = storage(cfg, den.net, cfg.eight_bit_codes)
         choose_high(costs, {}, budget)
 
 
-def mixed_precision(params: Params, den: Denoiser, cfg: QuantConfig, codes: IntegerCodes,
+def mixed_precision(params: Params, den: Denoiser, cfg: QuantConfig,
                     outputs: Callable[[nn.Module], list[torch.Tensor]]) -> MixedPrecision:
     """Measure the sensitivity of each of ``den``'s layers below 8 bits under ``cfg`` (its weight on its low grid,
     rounded as ``cfg.rounding`` says; ``outputs(net)``: the network's outputs on the sensitivity batches) and choose
@@ -72,7 +71,7 @@ def mixed_precision(params: Params, den: Denoiser, cfg: QuantConfig, codes: Inte
     budget = params.quant.weight_bits_budget
     if budget is None:
         raise ValueError("mixed_precision: quant.weight_bits_budget is not set")
-    high_bits = code_bits(8, codes.reduce_range)
+    high_bits = cfg.eight_bit_codes
     costs, candidates = storage(cfg, den.net, high_bits)
     layers = quantizable_layers(den.net)
 

@@ -116,7 +116,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
         raise InputError(f"{calib}: calibration set {'without' if den.conditional else 'with'} conditioning inputs "
                          f"for a {den.family} model: re-run generate and select for this model")
     codes = integer_codes(params)  # quant.reduce_range resolved for this machine's CPU
-    check_budget(params, den, quant_config(params, den, None, codes), codes)
+    check_budget(params, den, quant_config(params, den, None, codes))
     ckpt = None
     if c.reconstruct and params.checkpoint.dir is not None:  # without reconstruction there is little to resume
         key, what = calibrate_key(model, calib, {
@@ -141,7 +141,7 @@ def _run(params: Params, model: Path, calib: Path, out: Path, largest_units: int
     mixed = None
     if params.quant.weight_bits_budget is not None:
         batches = sensitivity_batches(plan, c.sensitivity_samples)
-        mixed = mixed_precision(params, den, quant_config(params, den, None, codes), codes,
+        mixed = mixed_precision(params, den, quant_config(params, den, None, codes),
                                 lambda net: [den.call(net, *fetch(i)) for i in batches])
     fit = calibrate_network(params, den, codes, forward_all, lambda m: den.call(m, *fetch(0)),
                             **({"fitted": ckpt.fitted(groups)} if ckpt else {}),

@@ -18,7 +18,8 @@ from pqd.diffusion.archs import DiTArch
 from pqd.diffusion.attention import use_matmul_attention
 from pqd.diffusion.demo import build_demo_dit
 from pqd.diffusion.encoders import ClassLabels
-from support.models import PROMPTS, build_text_pixart, build_text_sd3, machine_code_bits
+from support.models import PROMPTS, build_text_pixart, build_text_sd3
+from support.projects import CODE_BITS_8
 
 # three transformer exports (DiT, PixArt, SD3), about 15 s: make test-fast leaves them out (the stage tests export
 # and run the UNet graphs there; tests/e2e/test_architectures.py runs every architecture deployed)
@@ -56,7 +57,7 @@ def quantized_dit(tmp_path_factory):
 
     names = list(quantizable_layers(qnet))
     float_out = set(den.float_output_layers(names))
-    cfg = QuantConfig(weight_bits=machine_code_bits(), time_groups=2,
+    cfg = QuantConfig(weight_bits=CODE_BITS_8, time_groups=2,
                       output_layers=frozenset(n for n in names if n not in float_out),
                       smooth=frozenset(den.smooth_layers(names)), operand_bits={n: (8, 8) for n in roles})
     apply_qstate(qnet, fit_qstate(qnet, forward_all, cfg))

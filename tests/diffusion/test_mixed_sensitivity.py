@@ -22,7 +22,7 @@ def measured(den, rounding):
     x, t = torch.randn(4, *den.sample_shape, generator=g), torch.linspace(10, 90, 4)
     before = {k: v.clone() for k, v in den.net.state_dict().items()}
     with torch.no_grad():
-        mixed = mixed_precision(params, den, quant_config(params, den, None, codes), codes,
+        mixed = mixed_precision(params, den, quant_config(params, den, None, codes),
                                 lambda net: [den.call(net, x, t)])
     assert all(torch.equal(v, before[k]) for k, v in den.net.state_dict().items())  # the float network is kept
     return mixed

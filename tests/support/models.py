@@ -21,7 +21,7 @@ from pqd.core.modules import quantizable_layers
 from pqd.core.quantize import QuantConfig, fit_qstate
 from pqd.diffusion.configs import CIFAR10_DDPM_UNET
 from pqd.diffusion.quantized import load_denoiser_from_export
-from pqd.params import integer_codes, params_from_dict
+from support.projects import CODE_BITS_8
 
 
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
@@ -229,7 +229,7 @@ def fit_two_groups(den, weight_bits: int | None = None, splits: dict[str, int] |
     inputs x 2; group 1: t = 20, inputs x 0.5), every layer's output quantized but the float-output layers';
     ``symmetric``: quant.act_symmetric's grids. ``weight_bits`` defaults to this machine's 8-bit codes (7 where
     onnxruntime's u8s8 kernels would saturate on full ones)."""
-    weight_bits = weight_bits or machine_code_bits()
+    weight_bits = weight_bits or CODE_BITS_8
     g = torch.Generator().manual_seed(0)
     xs = {0: torch.randn(8, *den.sample_shape, generator=g) * 2, 1: torch.randn(8, *den.sample_shape, generator=g) * 0.5}
     ts = {0: torch.full((8,), 80.0), 1: torch.full((8,), 20.0)}
@@ -241,13 +241,9 @@ def fit_two_groups(den, weight_bits: int | None = None, splits: dict[str, int] |
 
     names = list(quantizable_layers(den.net))
     cfg = QuantConfig(weight_bits=weight_bits, time_groups=2, splits=splits or {}, weight_group_size=group_size,
-                      act_symmetric=symmetric, output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
+                      act_symmetric=symmetric,
+                      output_layers=frozenset(n for n in names if n not in den.float_output_layers(names)))
     return fit_qstate(den.net, forward_all, cfg)
-
-
-def machine_code_bits() -> int:
-    """The code width of 8-bit weights on this machine (quant.reduce_range: auto): 7 on x86 CPUs without VNNI/AMX."""
-    return 7 if integer_codes(params_from_dict({})).reduce_range else 8
 
 
 def fp_simulated_deployed(den, export: Path, runtime: str = "onnxruntime"
