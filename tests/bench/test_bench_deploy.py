@@ -53,6 +53,7 @@ def check_verdicts(rows: pd.DataFrame, md: str) -> None:
     assert (int8.of_ceiling > 0).all() and set(int8.ceiling) <= {"onnxruntime int8", "openvino int8"}
     assert set(rows[~rows.backend.str.contains("int8")].ceiling) <= {"torch fp32", "torch bf16"}
     assert "flags (`grep -o 'avx512_vnni" in md and "| onnxruntime int8 | 2048x2048x2048 u8 x s8 GEMM" in md
+    assert "| ceiling | what | ms | GMAC/s | measured |" in md
     assert "| openvino int8 | 2048x2048x2048 u8 x s8 GEMM, QDQ MatMul (FullyConnected u8 1)" in md
     for b in (1, 2):
         assert f"- batch {b}: PQD int8, default settings, best runtime (" in md
