@@ -46,7 +46,8 @@ def slug(text: str) -> str:
     return "-".join(filter(None, re.split(r"[^a-z0-9]+", text.lower())))
 
 
-SHARED = ", shared grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
+SHARED = ", shared grids"
+FAST = "pqd, no shortcut split, all glue, attention matmuls, shared grids, symmetric activation grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
 _PQD = {"calibrate": {"method": "pqd"}}
 W4_BUDGET = 4.5  # average weight bits (scales included) of the mixed-precision rows: 7.1x smaller than float32
 _ALL_GLUE = ["residual", "temb", "silu", "concat", "attention"]
@@ -87,6 +88,9 @@ _ROWS = [
         {**_PQD, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
     # activation grids without an offset (quant.act_symmetric): what the zero points cost, against w8-pqd
     Row("pqd, symmetric activation grids", 8, {**_PQD, "quant": {"act_symmetric": True}}),
+    # the fastest integer graph of make bench-deploy: every fast setting at once, against w8-pqd (the defaults)
+    Row(FAST, 8, {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True,
+                                                   "act_symmetric": True}}),
     # error-compensating rounding (calibrate.rounding: gptq) before reconstruction, against w4-pqd / w8-pqd
     *[Row("pqd, gptq rounding", bits, {"calibrate": {"method": "pqd", "rounding": "gptq"}}) for bits in (4, 8)],
     # 4-bit weight tools (quant.weight_group_size, quant.weight_bits_budget), each against w4-pqd; the budget counts
@@ -137,6 +141,7 @@ ROW_SETS: dict[str, list[str]] = {
                "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
                "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],
     "symmetric": ["w8-pqd", "w8-pqd-symmetric-activation-grids"],
+    "fast": ["w8-pqd", "w8-" + slug(FAST)],
 }
 DEFAULT_MODELS = ("demo:digits", "demo:digits16")
 # bench settings of the demos, over params.yaml. demo:digits16: a two-level UNet trained in minutes here, measured
