@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 
 def _constant(graph: onnx.GraphProto, name: str) -> Any:
@@ -80,11 +80,21 @@ def fold_pads(model: onnx.ModelProto) -> onnx.ModelProto:
 _LAYOUT = ("Transpose", "Reshape")  # ops that move elements without changing them
 
 
+def _feeds_matmul(readers: dict[str, list[onnx.NodeProto]], q: onnx.NodeProto) -> bool:
+    """Whether ``q``'s value is dequantized for a MatMul (an activation x activation product)."""
+    return any(r.op_type == "MatMul" for dq in readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"
+               for r in readers.get(dq.output[0], []))
+
+
 def quantize_before_layout(model: onnx.ModelProto) -> onnx.ModelProto:
     """A per-tensor QuantizeLinear moved above the Transpose/Reshape it follows (x -> Transpose -> Q becomes x ->
     Q -> Transpose), so that the layout change moves uint8 codes instead of floats (a quarter of the bytes), as
     in onnxruntime's own quantized graphs. The same values: quantizing each element on one grid commutes with
-    moving it."""
+    moving it. A quantizer whose DequantizeLinear feeds a MatMul (attention's Q, K, V and softmax operands) stays
+    where it is: OpenVINO reads a QuantizeLinear -> DequantizeLinear pair as one FakeQuantize and fuses the
+    attention on its int8 kernels, but a DequantizeLinear alone after the head split as a float Convert and
+    Multiply, and runs the attention in f32 (CIFAR-10 UNet, 5.9 ms against NNCF's 1.9 ms per attention block at
+    batch 32); it moves the codes through the layout change itself."""
     g = model.graph
     moved = True
     while moved:
@@ -93,7 +103,8 @@ def quantize_before_layout(model: onnx.ModelProto) -> onnx.ModelProto:
         producer = {o: n for n in g.node for o in n.output}
         for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
             t = producer.get(q.input[0])
-            if t is None or t.op_type not in _LAYOUT or _only(readers, t.output[0], "QuantizeLinear") is not q:
+            if t is None or t.op_type not in _LAYOUT or _only(readers, t.output[0], "QuantizeLinear") is not q \
+                    or _feeds_matmul(readers, q):
                 continue
             scale = _constant(g, q.input[1])
             if scale is None or scale.size != 1:
@@ -108,41 +119,6 @@ def quantize_before_layout(model: onnx.ModelProto) -> onnx.ModelProto:
             _forget_shapes(g, {y, z})
             moved = True
             break
-    return model
-
-
-def quantize_at_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A QuantizeLinear -> DequantizeLinear pair on its own grid in front of each MatMul input that a
-    DequantizeLinear reads from a Transpose/Reshape (where :func:`quantize_before_layout` left the attention's
-    head split and transposes between the quantizer and the matmul). OpenVINO reads a Q -> DQ pair as one
-    FakeQuantize and runs the attention that follows on integer kernels; a lone DequantizeLinear becomes a float
-    Convert and Multiply, and its attention fusion then runs in f32 (on the CIFAR-10 UNet, 5.9 ms of f32 against
-    1.9 ms of int8 per attention block at batch 32). The same values: codes dequantized and quantized again on the
-    grid they came from come back unchanged, and onnxruntime folds the pair into its QLinearMatMul."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    inserts: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
-    for n in [n for n in g.node if n.op_type == "MatMul"]:
-        for j, name in enumerate(n.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-                continue
-            src = producer.get(dq.input[0])
-            scale = _constant(g, dq.input[1])
-            if src is None or src.op_type not in _LAYOUT or scale is None or scale.size != 1:
-                continue
-            codes, again = f"{name}_requantized", f"{name}_at_matmul"
-            inserts.append((n, [helper.make_node("QuantizeLinear", [name, *dq.input[1:]], [codes],
-                                                 name=f"{dq.name}/requantize"),
-                                helper.make_node("DequantizeLinear", [codes, *dq.input[1:]], [again],
-                                                 name=f"{dq.name}/at_matmul")]))
-            n.input[j] = again
-    nodes = list(g.node)
-    for n, pair in inserts:
-        i = nodes.index(n)
-        nodes[i:i] = pair
-    del g.node[:]
-    g.node.extend(nodes)
     return model
 
 
@@ -215,7 +191,6 @@ def rewrite(model: onnx.ModelProto, values: list[dict[str, Any]]) -> None:
     merge_equal_quantizers(model, values)
     signed_activation_grids(model, values)
     quantize_before_layout(model)
-    quantize_at_matmuls(model)
     affine_as_batchnorm(model)
     drop_unused(model)
 
