@@ -27,6 +27,7 @@ from pqd import deploy
 from pqd.bench.ceiling import ceiling_of, measure_ceilings, model_macs
 from pqd.bench.profile import openvino_profile, ort_profile, shares
 from pqd.bench.deploy_models import (GLUE, VARIANT_CHOICES, BenchModel, bench_params, calibrate, cifar_model,
+                                     default_variant,
                                      demo_dit_params, demo_model, describe, dit_model, export, float_onnx, nncf_reference,
                                      ort_static_reference, sizes, trajectory_inputs, variants, weights_label)
 from pqd.deploy import openvino
@@ -74,11 +75,13 @@ def build_graphs(m: BenchModel, a: argparse.Namespace, codes: IntegerCodes, work
     W8 / W4 export folders by label, each glue backend's description, the float graph and NNCF's int8 IR."""
     calib = trajectory_inputs(m.den, a.calib_seeds)
     exports: dict[str, Path] = {}
-    for bits in (8, 4):
-        net, state, _ = calibrate(m.den, bench_params(bits), calib, codes)
-        exports[weights_label(bits, state)] = export(m, net, state, calib.groups, work / f"w{bits}")
-    graphs = {INT8: work / "w8" / deploy.ONNX_DIR / deploy.graph_file(0)}
     glue: dict[str, str] = {}
+    for bits in (8, 4):
+        net, state, n = calibrate(m.den, bench_params(bits), calib, codes)
+        exports[weights_label(bits, state)] = export(m, net, state, calib.groups, work / f"w{bits}")
+        if bits == 8:
+            glue[INT8] = "default settings: " + describe(default_variant(), n)
+    graphs = {INT8: work / "w8" / deploy.ONNX_DIR / deploy.graph_file(0)}
     for i, (backend, v) in enumerate(variants(m.den, a.variants).items()):
         net, state, n = calibrate(m.den, bench_params(8, v), calib, codes)
         graphs[backend] = export(m, net, state, calib.groups, work / f"v{i}") / deploy.ONNX_DIR / deploy.graph_file(0)
@@ -233,7 +236,7 @@ def table(rows: list[dict[str, Any]], extra: list[dict[str, Any]], threads: int,
                   "| int8 graph | what | onnxruntime: integer kernels | float kernels | OpenVINO: integer kernels "
                   "| float kernels |", "|---|---|---|---|---|---|"]
         for backend, k in e["kernels"].items():
-            what = e["glue"].get(backend, "glue in float" if backend == INT8 else "not PQD: the runtime's own quantization")
+            what = e["glue"].get(backend, "not PQD: the runtime's own quantization")
             ort_k, ov_k = k.get("onnxruntime"), k.get("openvino")
             cells = [f"{_counts(a['int8'])} | {_counts(a['float'])}" if a else "- | -" for a in (ort_k, ov_k)]
             lines.append(f"| {backend.removeprefix('onnxruntime ')} | {what} | {cells[0]} | {cells[1]} |")
@@ -267,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-seeds", type=int, default=8)
     ap.add_argument("--only", choices=["demo", "cifar10", "dit"], default=None)
     ap.add_argument("--variants", choices=list(VARIANT_CHOICES), default="all",
-                    help="which PQD graphs beyond the plain int8 one to time: glue (with the skips split: split, all glue "
-                         "with the split off: nosplit, both: glue), attention matmuls (alone and with glue: attention), "
-                         "one grid per tensor on the fastest of those (shared), those and the plain graph with "
-                         "activation grids without an offset (symmetric), all, none")
+                    help="which PQD graphs beyond the default one to time: the previous defaults' plain graph "
+                         "(previous), glue (with the skips split: split, all glue with the split off: nosplit, both: "
+                         "glue), attention matmuls (alone and with glue: attention), one grid per tensor on the fastest "
+                         "of those and the plain graph (shared), those and the plain graph with activation grids "
+                         "without an offset (symmetric), all, none; one that builds the default graph is left out")
     ap.add_argument("--max-call-s", type=float, default=5.0,
                     help="a backend slower than this and 20x the fastest per call is timed once and not run at larger batches")
     a = ap.parse_args(argv)

@@ -55,10 +55,13 @@ _SHARED = (ATTENTION_SHARED, GLUE_ATTENTION_SHARED)
 SYM = " + symmetric activations"
 SYMMETRIC = "onnxruntime int8" + SYM
 _SYMMETRIC = (SYMMETRIC, *(v + SYM for v in _SHARED))
-VARIANT_CHOICES = {"all": (GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, *_SHARED, *_SYMMETRIC),
+# the graph of the defaults before every fast setting became one (issue 22): no glue, skips split, float attention
+# matmuls, a grid per layer, grids with offsets
+PREVIOUS = "onnxruntime int8, previous defaults"
+VARIANT_CHOICES = {"all": (PREVIOUS, GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, *_SHARED, *_SYMMETRIC),
                    "glue": (GLUE, GLUE_NO_SPLIT), "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,),
-                   "attention": (ATTENTION, GLUE_ATTENTION, *_SHARED), "shared": _SHARED,
-                   "symmetric": (*_SHARED, *_SYMMETRIC), "none": ()}
+                   "attention": (ATTENTION, GLUE_ATTENTION, *_SHARED), "shared": (PREVIOUS, *_SHARED),
+                   "symmetric": (PREVIOUS, *_SHARED, *_SYMMETRIC), "previous": (PREVIOUS,), "none": ()}
 ATTENTION_SOFTMAX_BITS = 8  # integer kernels take 8-bit operands; the 16-bit default keeps softmax·V in float
 
 
@@ -111,28 +114,47 @@ def dit_model(folder: Path | None, train_steps: int, tmp: Path) -> BenchModel:
                       f"{DIT_SOURCE} architecture (width {mp.dit_width}, depth {mp.dit_depth}), {how}")
 
 
-def bench_params(weight_bits: int, v: Variant = Variant()) -> Params:
-    """The PQD preset with ``weight_bits``-bit weights and the glue, split and attention of ``v``; quant.reduce_range
-    stays at its default, auto (the caller resolves it once: pqd.params.integer_codes)."""
-    attention = {"attention": True, "softmax_bits": ATTENTION_SOFTMAX_BITS} if v.attention else {}
+def bench_params(weight_bits: int, v: Variant | None = None) -> Params:
+    """The PQD preset with ``weight_bits``-bit weights and the glue, split and attention of ``v`` (None: the defaults
+    of pqd.params, params.yaml's); quant.reduce_range stays at its default, auto (the caller resolves it once:
+    pqd.params.integer_codes)."""
+    calibrate = {"method": "pqd", "act_samples": 20_000, "time_groups": GROUPS}
+    if v is None:
+        return params_from_dict({"quant": {"weight_bits": weight_bits}, "calibrate": calibrate})
+    attention = {"attention": True, "softmax_bits": ATTENTION_SOFTMAX_BITS} if v.attention else {"attention": False}
     return params_from_dict({"quant": {"weight_bits": weight_bits, "glue": list(v.glue), "share_grids": v.share,
                                        "act_symmetric": v.symmetric, **attention},
-                             "calibrate": {"method": "pqd", "act_samples": 20_000, "time_groups": GROUPS,
-                                           "split_shortcut": v.split}})
+                             "calibrate": {**calibrate, "split_shortcut": v.split}})
+
+
+def default_variant() -> Variant:
+    """The graph settings of the defaults as a Variant."""
+    p = bench_params(8)
+    return Variant(tuple(p.quant.glue), bool(p.calibrate.split_shortcut), p.quant.attention, p.quant.share_grids,
+                   p.quant.act_symmetric)
+
+
+def _graph_key(den: Denoiser, v: Variant) -> tuple:
+    """What of ``v`` changes ``den``'s graph: two variants with one key build the same graph."""
+    splits = den.skip_splits()
+    return (frozenset(glue_sites(den.net, v.glue, splits, v.split)), v.split if splits else None,
+            v.attention and bool(attention_modules(den.net)), v.share, v.symmetric)
 
 
 def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
-    """The PQD graphs beyond the plain int8 one for ``den`` (of those ``choice`` names, see VARIANT_CHOICES): every
-    glue kind but 'concat' with the skip concatenations split; where the network has skip concatenations, every kind
-    with the split off; attention's matmuls on integer kernels, alone and with the most glue; the most of those with
-    one grid per tensor (quant.share_grids); the plain graph and those with activation grids without an offset
-    (quant.act_symmetric). A variant that changes nothing in the network (a DiT's blocks have no
-    glue points) is left out."""
+    """The PQD graphs beyond the default one for ``den`` (of those ``choice`` names, see VARIANT_CHOICES): the
+    previous defaults' plain graph; every glue kind but 'concat' with the skip concatenations split; where the
+    network has skip concatenations, every kind with the split off; attention's matmuls on integer kernels, alone
+    and with the most glue; the most of those with one grid per tensor (quant.share_grids); the plain graph and those
+    with activation grids without an offset (quant.act_symmetric). A variant that changes nothing in the network (a
+    DiT's blocks have no glue points) is left out, and so is one that builds the default graph."""
     splits = den.skip_splits()
     glue = Variant(tuple(k for k in GLUE_KINDS if k != "concat"), True)
     has_glue = bool(glue_sites(den.net, glue.glue, splits, True))
     has_attention = bool(attention_modules(den.net))
-    out = {GLUE: glue} if has_glue else {}
+    out = {PREVIOUS: Variant()}
+    if has_glue:
+        out[GLUE] = glue
     if has_glue and splits:
         out[GLUE_NO_SPLIT] = Variant(GLUE_KINDS, False)
     if has_attention:
@@ -144,11 +166,13 @@ def variants(den: Denoiser, choice: str = "all") -> dict[str, Variant]:
             out[ATTENTION_SHARED] = dataclasses.replace(out[ATTENTION], share=True)
     out[SYMMETRIC] = Variant(symmetric=True)
     out |= {name + SYM: dataclasses.replace(out[name], symmetric=True) for name in _SHARED if name in out}
-    return {name: v for name, v in out.items() if name in VARIANT_CHOICES[choice]}
+    default = _graph_key(den, default_variant())
+    return {name: v for name, v in out.items() if name in VARIANT_CHOICES[choice] and _graph_key(den, v) != default}
 
 
 def describe(v: Variant, sites: int) -> str:
-    parts = [f"quant.glue {', '.join(v.glue)}; split_shortcut {str(v.split).lower()}; {sites} sites"] if v.glue else []
+    parts = [f"quant.glue {', '.join(v.glue)}; split_shortcut {str(v.split).lower()}; {sites} sites" if sites
+             else "glue in float"]
     if v.attention:
         parts.append(f"quant.attention, softmax_bits {ATTENTION_SOFTMAX_BITS}")
     if v.share:

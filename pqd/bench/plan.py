@@ -35,6 +35,7 @@ class Row:
     label: str  # what the tables show, e.g. "pqd, uniform steps"
     bits: int  # quant.weight_bits
     settings: Settings = field(default_factory=dict)  # over the method preset
+    against: str | None = None  # the row it is compared with when both run (None: w<bits>-pqd)
 
     @property
     def name(self) -> str:
@@ -46,9 +47,28 @@ def slug(text: str) -> str:
     return "-".join(filter(None, re.split(r"[^a-z0-9]+", text.lower())))
 
 
-SHARED = ", shared grids"
-FAST = "pqd, no shortcut split, all glue, attention matmuls, shared grids, symmetric activation grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
+SHARED = ", shared grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
+FAST = "pqd, no shortcut split, all glue, attention matmuls, shared grids, symmetric activation grids"
+PREVIOUS = "pqd, previous defaults"
 _PQD = {"calibrate": {"method": "pqd"}}
+# the integer graph of the defaults before every fast setting became one (issue 22): skip concatenations split, no
+# glue, attention's matmuls in float, a grid per layer, grids with offsets. The rows that switch one of these on
+# are built over it, as they were measured, and compared with it
+_PREVIOUS_GRAPH: Settings = {"calibrate": {"split_shortcut": True},
+                             "quant": {"glue": [], "attention": False, "softmax_bits": 16, "share_grids": False,
+                                       "act_symmetric": False}}
+
+
+def _over_previous(settings: Settings) -> Settings:
+    """``settings`` over the previous defaults' graph (a key ``settings`` sets wins)."""
+    return {s: {**_PREVIOUS_GRAPH.get(s, {}), **settings.get(s, {})} for s in {*_PREVIOUS_GRAPH, *settings}}
+
+
+def _graph_row(label: str, settings: Settings) -> Row:
+    """A W8 row that switches graph settings on over the previous defaults, compared with that row."""
+    return Row(label, 8, _over_previous(settings), against="w8-" + slug(PREVIOUS))
+
+
 W4_BUDGET = 4.5  # average weight bits (scales included) of the mixed-precision rows: 7.1x smaller than float32
 _ALL_GLUE = ["residual", "temb", "silu", "concat", "attention"]
 _ALL_GLUE_ATTENTION = {"calibrate": {"method": "pqd", "split_shortcut": False},
@@ -59,9 +79,10 @@ _ROWS = [
     Row("pqd, random selection", 4, {**_PQD, "select": {"rule": "random"}}),
     Row("pqd, G=1", 4, {"calibrate": {"method": "pqd", "time_groups": 1}}),
     Row("pqd, QDrop p=0", 4, {"calibrate": {"method": "pqd", "qdrop_p": 0.0}}),
-    # quantized attention matmuls (quant.attention), softmax output on 16 and on 8 bits (compare with w8-pqd)
-    Row("pqd, attention matmuls, softmax 16-bit", 8, {**_PQD, "quant": {"attention": True}}),
-    Row("pqd, attention matmuls, softmax 8-bit", 8, {**_PQD, "quant": {"attention": True, "softmax_bits": 8}}),
+    Row(PREVIOUS, 8, _over_previous(_PQD)),
+    # quantized attention matmuls (quant.attention), softmax output on 16 and on 8 bits
+    _graph_row("pqd, attention matmuls, softmax 16-bit", {**_PQD, "quant": {"attention": True}}),
+    _graph_row("pqd, attention matmuls, softmax 8-bit", {**_PQD, "quant": {"attention": True, "softmax_bits": 8}}),
     # integer codes of 8-bit weights (quant.reduce_range): 7-bit codes against full 8-bit codes, on this CPU
     Row("pqd, 7-bit weight codes", 8, {**_PQD, "quant": {"reduce_range": True}}),
     Row("pqd, full 8-bit weight codes", 8, {**_PQD, "quant": {"reduce_range": False}}),
@@ -69,28 +90,28 @@ _ROWS = [
     Row("pqd, quant.smooth", 8, {**_PQD, "quant": {"smooth": True}}),
     Row("pqd, quant.smooth", 4, {**_PQD, "quant": {"smooth": True}}),
     Row("pqd, G=1", 8, {"calibrate": {"method": "pqd", "time_groups": 1}}),
-    # glue between integer kernels (quant.glue): each kind alone, then together (compare with w8-pqd); a
-    # concatenation is one tensor on one grid, so its rows turn the shortcut split off, and so does their baseline
-    *[Row(f"pqd, glue {k}", 8, {**_PQD, "quant": {"glue": [k]}}) for k in ("residual", "temb", "silu", "attention")],
-    Row("pqd, glue residual+temb+silu+attention", 8,
-        {**_PQD, "quant": {"glue": ["residual", "temb", "silu", "attention"]}}),
-    Row("pqd, no shortcut split", 8, {"calibrate": {"method": "pqd", "split_shortcut": False}}),
-    Row("pqd, no shortcut split, glue concat", 8,
-        {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": ["concat"]}}),
-    Row("pqd, no shortcut split, all glue", 8,
-        {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": _ALL_GLUE}}),
+    # glue between integer kernels (quant.glue): each kind alone, then together; a concatenation is one tensor on
+    # one grid, so its rows turn the shortcut split off
+    *[_graph_row(f"pqd, glue {k}", {**_PQD, "quant": {"glue": [k]}}) for k in ("residual", "temb", "silu", "attention")],
+    _graph_row("pqd, glue residual+temb+silu+attention",
+               {**_PQD, "quant": {"glue": ["residual", "temb", "silu", "attention"]}}),
+    _graph_row("pqd, no shortcut split", {"calibrate": {"method": "pqd", "split_shortcut": False}}),
+    _graph_row("pqd, no shortcut split, glue concat",
+               {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": ["concat"]}}),
+    _graph_row("pqd, no shortcut split, all glue",
+               {"calibrate": {"method": "pqd", "split_shortcut": False}, "quant": {"glue": _ALL_GLUE}}),
     # one grid per tensor (quant.share_grids) on the deployment benchmark's fastest graphs: the most glue with
     # attention's matmuls on 8 bits, without and with it (UNets); attention's matmuls with it (transformers)
-    Row("pqd, no shortcut split, all glue, attention matmuls", 8, _ALL_GLUE_ATTENTION),
-    Row("pqd, no shortcut split, all glue, attention matmuls" + SHARED, 8,
-        {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True}}),
-    Row("pqd, attention matmuls, softmax 8-bit" + SHARED, 8,
-        {**_PQD, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
-    # activation grids without an offset (quant.act_symmetric): what the zero points cost, against w8-pqd
-    Row("pqd, symmetric activation grids", 8, {**_PQD, "quant": {"act_symmetric": True}}),
-    # the fastest integer graph of make bench-deploy: every fast setting at once, against w8-pqd (the defaults)
-    Row(FAST, 8, {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True,
-                                                   "act_symmetric": True}}),
+    _graph_row("pqd, no shortcut split, all glue, attention matmuls", _ALL_GLUE_ATTENTION),
+    _graph_row("pqd, no shortcut split, all glue, attention matmuls" + SHARED,
+               {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True}}),
+    _graph_row("pqd, attention matmuls, softmax 8-bit" + SHARED,
+               {**_PQD, "quant": {"attention": True, "softmax_bits": 8, "share_grids": True}}),
+    # activation grids without an offset (quant.act_symmetric): what the zero points cost
+    _graph_row("pqd, symmetric activation grids", {**_PQD, "quant": {"act_symmetric": True}}),
+    # the fastest integer graph of make bench-deploy, every fast setting at once: the defaults since issue 22 (w8-pqd)
+    _graph_row(FAST, {**_ALL_GLUE_ATTENTION, "quant": {**_ALL_GLUE_ATTENTION["quant"], "share_grids": True,
+                                                       "act_symmetric": True}}),
     # error-compensating rounding (calibrate.rounding: gptq) before reconstruction, against w4-pqd / w8-pqd
     *[Row("pqd, gptq rounding", bits, {"calibrate": {"method": "pqd", "rounding": "gptq"}}) for bits in (4, 8)],
     # 4-bit weight tools (quant.weight_group_size, quant.weight_bits_budget), each against w4-pqd; the budget counts
@@ -133,15 +154,16 @@ ROW_SETS: dict[str, list[str]] = {
     "default": DEFAULT_ROWS,
     "transformer": ["w8-minmax", "w8-qdiffusion", "w8-pqd", "w4-minmax", "w4-qdiffusion", "w4-pqd", "w8-pqd-g-1",
                     "w4-pqd-g-1", "w8-pqd-quant-smooth", "w4-pqd-quant-smooth"],
-    "glue": ["w8-pqd", *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
+    "glue": ["w8-" + slug(PREVIOUS), *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
                          and "attention matmuls" not in r.label)],
     "w4": ["w8-pqd", "w4-pqd", *(r.name for r in _ROWS if r.bits == 4 and "activations" not in r.label
                                  and any(k in r.label for k in ("gptq", "groups", "mixed", "rotation")))],
-    "shared": ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
+    "shared": ["w8-" + slug(PREVIOUS), "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
                "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
                "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],
-    "symmetric": ["w8-pqd", "w8-pqd-symmetric-activation-grids"],
-    "fast": ["w8-pqd", "w8-" + slug(FAST)],
+    "symmetric": ["w8-" + slug(PREVIOUS), "w8-pqd-symmetric-activation-grids"],
+    # the defaults against the previous ones (data/bench/fast measured w8-<FAST> against them, then named w8-pqd)
+    "fast": ["w8-" + slug(PREVIOUS), "w8-pqd"],
 }
 DEFAULT_MODELS = ("demo:digits", "demo:digits16")
 # bench settings of the demos, over params.yaml. demo:digits16: a two-level UNet trained in minutes here, measured
@@ -228,9 +250,9 @@ def plan(base: dict[str, Any], models: list[str], rows: list[str], replicates: i
 
 def comparison_pairs(rows: list[str]) -> list[tuple[str, str]]:
     """(first, second) row names compared: PQD against each preset at the same bits, every 'pqd, ...' variant
-    against PQD at its bits, and a row with shared grids against the same row without."""
+    against the row it names (else PQD at its bits), and a row with shared grids against the same row without."""
     pairs = [(f"w{b}-pqd", f"w{b}-{m}") for b in (8, 4) for m in METHODS if m != "pqd"]
-    pairs += [(n, f"w{ROWS[n].bits}-pqd") for n in rows if ROWS[n].label.startswith("pqd, ")]
+    pairs += [(n, ROWS[n].against or f"w{ROWS[n].bits}-pqd") for n in rows if ROWS[n].label.startswith("pqd, ")]
     pairs += [(n, Row(ROWS[n].label.removesuffix(SHARED), ROWS[n].bits).name) for n in rows
               if ROWS[n].label.endswith(SHARED)]
     return [(a, b) for a, b in pairs if a in rows and b in rows]

@@ -184,10 +184,6 @@ def _check_across(p: Params) -> None:
     if p.export.onnx and p.quant.attention and p.quant.softmax_bits < 8:
         raise ParamError(f"params: quant.softmax_bits = {p.quant.softmax_bits} is not allowed with export.onnx = true: "
                          "expected 8..16 (integer kernels take 8-bit operands; wider grids run as float arithmetic)")
-    if "concat" in p.quant.glue and p.calibrate.split_shortcut:
-        raise ParamError("params: quant.glue = ['concat', ...] is not allowed with calibrate.split_shortcut = true (the "
-                         "split layers quantize the concatenation's two parts themselves): expected "
-                         "calibrate.split_shortcut = false or no 'concat'")
     if p.evaluate.backend != "torch" and not p.export.onnx:
         raise ParamError(f"params: evaluate.backend = {p.evaluate.backend!r} is not allowed with export.onnx = false: "
                          "expected export.onnx = true or evaluate.backend = 'torch'")
@@ -218,8 +214,20 @@ def _apply_method(p: Params) -> Params:
     return dataclasses.replace(p, **sections)
 
 
+def _check_explicit(p: Params) -> None:
+    """Rules on keys as written, before the method preset fills in the rest: a preset's split skip concatenations
+    (calibrate.split_shortcut from qdiffusion) simply leave the 'concat' glue out (pqd.diffusion.glue), but both
+    written at once ask for two things that cannot both be had."""
+    if "concat" in p.quant.glue and p.calibrate.split_shortcut:
+        raise ParamError("params: quant.glue = ['concat', ...] is not allowed with calibrate.split_shortcut = true (the "
+                         "split layers quantize the concatenation's two parts themselves): expected "
+                         "calibrate.split_shortcut = false or no 'concat'")
+
+
 def params_from_dict(data: Any) -> Params:
-    p = _apply_method(_ParamsDecoder().decode(Params, data))
+    p = _ParamsDecoder().decode(Params, data)
+    _check_explicit(p)
+    p = _apply_method(p)
     _check_across(p)
     return p
 

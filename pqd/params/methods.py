@@ -10,7 +10,7 @@
 | calibrate.reconstruct | false | true | true | true |
 | calibrate.adaround / calibrate.lsq | - | true / true | true / true | true / true |
 | calibrate.qdrop_p | 0 | 0.5 | 0 | PQD_QDROP |
-| calibrate.split_shortcut | false | false | true | true |
+| calibrate.split_shortcut | false | false | true | false |
 
 PTQ4DM's mean 0.4 and std 0.4 of the timestep range become mu = 0.6, sigma = 0.4 over our step
 position u (u = 0 is the first, noisiest step, i.e. t = T). An explicit value in params.yaml always wins
@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pqd": {"select.timesteps": "gaussian", "select.mu": PQD_MU, "select.sigma": PQD_SIGMA, "select.rule": "kcenter",
             "calibrate.weight_range": "mse", "calibrate.act_range": "mse", "calibrate.time_groups": PQD_GROUPS,
             "calibrate.reconstruct": True, "calibrate.adaround": True, "calibrate.lsq": True,
-            "calibrate.qdrop_p": PQD_QDROP, "calibrate.split_shortcut": True},
+            "calibrate.qdrop_p": PQD_QDROP, "calibrate.split_shortcut": False},
 }
 
 METHOD_KEYS = tuple(PRESETS["pqd"])

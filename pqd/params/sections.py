@@ -88,19 +88,19 @@ class QuantParams:
     # full-range codes. auto decides from the calibrating machine's CPU flags (pqd.params.machine)
     reduce_range: Literal["auto", True, False] = "auto"
     # quantize attention's Q·Kᵀ and softmax·V matmuls too (both operands per tensor, per time group)
-    attention: bool = False
-    softmax_bits: int = 16  # grid of the softmax output (the first operand of softmax·V) when attention is quantized
+    attention: bool = True
+    softmax_bits: int = 8  # grid of the softmax output (the first operand of softmax·V) when attention is quantized
     # balance the input channels of attention and feed-forward linears against their weights (SmoothQuant)
     smooth: bool = False
     smooth_alpha: float = 0.5  # share of the activation range moved into the weights
     # glue between integer kernels on integer grids too (any of GLUE_KINDS), so onnxruntime runs integer kernels there
-    glue: tuple[str, ...] = ()
+    glue: tuple[str, ...] = GLUE_KINDS
     # layers (and glue sites) that read the same tensor share one input grid: one QuantizeLinear of it in the
     # deployed graph, as onnxruntime's own quantizer has (pqd.core.sharing)
-    share_grids: bool = False
+    share_grids: bool = True
     # every activation grid without an offset: zero point 0 for a tensor that never goes below 0, else the middle code
     # (a signed int8 grid with zero point 0 in the deployed graph), so no runtime subtracts a zero point in float
-    act_symmetric: bool = False
+    act_symmetric: bool = True
     # fold an orthogonal rotation per head into attention's value and output projections (exact: the float network
     # computes the same function), so the output projection's weights and inputs have smaller peaks (pqd.core.rotate)
     rotate: Literal["none", "hadamard"] = "none"

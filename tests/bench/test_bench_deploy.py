@@ -15,7 +15,7 @@ from pqd.bench.deploy import in_openvino
 from pqd.deploy import INT8_KERNELS
 from pqd.deploy.openvino import cpu_supports_bf16
 from pqd.bench.deploy_models import (ATTENTION, ATTENTION_SHARED, GLUE, GLUE_ATTENTION, GLUE_ATTENTION_SHARED,
-                                     GLUE_NO_SPLIT, SYM, SYMMETRIC, Variant, variants)
+                                     GLUE_NO_SPLIT, PREVIOUS, SYMMETRIC, Variant, variants)
 from pqd.diffusion.adapter import load_denoiser
 from pqd.diffusion.demo import build_demo_dit, build_demo_scheduler
 from pqd.params import integer_codes, params_from_dict
@@ -65,15 +65,17 @@ def check_verdicts(rows: pd.DataFrame, md: str) -> None:
 
 def test_variants_apply_where_the_network_has_sites(tiny_pipeline, tiny_dit):
     unet, dit = load_denoiser(tiny_pipeline), load_denoiser(tiny_dit)
-    assert list(variants(unet)) == [GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, GLUE_ATTENTION_SHARED, SYMMETRIC,
-                                    GLUE_ATTENTION_SHARED + SYM]
-    assert list(variants(unet, "split")) == [GLUE]
+    # the default graph (every fast setting) is not timed twice: its variant (all glue, attention, shared and
+    # symmetric grids) is left out
+    assert list(variants(unet)) == [PREVIOUS, GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENTION, GLUE_ATTENTION_SHARED,
+                                    SYMMETRIC]
+    assert list(variants(unet, "split")) == [GLUE] and list(variants(unet, "previous")) == [PREVIOUS]
     # a DiT has attention but no glue points
-    assert list(variants(dit)) == [ATTENTION, ATTENTION_SHARED, SYMMETRIC, ATTENTION_SHARED + SYM]
+    assert list(variants(dit)) == [PREVIOUS, ATTENTION, ATTENTION_SHARED, SYMMETRIC]
     assert variants(unet, "shared")[GLUE_ATTENTION_SHARED].share and variants(dit, "shared")[ATTENTION_SHARED].share
     sym = variants(dit, "symmetric")
-    assert list(sym) == [ATTENTION_SHARED, SYMMETRIC, ATTENTION_SHARED + SYM]
-    assert sym[SYMMETRIC] == Variant(symmetric=True) and sym[ATTENTION_SHARED + SYM].share
+    assert list(sym) == [PREVIOUS, ATTENTION_SHARED, SYMMETRIC]
+    assert sym[SYMMETRIC] == Variant(symmetric=True) and sym[PREVIOUS] == Variant()
 
 
 @pytest.mark.slow  # about a minute: three calibrations and exports, four timed backends
@@ -90,12 +92,14 @@ def test_unet_glue_backends_against_the_yardstick(tiny_pipeline, tmp_path):
 
 @pytest.mark.slow  # about 20 s: three calibrations and exports of the DiT, timed backends
 def test_dit_is_fed_its_class_labels_and_its_attention_runs_on_integer_kernels(tiny_dit, tmp_path):
-    rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit), "--variants", "attention")
-    assert set(rows.backend) == backends(bench.INT8, ATTENTION, ATTENTION_SHARED)
+    rows, md = run_bench(tmp_path, "--only", "dit", "--dit-model", str(tiny_dit), "--variants", "symmetric")
+    assert set(rows.backend) == backends(bench.INT8, PREVIOUS, ATTENTION_SHARED, SYMMETRIC)
     check_verdicts(rows, md)
     assert "No glue backend" in md
-    plain, attention = (next(ln for ln in md.splitlines() if ln.startswith(f"| {b} |"))
-                        for b in ("int8", "int8 + attention matmuls"))
-    assert "QLinearMatMul" not in plain and "QLinearMatMul" in attention and "softmax_bits 8" in attention
+    default, previous = (next(ln for ln in md.splitlines() if ln.startswith(f"| {b} |"))
+                         for b in ("int8", "int8, previous defaults"))
+    # the default graph quantizes attention's matmuls (softmax on 8 bits); the previous defaults kept them in float
+    assert "default settings" in default and "QLinearMatMul" in default and "softmax_bits 8" in default
+    assert "QLinearMatMul" not in previous and "glue in float" in previous
     nncf = next(ln for ln in md.splitlines() if ln.startswith(f"| {bench.NNCF} |"))
     assert "not PQD" in nncf and "u8" in nncf  # OpenVINO runs NNCF's graph on integer kernels too

@@ -25,7 +25,14 @@ def test_plan_names_cells_and_moves_the_replicates_seeds():
     assert (o["model.seed"], o["generate.calib_seed_base"], o["select.seed"]) == ("1", "1001000000", "1")
     assert (o["calibrate.time_groups"], o["quant.weight_bits"], o["select.timesteps"]) == ("null", "4", "uniform")
     assert cells[1].shared == cells[1].overrides[:len(cells[1].shared)] and "select.timesteps=uniform" not in cells[1].shared
-    assert plan.row_names("shared")[:2] == ["w8-pqd", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls"]
+    assert plan.row_names("shared")[:2] == ["w8-pqd-previous-defaults", "w8-pqd-no-shortcut-split-all-glue-attention-matmuls"]
+    # a row that switches a graph setting on is built over the previous defaults and compared with them; w8-pqd is
+    # the defaults, every fast setting at once
+    assert plan.comparison_pairs(plan.row_names("fast")) == [("w8-pqd-previous-defaults", "w8-pqd")]
+    assert ("w8-pqd-symmetric-activation-grids", "w8-pqd-previous-defaults") in plan.comparison_pairs(
+        plan.row_names("symmetric"))
+    sym = dict(x.split("=", 1) for x in plan.plan(base, ["demo:digits"], ["w8-pqd-symmetric-activation-grids"], 1)[0].overrides)
+    assert (sym["quant.glue"], sym["calibrate.split_shortcut"], sym["quant.act_symmetric"]) == ("[]", "true", "true")
     with pytest.raises(ParamError, match="bench: --rows '3' is not allowed: expected a row set"):
         plan.row_names("3,0")
     with pytest.raises(ParamError, match="--replicates 0 is not allowed"):

@@ -119,7 +119,8 @@ def test_quantized_twin_is_a_new_copy_with_the_state_and_one_grid_per_group(den)
 
 
 def test_recipe_without_glue_or_attention_installs_nothing(den):
-    params = params_from_dict({"calibrate": {"method": "minmax", "time_groups": 2, "act_samples": 2000}})
+    params = params_from_dict({"calibrate": {"method": "minmax", "time_groups": 2, "act_samples": 2000},
+                               "quant": {"glue": [], "attention": False, "share_grids": False}})
     forward_all, run_once = passes(den)
     fit = calibrate_network(params, den, integer_codes(params), forward_all, run_once)
     assert (fit.glue, fit.attention, fit.shared) == ([], {}, ())

@@ -19,7 +19,8 @@ BAD = [
     ({"quant": {"glue": ["residual", "gelu"]}}, "quant.glue = ['residual', 'gelu']"),
     ({"quant": {"glue": ["temb", "temb"]}}, "quant.glue = ['temb', 'temb']"),
     ({"quant": {"glue": "residual"}}, "quant.glue = 'residual'"),
-    ({"quant": {"glue": ["concat"]}}, "quant.glue = ['concat', ...] is not allowed with calibrate.split_shortcut = true"),
+    ({"quant": {"glue": ["concat"]}, "calibrate": {"split_shortcut": True}},
+     "quant.glue = ['concat', ...] is not allowed with calibrate.split_shortcut = true"),
     ({"select": {"sigma": 0}}, "select.sigma = 0"),
     ({"select": {"sigma": -0.1}}, "select.sigma = -0.1"),
     ({"select": {"mu": 1.5}}, "select.mu = 1.5"),
@@ -78,6 +79,9 @@ def test_glue_kinds_and_concat_without_split():
     p = params_from_dict({"quant": {"glue": ["concat"]}, "calibrate": {"split_shortcut": False}})
     assert p.quant.glue == ("concat",) and p.calibrate.split_shortcut is False
     assert params_from_dict({"quant": {"glue": ["concat"]}, "calibrate": {"method": "ptq4dm"}}).calibrate.split_shortcut is False
+    # a preset that splits the skips (qdiffusion) with the default glue: the concatenations stay split, no error
+    q = params_from_dict({"calibrate": {"method": "qdiffusion"}})
+    assert q.calibrate.split_shortcut is True and "concat" in q.quant.glue
 
 
 def test_repo_params_yaml_is_valid():
