@@ -43,7 +43,8 @@ def results_table(r: Result) -> str:
         f"({ex.fp32_unet_bytes if ex else 'n/a'} / {ex.export_unet_bytes if ex else 'n/a'} bytes) |",
     ]
     if ev is not None and ev.fid_deployed_vs_simulated is not None:
-        lines += [f"| FID deployed (onnxruntime) vs simulated | {_fmt(ev.fid_deployed_vs_simulated)} |",
+        runtime = ev.protocol.backend.split(" ", 1)[0]  # "openvino (deployed ONNX, integer kernels)" -> openvino
+        lines += [f"| FID deployed ({runtime}) vs simulated | {_fmt(ev.fid_deployed_vs_simulated)} |",
                   f"| PSNR deployed vs simulated (median dB) | {_fmt(ev.psnr_deployed_vs_simulated_median, 2)} |"]
     if ex is not None and ex.onnx_rel_dev_max is not None:
         lines.append(f"| ONNX deviation / quantization error (max over time groups) | {_fmt(ex.onnx_rel_dev_max)} |")
