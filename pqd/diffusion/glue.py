@@ -12,7 +12,7 @@ output through a forward hook.
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import torch
@@ -83,7 +83,9 @@ def install_sites(model: nn.Module, names: list[str]) -> list[str]:
         if not hasattr(owner, attr):
             owner.add_module(attr, Site())
         if _is_resnet(owner):
-            owner.forward = types.MethodType(_resnet_forward, owner)
+            # a partial of a module-level function, not a bound method: a pickled network (a reconstruction unit
+            # sent to a Dask worker) keeps it, where a bound method would be looked up by name on the block
+            owner.forward = functools.partial(_resnet_forward, owner)
         elif not getattr(owner, "_pqd_glue_hook", False):
             owner.register_forward_hook(_attention_output)
             owner._pqd_glue_hook = True

@@ -4,6 +4,7 @@ Each site must carry exactly the tensor that diffusers' own forward pass compute
 an untouched copy of the model, observed with hooks on diffusers' modules."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -96,3 +97,15 @@ def test_install_is_idempotent_and_copies_route_through_their_own_sites(den):
     with pytest.raises(ValueError, match="not allowed"):
         install_sites(model, ["conv_in.glue_residual"])
     assert isinstance(model.get_submodule(names[0]), Site)
+
+
+def test_a_network_with_sites_survives_pickling_and_routes_through_its_own_sites(den):
+    """What a Dask worker receives (parallel reconstruction): the pickled network keeps its glue forward passes."""
+    model = copy.deepcopy(den.net)
+    names = install_sites(model, glue_sites(model, GLUE_KINDS, den.skip_splits(), split=False))
+    twin = pickle.loads(pickle.dumps(model))
+    calls = []
+    for n in names:
+        twin.get_submodule(n).register_forward_hook(lambda *a: calls.append(1))
+    assert torch.equal(run(twin), run(model))
+    assert len(calls) == len(names)
