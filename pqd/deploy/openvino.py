@@ -68,7 +68,8 @@ def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...]
                  threads: int | None = None) -> KernelAudit:
     """The kernels of the compiled graph at ``path`` (its runtime model: each op's layer type, runtime precision
     and the source nodes fused into it). A quantized layer fell back to float where the layer kernel that holds its
-    source node runs at a float precision, or where no layer kernel holds it."""
+    source node runs at a float precision, or where no layer kernel holds it and no other call of the same module
+    (a node of the same name scope) runs on an integer kernel."""
     runtime = compile_graph(path, threads).get_runtime_model()
     counts: dict[str, Counter] = {"int8": Counter(), "float": Counter()}
     held: dict[str, bool] = {}  # source node (or a part of it: 'name/WithoutBiases') -> on an integer kernel
@@ -80,8 +81,20 @@ def kernel_audit(path: Path, layers: tuple[str, ...], by_design: tuple[str, ...]
         counts["int8" if integer else "float"][f"{kind} {precision}"] += 1
         for name in _info(op, "originalLayersNames").split(","):
             held[name] = held.get(name, False) or integer
+    def kernels(layer: str) -> list[bool]:
+        return [ok for name, ok in held.items() if name == layer or name.startswith(layer + "/")]
+
     def integer(layer: str) -> bool:
-        return any(ok for name, ok in held.items() if name == layer or name.startswith(layer + "/"))
+        # a node that no kernel holds is a repeated call of a layer whose other call the runtime kept (common
+        # subexpression elimination: a DiT's final norm calls block 0's embedding again on the same inputs); it
+        # runs on that call's kernel. With no other call kept, nothing holds it: a fallback as before
+        own = kernels(layer)
+        if own:
+            return any(own)
+        module = layer.rpartition("/")[0]
+        twins = [k for other in layers if other != layer and module and other.rpartition("/")[0] == module
+                 for k in kernels(other)]
+        return bool(twins) and all(twins)
 
     on_float = [name for name in layers if not integer(name)]
     return KernelAudit.of("openvino", layers, by_design, weight_only, on_float,

@@ -79,3 +79,39 @@ def test_the_release_gate_refuses_a_fallback_by_name(tmp_path):
     assert ok.passed and ok.detail.startswith("openvino: 3 of 3 quantized layers on integer kernels (")
     # an export from before the audit: rerun it
     assert not kernels_check(export_metrics({"int8": {"QGemm": 3}, "float": {}}), "onnxruntime").passed
+
+
+def graph_with_a_repeated_call(path):
+    """One layer called twice on the same input (blk/mm and blk/mm_again: a DiT's final norm calls block 0's
+    embedding again), each output on its own grid, summed."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (D, D)).astype(np.int8), "blk.w"),
+             numpy_helper.from_array(np.full(D, 0.002, np.float32), "blk.ws"),
+             numpy_helper.from_array(np.zeros(D, np.int8), "blk.wz")]
+    for name in ("in", "o1", "o2", "sum"):
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), f"{name}.s"),
+                  numpy_helper.from_array(np.array(128, np.uint8), f"{name}.z")]
+    nodes = [helper.make_node("DequantizeLinear", ["blk.w", "blk.ws", "blk.wz"], ["blk.wdq"], name="blk/wdq", axis=1),
+             *_qdq("x", "in", 0.05),
+             helper.make_node("MatMul", ["in.dq", "blk.wdq"], ["h1"], name="blk/mm"),
+             helper.make_node("MatMul", ["in.dq", "blk.wdq"], ["h2"], name="blk/mm_again"),
+             *_qdq("h1", "o1", 0.05), *_qdq("h2", "o2", 0.05),
+             helper.make_node("Add", ["o1.dq", "o2.dq"], ["s"], name="add"), *_qdq("s", "sum", 0.05),
+             helper.make_node("Identity", ["sum.dq"], ["y"], name="y")]
+    g = helper.make_graph(nodes, "repeated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, D])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("runtime", deploy.RUNTIMES)
+def test_a_repeated_call_the_runtime_computes_once_is_no_fallback(tmp_path, runtime):
+    """OpenVINO keeps one of two identical calls (common subexpression elimination): the other is held by no kernel,
+    and runs on the kept call's integer kernel."""
+    path = graph_with_a_repeated_call(tmp_path / "g.onnx")
+    assert deploy.quantized_layers(path)[0] == ("blk/mm", "blk/mm_again")
+    a = deploy.kernel_audit(path, runtime)
+    assert a.quantized_layers == 2 and a.fallbacks == () and a.integer_layers == 2, a.line()
