@@ -19,6 +19,17 @@ def _qdq(x: str, name: str, scale: float) -> list[onnx.NodeProto]:
             helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.s", f"{name}.z"], [f"{name}.dq"], name=f"{name}/dq")]
 
 
+def save_graph(path, name: str, nodes: list, inits: list):
+    """An opset-21 graph x [8, D] -> y [8, D] of ``nodes``, checked and saved at ``path``."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, D])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def graph_with_a_fallback(path):
     """x [8, D] -> QDQ -> MatMul 'fused' (int8 weight, output QDQ) -> Sigmoid (float) -> MatMul 'fallback' (int8
     weight, float activation: no integer kernel can take it) -> QDQ -> MatMul 'tail' (quantized both sides) -> y."""
@@ -42,13 +53,7 @@ def graph_with_a_fallback(path):
     nodes.append(helper.make_node("MatMul", ["fb.dq", "tail.wdq"], ["h4"], name="tail"))
     nodes += _qdq("h4", "out", 0.05)
     nodes.append(helper.make_node("Identity", ["out.dq"], ["y"], name="y"))
-    g = helper.make_graph(nodes, "fallback", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, D])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, D])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(path, "fallback", nodes, inits)
 
 
 @pytest.mark.parametrize("runtime", deploy.RUNTIMES)
@@ -98,13 +103,7 @@ def graph_with_a_repeated_call(path):
              *_qdq("h1", "o1", 0.05), *_qdq("h2", "o2", 0.05),
              helper.make_node("Add", ["o1.dq", "o2.dq"], ["s"], name="add"), *_qdq("s", "sum", 0.05),
              helper.make_node("Identity", ["sum.dq"], ["y"], name="y")]
-    g = helper.make_graph(nodes, "repeated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, D])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, D])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(path, "repeated", nodes, inits)
 
 
 @pytest.mark.parametrize("runtime", deploy.RUNTIMES)
