@@ -62,7 +62,7 @@ VARIANT_CHOICES = {"all": (PREVIOUS, GLUE, GLUE_NO_SPLIT, ATTENTION, GLUE_ATTENT
                    "glue": (GLUE, GLUE_NO_SPLIT), "split": (GLUE,), "nosplit": (GLUE_NO_SPLIT,),
                    "attention": (ATTENTION, GLUE_ATTENTION, *_SHARED), "shared": (PREVIOUS, *_SHARED),
                    "symmetric": (PREVIOUS, *_SHARED, *_SYMMETRIC), "previous": (PREVIOUS,), "none": ()}
-ATTENTION_SOFTMAX_BITS = 8  # integer kernels take 8-bit operands; the 16-bit default keeps softmax·V in float
+ATTENTION_SOFTMAX_BITS = 8  # integer kernels take 8-bit operands (a 16-bit softmax output keeps softmax·V in float)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 from pqd.errors import ParamError
 from pqd.params import apply_overrides, params_from_dict
 from pqd.params.methods import METHOD_KEYS, METHODS
+from pqd.params.sections import GLUE_KINDS
 
 Settings = dict[str, dict[str, Any]]  # {section: {key: value}}
 
@@ -50,6 +51,7 @@ def slug(text: str) -> str:
 SHARED = ", shared grids"  # the suffix of a row with quant.share_grids (compared with the row without it)
 FAST = "pqd, no shortcut split, all glue, attention matmuls, shared grids, symmetric activation grids"
 PREVIOUS = "pqd, previous defaults"
+PREVIOUS_ROW = "w8-" + slug(PREVIOUS)  # the row of the previous defaults, which the graph rows are compared with
 _PQD = {"calibrate": {"method": "pqd"}}
 # the integer graph of the defaults before every fast setting became one (issue 22): skip concatenations split, no
 # glue, attention's matmuls in float, a grid per layer, grids with offsets. The rows that switch one of these on
@@ -66,11 +68,11 @@ def _over_previous(settings: Settings) -> Settings:
 
 def _graph_row(label: str, settings: Settings) -> Row:
     """A W8 row that switches graph settings on over the previous defaults, compared with that row."""
-    return Row(label, 8, _over_previous(settings), against="w8-" + slug(PREVIOUS))
+    return Row(label, 8, _over_previous(settings), against=PREVIOUS_ROW)
 
 
 W4_BUDGET = 4.5  # average weight bits (scales included) of the mixed-precision rows: 7.1x smaller than float32
-_ALL_GLUE = ["residual", "temb", "silu", "concat", "attention"]
+_ALL_GLUE = list(GLUE_KINDS)
 _ALL_GLUE_ATTENTION = {"calibrate": {"method": "pqd", "split_shortcut": False},
                        "quant": {"glue": _ALL_GLUE, "attention": True, "softmax_bits": 8}}
 _ROWS = [
@@ -154,16 +156,16 @@ ROW_SETS: dict[str, list[str]] = {
     "default": DEFAULT_ROWS,
     "transformer": ["w8-minmax", "w8-qdiffusion", "w8-pqd", "w4-minmax", "w4-qdiffusion", "w4-pqd", "w8-pqd-g-1",
                     "w4-pqd-g-1", "w8-pqd-quant-smooth", "w4-pqd-quant-smooth"],
-    "glue": ["w8-" + slug(PREVIOUS), *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
+    "glue": [PREVIOUS_ROW, *(r.name for r in _ROWS if r.label.startswith(("pqd, glue", "pqd, no shortcut split"))
                          and "attention matmuls" not in r.label)],
     "w4": ["w8-pqd", "w4-pqd", *(r.name for r in _ROWS if r.bits == 4 and "activations" not in r.label
                                  and any(k in r.label for k in ("gptq", "groups", "mixed", "rotation")))],
-    "shared": ["w8-" + slug(PREVIOUS), "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
+    "shared": [PREVIOUS_ROW, "w8-pqd-no-shortcut-split-all-glue-attention-matmuls",
                "w8-pqd-no-shortcut-split-all-glue-attention-matmuls-shared-grids",
                "w8-pqd-attention-matmuls-softmax-8-bit", "w8-pqd-attention-matmuls-softmax-8-bit-shared-grids"],
-    "symmetric": ["w8-" + slug(PREVIOUS), "w8-pqd-symmetric-activation-grids"],
+    "symmetric": [PREVIOUS_ROW, "w8-pqd-symmetric-activation-grids"],
     # the defaults against the previous ones (data/bench/fast measured w8-<FAST> against them, then named w8-pqd)
-    "fast": ["w8-" + slug(PREVIOUS), "w8-pqd"],
+    "fast": [PREVIOUS_ROW, "w8-pqd"],
 }
 DEFAULT_MODELS = ("demo:digits", "demo:digits16")
 # bench settings of the demos, over params.yaml. demo:digits16: a two-level UNet trained in minutes here, measured
