@@ -12,6 +12,12 @@ evaluate stage's intervals from ``--resamples`` bootstrap draws (pqd.eval.bootst
 - basic: the percentile interval reflected about the point value, [2 x point - hi, 2 x point - lo], which carries
   the bias that resampling shows (an FID's resamples sit above its point value) back onto the point value.
 
+With ``--classes P`` the population is class-conditional, as a class- or prompt-conditioned model's evaluation is:
+seed i takes class i mod P, each class shifts the features' mean, and the truth is that of the equal mixture. The
+intervals then come from resamples within each class and jackknife groups that hold every class
+(pqd.eval.bootstrap's strata), and a fourth method, "corrected, classes ignored", shows what the same interval does
+when it treats the seeds as one population.
+
 Coverage is the share of trials whose interval holds the truth; its binomial standard error is reported beside it.
 """
 
@@ -27,7 +33,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from pqd.errors import MissingInputError, command
+from pqd.errors import MissingInputError, ParamError, command
 from pqd.eval import fid
 from pqd.eval.bootstrap import FLOORS, PairedIntervals, Stats, corrected_interval, frechet, paired_estimates, percentile_interval
 from pqd.formats.metrics import Interval
@@ -36,6 +42,7 @@ from pqd.params import load_params
 # the FIDs and ΔFID: the first four columns of the bootstrap draws, named as PairedIntervals names them
 STATISTICS = tuple(f.name for f in fields(PairedIntervals))[:4]
 METHODS = ("corrected", "percentile", "basic")
+UNSTRATIFIED = "corrected, classes ignored"  # with classes: the corrected interval from draws that ignore them
 
 
 def populations(dim: int, seed: int, ref_fid: float, quant_fid: float) -> tuple[Stats, Stats, Stats, np.ndarray]:
@@ -73,25 +80,41 @@ def truths(q_pop: Stats, fp_pop: Stats, ref: Stats) -> dict[str, float]:
     return t
 
 
+def seed_classes(n: int, classes: int) -> np.ndarray | None:
+    """Each of n seeds' class, i mod ``classes``, as the generate stage assigns them; None for one class."""
+    return np.arange(n) % classes if classes > 1 else None
+
+
 def coverage_trials(draw: Draw, truth: dict[str, float], ref: Stats, trials: int, n: int, resamples: int,
-                    confidence: float, seed: int) -> dict:
-    """``trials`` draws of n paired samples; per trial and statistic, whether each method's interval holds the truth."""
+                    confidence: float, seed: int, classes: int = 1) -> dict:
+    """``trials`` draws of n paired samples; per trial and statistic, whether each method's interval holds the truth.
+    ``classes`` > 1: seed i is of class i mod classes (the draw's rows), and the intervals respect it."""
     rng = np.random.default_rng(seed + 1)
-    hits = {m: {s: 0 for s in STATISTICS} for m in METHODS}
+    strata = seed_classes(n, classes)
+    methods = (*METHODS, UNSTRATIFIED) if strata is not None else METHODS
+    hits = {m: {s: 0 for s in STATISTICS} for m in methods}
     points: dict[str, list[float]] = {s: [] for s in STATISTICS}
     spreads: dict[str, list[float]] = {s: [] for s in STATISTICS}  # each trial's sd of the resampled values
     for trial in tqdm(range(trials), desc="coverage trials", unit="trial"):
         quant, fp = draw(rng, n)
-        draws, point, bias = paired_estimates(quant, fp, ref, np.zeros(n), resamples=resamples, seed=seed + 2 + trial)
+        draws, point, bias = paired_estimates(quant, fp, ref, np.zeros(n), resamples=resamples, seed=seed + 2 + trial,
+                                              strata=strata)
+        plain = (paired_estimates(quant, fp, ref, np.zeros(n), resamples=resamples, seed=seed + 2 + trial)
+                 if strata is not None else None)
         for k, s in enumerate(STATISTICS):
             points[s].append(float(point[k]))
             spreads[s].append(float(draws[:, k].std(ddof=1)))
-            for m, iv in (("corrected", corrected_interval(draws[:, k], point[k], bias[k], confidence, FLOORS[k])),
-                          ("percentile", percentile_interval(draws[:, k], confidence)),
-                          ("basic", basic_interval(draws[:, k], point[k], confidence))):
+            ivs = [("corrected", corrected_interval(draws[:, k], point[k], bias[k], confidence, FLOORS[k])),
+                   ("percentile", percentile_interval(draws[:, k], confidence)),
+                   ("basic", basic_interval(draws[:, k], point[k], confidence))]
+            if plain is not None:
+                ivs.append((UNSTRATIFIED, corrected_interval(plain[0][:, k], point[k], plain[2][k], confidence,
+                                                             FLOORS[k])))
+            for m, iv in ivs:
                 hits[m][s] += iv.lo <= truth[s] <= iv.hi
     se = lambda p: float(np.sqrt(p * (1 - p) / trials))  # noqa: E731
-    return {"trials": trials, "n": n, "resamples": resamples, "confidence": confidence, "seed": seed, "truth": truth,
+    return {"trials": trials, "n": n, "classes": classes, "resamples": resamples, "confidence": confidence,
+            "seed": seed, "truth": truth,
             "mean_point_value": {s: float(np.mean(v)) for s, v in points.items()},
             "sd_point_value": {s: float(np.std(v, ddof=1)) for s, v in points.items()},
             # the spread the intervals use, against the point values' own sd above
@@ -100,33 +123,69 @@ def coverage_trials(draw: Draw, truth: dict[str, float], ref: Stats, trials: int
                          for m, c in hits.items()}}
 
 
+# the class means' spread against the spread within a class (trace of their covariances): 3.9 on the DiT demo's
+# DigitNet features (500 FP samples, 10 classes); a classifier's features separate classes, so it is large
+CLASS_SPREAD = 4.0
+
+
+def class_shifts(dim: int, classes: int, seed: int, within_trace: float, spread: float = CLASS_SPREAD) -> np.ndarray:
+    """[classes, dim] mean shifts of the classes, centred (they average to 0), the trace of their covariance
+    ``spread`` x ``within_trace``; zeros for one class."""
+    if classes <= 1:
+        return np.zeros((1, dim))
+    m = np.random.default_rng(seed + 7).standard_normal((classes, dim))
+    m -= m.mean(axis=0)
+    return m * np.sqrt(spread * within_trace / (np.sum(m ** 2) / classes))
+
+
 def simulate(trials: int, n: int, dim: int, resamples: int, confidence: float, seed: int, ref_fid: float,
-             quant_fid: float) -> dict:
-    """Coverage on Gaussian features (:func:`populations`)."""
+             quant_fid: float, classes: int = 1, class_spread: float = CLASS_SPREAD) -> dict:
+    """Coverage on Gaussian features (:func:`populations`); ``classes`` > 1: seed i's features are shifted by class
+    i mod classes (:func:`class_shifts`), and the truth is the equal mixture's (its mean and covariance)."""
     fp_pop, q_pop, ref, noise_sd = populations(dim, seed, ref_fid, quant_fid)
     delta = q_pop[0] - fp_pop[0]
     chol = np.linalg.cholesky(fp_pop[1] + 1e-12 * np.eye(dim))
+    shifts = class_shifts(dim, classes, seed, float(np.trace(fp_pop[1])), class_spread)
+    between = shifts.T @ shifts / len(shifts)  # the class means' covariance (they are centred)
+    mix = lambda pop: (pop[0], pop[1] + between)  # noqa: E731
 
     def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        fp = fp_pop[0] + rng.standard_normal((n, dim)) @ chol.T
+        fp = fp_pop[0] + rng.standard_normal((n, dim)) @ chol.T + shifts[np.arange(n) % len(shifts)]
         return fp + delta + rng.standard_normal((n, dim)) * noise_sd, fp
 
-    return {"population": "gaussian", "dim": dim,
-            **coverage_trials(draw, truths(q_pop, fp_pop, ref), ref, trials, n, resamples, confidence, seed)}
+    return {"population": "gaussian" if classes <= 1 else f"gaussian, {classes} classes, spread {class_spread:g}",
+            "dim": dim,
+            **coverage_trials(draw, truths(mix(q_pop), mix(fp_pop), ref), ref, trials, n, resamples, confidence,
+                              seed, classes)}
 
 
 def simulate_pool(quant: np.ndarray, fp: np.ndarray, ref: Stats, trials: int, n: int, resamples: int,
-                  confidence: float, seed: int) -> dict:
-    """Coverage on real features: the population is a pool of paired features (quant[i], fp[i]) itself (each pair
-    weighs 1/P), drawn with replacement, so its FIDs are known exactly (population covariances)."""
-    pop = lambda x: (x.mean(axis=0), np.cov(x, rowvar=False, bias=True))  # noqa: E731
+                  confidence: float, seed: int, classes: int = 1) -> dict:
+    """Coverage on real features: the population is a pool of paired features (quant[i], fp[i]) itself, drawn with
+    replacement, so its FIDs are known exactly (population covariances). ``classes`` > 1: pool row i is of class
+    i mod classes (the evaluation's seeds 0..N-1), a trial's seed j is drawn from class j mod classes, and the
+    population is the equal mixture of the classes."""
+    labels = np.arange(len(quant)) % classes
+    members = [np.flatnonzero(labels == c) for c in range(classes)]
+    weight = np.empty(len(quant))  # each class weighs 1/classes, shared by its rows
+    for m in members:
+        weight[m] = 1.0 / (classes * len(m))
+
+    def pop(x: np.ndarray) -> Stats:
+        mu = weight @ x
+        return mu, (x - mu).T @ ((x - mu) * weight[:, None])
 
     def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = rng.integers(0, len(quant), n)
+        cls = np.arange(n) % classes
+        idx = np.empty(n, dtype=np.int64)
+        for c, m in enumerate(members):
+            at = np.flatnonzero(cls == c)
+            idx[at] = m[rng.integers(0, len(m), len(at))]
         return quant[idx], fp[idx]
 
     return {"population": f"pool of {len(quant)} feature pairs", "dim": quant.shape[1],
-            **coverage_trials(draw, truths(pop(quant), pop(fp), ref), ref, trials, n, resamples, confidence, seed)}
+            **coverage_trials(draw, truths(pop(quant), pop(fp), ref), ref, trials, n, resamples, confidence, seed,
+                              classes)}
 
 
 def pool_from_run(data: Path, params_file: Path) -> tuple[np.ndarray, np.ndarray, Stats]:
@@ -152,21 +211,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-fid", type=float, default=6.0, help="true FID(FP, reference)")
     ap.add_argument("--quant-fid", type=float, default=0.05, help="true FID(quantized, FP)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classes", type=int, default=1, help="seed i of class i mod CLASSES (a class- or prompt-"
+                    "conditioned model's evaluation; with --pool: the run's generate.prompts or classes); 1: none")
+    ap.add_argument("--class-spread", type=float, default=CLASS_SPREAD, help="Gaussian features with --classes: the "
+                    "class means' spread over the spread within a class (traces)")
     ap.add_argument("--pool", metavar="DATA", help="real features instead of Gaussian ones: the quantized and FP "
                     "evaluation images of the pipeline run under DATA (e.g. data, after make run), as the population")
     ap.add_argument("--params", default="params.yaml", help="with --pool: whose evaluate.features and reference")
     ap.add_argument("--out", default="data/bench/coverage.json")
     args = ap.parse_args(argv)
+    if args.classes < 1:
+        raise ParamError(f"--classes {args.classes} is not allowed: expected 1 (unconditioned) or more")
     if args.pool and not (Path(args.pool) / "samples/quant/images").is_dir():
         raise MissingInputError(f"--pool {args.pool}: no evaluation images under it ({args.pool}/samples/quant/images); "
                                 f"expected a pipeline's data folder after the evaluate stage (make run)")
     t0 = time.perf_counter()
     if args.pool:
         quant, fp, ref = pool_from_run(Path(args.pool), Path(args.params))
-        result = simulate_pool(quant, fp, ref, args.trials, args.n, args.resamples, args.confidence, args.seed)
+        result = simulate_pool(quant, fp, ref, args.trials, args.n, args.resamples, args.confidence, args.seed,
+                               args.classes)
     else:
         result = simulate(args.trials, args.n, args.dim, args.resamples, args.confidence, args.seed, args.ref_fid,
-                          args.quant_fid)
+                          args.quant_fid, args.classes, args.class_spread)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,11 +1,15 @@
 """Bootstrap intervals over samples: resample images, recompute the features' statistics and the FIDs.
 
 The quantized and FP images of a seed are resampled together (paired statistics: which seeds were drawn cancels);
-the reference statistics stay fixed. The intervals are bias-corrected normal intervals (:func:`corrected_interval`):
-an FID from N samples is biased upwards (estimation noise only adds distance), and resamples, which repeat images, sit
-higher still, so the percentile interval of the resamples misses the truth. The corrected interval is centred on the
-point value less its jackknife estimate of bias (:func:`jackknife_bias`), with the resamples' spread; its coverage
-where the truth is known: ``make bench-coverage`` (docs/method.md).
+the reference statistics stay fixed. A conditioned model's seeds come in strata (seed i takes class or prompt
+i mod P, so each condition has a fixed share): resamples draw within each stratum and the jackknife's groups hold
+every stratum in proportion, or the class mix itself would vary and read as distance.
+
+The intervals are bias-corrected normal intervals (:func:`corrected_interval`): an FID from N samples is biased
+upwards (estimation noise only adds distance), and resamples, which repeat images, sit higher still, so the
+percentile interval of the resamples misses the truth. The corrected interval is centred on the point value less its
+jackknife estimate of bias (:func:`_jackknife`), with the resamples' spread; its coverage where the truth is known:
+``make bench-coverage`` (docs/method.md).
 
 :func:`frechet` is the product's one Fréchet distance, for point values and resamples alike: tr sqrt(S1 S2) = sum
 of sqrt(eigenvalues of R S1 R), R the symmetric square root of S2, so a fixed side (the reference) is decomposed
@@ -65,7 +69,7 @@ def percentile_interval(values: np.ndarray, confidence: float) -> Interval:
 def corrected_interval(values: np.ndarray, point: float, bias: float, confidence: float,
                        floor: float | None = None) -> Interval:
     """The bias-corrected normal interval (point - bias) -/+ z x sd of a statistic with point value ``point``, an
-    estimate ``bias`` of the point value's bias (:func:`jackknife_bias`) and resampled values [B] (sd: their standard
+    estimate ``bias`` of the point value's bias (:func:`_jackknife`) and resampled values [B] (sd: their standard
     deviation; z: the normal quantile of ``confidence``). ``floor``: the smallest value the statistic can take (0 for
     a distance); neither bound is put below it."""
     values = np.asarray(values, dtype=np.float64)
@@ -76,9 +80,41 @@ def corrected_interval(values: np.ndarray, point: float, bias: float, confidence
     return Interval(lo, hi) if floor is None else Interval(max(lo, floor), max(hi, floor))
 
 
-def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
-    """``resamples`` draws of n indices in [0, n) with replacement: int64 [resamples, n] (numpy, seeded)."""
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+def _strata(n: int, strata: np.ndarray | None) -> np.ndarray:
+    """Stratum labels int64 [n] (None: one stratum), checked against n."""
+    if strata is None:
+        return np.zeros(n, dtype=np.int64)
+    strata = np.asarray(strata, dtype=np.int64)
+    if strata.shape != (n,):
+        raise ValueError(f"strata has shape {strata.shape}; expected one label per seed, ({n},)")
+    return strata
+
+
+def resample_indices(n: int, resamples: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
+    """``resamples`` draws of n indices in [0, n) with replacement: int64 [resamples, n] (numpy, seeded). With
+    ``strata`` (a label per index), each stratum's positions are drawn from its own members, so every draw keeps each
+    stratum's count; one stratum draws as without."""
+    labels = _strata(n, strata)
+    rng = np.random.default_rng(seed)
+    kinds = np.unique(labels)
+    if len(kinds) == 1:
+        return rng.integers(0, n, size=(resamples, n))
+    out = np.empty((resamples, n), dtype=np.int64)
+    for k in kinds:
+        members = np.flatnonzero(labels == k)
+        out[:, members] = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+    return out
+
+
+def jackknife_groups(n: int, groups: int, strata: np.ndarray | None = None) -> np.ndarray:
+    """The delete-a-group jackknife's group of each of n seeds, int64 [n]: the seeds listed stratum by stratum (in
+    seed order within one) and dealt to the groups in turn, so each group holds every stratum in proportion. One
+    stratum: seed i is in group i mod ``groups``."""
+    labels = _strata(n, strata)
+    order = np.lexsort((np.arange(n), labels))  # stratum-major, seed order within a stratum
+    member = np.empty(n, dtype=np.int64)
+    member[order] = np.arange(n) % groups
+    return member
 
 
 @dataclass(frozen=True)
@@ -115,50 +151,55 @@ class _Paired:
 
 
 def paired_resamples(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
-                     progress=None) -> np.ndarray:
+                     strata: np.ndarray | None = None, progress=None) -> np.ndarray:
     """FID(quantized, ref), FID(FP, ref), ΔFID, FID(quantized, FP) and the mean per-image PSNR of each of
     ``resamples`` draws of the N seeds: float64 [resamples, 5]. quant, fp: features [N, D], row i from seed i of
-    both; ref: (mean, covariance); psnr [N]: quantized image i against FP image i. ``progress`` wraps the resample
-    loop (e.g. tqdm)."""
-    return _resampled(_Paired(quant, fp, ref, psnr), resamples, seed, progress)
+    both; ref: (mean, covariance); psnr [N]: quantized image i against FP image i; strata [N]: each seed's condition
+    (class or prompt index; None: unconditioned), drawn within (:func:`resample_indices`). ``progress`` wraps the
+    resample loop (e.g. tqdm)."""
+    return _resampled(_Paired(quant, fp, ref, psnr), resamples, seed, strata, progress)
 
 
-def _resampled(paired: _Paired, resamples: int, seed: int, progress=None) -> np.ndarray:
+def _resampled(paired: _Paired, resamples: int, seed: int, strata: np.ndarray | None, progress=None) -> np.ndarray:
     out = np.empty((resamples, 5))
-    rows = resample_indices(len(paired.quant), resamples, seed)
+    rows = resample_indices(len(paired.quant), resamples, seed, strata)
     with threadpool_limits(paired.blas_threads, user_api="blas"):
         for b in progress(range(resamples)) if progress else range(resamples):
             out[b] = paired(rows[b])
     return out
 
 
-# delete-a-group jackknife: seeds i and j are in one group when i = j mod JACKKNIFE_GROUPS
+# delete-a-group jackknife: the seeds dealt to JACKKNIFE_GROUPS groups (jackknife_groups)
 JACKKNIFE_GROUPS = 25
 
 
-def _jackknife(paired: _Paired, point: np.ndarray, groups: int = JACKKNIFE_GROUPS) -> np.ndarray:
+def _jackknife(paired: _Paired, point: np.ndarray, strata: np.ndarray | None,
+               groups: int = JACKKNIFE_GROUPS) -> np.ndarray:
     """The delete-a-group jackknife's estimate of the bias of each of the five point values: float64 [5],
     (G - 1) x (mean of the G values with one group of seeds left out - the point value). It removes a bias of order
     1/N, as an FID's is; the bootstrap's own estimate (mean of the resamples - point value) fell short of the FIDs'
-    bias at the demo's sizes (docs/benchmarks.md, make bench-coverage)."""
+    bias at the demo's sizes (docs/benchmarks.md, make bench-coverage). Groups hold the strata in proportion
+    (:func:`jackknife_groups`): a group of seeds i = j mod 25 under classes i mod 10 holds 2 of the 10 classes, and
+    leaving it out moved the class-conditional DiT demo's FID so far that its bias read 21.6 for a point value of 24.4
+    (1.6 with balanced groups)."""
     n = len(paired.quant)
     g = min(groups, n)
     if g < 2:
         return np.zeros(5)
-    member = np.arange(n) % g
+    member = jackknife_groups(n, g, strata)
     with threadpool_limits(paired.blas_threads, user_api="blas"):
         left_out = np.array([paired(member != j) for j in range(g)])
     return (g - 1) * (left_out.mean(axis=0) - point)
 
 
 def paired_estimates(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
-                     progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     strata: np.ndarray | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Everything an interval of the five paired statistics is built from, with the reference decomposed once:
     the ``resamples`` bootstrap draws [resamples, 5] (:func:`paired_resamples`), the point values of all N seeds
-    [5] and their jackknife bias [5] (:func:`_jackknife`)."""
+    [5] and their jackknife bias [5] (:func:`_jackknife`), both respecting ``strata``."""
     paired = _Paired(quant, fp, ref, psnr)
     point = paired.point()
-    return _resampled(paired, resamples, seed, progress), point, _jackknife(paired, point)
+    return _resampled(paired, resamples, seed, strata, progress), point, _jackknife(paired, point, strata)
 
 
 # the lowest value each of the five statistics can take: the FIDs are distances, ΔFID and the mean PSNR are not bounded
@@ -166,8 +207,9 @@ FLOORS = (0.0, 0.0, None, 0.0, None)
 
 
 def paired_intervals(quant: np.ndarray, fp: np.ndarray, ref: Stats, psnr: np.ndarray, *, resamples: int, seed: int,
-                     confidence: float, progress=None) -> PairedIntervals:
+                     confidence: float, strata: np.ndarray | None = None, progress=None) -> PairedIntervals:
     """Bias-corrected intervals (:func:`corrected_interval`) of the five paired statistics: centred on the point
     value less its jackknife bias, with the spread of the bootstrap draws (:func:`paired_estimates`)."""
-    out, point, bias = paired_estimates(quant, fp, ref, psnr, resamples=resamples, seed=seed, progress=progress)
+    out, point, bias = paired_estimates(quant, fp, ref, psnr, resamples=resamples, seed=seed, strata=strata,
+                                        progress=progress)
     return PairedIntervals(*(corrected_interval(out[:, k], point[k], bias[k], confidence, FLOORS[k]) for k in range(5)))

@@ -108,9 +108,11 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
                     "psnr_deployed_vs_simulated_median": float(np.median(psnr(dmse))),
                     "psnr_simulated_median": float(np.median(psnr(per_image_mse(imgs["simulated"], fp["images"]))))}
     intervals: dict[str, Any] = {}
+    # a conditioned model's seeds in strata by their class or prompt, each with a fixed share (pqd.eval.bootstrap)
+    strata = fp["prompt"].numpy() if cond is not None else None
     if ev.bootstrap:
         ci = paired_intervals(feats[headline], feats["fp"], ref_stats, psnr(mse), resamples=ev.bootstrap,
-                              seed=ev.bootstrap_seed, confidence=ev.confidence,
+                              seed=ev.bootstrap_seed, confidence=ev.confidence, strata=strata,
                               progress=lambda it: tqdm(it, desc="bootstrap", unit="resample"))
         intervals = {f"{k}_ci": getattr(ci, k) for k in
                      ("fid_quant_vs_ref", "fid_fp_vs_ref", "delta_fid", "fid_quant_vs_fp", "psnr_mean")}
@@ -126,7 +128,8 @@ def run(params: Params, model: Path, export: Path, fp_samples: Path, out: Path, 
         else "torch (simulated integer arithmetic)", weight_codes=weight_codes(manifest), parallel=run_info,
         intervals=f"{ev.confidence:g} normal, jackknife bias-corrected ({JACKKNIFE_GROUPS} groups), sd of "
                   f"{ev.bootstrap} bootstrap resamples of the {len(seeds)} evaluation seeds (seed {ev.bootstrap_seed}), "
-                  f"quantized and FP images of a seed drawn together; reference fixed"
+                  f"quantized and FP images of a seed drawn together"
+                  f"{f', within each of the {cond.choices} conditions' if cond is not None else ''}; reference fixed"
         if ev.bootstrap else None)
     return EvaluateMetrics(fid_quant_vs_ref=fid_q, fid_fp_vs_ref=fid_fp, delta_fid=fid_q - fid_fp,
                            fid_quant_vs_fp=frechet(st[headline], st["fp"]), noise_floor=floor, **deployed,

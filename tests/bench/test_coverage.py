@@ -43,3 +43,20 @@ def test_the_evaluations_intervals_cover_at_their_stated_level():
     cov = {m: {s: c["coverage"] for s, c in v.items()} for m, v in r["coverage"].items()}
     assert min(cov["corrected"].values()) >= 0.93, cov["corrected"]
     assert cov["percentile"]["fid_quant_vs_fp"] < 0.5 and min(cov["basic"].values()) < 0.93, cov
+
+
+def test_class_shifts_have_the_asked_spread():
+    shifts = coverage.class_shifts(16, 10, seed=0, within_trace=3.0, spread=4.0)
+    assert np.allclose(shifts.mean(axis=0), 0) and np.trace(shifts.T @ shifts / 10) == pytest.approx(12.0)
+    assert not coverage.class_shifts(16, 1, seed=0, within_trace=3.0).any()
+
+
+@pytest.mark.slow  # 200 trials of 200 resamples, twice (within the classes and ignoring them)
+def test_intervals_of_a_class_conditioned_evaluation_cover():
+    """Seed i of class i mod 10, the class means spread 4x the spread within a class (the DiT demo's features):
+    the intervals drawn within the classes cover in at least 93% of 200 trials."""
+    r = coverage.simulate(trials=200, n=200, dim=16, resamples=200, confidence=0.95, seed=0, ref_fid=6.0,
+                          quant_fid=0.05, classes=10)
+    cov = {m: {s: c["coverage"] for s, c in v.items()} for m, v in r["coverage"].items()}
+    assert r["classes"] == 10 and coverage.UNSTRATIFIED in cov
+    assert min(cov["corrected"].values()) >= 0.93, cov["corrected"]

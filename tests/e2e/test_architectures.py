@@ -217,6 +217,7 @@ def check_text(data: Path) -> None:
     assert any(f.startswith("text_encoder/") for f in export_files) and any(f.startswith("tokenizer/") for f in export_files)
     ev = metrics(data, "evaluate")["protocol"]
     assert ev["family"] == "text" and ev["prompts"] == 3 and ev["guidance_scale"] == 3.0
+    assert "within each of the 3 conditions" in ev["intervals"]  # the bootstrap's strata: seed i's prompt i mod 3
     # deployed: the ONNX graphs take the prompt's encoder hidden states, and evaluate runs them in onnxruntime
     assert graph_inputs(data) == ["sample", "timestep", "encoder_hidden_states"]
     assert ev["backend"].startswith("onnxruntime")

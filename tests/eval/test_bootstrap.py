@@ -97,3 +97,42 @@ def test_mismatched_sets_are_refused():
     with pytest.raises(ValueError, match="differ in size"):
         bs.paired_intervals(features(10, 4, 0), features(9, 4, 1), bs.stats(features(20, 4, 2)), np.zeros(10),
                             resamples=100, seed=0, confidence=0.95)
+
+
+def test_resamples_within_strata_keep_each_strata_count():
+    """A conditioned model's seeds (class i mod 4): every draw keeps 3 seeds of each class, drawn from that class;
+    one stratum draws exactly as without strata."""
+    labels = np.arange(12) % 4
+    rows = bs.resample_indices(12, 50, seed=3, strata=labels)
+    assert rows.shape == (50, 12) and (labels[rows] == labels).all()
+    assert any(len(set(r)) < 12 for r in rows)  # still with replacement
+    assert (bs.resample_indices(12, 5, seed=3, strata=np.zeros(12)) == bs.resample_indices(12, 5, seed=3)).all()
+    with pytest.raises(ValueError, match="one label per seed"):
+        bs.resample_indices(12, 5, seed=3, strata=labels[:10])
+
+
+def test_jackknife_groups_hold_every_stratum():
+    """One stratum: seed i in group i mod G, as before strata. Ten classes (i mod 10) and 25 groups of 500 seeds:
+    every group holds 2 seeds of each class (seed i mod 25 would hold 2 of the 10 classes)."""
+    assert (bs.jackknife_groups(60, 25) == np.arange(60) % 25).all()
+    labels = np.arange(500) % 10
+    groups = bs.jackknife_groups(500, 25, labels)
+    counts = np.array([[np.sum((groups == g) & (labels == c)) for c in range(10)] for g in range(25)])
+    assert (counts == 2).all()
+
+
+def test_jackknife_bias_of_class_conditioned_features():
+    """Ten well-separated classes, seed i of class i mod 10, the reference the exact mixture: the truth of
+    FID(FP, ref) is 0, so the point value is all bias. With the classes as strata the jackknife finds it; with the
+    seeds as one population it finds ten times more (leaving out a group of two classes moves the mean)."""
+    rng = np.random.default_rng(5)
+    d, n, classes = 16, 500, 10
+    shifts = rng.standard_normal((classes, d)) * 2.0
+    shifts -= shifts.mean(axis=0)
+    labels = np.arange(n) % classes
+    f = rng.standard_normal((n, d)) + shifts[labels]
+    ref = (np.zeros(d), np.eye(d) + shifts.T @ shifts / classes)
+    _, point, bias = bs.paired_estimates(f, f, ref, np.zeros(n), resamples=2, seed=0, strata=labels)
+    _, _, ignored = bs.paired_estimates(f, f, ref, np.zeros(n), resamples=2, seed=0)
+    assert 0.5 * point[1] < bias[1] < 1.5 * point[1]
+    assert ignored[1] > 5 * point[1]
