@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
 
 from pqd.deploy.rewrite import unsigned_activation_grids, zero_int8_grids
 
@@ -83,6 +82,28 @@ def pack_int4(model: onnx.ModelProto) -> int:
     return packed
 
 
+def load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read every initializer's external data (location, offset, length) from the files under ``base_dir`` into the
+    tensor, in place. onnx's own loader (1.23) refuses a data file with more than one hard link, and DVC checks an
+    export out of its cache as hard links (``cache.type`` reflink,hardlink,copy, as the sweep runner's clones use);
+    the files of an export are verified against its manifest's hashes before a graph is opened, so a link is not a
+    way in. A location outside ``base_dir`` is refused."""
+    base = Path(base_dir).resolve()
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        file = (base / info["location"]).resolve()
+        if not file.is_relative_to(base):
+            raise ValueError(f"initializer {t.name}: external data location {info['location']!r} is outside {base}")
+        with open(file, "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+        t.raw_data = data
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+
+
 def _widen(model: onnx.ModelProto) -> bytes:
     """``model`` (its external data loaded) with every INT4 initializer widened to INT8, the same values, serialized."""
     for t in model.graph.initializer:
@@ -94,7 +115,9 @@ def _widen(model: onnx.ModelProto) -> bytes:
 def widened(path: Path) -> bytes:
     """The graph at ``path`` with its external data loaded and every INT4 initializer widened to INT8 (the same
     values), serialized: what a runtime compiles from memory."""
-    return _widen(onnx.load(str(path)))
+    model = onnx.load(str(path), load_external_data=False)
+    load_external_data(model, Path(path).parent)
+    return _widen(model)
 
 
 def runnable_graph(path: Path, unsigned_activations: bool = False) -> str | bytes:
@@ -106,7 +129,7 @@ def runnable_graph(path: Path, unsigned_activations: bool = False) -> str | byte
     signed = unsigned_activations and bool(zero_int8_grids(model.graph))
     if not int4 and not signed:
         return str(path)
-    load_external_data_for_model(model, str(Path(path).parent))
+    load_external_data(model, Path(path).parent)
     if signed:
         unsigned_activation_grids(model)
     return _widen(model)

@@ -240,6 +240,43 @@ def test_w4_graph_stores_the_4bit_codes_as_int4_and_runs_them_on_int8_kernels(tm
         assert audit.integer_layers == audit.quantized_layers == 2 and not audit.fallbacks, audit.line()
 
 
+def test_w4_graph_with_hard_linked_external_data_opens(tmp_path):
+    """DVC checks an export out of its cache as hard links: a W4 graph whose weights.bin has a second link opens and
+    computes what the graph with inline weights does (onnx's own external-data loader refuses such a file), and an
+    external-data location outside the graph's folder is refused."""
+    import os
+
+    from pqd.deploy.int4 import load_external_data, runnable_graph
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 4, 4, 4)
+    state = fit_qstate(model.eval(), lambda m, sg: m(x), QuantConfig(weight_bits=4, output_layers=frozenset({"1"})))
+    q = apply_qstate(copy.deepcopy(model), state)
+    from pqd.core.modules import set_onnx_mode
+
+    set_onnx_mode(q, True)
+    graph = deploy.export_graph(q, (x,), ["x"], ["y"])
+    set_onnx_mode(q, False)
+    assert deploy.pack_int4(graph) == 2
+    onnx.save(graph, tmp_path / "inline.onnx")
+    (tmp_path / "g").mkdir()
+    onnx.save_model(graph, tmp_path / "g/graph.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    os.link(tmp_path / "g/weights.bin", tmp_path / "cache-copy.bin")
+    assert (tmp_path / "g/weights.bin").stat().st_nlink == 2
+    assert isinstance(runnable_graph(tmp_path / "g/graph.onnx"), bytes)  # INT4: widened in memory
+    feeds = {"x": x.numpy()}
+    for runtime in deploy.RUNTIMES:
+        want = deploy.open_graph(tmp_path / "inline.onnx", runtime).run(feeds)
+        assert np.array_equal(deploy.open_graph(tmp_path / "g/graph.onnx", runtime).run(feeds), want)
+    bad = onnx.load(str(tmp_path / "g/graph.onnx"), load_external_data=False)
+    ext = next(t for t in bad.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in ext.external_data if e.key == "location").value = "../cache-copy.bin"
+    with pytest.raises(ValueError, match="outside"):
+        load_external_data(bad, tmp_path / "g")
+
+
 def test_per_group_weights_deploy_weight_only_and_agree_in_both_runtimes(tiny_pipeline, tmp_path):
     """4-bit weights with a scale per 8 input channels: the graphs carry them as a blocked DequantizeLinear (opset 21)
     of INT4 codes; both runtimes compute what the simulation does, and the kernel audit counts each grouped layer as
