@@ -8,7 +8,12 @@ SiLU); ResNet blocks for down- and upsampling (demos: strided and nearest-neighb
 middle level only, heads of 24 channels (demos: 8, 16 or 32, at the lowest or the full resolution); sinusoidal
 embeddings without the cos/sin flip; scaled-linear betas (demos: cosine, linear).
 
-``python -m pqd.bench.user_model --out data/bench/user-model [--steps 400 --seed 0]``
+Its FID features: the demo's digit network is written with the demo models only (``evaluate.features:
+demo:digits`` refuses another model), so ``--features FILE`` also writes it as TorchScript, trained as the model
+stage trains it, taking 16x16 RGB images: ``-S evaluate.features=torchscript:FILE -S
+evaluate.reference=demo:digits16`` then measures the held-out model with the digit network's features.
+
+``python -m pqd.bench.user_model --out data/bench/user-model [--features FILE] [--steps 400 --seed 0]``
 """
 
 from __future__ import annotations
@@ -44,17 +49,53 @@ def build(seed: int, steps: int, batch_size: int = 64, lr: float = 2e-3):
     return DDIMPipeline(unet=unet, scheduler=sched)
 
 
+class DigitFeatures(torch.nn.Module):
+    """TorchScript-able FID features for 16x16 RGB images [B, 3, 16, 16] in [0, 255] -> [B, D]: the gray digit
+    (channel mean), downsampled to 8x8 (antialiased bilinear; the demo's extractor uses clean-fid's PIL bicubic), then
+    the digit network's penultimate features."""
+
+    def __init__(self, net) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gray = x.float().mean(dim=1, keepdim=True) / 255.0
+        if gray.shape[-1] != 8 or gray.shape[-2] != 8:
+            gray = torch.nn.functional.interpolate(gray, size=(8, 8), mode="bilinear", antialias=True,
+                                                   align_corners=False)
+        return self.net.features(gray * 2 - 1)
+
+
+def write_features(path: Path) -> float:
+    """Write :class:`DigitFeatures` (the digit network trained with the model stage's defaults) as TorchScript to
+    ``path``; returns the network's held-out accuracy."""
+    from pqd.diffusion.demo import train_digit_net
+    from pqd.diffusion.digits import load_digits_tensor
+    from pqd.params import ModelParams
+
+    mp = ModelParams()
+    net, acc = train_digit_net(*load_digits_tensor(), seed=mp.feature_seed, epochs=mp.feature_epochs)
+    torch.jit.script(DigitFeatures(net.eval()).eval()).save(str(path))
+    return acc
+
+
 @command("bench-user-model", (FileExistsError,))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--features", type=Path, help="also write the digit network's features as TorchScript here")
     args = ap.parse_args(argv)
     if args.out.exists():
         raise FileExistsError(f"--out {args.out} exists: expected a new folder (nothing is overwritten)")
+    if args.features is not None and args.features.exists():
+        raise FileExistsError(f"--features {args.features} exists: expected a new file (nothing is overwritten)")
     build(args.seed, args.steps).save_pretrained(args.out)
     print(f"pqd bench user-model: wrote {args.out}")
+    if args.features is not None:
+        acc = write_features(args.features)
+        print(f"pqd bench user-model: wrote {args.features} (digit network, held-out accuracy {acc:.4f})")
     return 0
 
 
