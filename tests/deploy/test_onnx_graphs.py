@@ -206,9 +206,8 @@ def test_load_pipeline_refuses_a_modified_file(artifact, tmp_path):
         load_pipeline(bad)
 
 
-def test_w4_graph_stores_the_4bit_codes_as_int4_and_runs_them_on_int8_kernels(tmp_path):
-    """4-bit codes are traced as int8 initializers on the 4-bit grid and written as INT4 (two a byte); each runtime
-    widens them back and runs the same int8 kernels, with the outputs of the int8-stored graph."""
+def w4_graph():
+    """(the traced graph of a W4 convolution + linear, its qstate, its input): int8 code initializers, not packed."""
     from pqd.core.modules import set_onnx_mode
 
     torch.manual_seed(0)
@@ -219,6 +218,13 @@ def test_w4_graph_stores_the_4bit_codes_as_int4_and_runs_them_on_int8_kernels(tm
     set_onnx_mode(q, True)
     graph = deploy.export_graph(q, (x,), ["x"], ["y"])
     set_onnx_mode(q, False)
+    return graph, state, x
+
+
+def test_w4_graph_stores_the_4bit_codes_as_int4_and_runs_them_on_int8_kernels(tmp_path):
+    """4-bit codes are traced as int8 initializers on the 4-bit grid and written as INT4 (two a byte); each runtime
+    widens them back and runs the same int8 kernels, with the outputs of the int8-stored graph."""
+    graph, state, x = w4_graph()
     codes = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.endswith("weight_int")}
     assert sorted(codes) == ["0.weight_int", "2.weight_int"]
     for name, c in codes.items():
@@ -248,16 +254,7 @@ def test_w4_graph_with_hard_linked_external_data_opens(tmp_path):
 
     from pqd.deploy.int4 import load_external_data, runnable_graph
 
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
-    x = torch.randn(3, 4, 4, 4)
-    state = fit_qstate(model.eval(), lambda m, sg: m(x), QuantConfig(weight_bits=4, output_layers=frozenset({"1"})))
-    q = apply_qstate(copy.deepcopy(model), state)
-    from pqd.core.modules import set_onnx_mode
-
-    set_onnx_mode(q, True)
-    graph = deploy.export_graph(q, (x,), ["x"], ["y"])
-    set_onnx_mode(q, False)
+    graph, _, x = w4_graph()
     assert deploy.pack_int4(graph) == 2
     onnx.save(graph, tmp_path / "inline.onnx")
     (tmp_path / "g").mkdir()
