@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from pqd.diffusion.demo import NUM_TRAIN_TIMESTEPS, train_denoiser
-from pqd.diffusion.digits import demo_images
+from pqd.diffusion.demo import NUM_TRAIN_TIMESTEPS, train_denoiser, train_digit_net
+from pqd.diffusion.digits import demo_images, load_digits_tensor
 from pqd.errors import command
+from pqd.params import ModelParams
 
 CHANNELS = (32, 48, 64)
 
@@ -69,10 +70,6 @@ class DigitFeatures(torch.nn.Module):
 def write_features(path: Path) -> float:
     """Write :class:`DigitFeatures` (the digit network trained with the model stage's defaults) as TorchScript to
     ``path``; returns the network's held-out accuracy."""
-    from pqd.diffusion.demo import train_digit_net
-    from pqd.diffusion.digits import load_digits_tensor
-    from pqd.params import ModelParams
-
     mp = ModelParams()
     net, acc = train_digit_net(*load_digits_tensor(), seed=mp.feature_seed, epochs=mp.feature_epochs)
     torch.jit.script(DigitFeatures(net.eval()).eval()).save(str(path))
