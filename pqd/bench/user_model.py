@@ -27,6 +27,7 @@ import torch
 from pqd.diffusion.demo import NUM_TRAIN_TIMESTEPS, train_denoiser, train_digit_net
 from pqd.diffusion.digits import demo_images, load_digits_tensor
 from pqd.errors import command
+from pqd.eval.fid import DigitFeatures
 from pqd.params import ModelParams
 
 CHANNELS = (32, 48, 64)
@@ -50,29 +51,12 @@ def build(seed: int, steps: int, batch_size: int = 64, lr: float = 2e-3):
     return DDIMPipeline(unet=unet, scheduler=sched)
 
 
-class DigitFeatures(torch.nn.Module):
-    """TorchScript-able FID features for 16x16 RGB images [B, 3, 16, 16] in [0, 255] -> [B, D]: the gray digit
-    (channel mean), downsampled to 8x8 (antialiased bilinear; the demo's extractor uses clean-fid's PIL bicubic), then
-    the digit network's penultimate features."""
-
-    def __init__(self, net) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gray = x.float().mean(dim=1, keepdim=True) / 255.0
-        if gray.shape[-1] != 8 or gray.shape[-2] != 8:
-            gray = torch.nn.functional.interpolate(gray, size=(8, 8), mode="bilinear", antialias=True,
-                                                   align_corners=False)
-        return self.net.features(gray * 2 - 1)
-
-
 def write_features(path: Path) -> float:
-    """Write :class:`DigitFeatures` (the digit network trained with the model stage's defaults) as TorchScript to
-    ``path``; returns the network's held-out accuracy."""
+    """Write :class:`pqd.eval.fid.DigitFeatures` (the digit network trained with the model stage's defaults, resizing
+    16x16 images itself) as TorchScript to ``path``; returns the network's held-out accuracy."""
     mp = ModelParams()
     net, acc = train_digit_net(*load_digits_tensor(), seed=mp.feature_seed, epochs=mp.feature_epochs)
-    torch.jit.script(DigitFeatures(net.eval()).eval()).save(str(path))
+    torch.jit.script(DigitFeatures(net.eval(), resize=True).eval()).save(str(path))
     return acc
 
 

@@ -58,6 +58,25 @@ def probe_size(ex: Extractor, images: str | Path) -> int:
     return int(np.asarray(feats).shape[1])
 
 
+class DigitFeatures(torch.nn.Module):
+    """The digit network's penultimate features of images [B, 3, H, W] in [0, 255] -> [B, D]: the channel mean (a
+    gray image read as RGB has three equal channels; a demo:digits16 image's channel mean is its gray digit,
+    :func:`pqd.diffusion.digits.digits16_tensor`) on [-1, 1]. ``resize``: larger images are first downsampled to
+    8x8 here (antialiased bilinear), for callers that hand over raw images (a TorchScript extractor); the demo's own
+    extractor resizes with clean-fid's resizer before (``resize=False``). TorchScript-able."""
+
+    def __init__(self, net: DigitNet, resize: bool = False) -> None:
+        super().__init__()
+        self.net, self.resize = net, resize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gray = x.float().mean(dim=1, keepdim=True) / 255.0
+        if self.resize and (gray.shape[-1] != 8 or gray.shape[-2] != 8):
+            gray = torch.nn.functional.interpolate(gray, size=(8, 8), mode="bilinear", antialias=True,
+                                                   align_corners=False)
+        return self.net.features(gray * 2 - 1)
+
+
 def _digit_extractor(model_dir: Path) -> Extractor:
     folder = model_dir / FEATURES_DIR
     if not (folder / "config.json").is_file():
@@ -66,14 +85,11 @@ def _digit_extractor(model_dir: Path) -> Extractor:
                            "'torchscript:<file>' for other models")
     net = DigitNet(**json.loads((folder / "config.json").read_text()))
     net.load_state_dict(load_file(folder / "model.safetensors"))
-    net.eval()
+    features = DigitFeatures(net.eval()).eval()
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        # the channel mean: a gray image read as RGB has three equal channels; a demo:digits16 image's channel
-        # mean is its gray digit (pqd.diffusion.digits.digits16_tensor)
-        gray = x.float().mean(dim=1, keepdim=True) / 255.0  # [B, 1, 8, 8] in [0, 1]
         with torch.no_grad():
-            return net.features(gray * 2 - 1)
+            return features(x)
 
     clean_8x8 = make_resizer("PIL", False, "bicubic", (8, 8))  # clean-fid's 'clean' resize, to 8x8
 
