@@ -45,7 +45,7 @@ class AdaRound(nn.Module):
             c = start.to(x.device, torch.float32)
             above = x >= c  # the float weight lies above its start code: the code is the lower of the two choices
             floor = torch.where(above, c, c - 1)
-            rest = torch.where(above, torch.full_like(x, START_MARGIN), torch.full_like(x, 1 - START_MARGIN))
+            rest = torch.where(above, START_MARGIN, 1 - START_MARGIN)
         self.register_buffer("scale", s)
         self.register_buffer("floor", floor)
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))

@@ -61,7 +61,7 @@ def probe_size(ex: Extractor, images: str | Path) -> int:
 class DigitFeatures(torch.nn.Module):
     """The digit network's penultimate features of images [B, 3, H, W] in [0, 255] -> [B, D]: the channel mean (a
     gray image read as RGB has three equal channels; a demo:digits16 image's channel mean is its gray digit,
-    :func:`pqd.diffusion.digits.digits16_tensor`) on [-1, 1]. ``resize``: larger images are first downsampled to
+    :func:`pqd.diffusion.digits.digits16_tensor`) on [-1, 1]. ``resize``: images of any other size are first resized to
     8x8 here (antialiased bilinear), for callers that hand over raw images (a TorchScript extractor); the demo's own
     extractor resizes with clean-fid's resizer before (``resize=False``). TorchScript-able."""
 
