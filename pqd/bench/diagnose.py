@@ -8,7 +8,10 @@ from each cell's ``data/`` folder in a checkout of its experiment (the FP model 
   of parameters would have done);
 - **per step**: relative MSE of each quantized model's predicted noise against FP at every step of a few
   calibration seeds' FP trajectories (where the time groups should help);
-- **per unit**: the block reconstruction's output error of each unit (``qstate/reconstruction.csv``).
+- **per unit**: the block reconstruction's output error of each unit (``qstate/reconstruction.csv``);
+- **where the error reaches the image**: the FP sampler on the first evaluation seeds with each row's quantized
+  model predicting in one bucket of steps only; the image MSE against FP per bucket, with every step quantized,
+  and how much larger that is than the buckets' sum (the error one step leaves in the next steps' inputs).
 
 Outputs: ``<out>/diagnose-<first>-vs-<second>.md`` (printed too) and ``.png``.
 """
@@ -22,15 +25,19 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from pqd.bench.figures import panels
 from pqd.diffusion.adapter import load_denoiser
+from pqd.diffusion.sampling import sample, scheduler_from_protocol
 from pqd.errors import command
 from pqd.formats import qstate as qcodec
 from pqd.diffusion.quantized import load_denoiser_from_export
-from pqd.formats.files import load_tensors
+from pqd.formats.calibset import META
+from pqd.formats.files import load_tensors, read_json
 
 PER_STEP_SEEDS = 16  # calibration trajectories whose every step is measured (the first shards')
+REACH_SEEDS, REACH_BUCKET = 32, 5  # evaluation seeds and steps per bucket of the image-error probe
 
 
 def steps_drawn(row: Path, thresholds: tuple[float, ...]) -> dict[str, float]:
@@ -82,11 +89,50 @@ def per_step_error(fp: Path, rows: dict[str, Path], seeds: int = PER_STEP_SEEDS)
     return out
 
 
-def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str) -> tuple[str, list[pd.DataFrame]]:
-    """Markdown comparing rows ``first`` and ``second`` in each replicate (name -> the two cells' data folders), and
-    the per-step errors of each replicate (for the plot)."""
+@torch.no_grad()
+def image_error_by_steps(fp: Path, row: Path, seeds: int = REACH_SEEDS, bucket: int = REACH_BUCKET) -> pd.DataFrame:
+    """Image MSE against the FP sampler's images on the first ``seeds`` evaluation seeds (the generate stage's
+    protocol: scheduler, steps, conditioning) when ``row``'s quantized model predicts only at the steps of one
+    bucket of ``bucket`` consecutive steps, for every bucket; then at every step ("all") and the buckets' sum.
+    Columns: steps, t (the bucket's timesteps), image_mse, share (of the sum)."""
+    proto = read_json(fp / "samples" / "fp" / META)
+    fpd = load_tensors(fp / "samples" / "fp" / "a.safetensors")
+    chosen = [int(v) for v in fpd["seeds"][:seeds]]
+    fden, qden = load_denoiser(fp / "model", "cpu"), load_denoiser_from_export(row / "export", "cpu")
+    cond = None
+    if proto.get("conditioning"):
+        pc = proto["conditioning"]
+        cond = fden.conditioning(pc.get("prompts"), fpd["prompt"][:len(chosen)].tolist(), float(pc["guidance_scale"]))
+    steps, eta = int(proto["steps"]), float(proto["eta"])
+    scheduler = scheduler_from_protocol(proto)
+    scheduler.set_timesteps(steps)
+    ts = [int(t) for t in scheduler.timesteps]
+
+    def images(at: range | list[int]) -> torch.Tensor:
+        return sample(fden, scheduler_from_protocol(proto), chosen, steps=steps, eta=eta, cond=cond, progress=False,
+                      swap=(qden, at))
+
+    ref = images([])
+    mse = lambda im: float((im - ref).pow(2).mean())  # noqa: E731
+    rows = [{"steps": f"{b}-{min(b + bucket, steps) - 1}", "t": f"{ts[b]}-{ts[min(b + bucket, steps) - 1]}",
+             "image_mse": mse(images(range(b, min(b + bucket, steps))))}
+            for b in tqdm(range(0, steps, bucket), desc=f"image error by steps ({row.parent.name})", unit="bucket")]
+    total = sum(r["image_mse"] for r in rows)
+    for r in rows:
+        r["share"] = r["image_mse"] / total if total > 0 else float("nan")
+    rows += [{"steps": "all", "t": "", "image_mse": mse(images(range(steps))), "share": float("nan")},
+             {"steps": "sum of buckets", "t": "", "image_mse": total, "share": 1.0}]
+    return pd.DataFrame(rows)
+
+
+def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str,
+             reach_seeds: int = REACH_SEEDS, reach_bucket: int = REACH_BUCKET
+             ) -> tuple[str, list[pd.DataFrame], pd.DataFrame | None]:
+    """Markdown comparing rows ``first`` and ``second`` in each replicate (name -> the two cells' data folders), the
+    per-step errors of each replicate and the image-error probe's table (for the plot; ``reach_seeds`` 0 skips the
+    probe: None)."""
     lines = [f"# {first} vs {second} ({len(replicates)} replicates)", ""]
-    steps, spreads, units, per_step = [], [], [], []
+    steps, spreads, units, per_step, reach = [], [], [], [], []
     for rep, pair in replicates.items():
         dirs = dict(zip((first, second), pair))
         thresholds = qcodec.time_groups(qcodec.read_qmap(dirs[first] / "qstate")).thresholds
@@ -99,6 +145,10 @@ def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str) 
                                 "largest at": sp.loc[sp["spread"].idxmax(), "layer"]})
             rec = pd.read_csv(dirs[name] / "qstate" / "reconstruction.csv")[["unit", "mse_after"]]
             units.append(rec.assign(replicate=rep, row=name))
+        if reach_seeds:
+            for name in (first, second):
+                probe = image_error_by_steps(dirs[first], dirs[name], reach_seeds, reach_bucket)
+                reach.append(probe.assign(replicate=rep, row=name))
         err = per_step_error(dirs[first], dirs)
         err["group"] = np.searchsorted(-np.asarray(thresholds), -err["t"].to_numpy(), side="right") if thresholds else 0
         per_step.append(err.assign(replicate=rep))
@@ -118,12 +168,31 @@ def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str) 
     lines += [f"## Reconstruction error per unit (output MSE after reconstruction, {first} / {second}, mean over "
               "replicates): the units where the two differ most", "",
               pd.concat([worst.head(5), worst.tail(5)]).rename("ratio").to_frame().to_markdown(floatfmt=".3f"), ""]
-    return "\n".join(lines), per_step
+    if reach:
+        wide = pd.concat(reach).pivot_table(index=["replicate", "steps"], columns="row", values="image_mse",
+                                            sort=False).reset_index()
+        lines += [f"## Where the error reaches the image (image MSE against FP, {reach_seeds} evaluation seeds, each "
+                  "row's quantized model predicting only in that bucket of steps, 0 = noisiest; 'all': at every "
+                  "step; all / sum > 1: one step's error grows in the steps after it)", "",
+                  wide.to_markdown(index=False, floatfmt=".3e"), ""]
+    return "\n".join(lines), per_step, (pd.concat(reach) if reach else None)
 
 
-def plot(per_step: list[pd.DataFrame], first: str, second: str, path: Path) -> None:
-    """Per-step error of the two rows, one panel per replicate."""
-    with panels(path, 1, len(per_step), (5 * len(per_step), 3.8)) as (_fig, axes):
+def plot(per_step: list[pd.DataFrame], reach: pd.DataFrame | None, first: str, second: str, path: Path) -> None:
+    """Per-step error of the two rows, one panel per replicate; below, with the image-error probe, each row's image
+    MSE per bucket of steps."""
+    with panels(path, 1 if reach is None else 2, len(per_step), (5 * len(per_step), 3.8 if reach is None else 7.2)) \
+            as (_fig, axes):
+        if reach is not None:
+            for ax, rep in zip(axes[1], [df["replicate"].iloc[0] for df in per_step]):
+                r = reach[(reach["replicate"] == rep) & ~reach["steps"].isin(["all", "sum of buckets"])]
+                for k, name in enumerate((first, second)):
+                    mine = r[r["row"] == name]
+                    ax.bar(np.arange(len(mine)) + 0.4 * k, mine["image_mse"], width=0.4, label=name)
+                ax.set_xticks(np.arange(len(mine)) + 0.2, mine["steps"], rotation=45, fontsize=7)
+                ax.set(xlabel="steps where the quantized model predicts (0 = noisiest)", ylabel="image MSE vs FP")
+                ax.set_title(f"{rep}: where the error reaches the image", fontsize=10)
+                ax.legend(fontsize=8)
         for ax, df in zip(axes[0], per_step):
             for name in (first, second):
                 ax.plot(df["u"], df[name], label=name)
@@ -141,14 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--second", required=True, help="the second row's data folders, in the same order")
     ap.add_argument("--names", default="first,second", help="the two rows' names in the report")
     ap.add_argument("--out", default="data/bench", help="where the report goes")
+    ap.add_argument("--reach-seeds", type=int, default=REACH_SEEDS,
+                    help="evaluation seeds of the image-error-by-steps probe (0: skip it)")
+    ap.add_argument("--reach-bucket", type=int, default=REACH_BUCKET, help="steps per bucket of that probe")
     args = ap.parse_args(argv)
+    if args.reach_seeds < 0 or args.reach_bucket < 1:
+        ap.error(f"--reach-seeds {args.reach_seeds} / --reach-bucket {args.reach_bucket} are not allowed: expected "
+                 "seeds >= 0 and a bucket >= 1")
     first, second = args.names.split(",")
     pairs = list(zip(args.first.split(","), args.second.split(",")))
-    md, per_step = diagnose({f"r{k}": (Path(a), Path(b)) for k, (a, b) in enumerate(pairs)}, first, second)
+    md, per_step, reach = diagnose({f"r{k}": (Path(a), Path(b)) for k, (a, b) in enumerate(pairs)}, first, second,
+                                   args.reach_seeds, args.reach_bucket)
     stem = Path(args.out) / f"diagnose-{first}-vs-{second}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(md)
-    plot(per_step, first, second, stem.with_suffix(".png"))
+    plot(per_step, reach, first, second, stem.with_suffix(".png"))
     print(md)
     return 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from tqdm.auto import tqdm
@@ -57,15 +57,25 @@ def checked_predict(den: Denoiser, x: torch.Tensor, t: torch.Tensor, where: str,
 @torch.no_grad()
 def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float = 0.0, batch_size: int = 256,
            device: str = "cpu", record: Recorder | None = None, progress: bool = True,
-           desc: str = "sampling", cond: Conditioning | None = None) -> torch.Tensor:
+           desc: str = "sampling", cond: Conditioning | None = None,
+           swap: tuple[Denoiser, Collection[int]] | None = None) -> torch.Tensor:
     """Sample one image per seed; returns images [N, C, H, W] float32 in [0, 1] (on CPU).
 
     Noise at every stochastic step also comes from per-seed generators, so a sample depends only on
     its seed, never on the batch it was drawn in. ``record`` sees each batch's network inputs (x before the
     classifier-free-guidance doubling). Conditioned models need ``cond`` (one prompt or class row per seed).
+    ``swap = (other, steps)``: at those step indices (0 = the first, noisiest) ``other`` predicts instead of
+    ``den``, with the same conditioning (e.g. a quantized model inside an FP trajectory, to see what one step's
+    error does to the image).
     """
     if den.conditional != (cond is not None):
         raise ValueError(f"a {den.family} model samples {'with' if den.conditional else 'without'} conditioning")
+    other, swapped = (swap[0], frozenset(swap[1])) if swap is not None else (den, frozenset())
+    if other.conditional != den.conditional:
+        raise ValueError(f"swap: a {other.family} model inside a {den.family} model's trajectory: expected both "
+                         "with or both without conditioning")
+    if bad := sorted(i for i in swapped if not 0 <= i < steps):
+        raise ValueError(f"swap: step {bad[0]} is not allowed: expected step indices in 0..{steps - 1}")
     out = []
     starts = range(0, len(seeds), batch_size)
     with tqdm(total=len(starts) * steps, desc=desc, disable=not progress, unit="step") as bar:  # closed on errors too
@@ -84,8 +94,9 @@ def sample(den: Denoiser, scheduler, seeds: list[int], *, steps: int, eta: float
                 x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
                 if record is not None:
                     record(i, t, x_in)
-                eps = checked_predict(den, x_in, t, f"sampling step {i}",
-                                      run=lambda x_in=x_in, t=t: den.guided(x_in, t, rows, uncond, scale))
+                d = other if i in swapped else den
+                eps = checked_predict(d, x_in, t, f"sampling step {i}",
+                                      run=lambda d=d, x_in=x_in, t=t: d.guided(x_in, t, rows, uncond, scale))
                 kwargs = {"eta": eta} if type(scheduler).__name__ == "DDIMScheduler" else {}
                 x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
                 bar.update(1)

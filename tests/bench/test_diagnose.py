@@ -1,0 +1,41 @@
+"""``python -m pqd.bench.diagnose``'s probe of where a quantized model's error reaches the image, on a reproduced
+project (a real FP model, its evaluation protocol and its W8A8 export), and the sampler's step swap it rests on."""
+
+import pytest
+
+from support.projects import reproduced_project
+from pqd.bench import diagnose
+from pqd.diffusion.adapter import load_denoiser
+from pqd.diffusion.quantized import load_denoiser_from_export
+from pqd.diffusion.sampling import sample, scheduler_from_protocol
+from pqd.formats.files import load_tensors, read_json
+
+
+@pytest.fixture()
+def data(tmp_path_factory, tiny_pipeline, ts_features):
+    return reproduced_project(tmp_path_factory, tiny_pipeline, ts_features) / "data"
+
+
+def test_image_error_by_steps_splits_the_quantized_model_s_image_error_over_buckets_of_steps(data):
+    proto = read_json(data / "samples/fp/meta.json")
+    steps, seeds = int(proto["steps"]), 3
+    df = diagnose.image_error_by_steps(data, data, seeds=seeds, bucket=4)
+    buckets = df[~df["steps"].isin(["all", "sum of buckets"])]
+    assert list(buckets["steps"]) == [f"{b}-{min(b + 4, steps) - 1}" for b in range(0, steps, 4)]
+    assert (buckets["image_mse"] > 0).all() and buckets["share"].sum() == pytest.approx(1.0)
+    total = df.set_index("steps")["image_mse"]
+    assert total["sum of buckets"] == pytest.approx(buckets["image_mse"].sum())
+    # quantized at every step = the quantized model's own samples, measured against the FP model's
+    fden, qden = load_denoiser(data / "model"), load_denoiser_from_export(data / "export")
+    chosen = [int(s) for s in load_tensors(data / "samples/fp/a.safetensors")["seeds"][:seeds]]
+    own = {name: sample(den, scheduler_from_protocol(proto), chosen, steps=steps, eta=float(proto["eta"]),
+                        progress=False) for name, den in (("fp", fden), ("q", qden))}
+    assert total["all"] == pytest.approx(float((own["q"] - own["fp"]).pow(2).mean()), rel=1e-6)
+
+
+def test_a_swap_at_a_step_outside_the_schedule_is_refused_before_sampling(data):
+    proto = read_json(data / "samples/fp/meta.json")
+    den = load_denoiser(data / "model")
+    steps = int(proto["steps"])
+    with pytest.raises(ValueError, match=f"swap: step {steps} is not allowed: expected step indices in 0..{steps - 1}"):
+        sample(den, scheduler_from_protocol(proto), [0], steps=steps, progress=False, swap=(den, [0, steps]))
