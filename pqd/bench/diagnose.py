@@ -28,12 +28,12 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pqd.bench.figures import panels
-from pqd.diffusion.adapter import load_denoiser
+from pqd.diffusion.adapter import Conditioning, Denoiser, load_denoiser
 from pqd.diffusion.sampling import sample, scheduler_from_protocol
 from pqd.errors import command
 from pqd.formats import qstate as qcodec
 from pqd.diffusion.quantized import load_denoiser_from_export
-from pqd.formats.calibset import META
+from pqd.formats.calibset import META, PROMPTS
 from pqd.formats.files import load_tensors, read_json
 
 PER_STEP_SEEDS = 16  # calibration trajectories whose every step is measured (the first shards')
@@ -67,25 +67,36 @@ def group_spread(row: Path) -> pd.DataFrame:
 
 @torch.no_grad()
 def per_step_error(fp: Path, rows: dict[str, Path], seeds: int = PER_STEP_SEEDS) -> pd.DataFrame:
-    """Relative MSE of each row's quantized UNet output against the FP UNet's, at every step of the FP
-    trajectories of the first ``seeds`` calibration seeds: columns step, u, t and one per row."""
+    """Relative MSE of each row's quantized denoiser output against the FP one's (with the trajectories' conditioning
+    and guidance, as the sampler predicts), at every step of the FP trajectories of the first ``seeds`` calibration
+    seeds: columns step, u, t and one per row."""
     fp_den = load_denoiser(fp / "model", "cpu")
-    shards = sorted((fp / "trajectories").glob("shard-*.safetensors"))
-    xs, t = [], None
+    traj = fp / "trajectories"
+    shards = sorted(traj.glob("shard-*.safetensors"))
+    xs, prompt, t = [], [], None
     for shard in shards:
         data = load_tensors(shard)
         xs.append(data["x"])
+        prompt += data["prompt"].tolist() if "prompt" in data else []
         t = data["t"]
         if sum(len(x) for x in xs) >= seeds:
             break
     x = torch.cat(xs)[:seeds]  # [n, S, C, H, W]
     steps = x.shape[1]
-    ref = [fp_den.predict(x[:, i], t[i].expand(len(x))) for i in range(steps)]
+    pc = read_json(traj / META).get("conditioning")
+    cond = Conditioning(load_tensors(traj / PROMPTS), prompt[:len(x)], float(pc["guidance_scale"])) \
+        if pc else None
+
+    def predict(den: Denoiser, i: int) -> torch.Tensor:
+        xi, ti = x[:, i], t[i].expand(len(x))
+        return den.predict(xi, ti) if cond is None else \
+            den.guided(xi, ti, cond.per_seed(), cond.unconditional(), cond.guidance_scale)
+
+    ref = [predict(fp_den, i) for i in range(steps)]
     out = pd.DataFrame({"step": range(steps), "u": [i / (steps - 1) for i in range(steps)], "t": t.tolist()})
     for name, row in rows.items():
         qden = load_denoiser_from_export(row / "export", "cpu")
-        out[name] = [float((qden.predict(x[:, i], t[i].expand(len(x))) - ref[i]).pow(2).mean() / ref[i].pow(2).mean())
-                     for i in range(steps)]
+        out[name] = [float((predict(qden, i) - ref[i]).pow(2).mean() / ref[i].pow(2).mean()) for i in range(steps)]
     return out
 
 

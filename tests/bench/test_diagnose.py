@@ -39,3 +39,16 @@ def test_a_swap_at_a_step_outside_the_schedule_is_refused_before_sampling(data):
     steps = int(proto["steps"])
     with pytest.raises(ValueError, match=f"swap: step {steps} is not allowed: expected step indices in 0..{steps - 1}"):
         sample(den, scheduler_from_protocol(proto), [0], steps=steps, progress=False, swap=(den, [0, steps]))
+
+
+def test_per_step_error_is_the_quantized_prediction_s_relative_error_on_the_fp_trajectories(data):
+    df = diagnose.per_step_error(data, {"q": data}, seeds=2)
+    shard = load_tensors(sorted((data / "trajectories").glob("shard-*.safetensors"))[0])
+    steps = shard["x"].shape[1]
+    assert list(df["step"]) == list(range(steps)) and df["t"].tolist() == shard["t"].tolist()
+    i = steps // 2
+    x, t = shard["x"][:2, i], shard["t"][i].expand(2)
+    fp = load_denoiser(data / "model").predict(x, t)
+    q = load_denoiser_from_export(data / "export").predict(x, t)
+    assert df["q"][i] == pytest.approx(float((q - fp).pow(2).mean() / fp.pow(2).mean()), rel=1e-6)
+    assert (df["q"] > 0).all()
