@@ -52,3 +52,15 @@ def test_per_step_error_is_the_quantized_prediction_s_relative_error_on_the_fp_t
     q = load_denoiser_from_export(data / "export").predict(x, t)
     assert df["q"][i] == pytest.approx(float((q - fp).pow(2).mean() / fp.pow(2).mean()), rel=1e-6)
     assert (df["q"] > 0).all()
+
+
+def test_the_report_is_named_after_both_rows_even_with_a_dot_in_a_name(data, tmp_path):
+    """(The reproduced project's rows have no block reconstruction: the report says so instead of failing.)"""
+    out = tmp_path / "out"
+    assert diagnose.main(["--first", str(data), "--second", str(data), "--names", "w4-4.5-bits,w8",
+                          "--out", str(out), "--reach-seeds", "2", "--reach-bucket", "100"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["diagnose-w4-4.5-bits-vs-w8.md", "diagnose-w4-4.5-bits-vs-w8.png"]
+    md = (out / "diagnose-w4-4.5-bits-vs-w8.md").read_text()
+    units = [ln.split("|")[1].strip() for ln in md.split("## Reconstruction error per unit")[1].split("##")[0]
+             .splitlines() if ln.startswith("| ") and not ln.startswith("| unit")]
+    assert len(units) == len(set(units))  # each unit once, also when there are fewer than ten
