@@ -101,15 +101,17 @@ def per_step_error(fp: Path, rows: dict[str, Path], seeds: int = PER_STEP_SEEDS)
 
 
 @torch.no_grad()
-def image_error_by_steps(fp: Path, row: Path, seeds: int = REACH_SEEDS, bucket: int = REACH_BUCKET) -> pd.DataFrame:
+def image_error_by_steps(fp: Path, rows: dict[str, Path], seeds: int = REACH_SEEDS,
+                         bucket: int = REACH_BUCKET) -> pd.DataFrame:
     """Image MSE against the FP sampler's images on the first ``seeds`` evaluation seeds (the generate stage's
-    protocol: scheduler, steps, conditioning) when ``row``'s quantized model predicts only at the steps of one
+    protocol: scheduler, steps, conditioning) when a row's quantized model predicts only at the steps of one
     bucket of ``bucket`` consecutive steps, for every bucket; then at every step ("all") and the buckets' sum.
-    Columns: steps, t (the bucket's timesteps), image_mse, share (of the sum)."""
+    Columns: row, steps, t (the bucket's timesteps), image_mse, share (of the sum). The FP images are sampled once
+    for all ``rows``."""
     proto = read_json(fp / "samples" / "fp" / META)
     fpd = load_tensors(fp / "samples" / "fp" / "a.safetensors")
     chosen = [int(v) for v in fpd["seeds"][:seeds]]
-    fden, qden = load_denoiser(fp / "model", "cpu"), load_denoiser_from_export(row / "export", "cpu")
+    fden = load_denoiser(fp / "model", "cpu")
     cond = None
     if proto.get("conditioning"):
         pc = proto["conditioning"]
@@ -118,22 +120,38 @@ def image_error_by_steps(fp: Path, row: Path, seeds: int = REACH_SEEDS, bucket: 
     scheduler = scheduler_from_protocol(proto)
     scheduler.set_timesteps(steps)
     ts = [int(t) for t in scheduler.timesteps]
+    buckets = [range(b, min(b + bucket, steps)) for b in range(0, steps, bucket)]
 
-    def images(at: range | list[int]) -> torch.Tensor:
+    def images(qden: Denoiser | None, at: range) -> torch.Tensor:
         return sample(fden, scheduler_from_protocol(proto), chosen, steps=steps, eta=eta, cond=cond, progress=False,
-                      swap=(qden, at))
+                      swap=None if qden is None else (qden, at))
 
-    ref = images([])
+    ref = images(None, range(0))
     mse = lambda im: float((im - ref).pow(2).mean())  # noqa: E731
-    rows = [{"steps": f"{b}-{min(b + bucket, steps) - 1}", "t": f"{ts[b]}-{ts[min(b + bucket, steps) - 1]}",
-             "image_mse": mse(images(range(b, min(b + bucket, steps))))}
-            for b in tqdm(range(0, steps, bucket), desc=f"image error by steps ({row.parent.name})", unit="bucket")]
-    total = sum(r["image_mse"] for r in rows)
-    for r in rows:
-        r["share"] = r["image_mse"] / total if total > 0 else float("nan")
-    rows += [{"steps": "all", "t": "", "image_mse": mse(images(range(steps))), "share": float("nan")},
-             {"steps": "sum of buckets", "t": "", "image_mse": total, "share": 1.0}]
-    return pd.DataFrame(rows)
+    out = []
+    for name, row in rows.items():
+        qden = load_denoiser_from_export(row / "export", "cpu")
+        mine = [{"row": name, "steps": f"{b[0]}-{b[-1]}", "t": f"{ts[b[0]]}-{ts[b[-1]]}",
+                 "image_mse": mse(images(qden, b))}
+                for b in tqdm(buckets, desc=f"image error by steps ({name})", unit="bucket")]
+        total = sum(r["image_mse"] for r in mine)
+        for r in mine:
+            r["share"] = r["image_mse"] / total if total > 0 else float("nan")
+        out += mine + [{"row": name, "steps": "all", "t": "", "image_mse": mse(images(qden, range(steps))),
+                        "share": float("nan")},
+                       {"row": name, "steps": "sum of buckets", "t": "", "image_mse": total, "share": 1.0}]
+    return pd.DataFrame(out)
+
+
+def unit_ratios(units: pd.DataFrame, first: str, second: str) -> pd.Series | None:
+    """Per unit, ``first``'s reconstruction output MSE over ``second``'s, mean over replicates (``units``: rows
+    replicate, unit, row, mse_after), sorted; with more than ten units the five lowest and five highest. None when
+    a row has no reconstructed unit."""
+    u = units.pivot_table(index=["replicate", "unit"], columns="row", values="mse_after").reset_index()
+    if not {first, second} <= set(u.columns):
+        return None
+    worst = (u[first] / u[second]).groupby(u["unit"]).mean().sort_values()
+    return worst if len(worst) <= 10 else pd.concat([worst.head(5), worst.tail(5)])  # no unit twice
 
 
 def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str,
@@ -157,9 +175,7 @@ def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str,
             rec = pd.read_csv(dirs[name] / "qstate" / "reconstruction.csv")[["unit", "mse_after"]]
             units.append(rec.assign(replicate=rep, row=name))
         if reach_seeds:
-            for name in (first, second):
-                probe = image_error_by_steps(dirs[first], dirs[name], reach_seeds, reach_bucket)
-                reach.append(probe.assign(replicate=rep, row=name))
+            reach.append(image_error_by_steps(dirs[first], dirs, reach_seeds, reach_bucket).assign(replicate=rep))
         err = per_step_error(dirs[first], dirs)
         err["group"] = np.searchsorted(-np.asarray(thresholds), -err["t"].to_numpy(), side="right") if thresholds else 0
         per_step.append(err.assign(replicate=rep))
@@ -173,16 +189,11 @@ def diagnose(replicates: dict[str, tuple[Path, Path]], first: str, second: str,
     lines += ["## UNet output error per denoising step (relative MSE against FP on FP trajectories, mean per time "
               f"group of {first}; ratio < 1: {first} errs less)", "",
               by_group.to_markdown(index=False, floatfmt=".3g"), ""]
-    u = pd.concat(units).pivot_table(index=["replicate", "unit"], columns="row", values="mse_after").reset_index()
+    worst = unit_ratios(pd.concat(units), first, second)
     lines += [f"## Reconstruction error per unit (output MSE after reconstruction, {first} / {second}, mean over "
-              "replicates): the units where the two differ most", ""]
-    if {first, second} <= set(u.columns):
-        u["ratio"] = u[first] / u[second]
-        worst = u.groupby("unit")["ratio"].mean().sort_values()
-        worst = worst if len(worst) <= 10 else pd.concat([worst.head(5), worst.tail(5)])  # no unit twice
-        lines += [worst.rename("ratio").to_frame().to_markdown(floatfmt=".3f"), ""]
-    else:
-        lines += ["(a row without block reconstruction: nothing to compare)", ""]
+              "replicates): the units where the two differ most", "",
+              "(a row without block reconstruction: nothing to compare)" if worst is None
+              else worst.rename("ratio").to_frame().to_markdown(floatfmt=".3f"), ""]
     if reach:
         wide = pd.concat(reach).pivot_table(index=["replicate", "steps"], columns="row", values="image_mse",
                                             sort=False).reset_index()

@@ -1,6 +1,7 @@
 """``python -m pqd.bench.diagnose``'s probe of where a quantized model's error reaches the image, on a reproduced
 project (a real FP model, its evaluation protocol and its W8A8 export), and the sampler's step swap it rests on."""
 
+import pandas as pd
 import pytest
 
 from support.projects import reproduced_project
@@ -19,7 +20,11 @@ def data(tmp_path_factory, tiny_pipeline, ts_features):
 def test_image_error_by_steps_splits_the_quantized_model_s_image_error_over_buckets_of_steps(data):
     proto = read_json(data / "samples/fp/meta.json")
     steps, seeds = int(proto["steps"]), 3
-    df = diagnose.image_error_by_steps(data, data, seeds=seeds, bucket=4)
+    df = diagnose.image_error_by_steps(data, {"q": data, "again": data}, seeds=seeds, bucket=4)
+    # the same export under two names: the same numbers (the FP images are sampled once for both)
+    assert df[df["row"] == "q"].drop(columns="row").reset_index(drop=True).equals(
+        df[df["row"] == "again"].drop(columns="row").reset_index(drop=True))
+    df = df[df["row"] == "q"]
     buckets = df[~df["steps"].isin(["all", "sum of buckets"])]
     assert list(buckets["steps"]) == [f"{b}-{min(b + 4, steps) - 1}" for b in range(0, steps, 4)]
     assert (buckets["image_mse"] > 0).all() and buckets["share"].sum() == pytest.approx(1.0)
@@ -55,12 +60,22 @@ def test_per_step_error_is_the_quantized_prediction_s_relative_error_on_the_fp_t
 
 
 def test_the_report_is_named_after_both_rows_even_with_a_dot_in_a_name(data, tmp_path):
-    """(The reproduced project's rows have no block reconstruction: the report says so instead of failing.)"""
     out = tmp_path / "out"
     assert diagnose.main(["--first", str(data), "--second", str(data), "--names", "w4-4.5-bits,w8",
                           "--out", str(out), "--reach-seeds", "2", "--reach-bucket", "100"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["diagnose-w4-4.5-bits-vs-w8.md", "diagnose-w4-4.5-bits-vs-w8.png"]
+    # the reproduced project calibrates with the minmax preset: no unit to compare, said in a line
     md = (out / "diagnose-w4-4.5-bits-vs-w8.md").read_text()
-    units = [ln.split("|")[1].strip() for ln in md.split("## Reconstruction error per unit")[1].split("##")[0]
-             .splitlines() if ln.startswith("| ") and not ln.startswith("| unit")]
-    assert len(units) == len(set(units))  # each unit once, also when there are fewer than ten
+    assert "(a row without block reconstruction: nothing to compare)" in md
+
+
+@pytest.mark.parametrize("n", [3, 10, 14])
+def test_unit_ratios_list_each_unit_once_and_only_the_extremes_of_many(n):
+    units = pd.DataFrame([{"replicate": r, "unit": f"u{k}", "row": row,
+                           "mse_after": (k + 1.0) * (2 if row == "a" else 1) * (1 + r)}
+                          for r in (0, 1) for k in range(n) for row in ("a", "b")])
+    units.loc[(units["unit"] == "u1") & (units["row"] == "a"), "mse_after"] *= 3  # u1: a errs 6x b
+    ratios = diagnose.unit_ratios(units, "a", "b")
+    assert len(ratios) == min(n, 10) and ratios.index.is_unique
+    assert ratios.index[-1] == "u1" and ratios["u1"] == pytest.approx(6.0)
+    assert diagnose.unit_ratios(units[units["row"] == "a"], "a", "b") is None
